@@ -1,0 +1,3 @@
+//! clap derive types only: what each binary accepts. The work is in `commands` and the library.
+
+pub mod macvtap;

@@ -1,0 +1,16 @@
+use crate::cli::macvtap::{DeleteArgs, Global};
+use crate::error::Result;
+use crate::macvtap;
+
+pub fn run(global: &Global, args: &DeleteArgs) -> Result<()> {
+    let out = macvtap::delete(global.netns.as_ref(), &args.name)?;
+    if global.json {
+        super::print_json(&out)
+    } else {
+        match out.result {
+            "deleted" => println!("{}: deleted", out.name),
+            _ => println!("{}: already absent", out.name),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,19 @@
+//! ec-ipxe-qemu: keep a QEMU guest running that netboots with iPXE over user-mode networking and,
+//! optionally, sits on the host's LAN through a macvtap.
+//!
+//! The library holds everything the two binaries share: validated names ([`names`]), errors and exit codes
+//! ([`error`]), link operations over rtnetlink ([`link`]), namespaces ([`netns`]), the tap device ([`tap`],
+//! the only module with `unsafe`) and the macvtap lifecycle ([`macvtap`]).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod cli;
+pub mod commands;
+pub mod error;
+pub mod link;
+pub mod logging;
+pub mod macvtap;
+pub mod names;
+pub mod netns;
+pub mod tap;
+
+pub use error::{Error, Kind, Result};

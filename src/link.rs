@@ -1,0 +1,368 @@
+//! Link operations over rtnetlink: reading links, building the macvtap messages, creating and deleting.
+//!
+//! Message building is pure (`new_macvtap_message`, `configure_message`) so it is unit-tested without root;
+//! the async functions do the I/O on a [`Netlink`] connection.
+
+use futures::TryStreamExt;
+use netlink_packet_route::link::{
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoMacVtap, LinkAttribute, LinkFlags, LinkInfo,
+    LinkLayerType, LinkMessage, MacVtapMode,
+};
+use rtnetlink::{Handle, LinkMacVtap, LinkUnspec};
+
+use crate::error::{Error, Result};
+use crate::names::{IfName, MacAddr, MacvtapMode, OWNER_MARKER};
+
+/// A netlink connection with its own current-thread runtime, for the thread (and namespace) it was made on.
+pub struct Netlink {
+    rt: tokio::runtime::Runtime,
+    pub handle: Handle,
+}
+
+impl Netlink {
+    pub fn new() -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the netlink runtime", e))?;
+        let _guard = rt.enter();
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| Error::io("open a netlink socket", e))?;
+        rt.spawn(connection);
+        Ok(Netlink { rt, handle })
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+}
+
+/// What we read back about a link, independent of the wire format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkView {
+    pub name: String,
+    pub ifindex: u32,
+    pub kind: Option<String>,
+    pub parent_ifindex: Option<u32>,
+    pub mode: Option<MacvtapMode>,
+    pub mac: Option<MacAddr>,
+    pub mtu: Option<u32>,
+    pub up: bool,
+    pub carrier: bool,
+    pub loopback: bool,
+    pub alias: Option<String>,
+    pub link_layer: LinkLayerType,
+}
+
+impl LinkView {
+    pub fn from_message(msg: &LinkMessage) -> Self {
+        let mut v = LinkView {
+            name: String::new(),
+            ifindex: msg.header.index,
+            kind: None,
+            parent_ifindex: None,
+            mode: None,
+            mac: None,
+            mtu: None,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            carrier: msg.header.flags.contains(LinkFlags::LowerUp),
+            loopback: msg.header.flags.contains(LinkFlags::Loopback),
+            alias: None,
+            link_layer: msg.header.link_layer_type,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => v.name = n.clone(),
+                LinkAttribute::Address(a) => v.mac = MacAddr::from_slice(a),
+                LinkAttribute::Mtu(m) => v.mtu = Some(*m),
+                LinkAttribute::Link(p) => v.parent_ifindex = Some(*p),
+                LinkAttribute::IfAlias(a) => v.alias = Some(a.clone()),
+                LinkAttribute::Carrier(c) => v.carrier = *c != 0,
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        match info {
+                            LinkInfo::Kind(k) => v.kind = Some(k.to_string()),
+                            LinkInfo::Data(InfoData::MacVtap(d)) => v.mode = mode_of_macvtap(d),
+                            LinkInfo::Data(InfoData::MacVlan(d)) => {
+                                v.mode = d.iter().find_map(|i| match i {
+                                    netlink_packet_route::link::InfoMacVlan::Mode(m) => mode_from_wire(*m),
+                                    _ => None,
+                                })
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        v
+    }
+
+    pub fn is_macvtap(&self) -> bool {
+        self.kind.as_deref() == Some("macvtap")
+    }
+
+    pub fn is_macvlan_family(&self) -> bool {
+        matches!(self.kind.as_deref(), Some("macvtap" | "macvlan"))
+    }
+
+    /// Created by ec-macvtap: the alias carries our marker.
+    pub fn owned(&self) -> bool {
+        self.alias.as_deref().is_some_and(|a| a == OWNER_MARKER || a.starts_with(&format!("{OWNER_MARKER} ")))
+    }
+}
+
+fn mode_of_macvtap(d: &[InfoMacVtap]) -> Option<MacvtapMode> {
+    d.iter().find_map(|i| match i {
+        InfoMacVtap::Mode(m) => mode_from_wire(*m),
+        _ => None,
+    })
+}
+
+fn mode_from_wire(m: MacVtapMode) -> Option<MacvtapMode> {
+    match m {
+        MacVtapMode::Bridge => Some(MacvtapMode::Bridge),
+        MacVtapMode::Vepa => Some(MacvtapMode::Vepa),
+        MacVtapMode::Private => Some(MacvtapMode::Private),
+        MacVtapMode::Passthrough => Some(MacvtapMode::Passthru),
+        _ => None,
+    }
+}
+
+fn mode_to_wire(m: MacvtapMode) -> MacVtapMode {
+    match m {
+        MacvtapMode::Bridge => MacVtapMode::Bridge,
+        MacvtapMode::Vepa => MacVtapMode::Vepa,
+        MacvtapMode::Private => MacVtapMode::Private,
+        MacvtapMode::Passthru => MacVtapMode::Passthrough,
+    }
+}
+
+/// What the macvtap should look like.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MacvtapSpec {
+    pub name: IfName,
+    pub parent: IfName,
+    pub mode: MacvtapMode,
+    pub mac: MacAddr,
+    pub mtu: Option<u32>,
+}
+
+/// RTM_NEWLINK for the macvtap, created down (the alias and IPv6 mode are set before it goes up).
+pub fn new_macvtap_message(spec: &MacvtapSpec, parent_ifindex: u32) -> LinkMessage {
+    let mut b =
+        LinkMacVtap::new(spec.name.as_str(), parent_ifindex, mode_to_wire(spec.mode)).address(spec.mac.0.to_vec());
+    if let Some(mtu) = spec.mtu {
+        b = b.mtu(mtu);
+    }
+    b.build()
+}
+
+/// RTM_SETLINK that marks the link as ours and keeps the host from configuring IPv6 on it.
+/// The kernel ignores IFLA_IFALIAS and refuses IFLA_AF_SPEC in RTM_NEWLINK, hence a second message.
+pub fn mark_message(ifindex: u32, ipv6: bool) -> LinkMessage {
+    let mut b = LinkUnspec::new_with_index(ifindex).alias(OWNER_MARKER);
+    if ipv6 {
+        b = b.append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![
+            AfSpecInet6::AddrGenMode(In6AddrGenMode::None),
+        ])]));
+    }
+    b.build()
+}
+
+/// RTM_SETLINK that brings the link up with allmulticast (SSDP, mDNS and IPv6 ND need it).
+pub fn up_message(ifindex: u32) -> LinkMessage {
+    LinkUnspec::new_with_index(ifindex).allmulticast(true).up().build()
+}
+
+/// Look a link up by name; a missing link (ENODEV) is `Ok(None)`.
+pub async fn get_by_name(handle: &Handle, name: &IfName) -> Result<Option<LinkView>> {
+    let mut stream = handle.link().get().match_name(name.as_str()).execute();
+    match stream.try_next().await {
+        Ok(Some(msg)) => Ok(Some(LinkView::from_message(&msg))),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == nix::errno::Errno::ENODEV as i32 => Ok(None),
+        Err(e) => Err(Error::netlink(format!("look up link \"{name}\""), e)),
+    }
+}
+
+pub async fn get_by_index(handle: &Handle, ifindex: u32) -> Result<Option<LinkView>> {
+    let mut stream = handle.link().get().match_index(ifindex).execute();
+    match stream.try_next().await {
+        Ok(Some(msg)) => Ok(Some(LinkView::from_message(&msg))),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == nix::errno::Errno::ENODEV as i32 => Ok(None),
+        Err(e) => Err(Error::netlink(format!("look up link #{ifindex}"), e)),
+    }
+}
+
+pub async fn dump(handle: &Handle) -> Result<Vec<LinkView>> {
+    let msgs: Vec<LinkMessage> =
+        handle.link().get().execute().try_collect().await.map_err(|e| Error::netlink("list links", e))?;
+    Ok(msgs.iter().map(LinkView::from_message).collect())
+}
+
+pub async fn delete(handle: &Handle, ifindex: u32, name: &str) -> Result<()> {
+    handle.link().del(ifindex).execute().await.map_err(|e| Error::netlink(format!("delete link \"{name}\""), e))
+}
+
+/// Why a parent cannot carry a macvtap, as a one-line reason (None when it can).
+pub fn parent_problem(parent: &LinkView, sysfs_wireless: bool) -> Option<String> {
+    if parent.loopback || parent.link_layer == LinkLayerType::Loopback {
+        return Some("parent is the loopback device (macvtap needs a wired Ethernet parent)".into());
+    }
+    if parent.is_macvlan_family() {
+        return Some(format!(
+            "parent is itself a {} (stack the macvtap on the physical NIC instead)",
+            parent.kind.as_deref().unwrap_or("macvlan")
+        ));
+    }
+    if sysfs_wireless {
+        return Some("parent is a wireless device (macvtap needs a wired parent)".into());
+    }
+    if parent.link_layer != LinkLayerType::Ether {
+        return Some(format!("parent is not an Ethernet device (link type {:?})", parent.link_layer));
+    }
+    None
+}
+
+/// `/sys/class/net/X/wireless` or `phy80211` exists: the parent is Wi-Fi.
+pub fn sysfs_is_wireless(name: &str) -> bool {
+    let base = std::path::Path::new("/sys/class/net").join(name);
+    base.join("wireless").exists() || base.join("phy80211").exists()
+}
+
+/// Differences between an existing link of ours and what is asked, as human-readable items.
+pub fn differences(existing: &LinkView, spec: &MacvtapSpec, parent_ifindex: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    if existing.kind.as_deref() != Some("macvtap") {
+        out.push(format!("kind is {} (want macvtap)", existing.kind.as_deref().unwrap_or("unknown")));
+    }
+    if existing.parent_ifindex != Some(parent_ifindex) {
+        out.push(format!("parent is another link (want \"{}\")", spec.parent));
+    }
+    if existing.mode != Some(spec.mode) {
+        let have = existing.mode.map(|m| m.to_string()).unwrap_or_else(|| "unknown".into());
+        out.push(format!("mode is {have} (want {})", spec.mode));
+    }
+    if existing.mac != Some(spec.mac) {
+        let have = existing.mac.map(|m| m.to_string()).unwrap_or_else(|| "none".into());
+        out.push(format!("MAC is {have} (want {})", spec.mac));
+    }
+    if let Some(mtu) = spec.mtu
+        && existing.mtu != Some(mtu)
+    {
+        out.push(format!("MTU is {} (want {mtu})", existing.mtu.unwrap_or(0)));
+    }
+    out
+}
+
+/// Another link on the same parent (or the parent itself) already using `mac`.
+pub fn mac_user<'a>(links: &'a [LinkView], spec: &MacvtapSpec, parent_ifindex: u32) -> Option<&'a LinkView> {
+    links.iter().find(|l| {
+        l.name != spec.name.as_str()
+            && l.mac == Some(spec.mac)
+            && (l.ifindex == parent_ifindex || (l.is_macvlan_family() && l.parent_ifindex == Some(parent_ifindex)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MacvtapSpec {
+        MacvtapSpec {
+            name: "ec-lan0".parse().unwrap(),
+            parent: "eno1".parse().unwrap(),
+            mode: MacvtapMode::Bridge,
+            mac: "52:54:00:aa:bb:cc".parse().unwrap(),
+            mtu: Some(1400),
+        }
+    }
+
+    #[test]
+    fn new_link_message_carries_kind_mode_parent_mac_mtu() {
+        let msg = new_macvtap_message(&spec(), 7);
+        let v = LinkView::from_message(&msg);
+        assert_eq!(v.name, "ec-lan0");
+        assert_eq!(v.kind.as_deref(), Some("macvtap"));
+        assert_eq!(v.mode, Some(MacvtapMode::Bridge));
+        assert_eq!(v.parent_ifindex, Some(7));
+        assert_eq!(v.mac, Some(spec().mac));
+        assert_eq!(v.mtu, Some(1400));
+        assert!(!v.up, "created down: marked before it goes up");
+    }
+
+    #[test]
+    fn mark_and_up_messages() {
+        let m = mark_message(9, true);
+        assert_eq!(m.header.index, 9);
+        assert!(LinkView::from_message(&m).owned());
+        assert!(m.attributes.iter().any(|a| matches!(a, LinkAttribute::AfSpecUnspec(_))));
+        assert!(!mark_message(9, false).attributes.iter().any(|a| matches!(a, LinkAttribute::AfSpecUnspec(_))));
+        let u = up_message(9);
+        assert!(u.header.flags.contains(LinkFlags::Up | LinkFlags::Allmulti));
+        assert!(u.header.change_mask.contains(LinkFlags::Up | LinkFlags::Allmulti));
+    }
+
+    fn view(name: &str, idx: u32, kind: Option<&str>, parent: Option<u32>, mac: &str) -> LinkView {
+        LinkView {
+            name: name.into(),
+            ifindex: idx,
+            kind: kind.map(str::to_owned),
+            parent_ifindex: parent,
+            mode: Some(MacvtapMode::Bridge),
+            mac: Some(MacAddr::parse_any(mac).unwrap()),
+            mtu: Some(1400),
+            up: true,
+            carrier: true,
+            loopback: false,
+            alias: Some(OWNER_MARKER.into()),
+            link_layer: LinkLayerType::Ether,
+        }
+    }
+
+    #[test]
+    fn differences_and_collisions() {
+        let same = view("ec-lan0", 10, Some("macvtap"), Some(7), "52:54:00:aa:bb:cc");
+        assert!(differences(&same, &spec(), 7).is_empty());
+        let mut other = same.clone();
+        other.mode = Some(MacvtapMode::Vepa);
+        other.mac = Some(MacAddr::parse_any("52:54:00:aa:bb:cd").unwrap());
+        let d = differences(&other, &spec(), 8);
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(d[1].contains("mode is vepa (want bridge)"));
+
+        let links = vec![
+            view("eno1", 7, None, None, "52:54:00:00:00:01"),
+            view("ec-lan0", 10, Some("macvtap"), Some(7), "52:54:00:aa:bb:cc"),
+            view("other", 11, Some("macvlan"), Some(7), "52:54:00:aa:bb:cc"),
+        ];
+        assert_eq!(mac_user(&links, &spec(), 7).map(|l| l.name.as_str()), Some("other"));
+        assert!(mac_user(&links, &spec(), 99).is_none(), "a link on another parent is no collision");
+        let mut s = spec();
+        s.mac = MacAddr::parse_any("52:54:00:00:00:01").unwrap();
+        assert_eq!(mac_user(&links, &s, 7).map(|l| l.name.as_str()), Some("eno1"));
+    }
+
+    #[test]
+    fn parent_checks() {
+        let mut p = view("eno1", 7, None, None, "52:54:00:00:00:01");
+        assert_eq!(parent_problem(&p, false), None);
+        assert!(parent_problem(&p, true).unwrap().contains("wireless"));
+        p.loopback = true;
+        assert!(parent_problem(&p, false).unwrap().contains("loopback"));
+        let m = view("mv", 8, Some("macvtap"), Some(7), "52:54:00:00:00:02");
+        assert!(parent_problem(&m, false).unwrap().contains("itself a macvtap"));
+    }
+
+    #[test]
+    fn ownership_marker() {
+        let mut v = view("x", 1, Some("macvtap"), Some(2), "52:54:00:00:00:02");
+        assert!(v.owned());
+        v.alias = Some("somebody else".into());
+        assert!(!v.owned());
+        v.alias = None;
+        assert!(!v.owned());
+    }
+}

@@ -1,0 +1,108 @@
+//! Working inside another network namespace.
+//!
+//! `setns` changes only the calling thread, so the work runs on a short-lived thread that has joined the
+//! namespace; netlink sockets it creates belong there. That thread also gets a private mount namespace with
+//! a fresh sysfs, so `/sys/class/net` shows the links of the namespace it joined.
+
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
+
+use crate::error::{Error, Result};
+
+/// `--netns NAME|PATH`: a name under `/run/netns`, or a path such as `/proc/PID/ns/net`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetnsSpec {
+    pub display: String,
+    pub path: PathBuf,
+}
+
+impl FromStr for NetnsSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err("network namespace name is empty".into());
+        }
+        let path = if s.contains('/') {
+            PathBuf::from(s)
+        } else if s == "." || s == ".." {
+            return Err(format!("network namespace name \"{s}\" is not allowed"));
+        } else {
+            PathBuf::from("/run/netns").join(s)
+        };
+        Ok(NetnsSpec { display: s.to_owned(), path })
+    }
+}
+
+impl fmt::Display for NetnsSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+/// Run `f` in the given network namespace (or right here when `None`).
+pub fn run_in<T, F>(ns: Option<&NetnsSpec>, f: F) -> Result<T>
+where
+    T: Send,
+    F: FnOnce() -> Result<T> + Send,
+{
+    let Some(ns) = ns else { return f() };
+    let what = format!("network namespace \"{ns}\"");
+    let file = File::open(&ns.path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::not_found(what.clone()),
+        _ => Error::io(format!("open {what}"), e),
+    })?;
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(move || -> Result<T> {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+                if e == nix::errno::Errno::EINVAL {
+                    Error::invalid(what.clone(), "not a network namespace")
+                } else {
+                    Error::errno(format!("enter {what}"), e)
+                }
+            })?;
+            private_sysfs().map_err(|e| Error::errno(format!("mount sysfs for {what}"), e))?;
+            f()
+        });
+        handle
+            .join()
+            .unwrap_or_else(|_| Err(Error::Runtime(format!("worker thread in network namespace \"{ns}\" panicked"))))
+    })
+}
+
+/// Give this thread its own mount namespace with a sysfs of the network namespace it is in.
+fn private_sysfs() -> nix::Result<()> {
+    unshare(CloneFlags::CLONE_NEWNS)?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)?;
+    // /sys may not be a mount point (containers): a failed detach is fine.
+    let _ = umount2("/sys", MntFlags::MNT_DETACH);
+    mount(Some("sysfs"), "/sys", Some("sysfs"), MsFlags::empty(), None::<&str>)
+}
+
+/// The inode of the calling thread's network namespace: a stable tag for it while it exists.
+pub fn current_netns_inode() -> Result<u64> {
+    let meta =
+        std::fs::metadata("/proc/thread-self/ns/net").map_err(|e| Error::io("read /proc/thread-self/ns/net", e))?;
+    Ok(std::os::unix::fs::MetadataExt::ino(&meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths() {
+        let n: NetnsSpec = "lab".parse().unwrap();
+        assert_eq!(n.path, PathBuf::from("/run/netns/lab"));
+        let p: NetnsSpec = "/proc/1/ns/net".parse().unwrap();
+        assert_eq!(p.path, PathBuf::from("/proc/1/ns/net"));
+        assert!("".parse::<NetnsSpec>().is_err());
+        assert!("..".parse::<NetnsSpec>().is_err());
+    }
+}
