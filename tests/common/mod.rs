@@ -1,0 +1,290 @@
+//! Shared fixtures for the privileged and end-to-end tests: requirement checks that skip with a reason
+//! (and fail under `CI=true`), network namespaces and veth pairs that always clean up, a LAN lab with a real
+//! dnsmasq, and helpers to read the kernel's own view with `ip -j`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Skip (print why, return false) or, under CI=true, fail.
+pub fn skip_or_fail(test: &str, why: &str) -> bool {
+    if in_ci() {
+        panic!("{test}: cannot run: {why} (CI=true, so this is a failure, not a skip)");
+    }
+    eprintln!("SKIP {test}: {why}");
+    false
+}
+
+/// True when running as root; otherwise skip with a reason (or fail under CI=true).
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    skip_or_fail(test, "needs root (network namespaces, macvtap)")
+}
+
+/// True when every program is on PATH or an existing path; otherwise skip (or fail under CI=true).
+pub fn require_programs(test: &str, programs: &[&str]) -> bool {
+    for p in programs {
+        if which(p).is_none() {
+            return skip_or_fail(test, &format!("needs {p} (install it; the README's test command does)"));
+        }
+    }
+    true
+}
+
+pub fn which(p: &str) -> Option<PathBuf> {
+    if p.contains('/') {
+        return Path::new(p).exists().then(|| PathBuf::from(p));
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':').chain(["/usr/sbin", "/sbin"]).map(|d| Path::new(d).join(p)).find(|c| c.is_file())
+}
+
+/// A unique short name (interface names are at most 15 bytes): prefix + pid + counter, base 36.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let id = (std::process::id() as u64) * 1000 + n as u64;
+    let s = format!("{prefix}{}", radix36(id));
+    assert!(s.len() <= 15, "{s} is too long for an interface name");
+    s
+}
+
+fn radix36(mut n: u64) -> String {
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(digits[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap()
+}
+
+pub fn run(cmd: &mut Command) -> std::process::Output {
+    cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
+}
+
+/// Run and require success.
+pub fn sh(args: &[&str]) -> String {
+    let out = run(Command::new(args[0]).args(&args[1..]));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop even when the test fails.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `ip -n NS ...`, must succeed.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// `ip -n NS -j -d link show dev NAME` as JSON; None when the link does not exist.
+    pub fn link_json(&self, name: &str) -> Option<serde_json::Value> {
+        let out = run(Command::new("ip").args(["-n", &self.name, "-j", "-d", "link", "show", "dev", name]));
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array().and_then(|a| a.first().cloned())
+    }
+
+    /// All links in the namespace as (name, kind, mac, alias), sorted: the "link table" that bad-input
+    /// tests compare before and after.
+    pub fn link_table(&self) -> Vec<(String, String, String, String)> {
+        let out = self.ip(&["-j", "-d", "link", "show"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let s = |x: &serde_json::Value| x.as_str().unwrap_or("").to_owned();
+        let mut rows: Vec<_> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| (s(&l["ifname"]), s(&l["linkinfo"]["info_kind"]), s(&l["address"]), s(&l["ifalias"])))
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// A veth pair inside this namespace, both ends up; returns (a, b).
+    pub fn veth(&self, a: &str, b: &str) -> (String, String) {
+        self.ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
+        self.ip(&["link", "set", a, "up"]);
+        self.ip(&["link", "set", b, "up"]);
+        (a.to_owned(), b.to_owned())
+    }
+
+    /// Run a program inside the namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// The verified lab: a "host" namespace with an uplink veth whose peer sits in a "LAN" namespace running
+/// dnsmasq on 192.168.77.0/24. Everything goes away on drop.
+pub struct Lab {
+    pub host: Netns,
+    pub lan: Netns,
+    pub uplink: String,
+    pub lanport: String,
+    pub leases: PathBuf,
+    pub dhcp_log: PathBuf,
+    dnsmasq: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        let host = Netns::new("eh");
+        let lan = Netns::new("el");
+        let uplink = unique("up");
+        let lanport = unique("lp");
+        host.ip(&["link", "add", &uplink, "type", "veth", "peer", "name", &lanport, "netns", &lan.name]);
+        host.ip(&["link", "set", &uplink, "up"]);
+        lan.ip(&["link", "set", &lanport, "up"]);
+        lan.ip(&["addr", "add", "192.168.77.1/24", "dev", &lanport]);
+        let dir = tempfile::tempdir().unwrap();
+        let leases = dir.path().join("dnsmasq.leases");
+        let dhcp_log = dir.path().join("dnsmasq.log");
+        let log = std::fs::File::create(&dhcp_log).unwrap();
+        let dnsmasq = which("dnsmasq").expect("dnsmasq on PATH");
+        let child = lan
+            .cmd(&dnsmasq.to_string_lossy())
+            .args([
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                &format!("--interface={lanport}"),
+                "--bind-interfaces",
+                "--port=0",
+                "--dhcp-range=192.168.77.50,192.168.77.60,1h",
+                &format!("--dhcp-leasefile={}", leases.display()),
+                "--log-dhcp",
+                "--log-facility=-",
+                "--pid-file=",
+                "--user=root",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dnsmasq");
+        Lab { host, lan, uplink, lanport, leases, dhcp_log, dnsmasq: Some(child), _dir: dir }
+    }
+
+    /// The current leases as (mac, ip) pairs.
+    pub fn leases(&self) -> Vec<(String, String)> {
+        std::fs::read_to_string(&self.leases)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 3).then(|| (f[1].to_lowercase(), f[2].to_owned()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.dnsmasq.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Poll `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kill a child on drop (tests must not leave QEMU or servers behind).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn macvtap_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ec-macvtap")
+}
+
+/// `ec-macvtap ARGS...` (optionally `--netns NS`), returning the output.
+pub fn macvtap(ns: Option<&Netns>, args: &[&str]) -> std::process::Output {
+    let mut c = Command::new(macvtap_bin());
+    if let Some(ns) = ns {
+        c.args(["--netns", &ns.name]);
+    }
+    c.args(args);
+    run(&mut c)
+}
+
+/// Runs `ec-macvtap delete` on drop, so a failing test leaves no link and no private node behind.
+/// Declare it after the namespace so it is dropped first.
+pub struct DeleteOnDrop<'a> {
+    pub ns: &'a Netns,
+    pub name: String,
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl<'a> DeleteOnDrop<'a> {
+    pub fn new(ns: &'a Netns, name: &str) -> Self {
+        DeleteOnDrop { ns, name: name.to_owned(), runtime_dir: None }
+    }
+}
+
+impl Drop for DeleteOnDrop<'_> {
+    fn drop(&mut self) {
+        let mut c = Command::new(macvtap_bin());
+        if let Some(d) = &self.runtime_dir {
+            c.env("EC_MACVTAP_RUNTIME_DIR", d);
+        }
+        let _ = c.args(["-q", "--netns", &self.ns.name, "delete", &self.name]).output();
+    }
+}
