@@ -214,7 +214,7 @@ async fn refetch(h: &rtnetlink::Handle, ifindex: u32, name: &IfName) -> Result<L
         .ok_or_else(|| Error::Runtime(format!("link \"{name}\" vanished while being configured")))
 }
 
-/// Mark, configure and bring the link up; make its node usable by the owner and verify it opens.
+/// Mark, configure and bring the link up; make its node (checked by device number) usable by the owner.
 async fn finish(nl: &Netlink, ifindex: u32, req: &CreateRequest) -> Result<(PathBuf, DevNum)> {
     let h = &nl.handle;
     let name = &req.spec.name;
@@ -231,13 +231,10 @@ async fn finish(nl: &Netlink, ifindex: u32, req: &CreateRequest) -> Result<(Path
         .map_err(|e| Error::netlink(format!("bring up \"{name}\""), e))?;
     let dev = tap::sysfs_devnum(name, ifindex)?;
     let ns = netns::current_netns_inode()?;
-    let (path, created) = tap::ensure_node(name, ifindex, dev, ns, req.owner)?;
-    if let Err(e) = tap::open_queues(&path, name, dev, 1) {
-        if created {
-            let _ = std::fs::remove_file(&path);
-        }
-        return Err(e);
-    }
+    // The node is checked by device number (sysfs vs stat), not by opening it: closing a macvtap queue
+    // costs the kernel an RCU grace period (about 9 ms here), and every fd that is handed on is verified
+    // with TUNGETIFF by `open` anyway.
+    let (path, _created) = tap::ensure_node(name, ifindex, dev, ns, req.owner)?;
     Ok((path, dev))
 }
 

@@ -1,0 +1,631 @@
+# NixOS module: run the every-channel publisher guest in QEMU, booted by iPXE,
+# as the always-running unit `every-channel-ipxe-qemu`.
+#
+# Interface contract: DESIGN.md (section "Nix"). The unit runs
+#   ExecStartPre=+ec-macvtap create ...   (root, only with lan.enable)
+#   ExecStart=ec-ipxe-qemu run ...        (static user in group kvm, no capabilities)
+#   ExecStopPost=+ec-macvtap delete ...   (root, only with lan.enable)
+# Every command line is built as a Nix list and escaped once with
+# utils.escapeSystemdExecArgs; user strings are never spliced into shell text.
+{
+  config,
+  lib,
+  pkgs,
+  utils,
+  ...
+}:
+
+let
+  inherit (lib) mkOption types literalExpression;
+
+  cfg = config.services.every-channel.ipxe-qemu;
+
+  serviceName = "every-channel-ipxe-qemu";
+  serviceUser = serviceName;
+  serviceGroup = "kvm";
+
+  defaultDiskPath = "${cfg.stateDir}/disk.qcow2";
+
+  # `pkgs.ec-ipxe-qemu` when an overlay provides it, else the package built from this
+  # repository (the flake's nixosModules export this file unchanged).
+  ecPkgs = {
+    ec-ipxe-qemu = pkgs.ec-ipxe-qemu or (pkgs.callPackage ../package.nix { });
+  };
+
+  # An absolute path without whitespace or '%' (both would need quoting in
+  # tmpfiles.d lines; '%' is a systemd specifier).
+  absolutePath = types.strMatching "/[^[:space:]%]*";
+
+  macAddressType = types.strMatching "[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}";
+
+  # The interface-name rule of ec-macvtap (and of the kernel): 1-15 bytes, no '/',
+  # no whitespace, not "." or "..". Returns null when the name is fine.
+  ifNameProblem =
+    name:
+    let
+      len = builtins.stringLength name;
+      whitespace = [
+        " "
+        "\t"
+        "\n"
+        "\r"
+        "\f"
+        "\v"
+      ];
+    in
+    if len == 0 then
+      "is empty"
+    else if len > 15 then
+      "is ${toString len} bytes long; Linux allows at most 15"
+    else if lib.hasInfix "/" name then
+      "contains '/'"
+    else if lib.any (c: lib.elem c whitespace) (lib.stringToCharacters name) then
+      "contains whitespace"
+    else if name == "." || name == ".." then
+      "is '.' or '..'"
+    else
+      null;
+
+  # The low bit of the first octet marks a group (multicast/broadcast) address.
+  isMulticastMac =
+    mac:
+    lib.elem (lib.toLower (builtins.substring 1 1 mac)) [
+      "1"
+      "3"
+      "5"
+      "7"
+      "9"
+      "b"
+      "d"
+      "f"
+    ];
+
+  lanName = cfg.lan.macvtap.name;
+  lanParent = cfg.lan.macvtap.interface;
+  lanNameProblem = ifNameProblem lanName;
+  lanParentProblem = if lanParent == null then null else ifNameProblem lanParent;
+  mac = cfg.lan.macvtap.macAddress;
+
+  stateUnderVarLib = lib.hasPrefix "/var/lib/" cfg.stateDir;
+  diskOutsideState = cfg.disk.enable && !(lib.hasPrefix "${cfg.stateDir}/" cfg.disk.path);
+
+  optionalFlag =
+    flag: value:
+    lib.optionals (value != null) [
+      flag
+      (toString value)
+    ];
+  repeatedFlag =
+    flag: values:
+    lib.concatMap (v: [
+      flag
+      v
+    ]) values;
+
+  macvtapBin = "${cfg.package}/bin/ec-macvtap";
+
+  createArgs = [
+    macvtapBin
+    "create"
+    "--link"
+    lanParent
+    "--name"
+    lanName
+    "--mode"
+    cfg.lan.macvtap.mode
+  ]
+  ++ optionalFlag "--mac" mac
+  ++ [
+    "--owner"
+    serviceUser
+    "--replace"
+  ];
+
+  deleteArgs = [
+    macvtapBin
+    "delete"
+    lanName
+  ];
+
+  runArgs = [
+    "${cfg.package}/bin/ec-ipxe-qemu"
+    "run"
+    "--state-dir"
+    cfg.stateDir
+    "--memory"
+    (toString cfg.memory)
+    "--cpus"
+    (toString cfg.cpus)
+    "--accel"
+    cfg.accel
+    "--qemu"
+    "${cfg.qemuPackage}/bin/qemu-system-x86_64"
+    "--qemu-img"
+    "${cfg.qemuPackage}/bin/qemu-img"
+  ]
+  ++ (
+    if cfg.disk.enable then
+      # `--disk` only when the path is not the launcher's own default.
+      lib.optionals (cfg.disk.path != defaultDiskPath) [
+        "--disk"
+        cfg.disk.path
+      ]
+      ++ [
+        "--disk-size"
+        cfg.disk.size
+      ]
+    else
+      [ "--no-disk" ]
+  )
+  ++ optionalFlag "--boot-url" cfg.boot.url
+  ++ lib.optionals cfg.boot.http.enable (
+    [
+      "--boot-dir"
+      "${cfg.boot.http.directory}"
+    ]
+    ++ optionalFlag "--boot-http-bind" cfg.boot.http.bindAddress
+    ++ optionalFlag "--boot-http-port" cfg.boot.http.port
+  )
+  ++ lib.optionals (cfg.boot.ipxePackage != null) [
+    "--ipxe"
+    "${cfg.boot.ipxePackage}/ipxe.lkrn"
+  ]
+  ++ repeatedFlag "--dns" cfg.boot.userNet.dnsServers
+  ++ optionalFlag "--hostname" cfg.boot.userNet.hostname
+  ++ optionalFlag "--boot-nic-model" cfg.boot.userNet.model
+  ++ repeatedFlag "--host-forward" cfg.boot.userNet.hostForwards
+  ++ lib.optionals cfg.lan.enable (
+    [
+      "--lan-interface"
+      lanName
+    ]
+    ++ optionalFlag "--lan-nic-model" cfg.lan.model
+    ++ [
+      "--lan-queues"
+      (toString cfg.lan.macvtap.queues)
+    ]
+  )
+  ++ lib.optionals (cfg.extraArgs != [ ]) ([ "--" ] ++ cfg.extraArgs);
+
+  parentDevice = lib.optional (
+    cfg.lan.enable && lanParent != null && lanParentProblem == null
+  ) "sys-subsystem-net-devices-${utils.escapeSystemdPath lanParent}.device";
+in
+{
+  options.services.every-channel.ipxe-qemu = {
+    enable = lib.mkEnableOption "the every-channel publisher guest: QEMU booted by iPXE, supervised by ec-ipxe-qemu";
+
+    package = lib.mkPackageOption ecPkgs "ec-ipxe-qemu" {
+      extraDescription = ''
+        It provides both `ec-ipxe-qemu` (the launcher) and `ec-macvtap` (the LAN plumbing).
+        Without an overlay that defines `pkgs.ec-ipxe-qemu`, the package is built from this
+        repository's `nix/package.nix`.
+      '';
+    };
+
+    qemuPackage = lib.mkPackageOption pkgs "QEMU" {
+      default = [ "qemu_kvm" ];
+      extraDescription = ''
+        It must provide `bin/qemu-system-x86_64` and `bin/qemu-img`.
+      '';
+    };
+
+    stateDir = mkOption {
+      type = absolutePath;
+      default = "/var/lib/every-channel/ipxe-qemu";
+      example = "/srv/every-channel/ipxe-qemu";
+      description = ''
+        Directory holding `disk.qcow2`, the generated `boot.ipxe`, the QMP socket, the lock and
+        the serial log (`serial.log`). Below `/var/lib` it is managed with `StateDirectory=`;
+        elsewhere it is created by tmpfiles and made writable with `ReadWritePaths=`.
+      '';
+    };
+
+    memory = mkOption {
+      type = types.ints.positive;
+      default = 2048;
+      example = 4096;
+      description = "Guest memory in MiB (`--memory`).";
+    };
+
+    cpus = mkOption {
+      type = types.ints.positive;
+      default = 2;
+      example = 4;
+      description = "Number of guest vCPUs (`--cpus`).";
+    };
+
+    accel = mkOption {
+      type = types.enum [
+        "auto"
+        "kvm"
+        "tcg"
+      ];
+      default = "auto";
+      example = "tcg";
+      description = ''
+        QEMU accelerator (`--accel`): `auto` uses KVM when `/dev/kvm` is usable and falls back
+        to TCG; `kvm` requires it; `tcg` never uses it (slow, but works under nested
+        virtualisation that breaks KVM).
+      '';
+    };
+
+    disk = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        example = false;
+        description = ''
+          Whether to attach a persistent qcow2 disk. It is created with `qemu-img` only when
+          missing and never overwritten. When disabled the launcher gets `--no-disk`.
+        '';
+      };
+
+      path = mkOption {
+        type = absolutePath;
+        default = "${cfg.stateDir}/disk.qcow2";
+        defaultText = literalExpression ''"''${config.services.every-channel.ipxe-qemu.stateDir}/disk.qcow2"'';
+        example = "/srv/every-channel/publisher.qcow2";
+        description = ''
+          Path of the qcow2 disk. Passed as `--disk` only when it differs from the launcher's
+          default `<stateDir>/disk.qcow2`; a path outside the state directory is added to
+          `ReadWritePaths=` (its directory must exist).
+        '';
+      };
+
+      size = mkOption {
+        type = types.strMatching "[1-9][0-9]*[KMGT]?";
+        default = "32G";
+        example = "100G";
+        description = "Size of the qcow2 disk when it is created (`--disk-size`, qemu-img syntax).";
+      };
+    };
+
+    boot = {
+      url = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://netboot.example.org/ec-publisher/netboot.ipxe";
+        description = ''
+          iPXE chain target (`--boot-url`). HTTPS works with the default iPXE image. When
+          neither this nor {option}`services.every-channel.ipxe-qemu.boot.http.enable` is set,
+          the launcher's built-in diagnostics script runs and prints
+          `ec-ipxe-qemu: boot path OK` on the serial console.
+        '';
+      };
+
+      ipxePackage = lib.mkPackageOption pkgs "iPXE" {
+        nullable = true;
+        default = [ "ipxe" ];
+        extraDescription = ''
+          Its HTTPS-capable `ipxe.lkrn` is booted with the generated script (`--ipxe`). Set to
+          `null` to let the boot NIC's option ROM load the script over slirp TFTP instead.
+        '';
+      };
+
+      userNet = {
+        dnsServers = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "9.9.9.9" ];
+          description = "DNS servers handed to the guest on the user-mode boot NIC (`--dns`, repeated).";
+        };
+
+        hostname = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "ec-publisher";
+          description = "Host name handed out by the user-mode DHCP server (`--hostname`).";
+        };
+
+        model = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "e1000";
+          description = "QEMU device model of the boot NIC (`--boot-nic-model`); `null` keeps the launcher's default.";
+        };
+
+        hostForwards = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "tcp:127.0.0.1:2222-:22" ];
+          description = "Host-to-guest port forwards in QEMU `hostfwd` syntax (`--host-forward`, repeated).";
+        };
+      };
+
+      http = {
+        enable = mkOption {
+          type = types.bool;
+          default = false;
+          example = true;
+          description = ''
+            Whether the launcher serves {option}`services.every-channel.ipxe-qemu.boot.http.directory`
+            over HTTP and chains to `netboot.ipxe` in it (`--boot-dir`); the guest reaches it
+            at 10.0.2.2.
+          '';
+        };
+
+        directory = mkOption {
+          type = types.nullOr types.path;
+          default = null;
+          example = literalExpression "inputs.ec-ipxe-qemu.packages.x86_64-linux.ec-publisher-netboot";
+          description = ''
+            Directory with `netboot.ipxe` (plus whatever it loads, e.g. `bzImage` and `initrd`).
+            A store path (such as this flake's `ec-publisher-netboot` package) restarts the
+            unit whenever it changes. Directories under `/home` are hidden by `ProtectHome=`.
+          '';
+        };
+
+        bindAddress = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "127.0.0.1";
+          description = "Address the boot HTTP server binds to (`--boot-http-bind`); `null` keeps the launcher's default (loopback).";
+        };
+
+        port = mkOption {
+          type = types.nullOr types.port;
+          default = null;
+          example = 8080;
+          description = "Port of the boot HTTP server (`--boot-http-port`); `null` lets the launcher pick a free one.";
+        };
+      };
+    };
+
+    lan = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        example = true;
+        description = ''
+          Whether to give the guest a second NIC on the host's LAN through a macvtap on
+          {option}`services.every-channel.ipxe-qemu.lan.macvtap.interface`. No bridge is needed
+          and the host's addresses stay untouched; in bridge mode the host itself cannot reach
+          the guest through that interface, other LAN hosts can.
+        '';
+      };
+
+      model = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "virtio-net-pci";
+        description = "QEMU device model of the LAN NIC (`--lan-nic-model`); `null` keeps the launcher's default.";
+      };
+
+      macvtap = {
+        interface = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "eno1";
+          description = "Wired host interface the macvtap is created on (`ec-macvtap create --link`).";
+        };
+
+        name = mkOption {
+          type = types.str;
+          default = "ec-lan0";
+          example = "ec-tuners";
+          description = "Name of the macvtap link: 1-15 bytes, no '/' and no whitespace.";
+        };
+
+        mode = mkOption {
+          type = types.enum [
+            "bridge"
+            "vepa"
+            "private"
+            "passthru"
+          ];
+          default = "bridge";
+          example = "private";
+          description = "macvtap mode (`ec-macvtap create --mode`).";
+        };
+
+        macAddress = mkOption {
+          type = types.nullOr macAddressType;
+          default = null;
+          example = "52:54:00:ec:00:01";
+          description = ''
+            Unicast MAC address of the macvtap (and of the guest's LAN NIC). `null` derives a
+            stable, locally administered address from `/etc/machine-id`, the link name and the
+            parent name, so the guest keeps its DHCP lease across restarts.
+          '';
+        };
+
+        queues = mkOption {
+          type = types.ints.positive;
+          default = 1;
+          example = 4;
+          description = "Number of tap queues the launcher opens for the LAN NIC (`--lan-queues`).";
+        };
+      };
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "-device"
+        "virtio-rng-pci"
+      ];
+      description = "Extra QEMU arguments, passed after `--`; each element is one argument.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = !cfg.lan.enable || lanParent != null;
+        message = ''
+          services.every-channel.ipxe-qemu.lan.enable is true but lan.macvtap.interface is not set.
+          Set services.every-channel.ipxe-qemu.lan.macvtap.interface to the wired host interface
+          the guest should share (for example "eno1"), or set lan.enable = false.
+        '';
+      }
+      {
+        assertion = lanNameProblem == null;
+        message = ''
+          services.every-channel.ipxe-qemu.lan.macvtap.name = "${lanName}" ${toString lanNameProblem}.
+          Use an interface name of 1-15 bytes without '/' or whitespace, for example "ec-lan0".
+        '';
+      }
+      {
+        assertion = lanParentProblem == null;
+        message = ''
+          services.every-channel.ipxe-qemu.lan.macvtap.interface = "${toString lanParent}" ${toString lanParentProblem}.
+          Set it to the name of an existing wired interface (see `ip link`), for example "eno1".
+        '';
+      }
+      {
+        assertion = mac == null || !(isMulticastMac mac);
+        message = ''
+          services.every-channel.ipxe-qemu.lan.macvtap.macAddress = "${toString mac}" is a multicast
+          address (the low bit of the first octet is set). Use a unicast address such as
+          "52:54:00:ec:00:01", or null for a stable derived one.
+        '';
+      }
+      {
+        assertion = mac == null || lib.toLower mac != "00:00:00:00:00:00";
+        message = ''
+          services.every-channel.ipxe-qemu.lan.macvtap.macAddress must not be all zero. Use a
+          unicast address such as "52:54:00:ec:00:01", or null for a stable derived one.
+        '';
+      }
+      {
+        assertion = !cfg.boot.http.enable || cfg.boot.http.directory != null;
+        message = ''
+          services.every-channel.ipxe-qemu.boot.http.enable is true but boot.http.directory is null.
+          Set services.every-channel.ipxe-qemu.boot.http.directory to a directory containing
+          netboot.ipxe (for example this flake's packages.x86_64-linux.ec-publisher-netboot).
+        '';
+      }
+      {
+        assertion = !(cfg.boot.http.enable && cfg.boot.url != null);
+        message = ''
+          services.every-channel.ipxe-qemu.boot.url and boot.http.enable are both set; the guest can
+          chain to only one of them. Unset boot.url or set boot.http.enable = false.
+        '';
+      }
+    ];
+
+    warnings =
+      lib.optional (!cfg.boot.http.enable && cfg.boot.http.directory != null) ''
+        services.every-channel.ipxe-qemu.boot.http.directory is set but boot.http.enable is false,
+        so the directory is not served. Set boot.http.enable = true to boot from it.
+      ''
+      ++ lib.optional (!cfg.lan.enable && lanParent != null) ''
+        services.every-channel.ipxe-qemu.lan.macvtap.interface is set but lan.enable is false, so no
+        LAN NIC is created. Set lan.enable = true to give the guest a LAN NIC.
+      '';
+
+    users.users.${serviceUser} = {
+      isSystemUser = true;
+      group = serviceGroup;
+      description = "every-channel iPXE/QEMU launcher";
+    };
+
+    boot.kernelModules = [
+      "tun"
+      "vhost_net"
+    ]
+    ++ lib.optional cfg.lan.enable "macvtap";
+
+    systemd.tmpfiles.rules = lib.optional (
+      !stateUnderVarLib
+    ) "d ${cfg.stateDir} 0750 ${serviceUser} ${serviceGroup} - -";
+
+    systemd.services.${serviceName} = {
+      description = "every-channel publisher guest (QEMU booted by iPXE)";
+      documentation = [ "man:ec-ipxe-qemu(1)" ] ++ lib.optional cfg.lan.enable "man:ec-macvtap(1)";
+      wantedBy = [ "multi-user.target" ];
+      wants = parentDevice;
+      after = [ "network.target" ] ++ parentDevice;
+
+      # Any change of the generated unit (options, packages, boot directory) restarts the
+      # guest on `nixos-rebuild switch`. Stop-then-start (the default) lets the old
+      # ExecStopPost remove the old macvtap before a renamed one is created.
+      restartIfChanged = true;
+      stopIfChanged = true;
+      # Restart=always must never be rate-limited.
+      startLimitIntervalSec = 0;
+
+      serviceConfig = {
+        Type = "simple";
+        User = serviceUser;
+        Group = serviceGroup;
+
+        ExecStart = utils.escapeSystemdExecArgs runArgs;
+
+        Restart = "always";
+        RestartSec = "5s";
+        # SIGTERM goes to the launcher only; it powers the guest off over QMP and quits QEMU
+        # after its shutdown timeout. Whatever is left gets SIGKILL after TimeoutStopSec.
+        KillMode = "mixed";
+        TimeoutStopSec = "2min";
+
+        RuntimeDirectory = serviceName;
+        RuntimeDirectoryMode = "0750";
+        UMask = "0077";
+
+        # Devices: QEMU needs kvm, tun and vhost-net; the macvtap's /dev/tapN (or the
+        # private node ec-macvtap creates) is a char-macvtap device. PrivateDevices= would
+        # hide /dev/tapN and must not be used.
+        DevicePolicy = "closed";
+        DeviceAllow = [
+          "/dev/kvm rw"
+          "/dev/net/tun rw"
+          "/dev/vhost-net rw"
+          "char-macvtap rwm"
+        ];
+
+        # The main process (launcher and QEMU) runs without any capability.
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        NoNewPrivileges = true;
+
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateMounts = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        LockPersonality = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        RestrictNamespaces = true;
+        RemoveIPC = true;
+        SystemCallArchitectures = "native";
+        # AF_NETLINK: the launcher reads the macvtap's MAC; ec-macvtap (ExecStartPre) needs it too.
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+          "AF_NETLINK"
+        ];
+        # No MemoryDenyWriteExecute=: QEMU's TCG needs writable+executable memory.
+      }
+      // lib.optionalAttrs cfg.lan.enable {
+        # `+`: runs as root with full privileges (CAP_NET_ADMIN for netlink, mknod of a
+        # private tap node under the runtime directory). DeviceAllow still applies to it
+        # (systemd#26035), hence char-macvtap with `m` above.
+        ExecStartPre = "+" + utils.escapeSystemdExecArgs createArgs;
+        ExecStopPost = "+" + utils.escapeSystemdExecArgs deleteArgs;
+      }
+      // (
+        if stateUnderVarLib then
+          {
+            StateDirectory = lib.removePrefix "/var/lib/" cfg.stateDir;
+            StateDirectoryMode = "0750";
+          }
+        else
+          { ReadWritePaths = [ cfg.stateDir ]; }
+      )
+      // lib.optionalAttrs diskOutsideState {
+        ReadWritePaths = lib.optional (!stateUnderVarLib) cfg.stateDir ++ [ (dirOf cfg.disk.path) ];
+      };
+    };
+  };
+}

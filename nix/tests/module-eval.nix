@@ -1,0 +1,742 @@
+# Pure evaluation test of nix/modules/ec-ipxe-qemu.nix.
+#
+# It needs nothing but nixpkgs' `lib`: NixOS's own options are replaced by small stubs,
+# `pkgs` by fake derivations (attribute sets with an outPath) and `utils` by a copy of
+# the two nixos/lib/utils.nix functions the module uses, unless the real `utils` is
+# passed (the flake check does). Any mismatch throws, so the evaluation fails; on
+# success it returns a summary.
+#
+#   nix-instantiate --eval --strict nix/tests/module-eval.nix --arg lib 'import <nixpkgs/lib>'
+{
+  lib,
+  utils ? null,
+}:
+
+let
+  inherit (lib) mkOption types;
+
+  fakePkg = hash: name: {
+    type = "derivation";
+    inherit name;
+    outPath = "/nix/store/${hash}-${name}";
+  };
+  ec = "/nix/store/11111111111111111111111111111111-ec-ipxe-qemu-0.1.0";
+  qemu = "/nix/store/22222222222222222222222222222222-qemu-host-cpu-only-10.1.2";
+  ipxe = "/nix/store/33333333333333333333333333333333-ipxe-1.21.1-unstable";
+  netbootDir = "/nix/store/44444444444444444444444444444444-ec-publisher-netboot";
+  fakePkgs = {
+    ec-ipxe-qemu = fakePkg "11111111111111111111111111111111" "ec-ipxe-qemu-0.1.0";
+    qemu_kvm = fakePkg "22222222222222222222222222222222" "qemu-host-cpu-only-10.1.2";
+    ipxe = fakePkg "33333333333333333333333333333333" "ipxe-1.21.1-unstable";
+  };
+
+  # Same definitions as nixpkgs' nixos/lib/utils.nix (escapeSystemdPath only for plain
+  # names, which is all the module passes after its own name checks).
+  stubUtils = {
+    escapeSystemdExecArgs = lib.concatMapStringsSep " " (
+      arg:
+      lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (
+        builtins.toJSON (if builtins.isString arg then arg else toString arg)
+      )
+    );
+    escapeSystemdPath =
+      s: lib.replaceStrings [ "/" "-" " " ] [ "-" "\\x2d" "\\x20" ] (lib.removePrefix "/" s);
+  };
+
+  # The NixOS options the module defines values for.
+  nixosStubs = {
+    options = {
+      assertions = mkOption {
+        type = types.listOf types.unspecified;
+        default = [ ];
+      };
+      warnings = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      boot.kernelModules = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      users.users = mkOption {
+        type = types.attrsOf types.anything;
+        default = { };
+      };
+      systemd.services = mkOption {
+        type = types.attrsOf types.anything;
+        default = { };
+      };
+      systemd.tmpfiles.rules = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+    };
+  };
+
+  evalConfig =
+    modules:
+    (lib.evalModules {
+      modules = [
+        nixosStubs
+        ../modules/ec-ipxe-qemu.nix
+        {
+          _module.args = {
+            pkgs = fakePkgs;
+            utils = if utils == null then stubUtils else utils;
+          };
+        }
+      ]
+      ++ modules;
+    }).config;
+
+  opt = [
+    "services"
+    "every-channel"
+    "ipxe-qemu"
+  ];
+  enabled = lib.setAttrByPath opt { enable = true; };
+  with' = attrs: lib.setAttrByPath opt attrs;
+
+  unitOf = config: config.systemd.services.every-channel-ipxe-qemu;
+  failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+
+  show = v: if builtins.isString v then v else builtins.toJSON v;
+  fail = name: msg: throw "module-eval FAILED: ${name}: ${msg}";
+  expectEq =
+    name: expected: actual:
+    if expected == actual then
+      name
+    else
+      fail name "\n  expected: ${show expected}\n  actual:   ${show actual}";
+  expect =
+    name: cond: msg:
+    if cond then name else fail name msg;
+
+  # ---------------------------------------------------------------- defaults
+  defaultCfg = lib.getAttrFromPath opt (evalConfig [ enabled ]);
+  defaultUnit = unitOf (evalConfig [ enabled ]);
+  defaultChecks =
+    lib.mapAttrsToList
+      (
+        path: expected:
+        expectEq "default ${path}" expected (
+          lib.attrByPath (lib.splitString "." path) "<missing>" defaultCfg
+        )
+      )
+      {
+        "enable" = true;
+        "package" = fakePkgs.ec-ipxe-qemu;
+        "qemuPackage" = fakePkgs.qemu_kvm;
+        "stateDir" = "/var/lib/every-channel/ipxe-qemu";
+        "memory" = 2048;
+        "cpus" = 2;
+        "accel" = "auto";
+        "disk.enable" = true;
+        "disk.path" = "/var/lib/every-channel/ipxe-qemu/disk.qcow2";
+        "disk.size" = "32G";
+        "boot.url" = null;
+        "boot.ipxePackage" = fakePkgs.ipxe;
+        "boot.userNet.dnsServers" = [ ];
+        "boot.userNet.hostname" = null;
+        "boot.userNet.model" = null;
+        "boot.userNet.hostForwards" = [ ];
+        "boot.http.enable" = false;
+        "boot.http.directory" = null;
+        "boot.http.bindAddress" = null;
+        "boot.http.port" = null;
+        "lan.enable" = false;
+        "lan.model" = null;
+        "lan.macvtap.interface" = null;
+        "lan.macvtap.name" = "ec-lan0";
+        "lan.macvtap.mode" = "bridge";
+        "lan.macvtap.macAddress" = null;
+        "lan.macvtap.queues" = 1;
+        "extraArgs" = [ ];
+      };
+
+  disabledConfig = evalConfig [ ];
+  disabledChecks = [
+    (expectEq "disabled: no unit" { } disabledConfig.systemd.services)
+    (expectEq "disabled: no user" { } disabledConfig.users.users)
+    (expectEq "disabled: no assertions" [ ] disabledConfig.assertions)
+  ];
+
+  sc = defaultUnit.serviceConfig;
+  unitChecks = [
+    (expectEq "unit User" "every-channel-ipxe-qemu" sc.User)
+    (expectEq "unit Group" "kvm" sc.Group)
+    (expectEq "unit Restart" "always" sc.Restart)
+    (expectEq "unit startLimitIntervalSec" 0 defaultUnit.startLimitIntervalSec)
+    (expectEq "unit restartIfChanged" true defaultUnit.restartIfChanged)
+    (expectEq "unit wantedBy" [ "multi-user.target" ] defaultUnit.wantedBy)
+    (expectEq "unit KillMode" "mixed" sc.KillMode)
+    (expectEq "unit DevicePolicy" "closed" sc.DevicePolicy)
+    (expectEq "unit DeviceAllow" [
+      "/dev/kvm rw"
+      "/dev/net/tun rw"
+      "/dev/vhost-net rw"
+      "char-macvtap rwm"
+    ] sc.DeviceAllow)
+    (expectEq "unit CapabilityBoundingSet" "" sc.CapabilityBoundingSet)
+    (expectEq "unit AmbientCapabilities" "" sc.AmbientCapabilities)
+    (expectEq "unit NoNewPrivileges" true sc.NoNewPrivileges)
+    (expectEq "unit ProtectSystem" "strict" sc.ProtectSystem)
+    (expectEq "unit ProtectHome" true sc.ProtectHome)
+    (expectEq "unit PrivateTmp" true sc.PrivateTmp)
+    (expectEq "unit StateDirectory" "every-channel/ipxe-qemu" sc.StateDirectory)
+    (expectEq "unit RuntimeDirectory" "every-channel-ipxe-qemu" sc.RuntimeDirectory)
+    (expectEq "unit RestrictAddressFamilies" [
+      "AF_UNIX"
+      "AF_INET"
+      "AF_INET6"
+      "AF_NETLINK"
+    ] sc.RestrictAddressFamilies)
+    (expect "unit has no PrivateDevices" (!(sc ? PrivateDevices)) "PrivateDevices would hide /dev/tapN")
+    (expect "unit has no MemoryDenyWriteExecute" (
+      !(sc ? MemoryDenyWriteExecute)
+    ) "TCG needs W+X memory")
+    (expect "unit without LAN has no ExecStartPre" (!(sc ? ExecStartPre)) "unexpected ExecStartPre")
+    (expect "unit without LAN has no ExecStopPost" (!(sc ? ExecStopPost)) "unexpected ExecStopPost")
+    (expectEq "user" {
+      isSystemUser = true;
+      group = "kvm";
+      description = "every-channel iPXE/QEMU launcher";
+    } (evalConfig [ enabled ]).users.users.every-channel-ipxe-qemu)
+    (expectEq "kernel modules without LAN" [
+      "tun"
+      "vhost_net"
+    ] (evalConfig [ enabled ]).boot.kernelModules)
+    (expectEq "no tmpfiles below /var/lib" [ ] (evalConfig [ enabled ]).systemd.tmpfiles.rules)
+  ];
+
+  # ---------------------------------------------------------------- assertions
+  lanOn =
+    extra:
+    with' (
+      {
+        enable = true;
+        lan.enable = true;
+        lan.macvtap.interface = "eth0";
+      }
+      // extra
+    );
+  assertionCases = {
+    "lan.enable without interface" = {
+      def = with' {
+        enable = true;
+        lan.enable = true;
+      };
+      says = "lan.macvtap.interface is not set";
+    };
+    "macvtap name over 15 bytes" = {
+      def = lanOn { lan.macvtap.name = "ec-lan0-far-too-long"; };
+      says = "is 20 bytes long; Linux allows at most 15";
+    };
+    "macvtap name with slash" = {
+      def = lanOn { lan.macvtap.name = "ec/lan0"; };
+      says = "contains '/'";
+    };
+    "macvtap name with whitespace" = {
+      def = lanOn { lan.macvtap.name = "ec lan0"; };
+      says = "contains whitespace";
+    };
+    "macvtap name empty" = {
+      def = lanOn { lan.macvtap.name = ""; };
+      says = "is empty";
+    };
+    "macvtap name dot-dot" = {
+      def = lanOn { lan.macvtap.name = ".."; };
+      says = "is '.' or '..'";
+    };
+    "parent interface name invalid" = {
+      def = lanOn { lan.macvtap.interface = "eno1 "; };
+      says = ''lan.macvtap.interface = "eno1 " contains whitespace'';
+    };
+    "multicast MAC" = {
+      def = lanOn { lan.macvtap.macAddress = "01:00:5e:00:00:fb"; };
+      says = "is a multicast";
+    };
+    "all-zero MAC" = {
+      def = lanOn { lan.macvtap.macAddress = "00:00:00:00:00:00"; };
+      says = "must not be all zero";
+    };
+    "boot.http without directory" = {
+      def = with' {
+        enable = true;
+        boot.http.enable = true;
+      };
+      says = "boot.http.directory is null";
+    };
+    "boot.url and boot.http together" = {
+      def = with' {
+        enable = true;
+        boot.url = "http://10.0.2.2/x.ipxe";
+        boot.http = {
+          enable = true;
+          directory = netbootDir;
+        };
+      };
+      says = "are both set";
+    };
+  };
+  assertionChecks = lib.mapAttrsToList (
+    name: case:
+    let
+      failed = failedAssertions (evalConfig [ case.def ]);
+    in
+    expect "assertion fires: ${name}" (
+      builtins.length failed == 1 && lib.hasInfix case.says (builtins.head failed)
+    ) "expected exactly one failed assertion mentioning '${case.says}', got ${builtins.toJSON failed}"
+  ) assertionCases;
+
+  # ---------------------------------------------------------------- types
+  # [ option path (below services.every-channel.ipxe-qemu), value ]
+  rejected = [
+    [
+      "enable"
+      "yes"
+    ]
+    [
+      "memory"
+      0
+    ]
+    [
+      "memory"
+      "2048"
+    ]
+    [
+      "memory"
+      (-512)
+    ]
+    [
+      "cpus"
+      0
+    ]
+    [
+      "accel"
+      "hvf"
+    ]
+    [
+      "stateDir"
+      "var/lib/ec"
+    ]
+    [
+      "stateDir"
+      "/var/lib/ec guest"
+    ]
+    [
+      "disk.path"
+      "disk.qcow2"
+    ]
+    [
+      "disk.size"
+      "lots"
+    ]
+    [
+      "disk.size"
+      "0G"
+    ]
+    [
+      "boot.userNet.dnsServers"
+      "9.9.9.9"
+    ]
+    [
+      "boot.http.port"
+      70000
+    ]
+    [
+      "lan.macvtap.mode"
+      "bridged"
+    ]
+    [
+      "lan.macvtap.macAddress"
+      "52:54:00:ec:00"
+    ]
+    [
+      "lan.macvtap.macAddress"
+      "52-54-00-ec-00-01"
+    ]
+    [
+      "lan.macvtap.macAddress"
+      "52:54:00:ec:00:0g"
+    ]
+    [
+      "lan.macvtap.macAddress"
+      42
+    ]
+    [
+      "lan.macvtap.queues"
+      0
+    ]
+    [
+      "extraArgs"
+      "-snapshot"
+    ]
+  ];
+  accepted = [
+    [
+      "memory"
+      256
+    ]
+    [
+      "accel"
+      "tcg"
+    ]
+    [
+      "stateDir"
+      "/srv/ec"
+    ]
+    [
+      "disk.size"
+      "100G"
+    ]
+    [
+      "boot.http.port"
+      8080
+    ]
+    [
+      "lan.macvtap.mode"
+      "passthru"
+    ]
+    [
+      "lan.macvtap.macAddress"
+      "52:54:00:EC:00:01"
+    ]
+    [
+      "lan.macvtap.queues"
+      4
+    ]
+  ];
+  tryOption =
+    entry:
+    let
+      path = opt ++ lib.splitString "." (builtins.elemAt entry 0);
+      value = builtins.elemAt entry 1;
+      config = evalConfig [
+        enabled
+        (lib.setAttrByPath path value)
+      ];
+      forced = lib.getAttrFromPath path config;
+    in
+    (builtins.tryEval (builtins.deepSeq forced forced)).success;
+  typeChecks =
+    map (
+      entry:
+      expect "type rejects ${builtins.elemAt entry 0} = ${builtins.toJSON (builtins.elemAt entry 1)}" (
+        !(tryOption entry)
+      ) "the definition was accepted"
+    ) rejected
+    ++ map (
+      entry:
+      expect "type accepts ${builtins.elemAt entry 0} = ${builtins.toJSON (builtins.elemAt entry 1)}"
+        (tryOption entry)
+        "the definition was rejected"
+    ) accepted;
+
+  # ---------------------------------------------------------------- command lines
+  # Each list element is one argument exactly as it must appear in the unit file.
+  line = lib.concatStringsSep " ";
+  qemuArgs = [
+    ''"--qemu"''
+    ''"${qemu}/bin/qemu-system-x86_64"''
+    ''"--qemu-img"''
+    ''"${qemu}/bin/qemu-img"''
+  ];
+
+  forge = evalConfig [ ../examples/forge-host.nix ];
+  lanDerived = evalConfig [ ../examples/lan-host.nix ];
+  lanExplicit = evalConfig [
+    ../examples/lan-host.nix
+    (with' {
+      lan.macvtap = {
+        interface = lib.mkForce "eth1";
+        name = "ec-tuners";
+        mode = "private";
+        macAddress = "52:54:00:EC:00:01";
+        queues = 2;
+      };
+      lan.model = "virtio-net-pci";
+      disk.path = "/srv/ec/publisher.qcow2";
+      boot.url = "https://boot.example.org/ec/netboot.ipxe?mac=\${net0/mac}&x=100%";
+    })
+  ];
+  httpExtra = evalConfig [
+    (with' {
+      enable = true;
+      stateDir = "/srv/ec-guest";
+      memory = 256;
+      cpus = 1;
+      accel = "tcg";
+      disk.enable = false;
+      boot.ipxePackage = null;
+      boot.http = {
+        enable = true;
+        directory = netbootDir;
+        bindAddress = "127.0.0.1";
+        port = 8080;
+      };
+      boot.userNet = {
+        dnsServers = [
+          "9.9.9.9"
+          "149.112.112.112"
+        ];
+        model = "e1000";
+        hostForwards = [
+          "tcp::2222-:22"
+          "udp:127.0.0.1:5353-:53"
+        ];
+      };
+      extraArgs = [
+        "-smbios"
+        "type=11,value=io.systemd.credential:motd=it's \"quoted\", 100% $HOME \${HOME} back\\slash; semi"
+        "-device"
+        "virtio-rng-pci"
+        ""
+      ];
+    })
+  ];
+
+  execChecks = [
+    # forge example: user-mode only
+    (expectEq "forge ExecStart" (line (
+      [
+        ''"${ec}/bin/ec-ipxe-qemu"''
+        ''"run"''
+        ''"--state-dir"''
+        ''"/var/lib/every-channel/ipxe-qemu"''
+        ''"--memory"''
+        ''"2048"''
+        ''"--cpus"''
+        ''"2"''
+        ''"--accel"''
+        ''"auto"''
+      ]
+      ++ qemuArgs
+      ++ [
+        ''"--disk-size"''
+        ''"16G"''
+        ''"--ipxe"''
+        ''"${ipxe}/ipxe.lkrn"''
+        ''"--hostname"''
+        ''"ec-publisher"''
+        ''"--host-forward"''
+        ''"tcp:127.0.0.1:2222-:22"''
+      ]
+    )) (unitOf forge).serviceConfig.ExecStart)
+    (expect "forge has no ExecStartPre" (
+      !((unitOf forge).serviceConfig ? ExecStartPre)
+    ) "user-mode only must not touch host links")
+    (expectEq "forge assertions" [ ] (failedAssertions forge))
+
+    # LAN example: derived MAC
+    (expectEq "lan (derived MAC) ExecStartPre" (
+      "+"
+      + line [
+        ''"${ec}/bin/ec-macvtap"''
+        ''"create"''
+        ''"--link"''
+        ''"eno1"''
+        ''"--name"''
+        ''"ec-lan0"''
+        ''"--mode"''
+        ''"bridge"''
+        ''"--owner"''
+        ''"every-channel-ipxe-qemu"''
+        ''"--replace"''
+      ]
+    ) (unitOf lanDerived).serviceConfig.ExecStartPre)
+    (expectEq "lan (derived MAC) ExecStart" (line (
+      [
+        ''"${ec}/bin/ec-ipxe-qemu"''
+        ''"run"''
+        ''"--state-dir"''
+        ''"/var/lib/every-channel/ipxe-qemu"''
+        ''"--memory"''
+        ''"2048"''
+        ''"--cpus"''
+        ''"2"''
+        ''"--accel"''
+        ''"auto"''
+      ]
+      ++ qemuArgs
+      ++ [
+        ''"--disk-size"''
+        ''"32G"''
+        ''"--ipxe"''
+        ''"${ipxe}/ipxe.lkrn"''
+        ''"--lan-interface"''
+        ''"ec-lan0"''
+        ''"--lan-queues"''
+        ''"1"''
+      ]
+    )) (unitOf lanDerived).serviceConfig.ExecStart)
+    (expectEq "lan (derived MAC) ExecStopPost" (
+      "+"
+      + line [
+        ''"${ec}/bin/ec-macvtap"''
+        ''"delete"''
+        ''"ec-lan0"''
+      ]
+    ) (unitOf lanDerived).serviceConfig.ExecStopPost)
+    (expectEq "lan (derived MAC) waits for its parent" [
+      "sys-subsystem-net-devices-eno1.device"
+    ] (unitOf lanDerived).wants)
+    (expectEq "lan kernel modules" [
+      "tun"
+      "vhost_net"
+      "macvtap"
+    ] lanDerived.boot.kernelModules)
+    (expectEq "lan (derived MAC) assertions" [ ] (failedAssertions lanDerived))
+
+    # LAN with explicit MAC, custom disk path and an iPXE URL with % and ${...}
+    (expectEq "lan (explicit MAC) ExecStartPre" (
+      "+"
+      + line [
+        ''"${ec}/bin/ec-macvtap"''
+        ''"create"''
+        ''"--link"''
+        ''"eth1"''
+        ''"--name"''
+        ''"ec-tuners"''
+        ''"--mode"''
+        ''"private"''
+        ''"--mac"''
+        ''"52:54:00:EC:00:01"''
+        ''"--owner"''
+        ''"every-channel-ipxe-qemu"''
+        ''"--replace"''
+      ]
+    ) (unitOf lanExplicit).serviceConfig.ExecStartPre)
+    (expectEq "lan (explicit MAC) ExecStart" (line (
+      [
+        ''"${ec}/bin/ec-ipxe-qemu"''
+        ''"run"''
+        ''"--state-dir"''
+        ''"/var/lib/every-channel/ipxe-qemu"''
+        ''"--memory"''
+        ''"2048"''
+        ''"--cpus"''
+        ''"2"''
+        ''"--accel"''
+        ''"auto"''
+      ]
+      ++ qemuArgs
+      ++ [
+        ''"--disk"''
+        ''"/srv/ec/publisher.qcow2"''
+        ''"--disk-size"''
+        ''"32G"''
+        ''"--boot-url"''
+        ''"https://boot.example.org/ec/netboot.ipxe?mac=$''${net0/mac}&x=100%%"''
+        ''"--ipxe"''
+        ''"${ipxe}/ipxe.lkrn"''
+        ''"--lan-interface"''
+        ''"ec-tuners"''
+        ''"--lan-nic-model"''
+        ''"virtio-net-pci"''
+        ''"--lan-queues"''
+        ''"2"''
+      ]
+    )) (unitOf lanExplicit).serviceConfig.ExecStart)
+    (expectEq "lan (explicit MAC) ExecStopPost" (
+      "+"
+      + line [
+        ''"${ec}/bin/ec-macvtap"''
+        ''"delete"''
+        ''"ec-tuners"''
+      ]
+    ) (unitOf lanExplicit).serviceConfig.ExecStopPost)
+    (expectEq "lan (explicit MAC) disk outside the state dir is writable" [
+      "/srv/ec"
+    ] (unitOf lanExplicit).serviceConfig.ReadWritePaths)
+    (expectEq "lan (explicit MAC) assertions" [ ] (failedAssertions lanExplicit))
+
+    # boot.http, no disk, no iPXE image, custom state dir, extra args needing escapes
+    (expectEq "http+extraArgs ExecStart" (line (
+      [
+        ''"${ec}/bin/ec-ipxe-qemu"''
+        ''"run"''
+        ''"--state-dir"''
+        ''"/srv/ec-guest"''
+        ''"--memory"''
+        ''"256"''
+        ''"--cpus"''
+        ''"1"''
+        ''"--accel"''
+        ''"tcg"''
+      ]
+      ++ qemuArgs
+      ++ [
+        ''"--no-disk"''
+        ''"--boot-dir"''
+        ''"${netbootDir}"''
+        ''"--boot-http-bind"''
+        ''"127.0.0.1"''
+        ''"--boot-http-port"''
+        ''"8080"''
+        ''"--dns"''
+        ''"9.9.9.9"''
+        ''"--dns"''
+        ''"149.112.112.112"''
+        ''"--boot-nic-model"''
+        ''"e1000"''
+        ''"--host-forward"''
+        ''"tcp::2222-:22"''
+        ''"--host-forward"''
+        ''"udp:127.0.0.1:5353-:53"''
+        ''"--"''
+        ''"-smbios"''
+        ''"type=11,value=io.systemd.credential:motd=it's \"quoted\", 100%% $$HOME $''${HOME} back\\slash; semi"''
+        ''"-device"''
+        ''"virtio-rng-pci"''
+        ''""''
+      ]
+    )) (unitOf httpExtra).serviceConfig.ExecStart)
+    (expect "http+extraArgs has no ExecStartPre" (
+      !((unitOf httpExtra).serviceConfig ? ExecStartPre)
+    ) "no LAN, no macvtap")
+    (expectEq "http+extraArgs tmpfiles" [
+      "d /srv/ec-guest 0750 every-channel-ipxe-qemu kvm - -"
+    ] httpExtra.systemd.tmpfiles.rules)
+    (expectEq "http+extraArgs ReadWritePaths" [
+      "/srv/ec-guest"
+    ] (unitOf httpExtra).serviceConfig.ReadWritePaths)
+    (expect "http+extraArgs has no StateDirectory" (
+      !((unitOf httpExtra).serviceConfig ? StateDirectory)
+    ) "state dir outside /var/lib")
+    (expectEq "http+extraArgs assertions" [ ] (failedAssertions httpExtra))
+  ];
+
+  warningChecks = [
+    (expectEq "warning: directory without boot.http.enable" 1 (
+      builtins.length
+        (evalConfig [
+          (with' {
+            enable = true;
+            boot.http.directory = netbootDir;
+          })
+        ]).warnings
+    ))
+    (expectEq "no warnings for the forge example" [ ] forge.warnings)
+  ];
+
+  all =
+    defaultChecks
+    ++ disabledChecks
+    ++ unitChecks
+    ++ assertionChecks
+    ++ typeChecks
+    ++ execChecks
+    ++ warningChecks;
+in
+builtins.deepSeq all {
+  result = "module-eval: all ${toString (builtins.length all)} checks passed";
+  utils = if utils == null then "stub copy of nixos/lib/utils.nix" else "nixpkgs nixos/lib/utils.nix";
+  defaults = builtins.length defaultChecks;
+  unit = builtins.length (disabledChecks ++ unitChecks);
+  assertions = builtins.length assertionChecks;
+  types = builtins.length typeChecks;
+  commandLines = builtins.length execChecks;
+  warnings = builtins.length warningChecks;
+  checks = all;
+}
