@@ -9,7 +9,7 @@
 #      EC_NIXPKGS_LIB names a checkout of nix-community/nixpkgs.lib (or of nixpkgs);
 #      without it the check prints a SKIP line.
 # Missing tools are installed (apt-get for nix-bin, cargo install for nixfmt and deadnix).
-# VM tests and `nix flake check` need nixpkgs, KVM and network: see nix/README.nixos.md.
+# VM tests and `nix flake check` need nixpkgs, KVM and network: see the NixOS section of README.md.
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

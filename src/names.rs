@@ -238,10 +238,7 @@ mod tests {
         assert!(!a.is_multicast());
         assert!(!a.is_zero());
         // Golden value: changing the derivation would change every guest's DHCP lease.
-        assert_eq!(
-            a.to_string(),
-            MacAddr::derived("0123456789abcdef0123456789abcdef", &n("ec-lan0"), &n("eno1")).to_string()
-        );
+        assert_eq!(a.to_string(), "ba:7f:cb:b4:d6:44");
         assert_ne!(a, MacAddr::derived("0123456789abcdef0123456789abcdef", &n("ec-lan1"), &n("eno1")));
         assert_ne!(a, MacAddr::derived("0123456789abcdef0123456789abcdef", &n("ec-lan0"), &n("eno2")));
         assert_ne!(a, MacAddr::derived("fedcba9876543210fedcba9876543210", &n("ec-lan0"), &n("eno1")));

@@ -241,37 +241,6 @@ pub fn open_queues(path: &Path, name: &IfName, dev: DevNum, queues: u32) -> Resu
     Ok(fds)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn devnum_parse() {
-        assert_eq!(DevNum::parse("246:3\n"), Some(DevNum { major: 246, minor: 3 }));
-        assert_eq!(DevNum::parse("246"), None);
-        assert_eq!(DevNum::parse("a:b"), None);
-        assert_eq!(DevNum { major: 246, minor: 3 }.to_string(), "246:3");
-    }
-
-    #[test]
-    fn private_paths_are_per_namespace_and_name() {
-        let n: IfName = "ec-lan0".parse().unwrap();
-        let a = private_node_path(4026531840, &n);
-        assert!(a.ends_with("net-4026531840/ec-lan0"), "{}", a.display());
-        assert_ne!(a, private_node_path(4026532000, &n));
-        assert_eq!(public_node_path(12), PathBuf::from("/dev/tap12"));
-    }
-
-    #[test]
-    fn a_regular_file_is_not_a_node() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("tap1");
-        std::fs::write(&f, b"").unwrap();
-        assert!(!node_matches(&f, DevNum { major: 1, minor: 3 }));
-        assert!(node_matches(Path::new("/dev/null"), DevNum { major: 1, minor: 3 }));
-    }
-}
-
 /// Duplicate `fds` to numbers at or above `floor`, close-on-exec, so they cannot collide with the range
 /// they are about to be placed in.
 fn lift_fds(fds: Vec<OwnedFd>, floor: RawFd) -> Result<Vec<OwnedFd>> {
@@ -338,5 +307,36 @@ pub fn set_parent_death_signal(cmd: &mut std::process::Command, signal: nix::sys
         std::os::unix::process::CommandExt::pre_exec(cmd, move || {
             nix::sys::prctl::set_pdeathsig(signal).map_err(std::io::Error::from)
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devnum_parse() {
+        assert_eq!(DevNum::parse("246:3\n"), Some(DevNum { major: 246, minor: 3 }));
+        assert_eq!(DevNum::parse("246"), None);
+        assert_eq!(DevNum::parse("a:b"), None);
+        assert_eq!(DevNum { major: 246, minor: 3 }.to_string(), "246:3");
+    }
+
+    #[test]
+    fn private_paths_are_per_namespace_and_name() {
+        let n: IfName = "ec-lan0".parse().unwrap();
+        let a = private_node_path(4026531840, &n);
+        assert!(a.ends_with("net-4026531840/ec-lan0"), "{}", a.display());
+        assert_ne!(a, private_node_path(4026532000, &n));
+        assert_eq!(public_node_path(12), PathBuf::from("/dev/tap12"));
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tap1");
+        std::fs::write(&f, b"").unwrap();
+        assert!(!node_matches(&f, DevNum { major: 1, minor: 3 }));
+        assert!(node_matches(Path::new("/dev/null"), DevNum { major: 1, minor: 3 }));
     }
 }

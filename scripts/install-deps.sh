@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what the demo and the tests need on Debian/Ubuntu, only when missing (idempotent, quiet when
+# everything is there). Needs root for apt-get.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+have ip || need+=(iproute2)
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+have qemu-img || need+=(qemu-utils)
+[ -e /usr/share/qemu/pxe-virtio.rom ] || [ -e /usr/lib/ipxe/qemu/pxe-virtio.rom ] || need+=(ipxe-qemu)
+[ -e /usr/lib/ipxe/ipxe.lkrn ] || need+=(ipxe)
+have dnsmasq || need+=(dnsmasq-base)
+have nix-instantiate || need+=(nix-bin)
+
+if [ ${#need[@]} -gt 0 ]; then
+	echo "install-deps: installing ${need[*]}"
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "install-deps: need root to apt-get install ${need[*]}" >&2
+		exit 1
+	fi
+	export DEBIAN_FRONTEND=noninteractive
+	apt_get() { apt-get -o DPkg::Lock::Timeout=600 -q "$@"; }
+	apt_get install -y --no-install-recommends "${need[@]}" >/dev/null ||
+		{ apt_get update >/dev/null && apt_get install -y --no-install-recommends "${need[@]}" >/dev/null; }
+fi

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs what is missing, then formatting, lint, every Rust test
+# (unit, privileged netns, real QEMU + iPXE + dnsmasq end-to-end) with CI=true so nothing privileged is
+# skipped, and the offline Nix checks. Run as root on Debian/Ubuntu with Rust.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+	echo "test: run as root (the tests create network namespaces and macvtaps)" >&2
+	exit 5
+fi
+scripts/install-deps.sh
+export CI=true
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --all-features -- -D warnings
+echo "== cargo test"
+cargo test --all-features -- --test-threads="${EC_TEST_THREADS:-4}"
+echo "== gen-assets (man pages and completions)"
+assets=$(mktemp -d)
+trap 'rm -rf "$assets"' EXIT
+cargo run -q --features gen-assets --bin ec-gen-assets -- "$assets"
+test -s "$assets/man/ec-macvtap-create.1" && test -s "$assets/completions/_ec-ipxe-qemu"
+echo "== nix checks"
+scripts/nix-checks.sh
+echo "== all tests passed"
