@@ -133,7 +133,19 @@ fn explicit_mac_mtu_and_replace() {
     // With --replace: recreated as asked.
     let v = json(&macvtap(
         Some(&ns),
-        &["--json", "create", "--link", &parent, "--name", &name, "--mac", "52:54:00:aa:bb:cd", "--mode", "vepa", "--replace"],
+        &[
+            "--json",
+            "create",
+            "--link",
+            &parent,
+            "--name",
+            &name,
+            "--mac",
+            "52:54:00:aa:bb:cd",
+            "--mode",
+            "vepa",
+            "--replace",
+        ],
     ));
     assert_eq!(v["changed"], true);
     let k = ns.link_json(&name).unwrap();
@@ -200,9 +212,10 @@ fn netns_by_name_and_by_path() {
     let name = unique("mv");
     let _guard = common::DeleteOnDrop::new(&ns, &name);
     let by_path = ns.path();
-    let out = common::run(std::process::Command::new(common::macvtap_bin()).args([
-        "--netns", &by_path, "--json", "create", "--link", &parent, "--name", &name,
-    ]));
+    let out = common::run(
+        std::process::Command::new(common::macvtap_bin())
+            .args(["--netns", &by_path, "--json", "create", "--link", &parent, "--name", &name]),
+    );
     let v = json(&out);
     assert_eq!(v["name"], name.as_str());
     assert!(ns.link_json(&name).is_some());
@@ -391,4 +404,24 @@ fn bad_input_leaves_the_link_table_unchanged() {
         assert_eq!(ns.link_table(), table, "{args:?} changed the link table");
     }
     assert!(macvtap(Some(&ns), &["delete", &mv]).status.success());
+}
+
+/// Without CAP_NET_ADMIN the kernel refuses: exit 5 with the hint, and nothing is created.
+#[test]
+fn unprivileged_create_is_permission_denied() {
+    if !require_root("unprivileged_create_is_permission_denied") {
+        return;
+    }
+    let _serial = serial();
+    let (ns, parent) = ns_with_parent();
+    let table = ns.link_table();
+    let name = unique("mv");
+    let out = common::run(
+        ns.cmd("setpriv")
+            .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--inh-caps=-all"])
+            .args([common::macvtap_bin(), "create", "--link", &parent, "--name", &name, "--mac", "52:54:00:aa:bb:01"]),
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("CAP_NET_ADMIN") && stderr(&out).contains(&name), "{}", stderr(&out));
+    assert_eq!(ns.link_table(), table);
 }
