@@ -177,22 +177,19 @@ pub fn up_message(ifindex: u32) -> LinkMessage {
 
 /// Look a link up by name; a missing link (ENODEV) is `Ok(None)`.
 pub async fn get_by_name(handle: &Handle, name: &IfName) -> Result<Option<LinkView>> {
-    let mut stream = handle.link().get().match_name(name.as_str()).execute();
-    match stream.try_next().await {
-        Ok(Some(msg)) => Ok(Some(LinkView::from_message(&msg))),
-        Ok(None) => Ok(None),
-        Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == nix::errno::Errno::ENODEV as i32 => Ok(None),
-        Err(e) => Err(Error::netlink(format!("look up link \"{name}\""), e)),
-    }
+    first_link(handle.link().get().match_name(name.as_str()), || format!("look up link \"{name}\"")).await
 }
 
 pub async fn get_by_index(handle: &Handle, ifindex: u32) -> Result<Option<LinkView>> {
-    let mut stream = handle.link().get().match_index(ifindex).execute();
-    match stream.try_next().await {
-        Ok(Some(msg)) => Ok(Some(LinkView::from_message(&msg))),
-        Ok(None) => Ok(None),
+    first_link(handle.link().get().match_index(ifindex), || format!("look up link #{ifindex}")).await
+}
+
+/// rtnetlink answers a lookup of a missing link with ENODEV, not an empty stream: map that to `None`.
+async fn first_link(req: rtnetlink::LinkGetRequest, what: impl FnOnce() -> String) -> Result<Option<LinkView>> {
+    match req.execute().try_next().await {
+        Ok(msg) => Ok(msg.as_ref().map(LinkView::from_message)),
         Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == nix::errno::Errno::ENODEV as i32 => Ok(None),
-        Err(e) => Err(Error::netlink(format!("look up link #{ifindex}"), e)),
+        Err(e) => Err(Error::netlink(what(), e)),
     }
 }
 
