@@ -225,7 +225,11 @@ pub fn parent_problem(parent: &LinkView, sysfs_wireless: bool) -> Option<String>
 
 /// `/sys/class/net/X/wireless` or `phy80211` exists: the parent is Wi-Fi.
 pub fn sysfs_is_wireless(name: &str) -> bool {
-    let base = std::path::Path::new("/sys/class/net").join(name);
+    is_wireless_under(std::path::Path::new("/sys/class/net"), name)
+}
+
+fn is_wireless_under(class_net: &std::path::Path, name: &str) -> bool {
+    let base = class_net.join(name);
     base.join("wireless").exists() || base.join("phy80211").exists()
 }
 
@@ -351,6 +355,20 @@ mod tests {
         assert!(parent_problem(&p, false).unwrap().contains("loopback"));
         let m = view("mv", 8, Some("macvtap"), Some(7), "52:54:00:00:00:02");
         assert!(parent_problem(&m, false).unwrap().contains("itself a macvtap"));
+    }
+
+    #[test]
+    fn wireless_is_seen_in_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, marker) in [("wlan0", Some("wireless")), ("wlp2s0", Some("phy80211")), ("eno1", None)] {
+            std::fs::create_dir_all(dir.path().join(name)).unwrap();
+            if let Some(m) = marker {
+                std::fs::create_dir_all(dir.path().join(name).join(m)).unwrap();
+            }
+        }
+        assert!(is_wireless_under(dir.path(), "wlan0"));
+        assert!(is_wireless_under(dir.path(), "wlp2s0"));
+        assert!(!is_wireless_under(dir.path(), "eno1"));
     }
 
     #[test]

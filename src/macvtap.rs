@@ -344,3 +344,50 @@ pub fn open(ns: Option<&NetnsSpec>, name: &IfName, queues: u32) -> Result<Opened
         Ok(OpenedTap { name: name.clone(), ifindex: l.ifindex, mac, node, devnum: dev, fds })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shape() {
+        let info = TapInfo {
+            name: "ec-lan0".into(),
+            ifindex: 7,
+            parent: Some("eno1".into()),
+            mode: Some(MacvtapMode::Bridge),
+            mac: Some(MacAddr([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc])),
+            mtu: Some(1500),
+            up: true,
+            carrier: false,
+            owned: true,
+            tap_device: Some(PathBuf::from("/dev/tap7")),
+            tap_devnum: Some("246:1".into()),
+            changed: None,
+        };
+        let v = serde_json::to_value(&info).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want =
+            ["name", "ifindex", "parent", "mode", "mac", "mtu", "up", "carrier", "owned", "tap_device", "tap_devnum"];
+        want.sort();
+        let mut got = keys.clone();
+        got.sort();
+        assert_eq!(got, want, "show has no `changed`");
+        assert_eq!(v["mac"], "52:54:00:aa:bb:cc");
+        assert_eq!(v["mode"], "bridge");
+        assert_eq!(v["tap_devnum"], "246:1");
+        let created = TapInfo { changed: Some(true), ..info };
+        assert_eq!(serde_json::to_value(&created).unwrap()["changed"], true);
+        assert!(created.human_line().starts_with("ec-lan0 on eno1 mode bridge mac 52:54:00:aa:bb:cc"));
+    }
+
+    #[test]
+    fn owners_resolve_by_name_and_number() {
+        let root: OwnerSpec = "root".parse().unwrap();
+        assert_eq!(resolve_owner(&root).unwrap(), (Uid::from_raw(0), Gid::from_raw(0)));
+        let numeric: OwnerSpec = "4242:4243".parse().unwrap();
+        assert_eq!(resolve_owner(&numeric).unwrap(), (Uid::from_raw(4242), Gid::from_raw(4243)));
+        let missing: OwnerSpec = "ec-no-such-user".parse().unwrap();
+        assert_eq!(resolve_owner(&missing).unwrap_err().exit_code(), 3);
+    }
+}
