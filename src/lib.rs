@@ -3,12 +3,14 @@
 //!
 //! The library holds everything the two binaries share: validated names ([`names`]), errors and exit codes
 //! ([`error`]), link operations over rtnetlink ([`link`]), namespaces ([`netns`]), the tap device ([`tap`],
-//! the only module with `unsafe`) and the macvtap lifecycle ([`macvtap`]).
+//! the only module with `unsafe`), the macvtap lifecycle ([`macvtap`]) and the
+//! launcher behind `ec-ipxe-qemu` ([`launcher`]).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
 pub mod commands;
 pub mod error;
+pub mod launcher;
 pub mod link;
 pub mod logging;
 pub mod macvtap;

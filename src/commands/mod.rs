@@ -3,6 +3,8 @@
 pub mod create;
 pub mod delete;
 pub mod exec;
+pub mod print_args;
+pub mod run;
 pub mod show;
 
 use std::process::ExitCode;

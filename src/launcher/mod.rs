@@ -1,0 +1,48 @@
+//! The launcher behind `ec-ipxe-qemu`: validated configuration ([`config`]), the pure parts (the QEMU argv in
+//! [`qemu_args`], the iPXE script in [`ipxe`]) and the I/O (state directory, `--boot-dir` HTTP server, QMP,
+//! link watch, supervision).
+
+pub mod accel;
+pub mod config;
+pub mod httpd;
+pub mod ipxe;
+pub mod linkwatch;
+pub mod qemu_args;
+pub mod qmp;
+pub mod state;
+pub mod supervise;
+
+use crate::error::{Error, Result};
+use crate::link::{self, Netlink};
+use crate::names::{IfName, MacAddr};
+use config::LaunchConfig;
+use qemu_args::LanNic;
+
+/// The MAC of the macvtap `name`, read over netlink without opening anything.
+pub fn lan_mac(name: &IfName) -> Result<MacAddr> {
+    let nl = Netlink::new()?;
+    let l = nl
+        .block_on(link::get_by_name(&nl.handle, name))?
+        .ok_or_else(|| Error::not_found(format!("--lan-interface \"{name}\": macvtap")))?;
+    if !l.is_macvtap() {
+        return Err(Error::invalid(
+            format!("--lan-interface \"{name}\""),
+            format!("is a {} link, not a macvtap", l.kind.as_deref().unwrap_or("physical")),
+        ));
+    }
+    l.mac.ok_or_else(|| Error::Runtime(format!("macvtap \"{name}\" has no MAC address")))
+}
+
+/// The argv `run` would execute, with no side effects: the accelerator is resolved the same way, and the LAN
+/// NIC's MAC is read from the existing macvtap (so `print-args --lan-interface X` needs X to exist).
+pub fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
+    let accel = accel::resolve(cfg.accel)?;
+    let lan = match &cfg.lan {
+        Some(l) => Some(LanNic {
+            mac: lan_mac(&l.interface)?,
+            fds: (0..l.queues as i32).map(|i| supervise::FIRST_TAP_FD + i).collect(),
+        }),
+        None => None,
+    };
+    Ok(qemu_args::build(cfg, accel, lan.as_ref()))
+}

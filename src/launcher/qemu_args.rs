@@ -1,0 +1,221 @@
+//! The QEMU argv, built purely from a validated [`LaunchConfig`] and what was resolved at run time (the
+//! accelerator, the LAN MAC and fd numbers). `print-args` prints exactly this; `run` executes it.
+//!
+//! Fixed PCI slots let the guest tell its NICs apart: the boot NIC is 00:03.0, the LAN NIC 00:04.0, the disk
+//! 00:05.0.
+
+use std::path::Path;
+
+use crate::launcher::accel::Accel;
+use crate::launcher::config::{BOOT_SCRIPT, LaunchConfig};
+use crate::names::MacAddr;
+
+pub const BOOT_NIC_ADDR: &str = "0x3";
+pub const LAN_NIC_ADDR: &str = "0x4";
+pub const DISK_ADDR: &str = "0x5";
+
+/// The LAN NIC as QEMU sees it: the macvtap's MAC and the fd numbers the tap queues will have in QEMU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LanNic {
+    pub mac: MacAddr,
+    pub fds: Vec<i32>,
+}
+
+/// QEMU option values are comma-separated: a literal comma is written twice.
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn path(p: &Path) -> String {
+    escape(&p.to_string_lossy())
+}
+
+/// The argv (program first).
+pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>) -> Vec<String> {
+    let mut a: Vec<String> = Vec::with_capacity(48);
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&[&cfg.qemu.to_string_lossy()]);
+    push(&["-name", "ec-ipxe-qemu", "-nodefaults", "-no-user-config", "-display", "none"]);
+    // graphics=off: SeaBIOS and the option ROM print to the serial port (there is no VGA).
+    push(&["-machine", "pc,graphics=off", "-accel", accel.as_str(), "-cpu", accel.cpu_model()]);
+    push(&["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", path(&cfg.qmp_socket()))]);
+    push(&["-chardev", &format!("file,id=serial0,path={}", path(&cfg.serial_log)), "-serial", "chardev:serial0"]);
+
+    // Boot NIC: user-mode networking. Without --ipxe its option ROM fetches boot.ipxe over slirp TFTP.
+    let mut user = String::from("user,id=boot");
+    if cfg.ipxe.is_none() {
+        user.push_str(&format!(",tftp={},bootfile={BOOT_SCRIPT}", path(&cfg.state_dir)));
+    }
+    if let Some(h) = &cfg.hostname {
+        user.push_str(&format!(",hostname={}", h.as_str()));
+    }
+    for f in &cfg.host_forwards {
+        user.push_str(&format!(",hostfwd={f}"));
+    }
+    let mut boot_dev = format!("{},netdev=boot,addr={BOOT_NIC_ADDR}", cfg.boot_nic_model.as_str());
+    match &cfg.ipxe {
+        None => boot_dev.push_str(",bootindex=1"),
+        Some(_) => boot_dev.push_str(",romfile="),
+    }
+    push(&["-netdev", &user, "-device", &boot_dev]);
+    if let Some(ipxe) = &cfg.ipxe {
+        push(&["-kernel", &path(ipxe), "-initrd", &path(&cfg.boot_script())]);
+    }
+
+    // LAN NIC: the macvtap's queues, its MAC, no option ROM (iPXE never boots from the LAN).
+    if let (Some(spec), Some(nic)) = (&cfg.lan, lan) {
+        let fds: Vec<String> = nic.fds.iter().map(|f| f.to_string()).collect();
+        let netdev = if fds.len() == 1 {
+            format!("tap,id=lan,fd={}", fds[0])
+        } else {
+            format!("tap,id=lan,fds={}", fds.join(":"))
+        };
+        let mut dev = format!("{},netdev=lan,mac={},romfile=,addr={LAN_NIC_ADDR}", spec.model.as_str(), nic.mac);
+        if fds.len() > 1 {
+            dev.push_str(&format!(",mq=on,vectors={}", 2 * fds.len() + 2));
+        }
+        push(&["-netdev", &netdev, "-device", &dev]);
+    }
+
+    if let Some(d) = &cfg.disk {
+        push(&[
+            "-drive",
+            &format!("if=none,id=disk0,file={},format=qcow2,discard=unmap", path(&d.path)),
+            "-device",
+            &format!("virtio-blk-pci,drive=disk0,addr={DISK_ADDR}"),
+        ]);
+    }
+    a.extend(cfg.extra.iter().cloned());
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::launcher::{LauncherCli, LauncherCommand};
+    use crate::launcher::config::LaunchConfig;
+    use clap::Parser;
+
+    /// A config from argv, with the file-system checks of `from_args` satisfied by a temp dir.
+    fn cfg(extra: &[&str]) -> (LaunchConfig, tempfile::TempDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let qemu = tmp.path().join("qemu-system-x86_64");
+        std::fs::write(&qemu, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::write(tmp.path().join("ipxe.lkrn"), b"x").unwrap();
+        let mut argv = vec!["ec-ipxe-qemu".to_string(), "print-args".into()];
+        for x in extra {
+            argv.push(x.replace("@T", tmp.path().to_str().unwrap()));
+        }
+        let cli = LauncherCli::try_parse_from(argv).unwrap();
+        let LauncherCommand::PrintArgs(a) = cli.command else { panic!() };
+        (LaunchConfig::from_args(&a).unwrap(), tmp)
+    }
+
+    fn golden(args: Vec<String>, tmp: &tempfile::TempDir) -> String {
+        args.join(" ").replace(tmp.path().to_str().unwrap(), "@T")
+    }
+
+    #[test]
+    fn default_rom_tftp_boot_with_disk() {
+        let (c, t) =
+            cfg(&["--state-dir", "@T/state", "--qemu", "@T/qemu-system-x86_64", "--qemu-img", "@T/qemu-system-x86_64"]);
+        assert_eq!(
+            golden(build(&c, Accel::Kvm, None), &t),
+            "@T/qemu-system-x86_64 -name ec-ipxe-qemu -nodefaults -no-user-config -display none \
+             -machine pc,graphics=off -accel kvm -cpu host -m 2048 -smp 2 \
+             -qmp unix:@T/state/qmp.sock,server=on,wait=off \
+             -chardev file,id=serial0,path=@T/state/serial.log -serial chardev:serial0 \
+             -netdev user,id=boot,tftp=@T/state,bootfile=boot.ipxe \
+             -device virtio-net-pci,netdev=boot,addr=0x3,bootindex=1 \
+             -drive if=none,id=disk0,file=@T/state/disk.qcow2,format=qcow2,discard=unmap \
+             -device virtio-blk-pci,drive=disk0,addr=0x5"
+        );
+    }
+
+    #[test]
+    fn ipxe_image_hostfwd_hostname_no_disk_tcg_extra() {
+        let (c, t) = cfg(&[
+            "--state-dir",
+            "@T/s",
+            "--qemu",
+            "@T/qemu-system-x86_64",
+            "--no-disk",
+            "--ipxe",
+            "@T/ipxe.lkrn",
+            "--hostname",
+            "pub1",
+            "--host-forward",
+            "tcp:127.0.0.1:2222-:22",
+            "--host-forward",
+            "udp::5353-:53",
+            "--memory",
+            "512",
+            "--cpus",
+            "1",
+            "--boot-nic-model",
+            "e1000",
+            "--serial-log",
+            "@T/console.log",
+            "--",
+            "-S",
+            "-device",
+            "virtio-rng-pci",
+        ]);
+        assert_eq!(
+            golden(build(&c, Accel::Tcg, None), &t),
+            "@T/qemu-system-x86_64 -name ec-ipxe-qemu -nodefaults -no-user-config -display none \
+             -machine pc,graphics=off -accel tcg -cpu max -m 512 -smp 1 \
+             -qmp unix:@T/s/qmp.sock,server=on,wait=off \
+             -chardev file,id=serial0,path=@T/console.log -serial chardev:serial0 \
+             -netdev user,id=boot,hostname=pub1,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53 \
+             -device e1000,netdev=boot,addr=0x3,romfile= \
+             -kernel @T/ipxe.lkrn -initrd @T/s/boot.ipxe -S -device virtio-rng-pci"
+        );
+    }
+
+    #[test]
+    fn lan_nic_single_and_multi_queue() {
+        let mac: MacAddr = "02:11:22:33:44:55".parse().unwrap();
+        let (c, t) =
+            cfg(&["--state-dir", "@T/s", "--qemu", "@T/qemu-system-x86_64", "--no-disk", "--lan-interface", "ec-lan0"]);
+        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3] })), &t);
+        assert!(
+            one.ends_with(
+                "-device virtio-net-pci,netdev=boot,addr=0x3,bootindex=1 -netdev tap,id=lan,fd=3 \
+                 -device virtio-net-pci,netdev=lan,mac=02:11:22:33:44:55,romfile=,addr=0x4"
+            ),
+            "{one}"
+        );
+        let (c, t) = cfg(&[
+            "--state-dir",
+            "@T/s",
+            "--qemu",
+            "@T/qemu-system-x86_64",
+            "--no-disk",
+            "--lan-interface",
+            "ec-lan0",
+            "--lan-queues",
+            "3",
+        ]);
+        let three = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5] })), &t);
+        assert!(
+            three.ends_with(
+                "-netdev tap,id=lan,fds=3:4:5 \
+                 -device virtio-net-pci,netdev=lan,mac=02:11:22:33:44:55,romfile=,addr=0x4,mq=on,vectors=8"
+            ),
+            "{three}"
+        );
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let (c, t) = cfg(&["--state-dir", "@T/a,b", "--qemu", "@T/qemu-system-x86_64", "--no-disk"]);
+        let args = build(&c, Accel::Tcg, None);
+        let g = golden(args, &t);
+        assert!(g.contains("-qmp unix:@T/a,,b/qmp.sock,server=on,wait=off"), "{g}");
+        assert!(g.contains("tftp=@T/a,,b,bootfile=boot.ipxe"), "{g}");
+        assert!(g.contains("path=@T/a,,b/serial.log"), "{g}");
+    }
+}
