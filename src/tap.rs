@@ -300,12 +300,18 @@ pub fn pass_fds_to_child(
 }
 
 /// Ask the kernel to send `signal` to the child when this process (the thread that spawned it) dies.
+/// If the parent died between fork and prctl, the child is not spawned at all.
 pub fn set_parent_death_signal(cmd: &mut std::process::Command, signal: nix::sys::signal::Signal) {
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
-    // async-signal-safe.
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl and getppid, which are
+    // async-signal-safe; it allocates nothing.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(cmd, move || {
-            nix::sys::prctl::set_pdeathsig(signal).map_err(std::io::Error::from)
+            nix::sys::prctl::set_pdeathsig(signal).map_err(std::io::Error::from)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
         });
     }
 }

@@ -20,6 +20,10 @@ impl Qmp {
     pub async fn connect(path: &Path) -> Result<Qmp> {
         let stream =
             UnixStream::connect(path).await.map_err(|e| Error::io(format!("connect to QMP {}", path.display()), e))?;
+        Qmp::handshake(stream, path).await
+    }
+
+    async fn handshake(stream: UnixStream, path: &Path) -> Result<Qmp> {
         let (r, w) = stream.into_split();
         let mut qmp = Qmp { lines: BufReader::new(r).lines(), writer: w };
         let greeting = qmp.next_message().await?;
@@ -28,6 +32,20 @@ impl Qmp {
         }
         qmp.execute("qmp_capabilities").await?;
         Ok(qmp)
+    }
+
+    /// Like [`Qmp::connect`], but waits (polling every 50 ms) while QEMU has not created or is not yet
+    /// listening on the socket: a stop request can arrive right after QEMU was spawned. Bound it with a timeout.
+    pub async fn connect_when_ready(path: &Path) -> Result<Qmp> {
+        loop {
+            match UnixStream::connect(path).await {
+                Ok(stream) => return Qmp::handshake(stream, path).await,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(Error::io(format!("connect to QMP {}", path.display()), e)),
+            }
+        }
     }
 
     async fn next_message(&mut self) -> Result<Value> {
@@ -97,6 +115,39 @@ mod tests {
             assert!(err.contains("has not been found"), "{err}");
             drop(q);
             assert_eq!(server.await.unwrap(), ["qmp_capabilities", "system_powerdown", "bogus"]);
+        });
+    }
+
+    /// A stop request right after spawning: the socket does not exist yet, then appears.
+    #[test]
+    fn waits_for_a_socket_that_appears_later() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("qmp.sock");
+            let p2 = path.clone();
+            let server = tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let listener = UnixListener::bind(&p2).unwrap();
+                let (s, _) = listener.accept().await.unwrap();
+                let (r, mut w) = s.into_split();
+                let mut lines = BufReader::new(r).lines();
+                w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+                let mut n = 0;
+                while lines.next_line().await.unwrap().is_some() {
+                    w.write_all(b"{\"return\": {}}\n").await.unwrap();
+                    n += 1;
+                }
+                n
+            });
+            assert!(Qmp::connect(&path).await.is_err(), "plain connect fails while the socket is missing");
+            let mut q = tokio::time::timeout(std::time::Duration::from_secs(5), Qmp::connect_when_ready(&path))
+                .await
+                .expect("connected before the timeout")
+                .unwrap();
+            q.execute("quit").await.unwrap();
+            drop(q);
+            assert_eq!(server.await.unwrap(), 2, "one connection: capabilities and quit");
         });
     }
 }

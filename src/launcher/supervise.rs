@@ -37,6 +37,8 @@ pub const FIRST_TAP_FD: i32 = 3;
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// How long one QMP exchange may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a stop request waits for QEMU to open its QMP socket (it may have been spawned just now).
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything prepared for QEMU; dropping it stops the HTTP server and releases the lock.
 struct Prepared {
@@ -266,14 +268,14 @@ async fn supervise(cfg: &LaunchConfig, prepared: Prepared, tap: Option<OpenedTap
 async fn qmp_command(path: &Path, qmp: Option<Qmp>, command: &str) -> Option<Qmp> {
     let mut qmp = match qmp {
         Some(q) => q,
-        None => match tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(path)).await {
+        None => match tokio::time::timeout(QMP_CONNECT_TIMEOUT, Qmp::connect_when_ready(path)).await {
             Ok(Ok(q)) => q,
             Ok(Err(e)) => {
                 tracing::warn!("{e}");
                 return None;
             }
             Err(_) => {
-                tracing::warn!("QMP {}: no answer within {} s", path.display(), QMP_TIMEOUT.as_secs());
+                tracing::warn!("QMP {}: not reachable within {} s", path.display(), QMP_CONNECT_TIMEOUT.as_secs());
                 return None;
             }
         },
