@@ -248,7 +248,7 @@ pub struct DeleteOutcome {
 }
 
 pub fn delete(ns: Option<&NetnsSpec>, name: &IfName) -> Result<DeleteOutcome> {
-    netns::run_in(ns, || {
+    netns::run_in_without_sysfs(ns, || {
         let nl = Netlink::new()?;
         nl.block_on(async {
             let existing = link::get_by_name(&nl.handle, name).await?;

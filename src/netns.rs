@@ -46,8 +46,26 @@ impl fmt::Display for NetnsSpec {
     }
 }
 
-/// Run `f` in the given network namespace (or right here when `None`).
+/// Run `f` in the given network namespace (or right here when `None`), with a sysfs of that namespace.
 pub fn run_in<T, F>(ns: Option<&NetnsSpec>, f: F) -> Result<T>
+where
+    T: Send,
+    F: FnOnce() -> Result<T> + Send,
+{
+    run(ns, true, f)
+}
+
+/// Like [`run_in`] for work that needs only netlink and procfs, not sysfs (saves a mount namespace and a
+/// sysfs mount, which `delete` does not need).
+pub fn run_in_without_sysfs<T, F>(ns: Option<&NetnsSpec>, f: F) -> Result<T>
+where
+    T: Send,
+    F: FnOnce() -> Result<T> + Send,
+{
+    run(ns, false, f)
+}
+
+fn run<T, F>(ns: Option<&NetnsSpec>, sysfs: bool, f: F) -> Result<T>
 where
     T: Send,
     F: FnOnce() -> Result<T> + Send,
@@ -67,7 +85,9 @@ where
                     Error::errno(format!("enter {what}"), e)
                 }
             })?;
-            private_sysfs().map_err(|e| Error::errno(format!("mount sysfs for {what}"), e))?;
+            if sysfs {
+                private_sysfs().map_err(|e| Error::errno(format!("mount sysfs for {what}"), e))?;
+            }
             f()
         });
         handle
