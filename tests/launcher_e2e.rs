@@ -570,3 +570,35 @@ fn bad_input_leaves_nothing_behind() {
     }
     assert_eq!(std::fs::read_dir(&www).unwrap().count(), 0);
 }
+
+/// A stop request while the launcher is still preparing (here: a slow qemu-img) is neither lost nor fatal:
+/// the disk is finished, QEMU starts, is stopped in order, and `run` exits 0 with nothing left behind.
+#[test]
+fn stop_during_preparation_is_orderly() {
+    let t = "stop_during_preparation_is_orderly";
+    if !require_qemu(t) || !require_programs(t, &["qemu-img"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let marker = tmp.path().join("qemu-img-started");
+    let slow_img = tmp.path().join("slow-qemu-img");
+    std::fs::write(&slow_img, format!("#!/bin/sh\ntouch '{}'\nsleep 2\nexec qemu-img \"$@\"\n", marker.display()))
+        .unwrap();
+    std::fs::set_permissions(&slow_img, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let _slot = Slot::take();
+    let mut run = Run::start(
+        None,
+        &state,
+        &["--disk-size", "16M", "--qemu-img", slow_img.to_str().unwrap(), "--shutdown-timeout", "1"],
+    );
+    wait_for(Duration::from_secs(10), || marker.exists().then_some(())).expect("qemu-img started");
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_exit(run.wait(Duration::from_secs(30)), 0, &run);
+    assert!(run.stderr().contains("SIGTERM"), "{}", run.stderr());
+    let names: Vec<String> =
+        std::fs::read_dir(&state).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.contains(&"disk.qcow2".to_owned()), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("tmp") || n.starts_with('.')), "temporary files left: {names:?}");
+    assert!(no_qemu_left(&state));
+}

@@ -46,7 +46,25 @@ struct Prepared {
     _http: Option<BootServer>,
 }
 
+/// SIGTERM and SIGINT, registered before any preparation so a stop request during it is not lost (nor fatal):
+/// it is seen as soon as QEMU runs and stops it in order.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
 pub fn run(cfg: &LaunchConfig) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("start the supervisor runtime", e))?;
+    let signals = {
+        let _guard = rt.enter();
+        StopSignals {
+            term: signal(SignalKind::terminate()).map_err(|e| Error::io("handle SIGTERM", e))?,
+            int: signal(SignalKind::interrupt()).map_err(|e| Error::io("handle SIGINT", e))?,
+        }
+    };
     let accel = accel::resolve(cfg.accel)?;
     let tap = match &cfg.lan {
         Some(l) => {
@@ -71,11 +89,7 @@ pub fn run(cfg: &LaunchConfig) -> Result<()> {
             return Err(e);
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io("start the supervisor runtime", e))?;
-    let result = rt.block_on(supervise(cfg, prepared, tap, state));
+    let result = rt.block_on(supervise(cfg, prepared, tap, state, signals));
     remove_if_exists(&cfg.qmp_socket());
     result
 }
@@ -161,9 +175,14 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-async fn supervise(cfg: &LaunchConfig, prepared: Prepared, tap: Option<OpenedTap>, state: StateDir) -> Result<()> {
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::io("handle SIGTERM", e))?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::io("handle SIGINT", e))?;
+async fn supervise(
+    cfg: &LaunchConfig,
+    prepared: Prepared,
+    tap: Option<OpenedTap>,
+    state: StateDir,
+    signals: StopSignals,
+) -> Result<()> {
+    let StopSignals { term: mut sigterm, int: mut sigint } = signals;
     let lan = tap.as_ref().map(|t| (t.name.to_string(), t.ifindex));
     let mut watch = match &lan {
         Some((_, ifindex)) => match LinkWatch::subscribe(*ifindex).await {
