@@ -199,6 +199,15 @@ pub async fn dump(handle: &Handle) -> Result<Vec<LinkView>> {
     Ok(msgs.iter().map(LinkView::from_message).collect())
 }
 
+/// Delete by name (for rollback, when the index may not be known); a missing link is fine.
+pub async fn delete_by_name(handle: &Handle, name: &IfName) -> Result<()> {
+    match handle.link().del_with_message(LinkUnspec::new_with_name(name.as_str()).build()).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == nix::errno::Errno::ENODEV as i32 => Ok(()),
+        Err(e) => Err(Error::netlink(format!("delete link \"{name}\""), e)),
+    }
+}
+
 pub async fn delete(handle: &Handle, ifindex: u32, name: &str) -> Result<()> {
     handle.link().del(ifindex).execute().await.map_err(|e| Error::netlink(format!("delete link \"{name}\""), e))
 }

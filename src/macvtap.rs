@@ -169,14 +169,17 @@ async fn create_here(nl: &Netlink, req: &CreateRequest) -> Result<TapInfo> {
                 format!("exists with a different configuration ({}); pass --replace to recreate it", diff.join(", ")),
             ));
         }
-        tracing::info!(link = %spec.name, "replacing: {}", diff.join(", "));
-        link::delete(h, existing.ifindex, spec.name.as_str()).await?;
     }
+    // Every refusal comes before the first change: a refused --replace must leave the old link in place.
     if let Some(user) = link::mac_user(&links, spec, parent.ifindex) {
         return Err(Error::conflict(
             format!("{what}: MAC {}", spec.mac),
             format!("already used by \"{}\" on the same parent", user.name),
         ));
+    }
+    if let Some(existing) = links.iter().find(|l| l.name == spec.name.as_str()) {
+        tracing::info!(link = %spec.name, "replacing: {}", link::differences(existing, spec, parent.ifindex).join(", "));
+        link::delete(h, existing.ifindex, spec.name.as_str()).await?;
     }
 
     h.link()
@@ -184,28 +187,28 @@ async fn create_here(nl: &Netlink, req: &CreateRequest) -> Result<TapInfo> {
         .execute()
         .await
         .map_err(|e| Error::netlink(what.clone(), e))?;
-    let created = link::get_by_name(h, &spec.name)
-        .await?
-        .ok_or_else(|| Error::Runtime(format!("{what}: the link vanished right after creation")))?;
-
-    match finish(nl, created.ifindex, req).await {
-        Ok(tap) => {
-            let now = refetch(h, created.ifindex, &spec.name).await?;
-            let mut info = info_of(&now, &links, Some(tap));
-            info.changed = Some(true);
-            Ok(info)
+    let configured = async {
+        let created = link::get_by_name(h, &spec.name)
+            .await?
+            .ok_or_else(|| Error::Runtime(format!("{what}: the link vanished right after creation")))?;
+        let tap = finish(nl, created.ifindex, req).await?;
+        let now = refetch(h, created.ifindex, &spec.name).await?;
+        let mut info = info_of(&now, &links, Some(tap));
+        info.changed = Some(true);
+        Ok(info)
+    }
+    .await;
+    if configured.is_err() {
+        // Rollback: the link (and a private node) must not outlive a failed create. The name is ours: the
+        // kernel just created it exclusively.
+        if let Err(del) = link::delete_by_name(h, &spec.name).await {
+            tracing::error!("rollback of \"{}\" failed: {del}", spec.name);
         }
-        Err(e) => {
-            // Rollback: the link must not outlive a failed create.
-            if let Err(del) = link::delete(h, created.ifindex, spec.name.as_str()).await {
-                tracing::error!("rollback failed: {del}");
-            }
-            if let Ok(ns) = netns::current_netns_inode() {
-                let _ = tap::remove_private_node(&spec.name, ns);
-            }
-            Err(e)
+        if let Ok(ns) = netns::current_netns_inode() {
+            let _ = tap::remove_private_node(&spec.name, ns);
         }
     }
+    configured
 }
 
 async fn refetch(h: &rtnetlink::Handle, ifindex: u32, name: &IfName) -> Result<LinkView> {

@@ -79,8 +79,12 @@ pub fn find_node(name: &IfName, ifindex: u32, dev: DevNum, netns_inode: u64) -> 
         return Ok(public);
     }
     let private = private_node_path(netns_inode, name);
-    if node_matches(&private, dev) {
-        return Ok(private);
+    match std::fs::metadata(&private) {
+        Ok(m) if m.file_type().is_char_device() && m.rdev() == dev.rdev() => return Ok(private),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Error::io(format!("tap device of \"{name}\": stat {}", private.display()), e));
+        }
+        _ => {}
     }
     Err(Error::not_found(format!(
         "tap device of \"{name}\" (char {dev}): {} is missing or belongs to another link, and there is no private node at {} (run `ec-macvtap create` as root)",
@@ -123,9 +127,32 @@ pub fn ensure_node(
     Ok((path, created))
 }
 
+/// Create `dir` (and missing parents) with mode 0755 whatever the umask (systemd units often run with
+/// `UMask=0077`), so an unprivileged owner can reach its node. Existing directories are left as they are.
+fn ensure_dir_0755(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        ensure_dir_0755(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io(format!("chmod 0755 {}", dir.display()), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if dir.is_dir() {
+                Ok(())
+            } else {
+                Err(Error::Runtime(format!("create {}: exists and is not a directory", dir.display())))
+            }
+        }
+        Err(e) => Err(Error::io(format!("create {}", dir.display()), e)),
+    }
+}
+
 fn make_private_node(path: &Path, dev: DevNum) -> Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        ensure_dir_0755(dir)?;
     }
     // A stale node from a link that is gone has the wrong number: replace it.
     match std::fs::remove_file(path) {
@@ -247,7 +274,7 @@ fn lift_fds(fds: Vec<OwnedFd>, floor: RawFd) -> Result<Vec<OwnedFd>> {
     fds.into_iter()
         .map(|fd| {
             let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(floor))
-                .map_err(|e| Error::errno("duplicate tap fd", e))?;
+                .map_err(|e| Error::errno(format!("duplicate tap fd {} above {floor}", fd.as_raw_fd()), e))?;
             // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
             Ok(unsafe { OwnedFd::from_raw_fd(raw) })
         })

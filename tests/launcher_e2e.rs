@@ -165,8 +165,17 @@ impl Run {
 impl Drop for Run {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            // Stop in order (a second signal skips the shutdown timeout), so the launcher reaps its QEMU;
+            // SIGKILL only if that does not work.
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            for _ in 0..2 {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if wait_for(Duration::from_secs(10), || c.try_wait().ok().flatten()).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
         // Belt and braces: nothing of ours may outlive the test.
         for pid in qemu_pids(&self.state) {
@@ -601,4 +610,34 @@ fn stop_during_preparation_is_orderly() {
     assert!(names.contains(&"disk.qcow2".to_owned()), "{names:?}");
     assert!(!names.iter().any(|n| n.contains("tmp") || n.starts_with('.')), "temporary files left: {names:?}");
     assert!(no_qemu_left(&state));
+}
+
+/// A state dir the (unprivileged) launcher cannot write is refused before anything happens. Root can write
+/// anywhere, so this runs the launcher as `nobody`.
+#[test]
+fn unwritable_state_dir_is_refused() {
+    let t = "unwritable_state_dir_is_refused";
+    if !require_root(t) || !require_programs(t, &["setpriv"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ro = tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let below = ro.join("state");
+    for state in [&ro, &below] {
+        for sub in ["run", "print-args"] {
+            let out = Command::new("setpriv")
+                .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--", BIN, sub, "--state-dir"])
+                .arg(state)
+                .args(["--accel", "tcg", "--no-disk", "--qemu", "/bin/true"])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{sub} {}: {err}", state.display());
+            assert!(err.contains("--state-dir") && err.contains("not writable"), "{sub} {}: {err}", state.display());
+        }
+    }
+    assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0, "nothing created");
 }

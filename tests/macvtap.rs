@@ -425,3 +425,69 @@ fn unprivileged_create_is_permission_denied() {
     assert!(stderr(&out).contains("CAP_NET_ADMIN") && stderr(&out).contains(&name), "{}", stderr(&out));
     assert_eq!(ns.link_table(), table);
 }
+
+/// A refused `--replace` (the new MAC is taken) leaves our existing link exactly as it was.
+#[test]
+fn refused_replace_keeps_the_old_link() {
+    if !require_root("refused_replace_keeps_the_old_link") {
+        return;
+    }
+    let _serial = serial();
+    let (ns, parent) = ns_with_parent();
+    let name = unique("mv");
+    let _guard = common::DeleteOnDrop::new(&ns, &name);
+    json(&macvtap(Some(&ns), &["--json", "create", "--link", &parent, "--name", &name, "--mac", "52:54:00:de:ad:10"]));
+    let before = ns.link_json(&name).unwrap();
+    let other = unique("ov");
+    ns.ip(&["link", "add", "link", &parent, "name", &other, "address", "52:54:00:de:ad:11", "type", "macvlan"]);
+    let out =
+        macvtap(Some(&ns), &["create", "--link", &parent, "--name", &name, "--mac", "52:54:00:de:ad:11", "--replace"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("\"{other}\"")), "{}", stderr(&out));
+    let after = ns.link_json(&name).expect("the old link must survive a refused --replace");
+    assert_eq!(after["ifindex"], before["ifindex"]);
+    assert_eq!(after["address"], "52:54:00:de:ad:10");
+}
+
+/// Under systemd's `UMask=0077` the private node's directories are still reachable by the owner: an
+/// unprivileged `exec` opens the node `create --owner` made.
+#[test]
+fn private_node_reachable_by_owner_under_umask_0077() {
+    if !require_root("private_node_reachable_by_owner_under_umask_0077") {
+        return;
+    }
+    let _serial = serial();
+    let top = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(top.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let rt = top.path().join("run/ec-macvtap");
+    let (ns, parent) = ns_with_parent();
+    let name = unique("mv");
+    let _guard = common::DeleteOnDrop { ns: &ns, name: name.clone(), runtime_dir: Some(rt.clone()) };
+    let create = |extra: &str| {
+        common::run(std::process::Command::new("sh").env("EC_MACVTAP_RUNTIME_DIR", &rt).args([
+            "-c",
+            &format!(
+                "umask 077; exec {} --json --netns {} create --link {parent} --name {name} --owner nobody {extra}",
+                common::macvtap_bin(),
+                ns.name
+            ),
+        ]))
+    };
+    let v = json(&create(""));
+    // Force the private node: remove the public one and create again (idempotent, makes the private node).
+    std::fs::remove_file(v["tap_device"].as_str().unwrap()).unwrap();
+    let v = json(&create(""));
+    let node = v["tap_device"].as_str().unwrap().to_owned();
+    assert!(node.starts_with(rt.to_str().unwrap()), "{node}");
+    for dir in [rt.as_path(), Path::new(&node).parent().unwrap()] {
+        let mode = std::fs::metadata(dir).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o755, "{} is {mode:o}", dir.display());
+    }
+    let out = common::run(
+        ns.cmd("setpriv")
+            .env("EC_MACVTAP_RUNTIME_DIR", &rt)
+            .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--"])
+            .args([common::macvtap_bin(), "exec", "--name", &name, "--", "true"]),
+    );
+    assert!(out.status.success(), "unprivileged exec: {}", stderr(&out));
+}

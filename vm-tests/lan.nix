@@ -105,6 +105,12 @@ in
           assert leases[0][2] == guest_ip, f"lease {leases[0]} vs guest {guest_ip}"
           assert guest_mac == macvtap_mac, f"guest NIC {guest_mac} vs macvtap {macvtap_mac}"
 
+      with subtest("the host configured nothing on the macvtap"):
+          # dhcpcd, networkd and NetworkManager are told to leave it alone; ec-macvtap turned
+          # off IPv6 address generation, so not even a link-local address may appear.
+          addrs = json.loads(host.succeed("ip -j addr show dev ec-lan0"))[0].get("addr_info", [])
+          assert addrs == [], f"the host put addresses on the macvtap: {addrs}"
+
       with subtest("QEMU and the launcher run without capabilities"):
           qemu_pid = host.succeed("pgrep -u every-channel-ipxe-qemu -f qemu-system-x86_64").split()[0]
           main_pid = host.succeed(f"systemctl show -P MainPID {unit}").strip()

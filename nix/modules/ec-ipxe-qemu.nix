@@ -38,20 +38,71 @@ let
 
   macAddressType = types.strMatching "[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}";
 
-  # The interface-name rule of ec-macvtap (and of the kernel): 1-15 bytes, no '/',
-  # no whitespace, not "." or "..". Returns null when the name is fine.
+  # The launcher's disk-size rule (`ByteSize` in src/launcher/config.rs): digits with an
+  # optional unit K, M, G or T (powers of 1024, optionally followed by "iB") or B, in any
+  # case; at least 1M and at most 64T. The number is clamped while it is read, so a long
+  # one cannot overflow.
+  diskSizeOk =
+    size:
+    let
+      parts = builtins.match "([0-9]+)([kKmMgGtT]|[kKmMgGtT][iI][bB]|[bB])?" size;
+      unit = lib.toLower (lib.substring 0 1 (toString (builtins.elemAt parts 1)));
+      shift =
+        {
+          "" = 0;
+          b = 0;
+          k = 10;
+          m = 20;
+          g = 30;
+          t = 40;
+        }
+        .${unit};
+      cap = 140737488355328; # 2^47, above every limit below
+      number = lib.foldl' (n: d: lib.min cap (n * 10 + lib.toInt d)) 0 (
+        lib.stringToCharacters (builtins.elemAt parts 0)
+      );
+      # number * 2^shift within [2^20, 2^46], without multiplying
+      pow2 = e: lib.foldl' (x: _: x * 2) 1 (lib.range 1 e);
+      minimum = if shift >= 20 then 1 else pow2 (20 - shift);
+      maximum = pow2 (46 - shift);
+    in
+    parts != null && number >= minimum && number <= maximum;
+
+  diskSizeType = types.addCheck types.str diskSizeOk // {
+    description = "disk size between 1M and 64T (digits with an optional unit K, M, G or T)";
+  };
+
+  # Characters the Rust `IfName` refuses besides '/' and ':': Unicode white space and
+  # control characters (C0, DEL, C1). Nix has no "\v" or "\f" escape (they mean "v" and
+  # "f"), so the characters are made from their code points.
+  fromCodePoint = cp: builtins.fromJSON ''"\u${lib.fixedWidthString 4 "0" (lib.toHexString cp)}"'';
+  whitespaceChars = map fromCodePoint (
+    lib.range 9 13
+    ++ [
+      32
+      133
+      160
+      5760
+    ]
+    ++ lib.range 8192 8202
+    ++ [
+      8232
+      8233
+      8239
+      8287
+      12288
+    ]
+  );
+  controlChars = map fromCodePoint (lib.range 1 31 ++ lib.range 127 159);
+  containsAny = chars: name: lib.any (c: lib.hasInfix c name) chars;
+
+  # The interface-name rule of ec-macvtap (and of the kernel): 1-15 bytes, no '/', no
+  # ':', no whitespace or control characters, not "." or "..". Returns null when the
+  # name is fine.
   ifNameProblem =
     name:
     let
       len = builtins.stringLength name;
-      whitespace = [
-        " "
-        "\t"
-        "\n"
-        "\r"
-        "\f"
-        "\v"
-      ];
     in
     if len == 0 then
       "is empty"
@@ -59,8 +110,12 @@ let
       "is ${toString len} bytes long; Linux allows at most 15"
     else if lib.hasInfix "/" name then
       "contains '/'"
-    else if lib.any (c: lib.elem c whitespace) (lib.stringToCharacters name) then
+    else if lib.hasInfix ":" name then
+      "contains ':'"
+    else if containsAny whitespaceChars name then
       "contains whitespace"
+    else if containsAny controlChars name then
+      "contains a control character"
     else if name == "." || name == ".." then
       "is '.' or '..'"
     else
@@ -222,17 +277,17 @@ in
     };
 
     memory = mkOption {
-      type = types.ints.positive;
+      type = types.ints.between 64 1048576;
       default = 2048;
       example = 4096;
-      description = "Guest memory in MiB (`--memory`).";
+      description = "Guest memory in MiB (`--memory`), 64 to 1048576.";
     };
 
     cpus = mkOption {
-      type = types.ints.positive;
+      type = types.ints.between 1 255;
       default = 2;
       example = 4;
-      description = "Number of guest vCPUs (`--cpus`).";
+      description = "Number of guest vCPUs (`--cpus`), 1 to 255.";
     };
 
     accel = mkOption {
@@ -274,10 +329,14 @@ in
       };
 
       size = mkOption {
-        type = types.strMatching "[1-9][0-9]*[KMGT]?";
+        type = diskSizeType;
         default = "32G";
         example = "100G";
-        description = "Size of the qcow2 disk when it is created (`--disk-size`, qemu-img syntax).";
+        description = ''
+          Size of the qcow2 disk when it is created (`--disk-size`): a number of bytes or a
+          number with the unit K, M, G or T (powers of 1024; `GiB` etc. work too), between
+          1M and 64T.
+        '';
       };
     };
 
@@ -404,7 +463,11 @@ in
           type = types.str;
           default = "ec-lan0";
           example = "ec-tuners";
-          description = "Name of the macvtap link: 1-15 bytes, no '/' and no whitespace.";
+          description = ''
+            Name of the macvtap link: 1-15 bytes, no '/', ':', whitespace or control
+            characters. The host's dhcpcd, systemd-networkd and NetworkManager are told to
+            leave it alone.
+          '';
         };
 
         mode = mkOption {
@@ -431,10 +494,10 @@ in
         };
 
         queues = mkOption {
-          type = types.ints.positive;
+          type = types.ints.between 1 16;
           default = 1;
           example = 4;
-          description = "Number of tap queues the launcher opens for the LAN NIC (`--lan-queues`).";
+          description = "Number of tap queues the launcher opens for the LAN NIC (`--lan-queues`), 1 to 16.";
         };
       };
     };
@@ -464,7 +527,7 @@ in
         assertion = lanNameProblem == null;
         message = ''
           services.every-channel.ipxe-qemu.lan.macvtap.name = "${lanName}" ${toString lanNameProblem}.
-          Use an interface name of 1-15 bytes without '/' or whitespace, for example "ec-lan0".
+          Use an interface name of 1-15 bytes without '/', ':' or whitespace, for example "ec-lan0".
         '';
       }
       {
@@ -528,6 +591,19 @@ in
     ]
     ++ lib.optional cfg.lan.enable "macvtap";
 
+    # The macvtap belongs to the guest: the host's network configuration must not run DHCP
+    # or otherwise configure it. Each setting only matters when its daemon is enabled
+    # (dhcpcd, systemd-networkd, NetworkManager); the networkd file's "05-" sorts before
+    # other matches.
+    networking.dhcpcd.denyInterfaces = lib.mkIf cfg.lan.enable [ lanName ];
+    networking.networkmanager.unmanaged = lib.mkIf cfg.lan.enable [ "interface-name:${lanName}" ];
+    systemd.network.networks = lib.mkIf cfg.lan.enable {
+      "05-every-channel-macvtap" = {
+        matchConfig.Name = lanName;
+        linkConfig.Unmanaged = true;
+      };
+    };
+
     systemd.tmpfiles.rules = lib.optional (
       !stateUnderVarLib
     ) "d ${cfg.stateDir} 0750 ${serviceUser} ${serviceGroup} - -";
@@ -547,6 +623,11 @@ in
       # Restart=always must never be rate-limited.
       startLimitIntervalSec = 0;
 
+      # ec-macvtap (ExecStartPre) makes a private tap node under this directory when
+      # /dev/tapN is missing or belongs to another device, and the launcher (ExecStart)
+      # looks for it there; ExecStopPost removes it. The directory is RuntimeDirectory=.
+      environment.EC_MACVTAP_RUNTIME_DIR = "/run/${serviceName}";
+
       serviceConfig = {
         Type = "simple";
         User = serviceUser;
@@ -561,13 +642,15 @@ in
         KillMode = "mixed";
         TimeoutStopSec = "2min";
 
+        # /run/every-channel-ipxe-qemu: holds the private tap node (see `environment`).
         RuntimeDirectory = serviceName;
-        RuntimeDirectoryMode = "0750";
+        RuntimeDirectoryMode = "0755";
         UMask = "0077";
 
         # Devices: QEMU needs kvm, tun and vhost-net; the macvtap's /dev/tapN (or the
-        # private node ec-macvtap creates) is a char-macvtap device. PrivateDevices= would
-        # hide /dev/tapN and must not be used.
+        # private node ec-macvtap creates under the runtime directory) is a char-macvtap
+        # device, and `m` lets ExecStartPre mknod it. PrivateDevices= would hide /dev/tapN
+        # and must not be used.
         DevicePolicy = "closed";
         DeviceAllow = [
           "/dev/kvm rw"
@@ -609,7 +692,7 @@ in
       }
       // lib.optionalAttrs cfg.lan.enable {
         # `+`: runs as root with full privileges (CAP_NET_ADMIN for netlink, mknod of a
-        # private tap node under the runtime directory). DeviceAllow still applies to it
+        # private tap node under $EC_MACVTAP_RUNTIME_DIR). DeviceAllow still applies to it
         # (systemd#26035), hence char-macvtap with `m` above.
         ExecStartPre = "+" + utils.escapeSystemdExecArgs createArgs;
         ExecStopPost = "+" + utils.escapeSystemdExecArgs deleteArgs;

@@ -70,6 +70,18 @@ let
         type = types.listOf types.str;
         default = [ ];
       };
+      networking.dhcpcd.denyInterfaces = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      networking.networkmanager.unmanaged = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      systemd.network.networks = mkOption {
+        type = types.attrsOf types.anything;
+        default = { };
+      };
     };
   };
 
@@ -159,6 +171,11 @@ let
     (expectEq "disabled: no unit" { } disabledConfig.systemd.services)
     (expectEq "disabled: no user" { } disabledConfig.users.users)
     (expectEq "disabled: no assertions" [ ] disabledConfig.assertions)
+    (expectEq "disabled: no dhcpcd deny" [ ] disabledConfig.networking.dhcpcd.denyInterfaces)
+    (expectEq "disabled: no networkd network" { } disabledConfig.systemd.network.networks)
+    (expectEq "disabled: no NetworkManager unmanaged" [ ]
+      disabledConfig.networking.networkmanager.unmanaged
+    )
   ];
 
   sc = defaultUnit.serviceConfig;
@@ -185,6 +202,11 @@ let
     (expectEq "unit PrivateTmp" true sc.PrivateTmp)
     (expectEq "unit StateDirectory" "every-channel/ipxe-qemu" sc.StateDirectory)
     (expectEq "unit RuntimeDirectory" "every-channel-ipxe-qemu" sc.RuntimeDirectory)
+    (expectEq "unit RuntimeDirectoryMode" "0755" sc.RuntimeDirectoryMode)
+    (expectEq "unit UMask" "0077" sc.UMask)
+    (expectEq "unit environment: private tap nodes under the runtime directory" {
+      EC_MACVTAP_RUNTIME_DIR = "/run/every-channel-ipxe-qemu";
+    } defaultUnit.environment)
     (expectEq "unit RestrictAddressFamilies" [
       "AF_UNIX"
       "AF_INET"
@@ -207,9 +229,18 @@ let
       "vhost_net"
     ] (evalConfig [ enabled ]).boot.kernelModules)
     (expectEq "no tmpfiles below /var/lib" [ ] (evalConfig [ enabled ]).systemd.tmpfiles.rules)
+    (expectEq "no dhcpcd deny without LAN" [ ]
+      (evalConfig [ enabled ]).networking.dhcpcd.denyInterfaces
+    )
+    (expectEq "no networkd network without LAN" { } (evalConfig [ enabled ]).systemd.network.networks)
+    (expectEq "no NetworkManager unmanaged without LAN" [ ]
+      (evalConfig [ enabled ]).networking.networkmanager.unmanaged
+    )
   ];
 
   # ---------------------------------------------------------------- assertions
+  # A one-character string from a Unicode code point (Nix has no \v, \f or \u escapes).
+  fromCodePoint = cp: builtins.fromJSON ''"\u${lib.fixedWidthString 4 "0" (lib.toHexString cp)}"'';
   lanOn =
     extra:
     with' (
@@ -240,6 +271,38 @@ let
       def = lanOn { lan.macvtap.name = "ec lan0"; };
       says = "contains whitespace";
     };
+    "macvtap name with tab" = {
+      def = lanOn { lan.macvtap.name = "ec\tlan0"; };
+      says = "contains whitespace";
+    };
+    "macvtap name with vertical tab" = {
+      def = lanOn { lan.macvtap.name = "ec${fromCodePoint 11}lan0"; };
+      says = "contains whitespace";
+    };
+    "macvtap name with no-break space" = {
+      def = lanOn { lan.macvtap.name = "ec${fromCodePoint 160}lan0"; };
+      says = "contains whitespace";
+    };
+    "macvtap name with ideographic space" = {
+      def = lanOn { lan.macvtap.name = "ec${fromCodePoint 12288}l0"; };
+      says = "contains whitespace";
+    };
+    "macvtap name with colon" = {
+      def = lanOn { lan.macvtap.name = "ec:lan0"; };
+      says = "contains ':'";
+    };
+    "macvtap name with a C0 control character" = {
+      def = lanOn { lan.macvtap.name = "ec${fromCodePoint 1}lan0"; };
+      says = "contains a control character";
+    };
+    "macvtap name with DEL" = {
+      def = lanOn { lan.macvtap.name = "ec${fromCodePoint 127}lan0"; };
+      says = "contains a control character";
+    };
+    "macvtap name with a C1 control character" = {
+      def = lanOn { lan.macvtap.name = "ec${fromCodePoint 144}lan0"; };
+      says = "contains a control character";
+    };
     "macvtap name empty" = {
       def = lanOn { lan.macvtap.name = ""; };
       says = "is empty";
@@ -251,6 +314,10 @@ let
     "parent interface name invalid" = {
       def = lanOn { lan.macvtap.interface = "eno1 "; };
       says = ''lan.macvtap.interface = "eno1 " contains whitespace'';
+    };
+    "parent interface name with colon" = {
+      def = lanOn { lan.macvtap.interface = "eth0:1"; };
+      says = "lan.macvtap.interface = \"eth0:1\" contains ':'";
     };
     "multicast MAC" = {
       def = lanOn { lan.macvtap.macAddress = "01:00:5e:00:00:fb"; };
@@ -279,15 +346,27 @@ let
       says = "are both set";
     };
   };
-  assertionChecks = lib.mapAttrsToList (
-    name: case:
-    let
-      failed = failedAssertions (evalConfig [ case.def ]);
-    in
-    expect "assertion fires: ${name}" (
-      builtins.length failed == 1 && lib.hasInfix case.says (builtins.head failed)
-    ) "expected exactly one failed assertion mentioning '${case.says}', got ${builtins.toJSON failed}"
-  ) assertionCases;
+  assertionChecks =
+    lib.mapAttrsToList (
+      name: case:
+      let
+        failed = failedAssertions (evalConfig [ case.def ]);
+      in
+      expect "assertion fires: ${name}" (
+        builtins.length failed == 1 && lib.hasInfix case.says (builtins.head failed)
+      ) "expected exactly one failed assertion mentioning '${case.says}', got ${builtins.toJSON failed}"
+    ) assertionCases
+    ++ [
+      # 'f' and 'v' are letters, not the escapes "\f" and "\v" (which Nix does not have)
+      (expectEq "names with f and v pass the interface-name rule" [ ] (
+        failedAssertions (evalConfig [
+          (lanOn {
+            lan.macvtap.interface = "enp0s31f6";
+            lan.macvtap.name = "ec-veth0";
+          })
+        ])
+      ))
+    ];
 
   # ---------------------------------------------------------------- types
   # [ option path (below services.every-channel.ipxe-qemu), value ]
@@ -372,6 +451,86 @@ let
       "extraArgs"
       "-snapshot"
     ]
+    [
+      "memory"
+      63
+    ]
+    [
+      "memory"
+      1048577
+    ]
+    [
+      "cpus"
+      256
+    ]
+    [
+      "lan.macvtap.queues"
+      17
+    ]
+    [
+      "disk.size"
+      "100K"
+    ]
+    [
+      "disk.size"
+      "1023K"
+    ]
+    [
+      "disk.size"
+      "1048575"
+    ]
+    [
+      "disk.size"
+      "0"
+    ]
+    [
+      "disk.size"
+      "65T"
+    ]
+    [
+      "disk.size"
+      "70368744177665"
+    ]
+    [
+      "disk.size"
+      "99999999999999999999999"
+    ]
+    [
+      "disk.size"
+      "99999999999999999999999T"
+    ]
+    [
+      "disk.size"
+      "1.5G"
+    ]
+    [
+      "disk.size"
+      "8X"
+    ]
+    [
+      "disk.size"
+      "8GB"
+    ]
+    [
+      "disk.size"
+      "G"
+    ]
+    [
+      "disk.size"
+      ""
+    ]
+    [
+      "disk.size"
+      "-1G"
+    ]
+    [
+      "disk.size"
+      "8 G"
+    ]
+    [
+      "disk.size"
+      8
+    ]
   ];
   accepted = [
     [
@@ -405,6 +564,70 @@ let
     [
       "lan.macvtap.queues"
       4
+    ]
+    [
+      "memory"
+      64
+    ]
+    [
+      "memory"
+      1048576
+    ]
+    [
+      "cpus"
+      1
+    ]
+    [
+      "cpus"
+      255
+    ]
+    [
+      "lan.macvtap.queues"
+      1
+    ]
+    [
+      "lan.macvtap.queues"
+      16
+    ]
+    [
+      "disk.size"
+      "1M"
+    ]
+    [
+      "disk.size"
+      "1024K"
+    ]
+    [
+      "disk.size"
+      "1048576"
+    ]
+    [
+      "disk.size"
+      "1048576B"
+    ]
+    [
+      "disk.size"
+      "512MiB"
+    ]
+    [
+      "disk.size"
+      "8gib"
+    ]
+    [
+      "disk.size"
+      "2t"
+    ]
+    [
+      "disk.size"
+      "64T"
+    ]
+    [
+      "disk.size"
+      "70368744177664"
+    ]
+    [
+      "disk.size"
+      "008G"
     ]
   ];
   tryOption =
@@ -527,6 +750,9 @@ let
       !((unitOf forge).serviceConfig ? ExecStartPre)
     ) "user-mode only must not touch host links")
     (expectEq "forge assertions" [ ] (failedAssertions forge))
+    (expectEq "forge leaves dhcpcd alone" [ ] forge.networking.dhcpcd.denyInterfaces)
+    (expectEq "forge leaves networkd alone" { } forge.systemd.network.networks)
+    (expectEq "forge leaves NetworkManager alone" [ ] forge.networking.networkmanager.unmanaged)
 
     # LAN example: derived MAC
     (expectEq "lan (derived MAC) ExecStartPre" (
@@ -587,6 +813,24 @@ let
       "macvtap"
     ] lanDerived.boot.kernelModules)
     (expectEq "lan (derived MAC) assertions" [ ] (failedAssertions lanDerived))
+    (expectEq "lan (derived MAC) dhcpcd leaves the macvtap alone" [
+      "ec-lan0"
+    ] lanDerived.networking.dhcpcd.denyInterfaces)
+    (expectEq "lan (derived MAC) networkd leaves the macvtap alone" {
+      "05-every-channel-macvtap" = {
+        matchConfig.Name = "ec-lan0";
+        linkConfig.Unmanaged = true;
+      };
+    } lanDerived.systemd.network.networks)
+    (expectEq "lan (derived MAC) NetworkManager leaves the macvtap alone" [
+      "interface-name:ec-lan0"
+    ] lanDerived.networking.networkmanager.unmanaged)
+    (expectEq "lan (derived MAC) private tap node directory" "/run/every-channel-ipxe-qemu"
+      (unitOf lanDerived).environment.EC_MACVTAP_RUNTIME_DIR
+    )
+    (expectEq "lan (derived MAC) DeviceAllow keeps mknod" "char-macvtap rwm" (
+      lib.last (unitOf lanDerived).serviceConfig.DeviceAllow
+    ))
 
     # LAN with explicit MAC, custom disk path and an iPXE URL with % and ${...}
     (expectEq "lan (explicit MAC) ExecStartPre" (
@@ -650,6 +894,18 @@ let
       "/srv/ec"
     ] (unitOf lanExplicit).serviceConfig.ReadWritePaths)
     (expectEq "lan (explicit MAC) assertions" [ ] (failedAssertions lanExplicit))
+    (expectEq "lan (explicit MAC) dhcpcd leaves the macvtap alone" [
+      "ec-tuners"
+    ] lanExplicit.networking.dhcpcd.denyInterfaces)
+    (expectEq "lan (explicit MAC) networkd leaves the macvtap alone" {
+      "05-every-channel-macvtap" = {
+        matchConfig.Name = "ec-tuners";
+        linkConfig.Unmanaged = true;
+      };
+    } lanExplicit.systemd.network.networks)
+    (expectEq "lan (explicit MAC) NetworkManager leaves the macvtap alone" [
+      "interface-name:ec-tuners"
+    ] lanExplicit.networking.networkmanager.unmanaged)
 
     # boot.http, no disk, no iPXE image, custom state dir, extra args needing escapes
     (expectEq "http+extraArgs ExecStart" (line (

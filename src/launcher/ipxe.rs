@@ -44,6 +44,7 @@ pub fn dir_url(bind: IpAddr, port: u16) -> String {
     let host = match bind {
         b if b.is_loopback() || b.is_unspecified() => "10.0.2.2".to_string(),
         IpAddr::V4(v4) => v4.to_string(),
+        // Refused by the configuration (the guest's user-mode network is IPv4); kept total for print-args.
         IpAddr::V6(v6) => format!("[{v6}]"),
     };
     format!("http://{host}:{port}/{NETBOOT_SCRIPT}")

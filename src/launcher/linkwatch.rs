@@ -30,8 +30,9 @@ impl LinkWatch {
     /// Subscribe (inside a tokio runtime), then check that the link still exists, so a removal between opening
     /// the tap and subscribing is not missed.
     pub async fn subscribe(ifindex: u32) -> Result<LinkWatch> {
-        let (conn, handle, messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
-            .map_err(|e| Error::io("subscribe to link notifications", e))?;
+        let (conn, handle, messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(|e| {
+            Error::io(format!("subscribe to link notifications for the LAN link (ifindex {ifindex})"), e)
+        })?;
         tokio::spawn(conn);
         let gone_already = link::get_by_index(&handle, ifindex).await?.is_none();
         Ok(LinkWatch { ifindex, messages, gone_already })

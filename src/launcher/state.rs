@@ -17,29 +17,36 @@ use crate::launcher::config::{ByteSize, LOCK_FILE};
 /// the directory when this run created it (for failures before QEMU started).
 pub struct StateDir {
     pub path: PathBuf,
-    created: bool,
+    /// The topmost directory this run created, if any.
+    created: Option<std::path::PathBuf>,
     _lock: Flock<File>,
 }
 
 impl StateDir {
     /// Create the directory (0700) when missing and take the exclusive lock; a held lock is a conflict (exit 4).
     pub fn create_and_lock(path: &Path) -> Result<StateDir> {
+        // The topmost directory this run creates (the state dir or a missing parent), so a failed run can
+        // remove exactly what it made.
         let created = match std::fs::metadata(path) {
-            Ok(_) => false,
+            Ok(_) => None,
             Err(_) => {
+                let mut top = path.to_owned();
+                while let Some(parent) = top.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+                    top = parent.to_owned();
+                }
                 DirBuilder::new()
                     .recursive(true)
                     .mode(0o700)
                     .create(path)
                     .map_err(|e| Error::io(format!("create --state-dir \"{}\"", path.display()), e))?;
-                true
+                Some(top)
             }
         };
         match Self::lock(path) {
             Ok(lock) => Ok(StateDir { path: path.to_owned(), created, _lock: lock }),
             Err(e) => {
-                if created {
-                    let _ = std::fs::remove_dir_all(path);
+                if let Some(top) = &created {
+                    let _ = std::fs::remove_dir_all(top);
                 }
                 Err(e)
             }
@@ -77,10 +84,10 @@ impl StateDir {
 
     /// Undo a run that failed before QEMU started: remove the directory if this run created it.
     pub fn abandon(self) {
-        if self.created
-            && let Err(e) = std::fs::remove_dir_all(&self.path)
+        if let Some(top) = &self.created
+            && let Err(e) = std::fs::remove_dir_all(top)
         {
-            tracing::warn!("remove {}: {e}", self.path.display());
+            tracing::warn!("remove {}: {e}", top.display());
         }
     }
 }
@@ -167,6 +174,11 @@ mod tests {
         let fresh = tmp.path().join("fresh");
         StateDir::create_and_lock(&fresh).unwrap().abandon();
         assert!(!fresh.exists());
+        // Missing parents made by this run go too; existing ones stay.
+        let deep = tmp.path().join("a/new1/new2/state");
+        StateDir::create_and_lock(&deep).unwrap().abandon();
+        assert!(!tmp.path().join("a/new1").exists());
+        assert!(tmp.path().join("a").exists());
     }
 
     #[test]
@@ -182,6 +194,10 @@ mod tests {
     #[test]
     fn disk_is_created_once_and_never_overwritten() {
         let Some(img) = crate::launcher::config::find_program("--qemu-img", Path::new("qemu-img")).ok() else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "disk_is_created_once_and_never_overwritten needs qemu-img (CI=true: a failure, not a skip)"
+            );
             eprintln!("SKIP disk_is_created_once_and_never_overwritten: needs qemu-img");
             return;
         };

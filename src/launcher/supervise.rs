@@ -1,9 +1,9 @@
 //! `run`: prepare everything, start QEMU as a supervised child and stay with it until it exits.
 //!
 //! Order matters so that bad input and early failures leave nothing behind: the configuration is validated
-//! first (in [`LaunchConfig::from_args`]), then the accelerator and the LAN tap are resolved, and only then
-//! is the state directory created and locked. A failure before QEMU starts removes a state directory this run
-//! created.
+//! first (in [`LaunchConfig::from_args`]), then the accelerator is resolved, then the state directory is
+//! created and locked, and only then is the LAN tap opened (a refused second run never touches the first
+//! guest's macvtap). A failure before QEMU starts removes a state directory this run created.
 //!
 //! While QEMU runs: SIGTERM/SIGINT ask the guest to power off over QMP, `quit` follows after
 //! `--shutdown-timeout` (a second signal skips the wait), SIGKILL after that. If the LAN macvtap disappears,
@@ -66,32 +66,39 @@ pub fn run(cfg: &LaunchConfig) -> Result<()> {
         }
     };
     let accel = accel::resolve(cfg.accel)?;
-    let tap = match &cfg.lan {
-        Some(l) => {
-            let t = macvtap::open(None, &l.interface, l.queues).map_err(|e| name_option(e, "--lan-interface"))?;
-            tracing::info!(
-                "LAN NIC on macvtap \"{}\" (ifindex {}, mac {}, {} queue(s) from {})",
-                t.name,
-                t.ifindex,
-                t.mac,
-                l.queues,
-                t.node.display()
-            );
-            Some(t)
-        }
-        None => None,
-    };
+    // The lock comes before the LAN tap: a refused second run must not open (and so add a queue to) the
+    // first guest's macvtap.
     let state = StateDir::create_and_lock(&cfg.state_dir)?;
-    let prepared = match prepare(cfg, accel, tap.as_ref()) {
-        Ok(p) => p,
+    let started = open_lan(cfg)
+        .and_then(|tap| prepare(cfg, accel, tap.as_ref()).map(|p| (p, tap)))
+        .and_then(|(prepared, tap)| rt.block_on(start(cfg, &prepared, tap)).map(|s| (prepared, s)));
+    let (prepared, started) = match started {
+        Ok(x) => x,
         Err(e) => {
             state.abandon();
             return Err(e);
         }
     };
-    let result = rt.block_on(supervise(cfg, prepared, tap, state, signals));
+    let result = rt.block_on(supervise(cfg, started, signals));
+    // Remove the socket while the lock is still held, so a successor's socket is never removed.
     remove_if_exists(&cfg.qmp_socket());
+    drop(prepared);
+    drop(state);
     result
+}
+
+fn open_lan(cfg: &LaunchConfig) -> Result<Option<OpenedTap>> {
+    let Some(l) = &cfg.lan else { return Ok(None) };
+    let t = macvtap::open(None, &l.interface, l.queues).map_err(|e| name_option(e, "--lan-interface"))?;
+    tracing::info!(
+        "LAN NIC on macvtap \"{}\" (ifindex {}, mac {}, {} queue(s) from {})",
+        t.name,
+        t.ifindex,
+        t.mac,
+        l.queues,
+        t.node.display()
+    );
+    Ok(Some(t))
 }
 
 /// Say which option an error is about.
@@ -175,38 +182,33 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-async fn supervise(
-    cfg: &LaunchConfig,
-    prepared: Prepared,
-    tap: Option<OpenedTap>,
-    state: StateDir,
-    signals: StopSignals,
-) -> Result<()> {
-    let StopSignals { term: mut sigterm, int: mut sigint } = signals;
+/// The running guest: QEMU, the LAN link watch and which link it watches.
+struct Started {
+    child: Child,
+    watch: Option<LinkWatch>,
+    lan: Option<(String, u32)>,
+}
+
+/// Subscribe to link removals (before QEMU starts, so none is missed) and spawn QEMU.
+async fn start(cfg: &LaunchConfig, prepared: &Prepared, tap: Option<OpenedTap>) -> Result<Started> {
     let lan = tap.as_ref().map(|t| (t.name.to_string(), t.ifindex));
-    let mut watch = match &lan {
-        Some((_, ifindex)) => match LinkWatch::subscribe(*ifindex).await {
-            Ok(w) => Some(w),
-            Err(e) => {
-                state.abandon();
-                return Err(e);
-            }
-        },
+    let watch = match &lan {
+        Some((_, ifindex)) => Some(LinkWatch::subscribe(*ifindex).await?),
         None => None,
     };
     tracing::debug!("QEMU argv: {:?}", prepared.argv);
-    let mut child = match spawn(&prepared.argv, tap) {
-        Ok(c) => c,
-        Err(e) => {
-            state.abandon();
-            return Err(e);
-        }
-    };
+    let child = spawn(&prepared.argv, tap)?;
     tracing::info!(
         "QEMU started (pid {}); serial console in {}",
         child.id().unwrap_or_default(),
         cfg.serial_log.display()
     );
+    Ok(Started { child, watch, lan })
+}
+
+async fn supervise(cfg: &LaunchConfig, started: Started, signals: StopSignals) -> Result<()> {
+    let StopSignals { term: mut sigterm, int: mut sigint } = signals;
+    let Started { mut child, mut watch, lan } = started;
     let link_gone = async {
         match watch.as_mut() {
             Some(w) => w.gone().await,
@@ -247,6 +249,9 @@ async fn supervise(
             };
             if let Some(status) = waited {
                 let status = status.map_err(|e| Error::io("wait for QEMU", e))?;
+                if !status.success() {
+                    return Err(Error::Runtime(format!("QEMU failed while stopping: {}", describe(status))));
+                }
                 tracing::info!("the guest powered off ({})", describe(status));
                 return Ok(());
             }
@@ -256,6 +261,9 @@ async fn supervise(
             match tokio::time::timeout(QUIT_GRACE, child.wait()).await {
                 Ok(status) => {
                     let status = status.map_err(|e| Error::io("wait for QEMU", e))?;
+                    if !status.success() {
+                        return Err(Error::Runtime(format!("QEMU failed while quitting: {}", describe(status))));
+                    }
                     tracing::info!("QEMU quit ({})", describe(status));
                     Ok(())
                 }
