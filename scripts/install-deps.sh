@@ -8,7 +8,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin
 have ip || need+=(iproute2)
 have qemu-system-x86_64 || need+=(qemu-system-x86)
 have qemu-img || need+=(qemu-utils)
-[ -e /usr/share/qemu/pxe-virtio.rom ] || [ -e /usr/lib/ipxe/qemu/pxe-virtio.rom ] || need+=(ipxe-qemu)
+[ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || [ -e /usr/share/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
 [ -e /usr/lib/ipxe/ipxe.lkrn ] || need+=(ipxe)
 have dnsmasq || need+=(dnsmasq-base)
 have nix-instantiate || need+=(nix-bin)
