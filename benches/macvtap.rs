@@ -10,7 +10,7 @@
 //!
 //! Also measured: variants of the delete path (down before delete, IPv6 off) and the cost of closing a tap
 //! fd, and the peak RSS of one `ec-macvtap create`. Run as root: `cargo bench --bench macvtap`
-//! (`EC_BENCH_CYCLES` sets N, default 30). It prints figures; it asserts nothing about time.
+//! (`EC_BENCH_CYCLES` sets N, default 50). It prints mean figures; it asserts nothing about time.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -53,18 +53,26 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn time_cycles(n: usize, mut f: impl FnMut()) -> Duration {
-    // One warm-up cycle, then the median of n.
-    f();
-    median(
-        (0..n)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed()
-            })
-            .collect(),
-    )
+/// One warm-up cycle of each variant, then n rounds that run one cycle of every variant in turn, so drift in
+/// the machine's load hits all of them alike. Returns the mean per variant. (Not the median: link deletion
+/// waits for RCU grace periods, which end on timer ticks, so single cycles cluster on a few values and a
+/// median jumps between them.)
+fn time_interleaved(n: usize, variants: &mut [Box<dyn FnMut() + '_>]) -> Vec<Duration> {
+    for v in variants.iter_mut() {
+        v();
+    }
+    let mut total = vec![Duration::ZERO; variants.len()];
+    for _ in 0..n {
+        for (v, t) in variants.iter_mut().zip(total.iter_mut()) {
+            // Let the previous cycle's deferred kernel work (RCU callbacks) drain, so no variant pays for
+            // another's.
+            std::thread::sleep(Duration::from_millis(50));
+            let start = Instant::now();
+            v();
+            *t += start.elapsed();
+        }
+    }
+    total.into_iter().map(|t| t / n as u32).collect()
 }
 
 fn cycle_script(name: &str, parent: &str, extra: &[&str]) -> String {
@@ -84,7 +92,7 @@ fn main() {
         println!("SKIP macvtap bench: needs root (network namespaces, macvtap)");
         return;
     }
-    let n: usize = std::env::var("EC_BENCH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let n: usize = std::env::var("EC_BENCH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
     let bin = env!("CARGO_BIN_EXE_ec-macvtap");
     let ns = Ns(format!("ecb{}", std::process::id()));
     must(Command::new("ip").args(["netns", "add", &ns.0]));
@@ -106,24 +114,29 @@ fn main() {
     let spec: ec_ipxe_qemu::netns::NetnsSpec = ns.0.parse().expect("netns");
     let ifname: ec_ipxe_qemu::names::IfName = name.parse().expect("name");
 
-    let ours = time_cycles(n, || {
-        ours_create();
-        let opened = ec_ipxe_qemu::macvtap::open(Some(&spec), &ifname, 1).expect("open tap");
-        drop(opened);
-        ours_delete();
-    });
-    let ours_no_open = time_cycles(n, || {
-        ours_create();
-        ours_delete();
-    });
-    let shell = time_cycles(n, || {
-        ip(&ns.0, &["link", "add", "link", "bup0", "name", name, "address", MAC, "type", "macvtap", "mode", "bridge"]);
-        ip(&ns.0, &["link", "set", name, "allmulticast", "on"]);
-        ip(&ns.0, &["link", "set", name, "up"]);
-        ip(&ns.0, &["link", "del", name]);
-    });
     let script = cycle_script(name, "bup0", &[]);
-    let batch_per_cycle = time_cycles(n, || batch(&ns.0, &script));
+    let mut variants: Vec<Box<dyn FnMut() + '_>> = vec![
+        Box::new(|| {
+            ours_create();
+            let opened = ec_ipxe_qemu::macvtap::open(Some(&spec), &ifname, 1).expect("open tap");
+            drop(opened);
+            ours_delete();
+        }),
+        Box::new(|| {
+            ours_create();
+            ours_delete();
+        }),
+        Box::new(|| {
+            ip(&ns.0, &["link", "add", "link", "bup0", "name", name, "address", MAC, "type", "macvtap", "mode", "bridge"]);
+            ip(&ns.0, &["link", "set", name, "allmulticast", "on"]);
+            ip(&ns.0, &["link", "set", name, "up"]);
+            ip(&ns.0, &["link", "del", name]);
+        }),
+        Box::new(|| batch(&ns.0, &script)),
+    ];
+    let means = time_interleaved(n, &mut variants);
+    drop(variants);
+    let [ours, ours_no_open, shell, batch_per_cycle] = means[..] else { unreachable!("four variants") };
     let floor = |extra: &[&str]| {
         let one = cycle_script(name, "bup0", extra);
         let all: String = std::iter::repeat_n(one.as_str(), n).collect();
@@ -148,7 +161,7 @@ fn main() {
     );
     ours_delete();
 
-    println!("ec-macvtap lifecycle benchmark: {n} cycles each, median per cycle");
+    println!("ec-macvtap lifecycle benchmark: {n} cycles each, mean per cycle");
     println!("  ours   create + tap open + delete       {:7.2} ms", ms(ours));
     println!("  ours   create + delete (no tap open)    {:7.2} ms", ms(ours_no_open));
     println!("  (a)    shell glue, 4 ip processes       {:7.2} ms", ms(shell));
