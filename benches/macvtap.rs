@@ -127,7 +127,10 @@ fn main() {
             ours_delete();
         }),
         Box::new(|| {
-            ip(&ns.0, &["link", "add", "link", "bup0", "name", name, "address", MAC, "type", "macvtap", "mode", "bridge"]);
+            ip(
+                &ns.0,
+                &["link", "add", "link", "bup0", "name", name, "address", MAC, "type", "macvtap", "mode", "bridge"],
+            );
             ip(&ns.0, &["link", "set", name, "allmulticast", "on"]);
             ip(&ns.0, &["link", "set", name, "up"]);
             ip(&ns.0, &["link", "del", name]);
