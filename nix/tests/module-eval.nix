@@ -666,6 +666,21 @@ let
     ''"${qemu}/bin/qemu-img"''
   ];
 
+  # `ec-ipxe-qemu run` with the default state dir and sizing, up to the QEMU paths.
+  defaultRunHead = [
+    ''"${ec}/bin/ec-ipxe-qemu"''
+    ''"run"''
+    ''"--state-dir"''
+    ''"/var/lib/every-channel/ipxe-qemu"''
+    ''"--memory"''
+    ''"2048"''
+    ''"--cpus"''
+    ''"2"''
+    ''"--accel"''
+    ''"auto"''
+  ]
+  ++ qemuArgs;
+
   forge = evalConfig [ ../examples/forge-host.nix ];
   lanDerived = evalConfig [ ../examples/lan-host.nix ];
   lanExplicit = evalConfig [
@@ -722,19 +737,7 @@ let
   execChecks = [
     # forge example: user-mode only
     (expectEq "forge ExecStart" (line (
-      [
-        ''"${ec}/bin/ec-ipxe-qemu"''
-        ''"run"''
-        ''"--state-dir"''
-        ''"/var/lib/every-channel/ipxe-qemu"''
-        ''"--memory"''
-        ''"2048"''
-        ''"--cpus"''
-        ''"2"''
-        ''"--accel"''
-        ''"auto"''
-      ]
-      ++ qemuArgs
+      defaultRunHead
       ++ [
         ''"--disk-size"''
         ''"16G"''
@@ -772,19 +775,7 @@ let
       ]
     ) (unitOf lanDerived).serviceConfig.ExecStartPre)
     (expectEq "lan (derived MAC) ExecStart" (line (
-      [
-        ''"${ec}/bin/ec-ipxe-qemu"''
-        ''"run"''
-        ''"--state-dir"''
-        ''"/var/lib/every-channel/ipxe-qemu"''
-        ''"--memory"''
-        ''"2048"''
-        ''"--cpus"''
-        ''"2"''
-        ''"--accel"''
-        ''"auto"''
-      ]
-      ++ qemuArgs
+      defaultRunHead
       ++ [
         ''"--disk-size"''
         ''"32G"''
@@ -852,19 +843,7 @@ let
       ]
     ) (unitOf lanExplicit).serviceConfig.ExecStartPre)
     (expectEq "lan (explicit MAC) ExecStart" (line (
-      [
-        ''"${ec}/bin/ec-ipxe-qemu"''
-        ''"run"''
-        ''"--state-dir"''
-        ''"/var/lib/every-channel/ipxe-qemu"''
-        ''"--memory"''
-        ''"2048"''
-        ''"--cpus"''
-        ''"2"''
-        ''"--accel"''
-        ''"auto"''
-      ]
-      ++ qemuArgs
+      defaultRunHead
       ++ [
         ''"--disk"''
         ''"/srv/ec/publisher.qcow2"''
