@@ -14,7 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{DeleteOnDrop, Lab, Netns, macvtap, require_programs, require_root, unique, wait_for};
+use common::{Lab, Netns, macvtap, require_programs, require_root, unique, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ec-ipxe-qemu");
 const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
@@ -231,15 +231,49 @@ fn assert_exit(status: Option<ExitStatus>, code: i32, run: &Run) {
     assert_eq!(s.code(), Some(code), "exit {s:?} (signal {:?})\n{}", s.signal(), run.stderr());
 }
 
-/// A macvtap on the lab's uplink, made by ec-macvtap in the host namespace; returns (name, mac, tap node).
-fn lab_macvtap(lab: &Lab) -> (String, String, String) {
-    let name = unique("lv");
-    let out = macvtap(Some(&lab.host), &["--json", "create", "--link", &lab.uplink, "--name", &name]);
-    assert!(out.status.success(), "ec-macvtap create: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mac = v["mac"].as_str().unwrap().to_owned();
-    let node = v["tap_device"].as_str().unwrap_or_default().to_owned();
-    (name, mac, node)
+/// A LAN test's world: the lab (host and LAN namespaces, dnsmasq), a macvtap made by ec-macvtap on the
+/// lab's uplink (deleted again on drop, before the lab goes), and a state dir. None (after the skip-or-fail
+/// rule) when the test cannot run here.
+struct LanGuest {
+    lab: Lab,
+    name: String,
+    mac: String,
+    node: String,
+    state: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl LanGuest {
+    fn new(test: &str) -> Option<LanGuest> {
+        if !require_root(test) || !require_qemu(test) || !require_programs(test, &["dnsmasq", "ip"]) {
+            return None;
+        }
+        let lab = Lab::new();
+        let name = unique("lv");
+        let out = macvtap(Some(&lab.host), &["--json", "create", "--link", &lab.uplink, "--name", &name]);
+        assert!(out.status.success(), "ec-macvtap create: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        Some(LanGuest {
+            mac: v["mac"].as_str().unwrap().to_owned(),
+            node: v["tap_device"].as_str().unwrap().to_owned(),
+            state: tmp.path().join("state"),
+            name,
+            lab,
+            _tmp: tmp,
+        })
+    }
+
+    /// `ec-ipxe-qemu run` in the host namespace with the LAN NIC on the macvtap.
+    fn run(&self) -> Run {
+        Run::start(Some(&self.lab.host), &self.state, &["--no-disk", "--lan-interface", &self.name])
+    }
+}
+
+impl Drop for LanGuest {
+    fn drop(&mut self) {
+        let _ = macvtap(Some(&self.lab.host), &["-q", "delete", &self.name]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -406,106 +440,76 @@ fn persistent_disk_survives_a_restart() {
 /// the address. print-args shows the LAN NIC with that MAC and fd 3, without side effects.
 #[test]
 fn lan_dhcp_through_the_macvtap() {
-    let t = "lan_dhcp_through_the_macvtap";
-    if !require_root(t) || !require_qemu(t) || !require_programs(t, &["dnsmasq", "ip"]) {
-        return;
-    }
-    let lab = Lab::new();
-    let (name, mac, _) = lab_macvtap(&lab);
-    let _link = DeleteOnDrop::new(&lab.host, &name);
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-
-    let out = lab
+    let Some(g) = LanGuest::new("lan_dhcp_through_the_macvtap") else { return };
+    let out = g
+        .lab
         .host
         .cmd(BIN)
-        .args(["print-args", "--state-dir", state.to_str().unwrap(), "--accel", "tcg", "--no-disk"])
-        .args(["--lan-interface", &name])
+        .args(["print-args", "--state-dir", g.state.to_str().unwrap(), "--accel", "tcg", "--no-disk"])
+        .args(["--lan-interface", &g.name])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let argv: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
     assert!(argv.contains(&"tap,id=lan,fd=3".to_string()), "{argv:?}");
-    assert!(argv.contains(&format!("virtio-net-pci,netdev=lan,mac={mac},romfile=,addr=0x4")), "{argv:?}");
-    assert!(!state.exists(), "print-args has no side effects");
+    assert!(argv.contains(&format!("virtio-net-pci,netdev=lan,mac={},romfile=,addr=0x4", g.mac)), "{argv:?}");
+    assert!(!g.state.exists(), "print-args has no side effects");
 
     let _slot = Slot::take();
-    let mut run = Run::start(Some(&lab.host), &state, &["--no-disk", "--lan-interface", &name]);
+    let mut run = g.run();
     let s = run.wait_serial(OK_LINE);
     let line = s.lines().find(|l| l.starts_with("ec-ipxe-qemu: LAN net1 192.168.77.")).unwrap_or_else(|| {
         panic!(
             "no LAN address in the serial log:\n{s}\n--- dnsmasq ---\n{}",
-            std::fs::read_to_string(&lab.dhcp_log).unwrap_or_default()
+            std::fs::read_to_string(&g.lab.dhcp_log).unwrap_or_default()
         )
     });
     let ip = line.trim_start_matches("ec-ipxe-qemu: LAN net1 ").trim().to_owned();
     let leases = wait_for(Duration::from_secs(5), || {
-        let l = lab.leases();
+        let l = g.lab.leases();
         (!l.is_empty()).then_some(l)
     })
     .unwrap_or_default();
-    assert_eq!(leases, vec![(mac.clone(), ip)], "dnsmasq leased to exactly the macvtap's MAC");
+    assert_eq!(leases, vec![(g.mac.clone(), ip)], "dnsmasq leased to exactly the macvtap's MAC");
 }
 
 /// QEMU killed with SIGKILL: `run` exits non-zero, and `ec-macvtap delete` afterwards leaves no link or node.
 #[test]
 fn qemu_killed_then_cleanup() {
-    let t = "qemu_killed_then_cleanup";
-    if !require_root(t) || !require_qemu(t) || !require_programs(t, &["dnsmasq", "ip"]) {
-        return;
-    }
-    let lab = Lab::new();
-    let (name, _, node) = lab_macvtap(&lab);
-    let _link = DeleteOnDrop::new(&lab.host, &name);
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
+    let Some(g) = LanGuest::new("qemu_killed_then_cleanup") else { return };
     let _slot = Slot::take();
-    let mut run = Run::start(Some(&lab.host), &state, &["--no-disk", "--lan-interface", &name]);
+    let mut run = g.run();
     run.wait_started();
-    let pids = qemu_pids(&state);
+    let pids = qemu_pids(&g.state);
     assert_eq!(pids.len(), 1, "{pids:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let status = run.wait(Duration::from_secs(10));
-    assert_exit(status, 1, &run);
+    assert_exit(run.wait(Duration::from_secs(10)), 1, &run);
     assert!(run.stderr().contains("QEMU failed: signal 9 (SIGKILL)"), "{}", run.stderr());
-    let out = macvtap(Some(&lab.host), &["delete", &name]);
+    let out = macvtap(Some(&g.lab.host), &["delete", &g.name]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(lab.host.link_json(&name).is_none(), "link left behind");
-    // The node is gone: either the kernel removed /dev/tapN, or it was our private node and delete removed it.
-    if !node.is_empty() {
-        let gone = wait_for(Duration::from_secs(3), || (!Path::new(&node).exists()).then_some(()));
-        assert!(gone.is_some() || !node.starts_with("/dev/tap"), "node {node} left behind");
-        if !node.starts_with("/dev/") {
-            assert!(!Path::new(&node).exists(), "private node {node} left behind");
-        }
-    }
-    assert!(no_qemu_left(&state));
+    assert!(g.lab.host.link_json(&g.name).is_none(), "link left behind");
+    // The kernel removes a public /dev/tapN with the link; delete removes a private node.
+    let gone = wait_for(Duration::from_secs(3), || (!Path::new(&g.node).exists()).then_some(()));
+    assert!(gone.is_some(), "tap node {} left behind", g.node);
+    assert!(no_qemu_left(&g.state));
 }
 
 /// The LAN link deleted under a running guest: `run` stops QEMU and exits non-zero within 2 s.
 #[test]
 fn lan_link_deleted_under_a_running_guest() {
-    let t = "lan_link_deleted_under_a_running_guest";
-    if !require_root(t) || !require_qemu(t) || !require_programs(t, &["dnsmasq", "ip"]) {
-        return;
-    }
-    let lab = Lab::new();
-    let (name, _, _) = lab_macvtap(&lab);
-    let _link = DeleteOnDrop::new(&lab.host, &name);
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
+    let Some(g) = LanGuest::new("lan_link_deleted_under_a_running_guest") else { return };
     let _slot = Slot::take();
-    let mut run = Run::start(Some(&lab.host), &state, &["--no-disk", "--lan-interface", &name]);
+    let mut run = g.run();
     run.wait_started();
     std::thread::sleep(Duration::from_millis(500));
     let deleted = Instant::now();
-    lab.host.ip(&["link", "del", &name]);
+    g.lab.host.ip(&["link", "del", &g.name]);
     let status = run.wait(Duration::from_secs(5));
     let took = deleted.elapsed();
     assert_exit(status, 1, &run);
     assert!(took <= Duration::from_secs(2), "took {took:?} to notice\n{}", run.stderr());
     assert!(run.stderr().contains("disappeared"), "{}", run.stderr());
-    assert!(no_qemu_left(&state));
+    assert!(no_qemu_left(&g.state));
 }
 
 // ---------------------------------------------------------------------------------------------------------
