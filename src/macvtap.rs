@@ -237,7 +237,7 @@ async fn finish(nl: &Netlink, ifindex: u32, req: &CreateRequest) -> Result<(Path
     // The node is checked by device number (sysfs vs stat), not by opening it: closing a macvtap queue
     // costs the kernel an RCU grace period (about 9 ms here), and every fd that is handed on is verified
     // with TUNGETIFF by `open` anyway.
-    let (path, _created) = tap::ensure_node(name, ifindex, dev, ns, req.owner)?;
+    let path = tap::ensure_node(name, ifindex, dev, ns, req.owner)?;
     Ok((path, dev))
 }
 
@@ -339,7 +339,7 @@ pub fn open(ns: Option<&NetnsSpec>, name: &IfName, queues: u32) -> Result<Opened
             Ok(p) => p,
             Err(e) if Uid::effective().is_root() => {
                 tracing::debug!("{e}; making a private node");
-                tap::ensure_node(name, l.ifindex, dev, ns_inode, None)?.0
+                tap::ensure_node(name, l.ifindex, dev, ns_inode, None)?
             }
             Err(e) => return Err(e),
         };

@@ -94,14 +94,14 @@ pub fn find_node(name: &IfName, ifindex: u32, dev: DevNum, netns_inode: u64) -> 
 }
 
 /// Find or make the node (root): the public one if it matches, else a private node, then give it to `owner`
-/// with mode 0600. Returns the path and whether a private node was created.
+/// with mode 0600. Returns the node's path.
 pub fn ensure_node(
     name: &IfName,
     ifindex: u32,
     dev: DevNum,
     netns_inode: u64,
     owner: Option<(Uid, Gid)>,
-) -> Result<(PathBuf, bool)> {
+) -> Result<PathBuf> {
     let (path, created) = match find_node(name, ifindex, dev, netns_inode) {
         Ok(p) => (p, false),
         Err(_) => {
@@ -124,7 +124,7 @@ pub fn ensure_node(
             return Err(e);
         }
     }
-    Ok((path, created))
+    Ok(path)
 }
 
 /// Create `dir` (and missing parents) with mode 0755 whatever the umask (systemd units often run with
