@@ -17,7 +17,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --all-features -- -D warnings
 echo "== cargo test"
-cargo test --all-features -- --test-threads="${EC_TEST_THREADS:-4}"
+cargo test --all-features -- --include-ignored --test-threads="${EC_TEST_THREADS:-4}"
 echo "== gen-assets (man pages and completions)"
 assets=$(mktemp -d)
 trap 'rm -rf "$assets"' EXIT

@@ -245,7 +245,8 @@ struct LanGuest {
 
 impl LanGuest {
     fn new(test: &str) -> Option<LanGuest> {
-        if !require_root(test) || !require_qemu(test) || !require_programs(test, &["dnsmasq", "ip"]) {
+        require_root(test);
+        if !require_qemu(test) || !require_programs(test, &["dnsmasq", "ip"]) {
             return None;
         }
         let lab = Lab::new();
@@ -439,6 +440,7 @@ fn persistent_disk_survives_a_restart() {
 /// The diagnostics DHCP on the LAN NIC: dnsmasq leases to exactly the macvtap's MAC, and the serial log shows
 /// the address. print-args shows the LAN NIC with that MAC and fd 3, without side effects.
 #[test]
+#[ignore = "needs root"]
 fn lan_dhcp_through_the_macvtap() {
     let Some(g) = LanGuest::new("lan_dhcp_through_the_macvtap") else { return };
     let out = g
@@ -475,6 +477,7 @@ fn lan_dhcp_through_the_macvtap() {
 
 /// QEMU killed with SIGKILL: `run` exits non-zero, and `ec-macvtap delete` afterwards leaves no link or node.
 #[test]
+#[ignore = "needs root"]
 fn qemu_killed_then_cleanup() {
     let Some(g) = LanGuest::new("qemu_killed_then_cleanup") else { return };
     let _slot = Slot::take();
@@ -496,6 +499,7 @@ fn qemu_killed_then_cleanup() {
 
 /// The LAN link deleted under a running guest: `run` stops QEMU and exits non-zero within 2 s.
 #[test]
+#[ignore = "needs root"]
 fn lan_link_deleted_under_a_running_guest() {
     let Some(g) = LanGuest::new("lan_link_deleted_under_a_running_guest") else { return };
     let _slot = Slot::take();
@@ -619,9 +623,11 @@ fn stop_during_preparation_is_orderly() {
 /// A state dir the (unprivileged) launcher cannot write is refused before anything happens. Root can write
 /// anywhere, so this runs the launcher as `nobody`.
 #[test]
+#[ignore = "needs root"]
 fn unwritable_state_dir_is_refused() {
     let t = "unwritable_state_dir_is_refused";
-    if !require_root(t) || !require_programs(t, &["setpriv"]) {
+    require_root(t);
+    if !require_programs(t, &["setpriv"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -47,10 +47,9 @@ fn flags(link: &serde_json::Value) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn create_with_derived_mac_then_noop_then_delete_twice() {
-    if !require_root("create_with_derived_mac_then_noop_then_delete_twice") {
-        return;
-    }
+    require_root("create_with_derived_mac_then_noop_then_delete_twice");
     let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let name = unique("mv");
@@ -104,10 +103,9 @@ fn create_with_derived_mac_then_noop_then_delete_twice() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn explicit_mac_mtu_and_replace() {
-    if !require_root("explicit_mac_mtu_and_replace") {
-        return;
-    }
+    require_root("explicit_mac_mtu_and_replace");
     let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let name = unique("mv");
@@ -155,10 +153,9 @@ fn explicit_mac_mtu_and_replace() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn foreign_links_are_never_touched() {
-    if !require_root("foreign_links_are_never_touched") {
-        return;
-    }
+    require_root("foreign_links_are_never_touched");
     let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let name = unique("fx");
@@ -185,10 +182,9 @@ fn foreign_links_are_never_touched() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn mac_collision_names_the_offender() {
-    if !require_root("mac_collision_names_the_offender") {
-        return;
-    }
+    require_root("mac_collision_names_the_offender");
     let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let other = unique("ov");
@@ -203,10 +199,9 @@ fn mac_collision_names_the_offender() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn netns_by_name_and_by_path() {
-    if !require_root("netns_by_name_and_by_path") {
-        return;
-    }
+    require_root("netns_by_name_and_by_path");
     let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let name = unique("mv");
@@ -247,10 +242,9 @@ fn netns_by_name_and_by_path() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn owner_gets_the_node_and_the_fd_passes_tungetiff() {
-    if !require_root("owner_gets_the_node_and_the_fd_passes_tungetiff") {
-        return;
-    }
+    require_root("owner_gets_the_node_and_the_fd_passes_tungetiff");
     let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let name = unique("mv");
@@ -287,10 +281,9 @@ fn owner_gets_the_node_and_the_fd_passes_tungetiff() {
 /// Two namespaces whose macvtaps get the same ifindex: the second one's `/dev/tapN` belongs to the first.
 /// ec-macvtap must notice (major:minor from sysfs) and make a private node; a missing public node likewise.
 #[test]
+#[ignore = "needs root"]
 fn private_node_when_public_is_missing_or_foreign() {
-    if !require_root("private_node_when_public_is_missing_or_foreign") {
-        return;
-    }
+    require_root("private_node_when_public_is_missing_or_foreign");
     let _serial = serial();
     let rt = tempfile::tempdir().unwrap();
     let run_env = |ns: &Netns, args: &[&str]| {
@@ -338,10 +331,9 @@ fn private_node_when_public_is_missing_or_foreign() {
 
 /// A failure after the kernel created the link rolls the link back.
 #[test]
+#[ignore = "needs root"]
 fn failure_after_creation_rolls_back() {
-    if !require_root("failure_after_creation_rolls_back") {
-        return;
-    }
+    require_root("failure_after_creation_rolls_back");
     let _serial = serial();
     // Make the private node impossible (runtime dir under a regular file) and force the need for one
     // by taking the public node name with another namespace's link.
@@ -367,10 +359,9 @@ fn failure_after_creation_rolls_back() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn bad_input_leaves_the_link_table_unchanged() {
-    if !require_root("bad_input_leaves_the_link_table_unchanged") {
-        return;
-    }
+    require_root("bad_input_leaves_the_link_table_unchanged");
     let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let mv = unique("mv");
@@ -408,10 +399,9 @@ fn bad_input_leaves_the_link_table_unchanged() {
 
 /// Without CAP_NET_ADMIN the kernel refuses: exit 5 with the hint, and nothing is created.
 #[test]
+#[ignore = "needs root"]
 fn unprivileged_create_is_permission_denied() {
-    if !require_root("unprivileged_create_is_permission_denied") {
-        return;
-    }
+    require_root("unprivileged_create_is_permission_denied");
     let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let table = ns.link_table();
@@ -428,10 +418,9 @@ fn unprivileged_create_is_permission_denied() {
 
 /// A refused `--replace` (the new MAC is taken) leaves our existing link exactly as it was.
 #[test]
+#[ignore = "needs root"]
 fn refused_replace_keeps_the_old_link() {
-    if !require_root("refused_replace_keeps_the_old_link") {
-        return;
-    }
+    require_root("refused_replace_keeps_the_old_link");
     let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let name = unique("mv");
@@ -452,10 +441,9 @@ fn refused_replace_keeps_the_old_link() {
 /// Under systemd's `UMask=0077` the private node's directories are still reachable by the owner: an
 /// unprivileged `exec` opens the node `create --owner` made.
 #[test]
+#[ignore = "needs root"]
 fn private_node_reachable_by_owner_under_umask_0077() {
-    if !require_root("private_node_reachable_by_owner_under_umask_0077") {
-        return;
-    }
+    require_root("private_node_reachable_by_owner_under_umask_0077");
     let _serial = serial();
     let top = tempfile::tempdir().unwrap();
     std::fs::set_permissions(top.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
