@@ -3,7 +3,7 @@
 //!
 //! The library holds everything the two binaries share: validated names ([`names`]), errors and exit codes
 //! ([`error`]), link operations over rtnetlink ([`link`]), namespaces ([`netns`]), the tap device ([`tap`],
-//! the only module with `unsafe`), the macvtap lifecycle ([`macvtap`]) and the
+//! the only module with `unsafe`), where tap nodes live ([`nodedir`]), the macvtap lifecycle ([`macvtap`]) and the
 //! launcher behind `ec-ipxe-qemu` ([`launcher`]).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -16,6 +16,7 @@ pub mod logging;
 pub mod macvtap;
 pub mod names;
 pub mod netns;
+pub mod nodedir;
 pub mod tap;
 
 pub use error::{Error, Kind, Result};

@@ -5,7 +5,7 @@
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{
-    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoMacVtap, LinkAttribute, LinkFlags, LinkInfo,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoMacVtap, LinkAttribute, LinkFlags, LinkInfo,
     LinkLayerType, LinkMessage, MacVtapMode,
 };
 use rtnetlink::{Handle, LinkMacVtap, LinkUnspec};
@@ -51,6 +51,10 @@ pub struct LinkView {
     pub loopback: bool,
     pub alias: Option<String>,
     pub link_layer: LinkLayerType,
+    /// The bridge, bond or other controller this link is a port of.
+    pub controller: Option<u32>,
+    /// Set when `parent_ifindex` refers to a link in another namespace.
+    pub link_netnsid: Option<i32>,
 }
 
 impl LinkView {
@@ -68,6 +72,8 @@ impl LinkView {
             loopback: msg.header.flags.contains(LinkFlags::Loopback),
             alias: None,
             link_layer: msg.header.link_layer_type,
+            controller: None,
+            link_netnsid: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -77,6 +83,8 @@ impl LinkView {
                 LinkAttribute::Link(p) => v.parent_ifindex = Some(*p),
                 LinkAttribute::IfAlias(a) => v.alias = Some(a.clone()),
                 LinkAttribute::Carrier(c) => v.carrier = *c != 0,
+                LinkAttribute::Controller(c) => v.controller = Some(*c),
+                LinkAttribute::LinkNetNsId(n) => v.link_netnsid = Some(*n),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         match info {
@@ -158,10 +166,26 @@ pub fn new_macvtap_message(spec: &MacvtapSpec, parent_ifindex: u32) -> LinkMessa
     b.build()
 }
 
-/// RTM_SETLINK that marks the link as ours and keeps the host from configuring IPv6 on it.
-/// The kernel ignores IFLA_IFALIAS and refuses IFLA_AF_SPEC in RTM_NEWLINK, hence a second message.
-pub fn mark_message(ifindex: u32, ipv6: bool) -> LinkMessage {
-    let mut b = LinkUnspec::new_with_index(ifindex).alias(OWNER_MARKER);
+/// The name a link has between its creation and [`finish_message`]: derived from the final name, so a run
+/// that was killed in between leaves a link the next `create` or `delete` of that name finds and removes.
+/// `ect` plus 48 bits of FNV-1a: 15 bytes, and a different name for every name in practice.
+pub fn temporary_name(name: &IfName) -> IfName {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in name.as_str().as_bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let s = format!("ect{:012x}", hash & 0xffff_ffff_ffff);
+    // Always valid: 15 ASCII bytes, letters and digits only.
+    IfName::from_valid(s)
+}
+
+/// One RTM_SETLINK that gives the new link its final name, marks it as ours and keeps the host from
+/// configuring IPv6 on it. The kernel processes it in one request, so a SIGKILL cannot split it: a link is
+/// either still under its temporary name or named and marked.
+/// (The kernel ignores IFLA_IFALIAS and refuses IFLA_AF_SPEC in RTM_NEWLINK, hence a second message.)
+pub fn finish_message(ifindex: u32, name: &IfName, ipv6: bool) -> LinkMessage {
+    let mut b = LinkUnspec::new_with_index(ifindex).name(name.as_str()).alias(OWNER_MARKER);
     if ipv6 {
         b = b.append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![
             AfSpecInet6::AddrGenMode(In6AddrGenMode::None),
@@ -193,9 +217,13 @@ async fn first_link(req: rtnetlink::LinkGetRequest, what: impl FnOnce() -> Strin
     }
 }
 
-pub async fn dump(handle: &Handle) -> Result<Vec<LinkView>> {
-    let msgs: Vec<LinkMessage> =
-        handle.link().get().execute().try_collect().await.map_err(|e| Error::netlink("list links", e))?;
+/// Every link of one kind, filtered by the kernel (as `ip link show type KIND` asks): the cost follows the
+/// number of such links, not of all links.
+pub async fn dump_kind(handle: &Handle, kind: InfoKind) -> Result<Vec<LinkView>> {
+    let what = format!("list {kind} links");
+    let mut req = handle.link().get();
+    req.message_mut().attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind)]));
+    let msgs: Vec<LinkMessage> = req.execute().try_collect().await.map_err(|e| Error::netlink(what, e))?;
     Ok(msgs.iter().map(LinkView::from_message).collect())
 }
 
@@ -267,12 +295,24 @@ pub fn differences(existing: &LinkView, spec: &MacvtapSpec, parent_ifindex: u32)
     out
 }
 
-/// Another link on the same parent (or the parent itself) already using `mac`.
-pub fn mac_user<'a>(links: &'a [LinkView], spec: &MacvtapSpec, parent_ifindex: u32) -> Option<&'a LinkView> {
-    links.iter().find(|l| {
-        l.name != spec.name.as_str()
-            && l.mac == Some(spec.mac)
-            && (l.ifindex == parent_ifindex || (l.is_macvlan_family() && l.parent_ifindex == Some(parent_ifindex)))
+/// The link that makes the kernel refuse `mac` on this parent with EADDRINUSE when the macvtap goes up: the
+/// parent itself, or another macvlan/macvtap on it that is up with that MAC (the kernel checks only those).
+pub fn mac_user<'a>(
+    candidates: &'a [LinkView],
+    parent: &'a LinkView,
+    name: &IfName,
+    mac: MacAddr,
+) -> Option<&'a LinkView> {
+    if parent.mac == Some(mac) {
+        return Some(parent);
+    }
+    candidates.iter().find(|l| {
+        l.name != name.as_str()
+            && l.up
+            && l.mac == Some(mac)
+            && l.is_macvlan_family()
+            && l.parent_ifindex == Some(parent.ifindex)
+            && l.link_netnsid.is_none()
     })
 }
 
@@ -304,15 +344,31 @@ mod tests {
     }
 
     #[test]
-    fn mark_and_up_messages() {
-        let m = mark_message(9, true);
+    fn finish_and_up_messages() {
+        let name: IfName = "ec-lan0".parse().unwrap();
+        let m = finish_message(9, &name, true);
         assert_eq!(m.header.index, 9);
-        assert!(LinkView::from_message(&m).owned());
+        let v = LinkView::from_message(&m);
+        assert!(v.owned());
+        assert_eq!(v.name, "ec-lan0", "renamed and marked in the same request");
         assert!(m.attributes.iter().any(|a| matches!(a, LinkAttribute::AfSpecUnspec(_))));
-        assert!(!mark_message(9, false).attributes.iter().any(|a| matches!(a, LinkAttribute::AfSpecUnspec(_))));
+        assert!(
+            !finish_message(9, &name, false).attributes.iter().any(|a| matches!(a, LinkAttribute::AfSpecUnspec(_)))
+        );
         let u = up_message(9);
         assert!(u.header.flags.contains(LinkFlags::Up | LinkFlags::Allmulti));
         assert!(u.header.change_mask.contains(LinkFlags::Up | LinkFlags::Allmulti));
+    }
+
+    #[test]
+    fn temporary_names_are_valid_distinct_and_stable() {
+        let a = temporary_name(&"ec-lan0".parse().unwrap());
+        let b = temporary_name(&"ec-lan1".parse().unwrap());
+        assert_eq!(a.as_str().len(), 15);
+        assert!(a.as_str().parse::<IfName>().is_ok());
+        assert_ne!(a, b);
+        assert_eq!(a, temporary_name(&"ec-lan0".parse().unwrap()));
+        assert_eq!(a.as_str(), "ect8a673023d845", "golden: a killed run's leftover must be found by the next one");
     }
 
     fn view(name: &str, idx: u32, kind: Option<&str>, parent: Option<u32>, mac: &str) -> LinkView {
@@ -329,6 +385,8 @@ mod tests {
             loopback: false,
             alias: Some(OWNER_MARKER.into()),
             link_layer: LinkLayerType::Ether,
+            controller: None,
+            link_netnsid: None,
         }
     }
 
@@ -343,16 +401,25 @@ mod tests {
         assert_eq!(d.len(), 3, "{d:?}");
         assert!(d[1].contains("mode is vepa (want bridge)"));
 
+        let parent = view("eno1", 7, None, None, "52:54:00:00:00:01");
+        let mut down = view("down", 12, Some("macvtap"), Some(7), "52:54:00:aa:bb:cc");
+        down.up = false;
         let links = vec![
-            view("eno1", 7, None, None, "52:54:00:00:00:01"),
             view("ec-lan0", 10, Some("macvtap"), Some(7), "52:54:00:aa:bb:cc"),
+            down,
             view("other", 11, Some("macvlan"), Some(7), "52:54:00:aa:bb:cc"),
         ];
-        assert_eq!(mac_user(&links, &spec(), 7).map(|l| l.name.as_str()), Some("other"));
-        assert!(mac_user(&links, &spec(), 99).is_none(), "a link on another parent is no collision");
-        let mut s = spec();
-        s.mac = MacAddr::parse_any("52:54:00:00:00:01").unwrap();
-        assert_eq!(mac_user(&links, &s, 7).map(|l| l.name.as_str()), Some("eno1"));
+        let s = spec();
+        assert_eq!(mac_user(&links, &parent, &s.name, s.mac).map(|l| l.name.as_str()), Some("other"));
+        let elsewhere = view("eno2", 99, None, None, "52:54:00:00:00:02");
+        assert!(mac_user(&links, &elsewhere, &s.name, s.mac).is_none(), "a link on another parent is no collision");
+        assert_eq!(
+            mac_user(&links[..2], &parent, &s.name, s.mac).map(|l| l.name.as_str()),
+            None,
+            "our own link and a link that is down do not count: the kernel ignores them"
+        );
+        let own = MacAddr::parse_any("52:54:00:00:00:01").unwrap();
+        assert_eq!(mac_user(&links, &parent, &s.name, own).map(|l| l.name.as_str()), Some("eno1"));
     }
 
     #[test]

@@ -1,16 +1,20 @@
 //! The macvtap lifecycle the `ec-macvtap` commands and the launcher share: create (idempotent, owned,
 //! rolled back on failure), delete (ours only), show, and open (verified queues).
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+
+use netlink_packet_route::link::InfoKind;
 
 use nix::unistd::{Gid, Group, Uid, User};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::link::{self, LinkView, MacvtapSpec, Netlink};
-use crate::names::{IfName, MacAddr, MacvtapMode, OwnerSpec};
+use crate::names::{IfName, MacAddr, MachineId, MacvtapMode, OwnerSpec};
 use crate::netns::{self, NetnsSpec};
+use crate::nodedir::{self, NodeDir};
 use crate::tap::{self, DevNum};
 
 /// One macvtap as `show --json` and `create --json` print it.
@@ -87,19 +91,18 @@ pub fn resolve_owner(owner: &OwnerSpec) -> Result<(Uid, Gid)> {
 }
 
 /// The machine id for the derived MAC: `/etc/machine-id`, else D-Bus's copy.
-pub fn machine_id() -> Result<String> {
+pub fn machine_id() -> Result<MachineId> {
     for p in ["/etc/machine-id", "/var/lib/dbus/machine-id"] {
         if let Ok(s) = std::fs::read_to_string(p)
             && !s.trim().is_empty()
         {
-            return Ok(s.trim().to_owned());
+            return s.parse().map_err(|e: String| Error::invalid(p, format!("{e}; pass --mac instead")));
         }
     }
     Err(Error::not_found("machine id (/etc/machine-id) needed to derive a stable MAC; pass --mac instead".to_string()))
 }
 
-fn info_of(v: &LinkView, links: &[LinkView], tap: Option<(PathBuf, DevNum)>) -> TapInfo {
-    let parent = v.parent_ifindex.and_then(|p| links.iter().find(|l| l.ifindex == p)).map(|l| l.name.clone());
+fn info_of(v: &LinkView, parent: Option<String>, dev: Option<DevNum>, node: Option<PathBuf>) -> TapInfo {
     TapInfo {
         name: v.name.clone(),
         ifindex: v.ifindex,
@@ -110,56 +113,82 @@ fn info_of(v: &LinkView, links: &[LinkView], tap: Option<(PathBuf, DevNum)>) -> 
         up: v.up,
         carrier: v.carrier,
         owned: v.owned(),
-        tap_device: tap.as_ref().map(|(p, _)| p.clone()),
-        tap_devnum: tap.map(|(_, d)| d.to_string()),
+        tap_device: node,
+        tap_devnum: dev.map(|d| d.to_string()),
         changed: None,
     }
 }
 
-/// Tap node and number of a macvtap in the current namespace, without creating anything.
-fn tap_of(name: &str, ifindex: u32) -> Option<(PathBuf, DevNum)> {
-    let name: IfName = name.parse().ok()?;
-    let dev = tap::sysfs_devnum(&name, ifindex).ok()?;
-    let ns = netns::current_netns_inode().ok()?;
-    let path = tap::find_node(&name, ifindex, dev, ns).unwrap_or_else(|_| tap::public_node_path(ifindex));
-    Some((path, dev))
+fn not_a_macvtap(l: &LinkView) -> Error {
+    Error::invalid(
+        format!("link \"{}\"", l.name),
+        format!("is a {} link, not a macvtap", l.kind.as_deref().unwrap_or("physical")),
+    )
 }
 
+fn foreign(l: &LinkView, doing: &str) -> Error {
+    Error::conflict(
+        format!("link \"{}\"", l.name),
+        format!(
+            "{} not managed by ec-macvtap (kind {}, no \"{}\" alias); {doing}",
+            if doing.starts_with("not deleting") { "is" } else { "exists and is" },
+            l.kind.as_deref().unwrap_or("unknown"),
+            crate::names::OWNER_MARKER
+        ),
+    )
+}
+
+/// Create the macvtap as asked (see DESIGN.md). Crash-consistent: the link is made down under
+/// [`link::temporary_name`], then renamed and marked in one request, then brought up. Whenever a SIGKILL
+/// lands, what is left is either nothing, a link under the temporary name (which the next `create` or
+/// `delete` of that name removes), or our marked link (which the next `create` finishes). Runs on one
+/// namespace hold its lock, so concurrent identical creates end with one link and all succeed.
 pub fn create(ns: Option<&NetnsSpec>, req: &CreateRequest) -> Result<TapInfo> {
     netns::run_in(ns, || {
+        let _lock = netns::lock_current()?;
         let nl = Netlink::new()?;
-        nl.block_on(create_here(&nl, req))
+        nl.block_on(create_here(&nl, ns, req))
     })
 }
 
-async fn create_here(nl: &Netlink, req: &CreateRequest) -> Result<TapInfo> {
+async fn create_here(nl: &Netlink, ns: Option<&NetnsSpec>, req: &CreateRequest) -> Result<TapInfo> {
     let h = &nl.handle;
     let spec = &req.spec;
     let what = format!("create macvtap \"{}\" on \"{}\"", spec.name, spec.parent);
-    let parent = link::get_by_name(h, &spec.parent)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("{what}: parent link \"{}\"", spec.parent)))?;
+    let parent = link::get_by_name(h, &spec.parent).await?.ok_or_else(|| {
+        Error::not_found(format!("{what}: parent link \"{}\" in {}", spec.parent, netns::describe_current(ns)))
+    })?;
     if let Some(reason) = link::parent_problem(&parent, link::sysfs_is_wireless(&parent.name)) {
         return Err(Error::invalid(what, reason));
     }
+    if let (Some(mtu), Some(limit)) = (spec.mtu, parent.mtu)
+        && mtu > limit
+    {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "--mtu {mtu} is above the MTU of the parent \"{}\" ({limit}); a macvtap cannot exceed its parent: \
+                 raise the parent's MTU first or pick at most {limit}",
+                spec.parent
+            ),
+        ));
+    }
+    let tmp = link::temporary_name(&spec.name);
+    remove_leftover(h, &tmp).await?;
 
-    let links = link::dump(h).await?;
-    if let Some(existing) = links.iter().find(|l| l.name == spec.name.as_str()) {
-        if !existing.owned() {
-            return Err(Error::conflict(
-                format!("link \"{}\"", spec.name),
-                format!(
-                    "exists and is not managed by ec-macvtap (kind {}, no \"{}\" alias); not touching it",
-                    existing.kind.as_deref().unwrap_or("unknown"),
-                    crate::names::OWNER_MARKER
-                ),
-            ));
+    let existing = link::get_by_name(h, &spec.name).await?;
+    if let Some(old) = &existing {
+        if !old.owned() {
+            return Err(foreign(old, "not touching it"));
         }
-        let diff = link::differences(existing, spec, parent.ifindex);
+        let diff = link::differences(old, spec, parent.ifindex);
         if diff.is_empty() {
-            // Ours and as asked: make sure it is usable, change nothing else.
-            let (path, dev) = finish(nl, existing.ifindex, req).await?;
-            let mut info = info_of(&refetch(h, existing.ifindex, &spec.name).await?, &links, Some((path, dev)));
+            // Ours and as asked (perhaps left down by a killed run): make sure it is up and usable.
+            bring_up(h, &parent, old.ifindex, spec, &what).await?;
+            let dev = tap::sysfs_devnum(&spec.name, old.ifindex)?;
+            let node = ensure_node(&spec.name, old.ifindex, dev, req.owner)?;
+            let now = refetch(h, old.ifindex, &spec.name).await?;
+            let mut info = info_of(&now, Some(parent.name.clone()), Some(dev), Some(node));
             info.changed = Some(false);
             return Ok(info);
         }
@@ -169,46 +198,129 @@ async fn create_here(nl: &Netlink, req: &CreateRequest) -> Result<TapInfo> {
                 format!("exists with a different configuration ({}); pass --replace to recreate it", diff.join(", ")),
             ));
         }
-    }
-    // Every refusal comes before the first change: a refused --replace must leave the old link in place.
-    if let Some(user) = link::mac_user(&links, spec, parent.ifindex) {
-        return Err(Error::conflict(
-            format!("{what}: MAC {}", spec.mac),
-            format!("already used by \"{}\" on the same parent", user.name),
-        ));
-    }
-    if let Some(existing) = links.iter().find(|l| l.name == spec.name.as_str()) {
-        tracing::info!(link = %spec.name, "replacing: {}", link::differences(existing, spec, parent.ifindex).join(", "));
-        link::delete(h, existing.ifindex, spec.name.as_str()).await?;
+        // Every refusal comes before the first change: a refused --replace keeps the old link.
+        if let Some(user) = mac_clash(h, &parent, spec).await? {
+            return Err(mac_in_use(&what, spec, &user));
+        }
+        tracing::info!(link = %spec.name, "replacing: {}", diff.join(", "));
     }
 
-    h.link()
-        .add(link::new_macvtap_message(spec, parent.ifindex))
-        .execute()
-        .await
-        .map_err(|e| Error::netlink(what.clone(), e))?;
-    let configured = async {
-        let created = link::get_by_name(h, &spec.name)
+    let temp_spec = MacvtapSpec { name: tmp.clone(), ..spec.clone() };
+    if let Err(e) = h.link().add(link::new_macvtap_message(&temp_spec, parent.ifindex)).execute().await {
+        return Err(add_error(h, &what, &parent, e).await);
+    }
+    let mut created = None;
+    let result = async {
+        let new = link::get_by_name(h, &tmp)
             .await?
             .ok_or_else(|| Error::Runtime(format!("{what}: the link vanished right after creation")))?;
-        let tap = finish(nl, created.ifindex, req).await?;
-        let now = refetch(h, created.ifindex, &spec.name).await?;
-        let mut info = info_of(&now, &links, Some(tap));
+        created = Some(new.ifindex);
+        if let Some(old) = &existing {
+            link::delete(h, old.ifindex, spec.name.as_str()).await?;
+        }
+        let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
+        h.link()
+            .set(link::finish_message(new.ifindex, &spec.name, ipv6))
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("{what}: name, mark and addrgenmode"), e))?;
+        bring_up(h, &parent, new.ifindex, spec, &what).await?;
+        let dev = tap::sysfs_devnum(&spec.name, new.ifindex)?;
+        let node = ensure_node(&spec.name, new.ifindex, dev, req.owner)?;
+        let now = refetch(h, new.ifindex, &spec.name).await?;
+        let mut info = info_of(&now, Some(parent.name.clone()), Some(dev), Some(node));
         info.changed = Some(true);
         Ok(info)
     }
     .await;
-    if configured.is_err() {
-        // Rollback: the link (and a private node) must not outlive a failed create. The name is ours: the
-        // kernel just created it exclusively.
-        if let Err(del) = link::delete_by_name(h, &spec.name).await {
-            tracing::error!("rollback of \"{}\" failed: {del}", spec.name);
+    if result.is_err() {
+        // Rollback: the link this run made must not outlive a failed create, nor may a node of a link that no
+        // longer exists. Nothing else is touched: the lock guarantees no other run made anything meanwhile.
+        let undo = match created {
+            Some(ifindex) => link::delete(h, ifindex, spec.name.as_str()).await,
+            None => link::delete_by_name(h, &tmp).await,
+        };
+        if let Err(e) = undo {
+            tracing::error!("rollback of \"{}\" failed: {e}", spec.name);
         }
-        if let Ok(ns) = netns::current_netns_inode() {
-            let _ = tap::remove_private_node(&spec.name, ns);
+        if matches!(link::get_by_name(h, &spec.name).await, Ok(None)) {
+            remove_private_node(&spec.name);
         }
     }
-    configured
+    result
+}
+
+/// A link under `tmp` is what a killed `create` left: remove it (only if it is a macvtap that is ours or was
+/// never marked; anything else with that name is left alone and the `add` that follows names it).
+async fn remove_leftover(h: &rtnetlink::Handle, tmp: &IfName) -> Result<()> {
+    if let Some(l) = link::get_by_name(h, tmp).await?
+        && l.is_macvtap()
+        && (l.alias.is_none() || l.owned())
+    {
+        tracing::info!(link = %tmp, "removing a half-created macvtap left by a killed run");
+        match link::delete(h, l.ifindex, tmp.as_str()).await {
+            Err(e) if e.netlink_errno() != Some(nix::errno::Errno::ENODEV as i32) => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Up with allmulticast. The kernel checks the MAC against the parent and its other (up) macvlans only
+/// here; on EADDRINUSE the parent's macvlans and macvtaps are scanned to name the offender.
+async fn bring_up(
+    h: &rtnetlink::Handle,
+    parent: &LinkView,
+    ifindex: u32,
+    spec: &MacvtapSpec,
+    what: &str,
+) -> Result<()> {
+    match h.link().set(link::up_message(ifindex)).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let err = Error::netlink(format!("{what}: bring it up"), e);
+            if err.netlink_errno() == Some(nix::errno::Errno::EADDRINUSE as i32)
+                && let Ok(Some(user)) = mac_clash(h, parent, spec).await
+            {
+                return Err(mac_in_use(what, spec, &user));
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Who uses `spec.mac` on the parent the way the kernel counts it (the error path and `--replace` only).
+async fn mac_clash(h: &rtnetlink::Handle, parent: &LinkView, spec: &MacvtapSpec) -> Result<Option<LinkView>> {
+    let mut candidates = link::dump_kind(h, InfoKind::MacVtap).await?;
+    candidates.extend(link::dump_kind(h, InfoKind::MacVlan).await?);
+    Ok(link::mac_user(&candidates, parent, &spec.name, spec.mac).cloned())
+}
+
+fn mac_in_use(what: &str, spec: &MacvtapSpec, user: &LinkView) -> Error {
+    let whose = if user.is_macvlan_family() { "on the same parent" } else { "as the parent's own address" };
+    Error::conflict(format!("{what}: MAC {}", spec.mac), format!("already used by \"{}\" {whose}", user.name))
+}
+
+/// The kernel's answer to RTM_NEWLINK, with the context people need.
+async fn add_error(h: &rtnetlink::Handle, what: &str, parent: &LinkView, e: rtnetlink::Error) -> Error {
+    let err = Error::netlink(what, e);
+    if err.netlink_errno() == Some(nix::errno::Errno::EBUSY as i32)
+        && let Some(ctl) = parent.controller
+    {
+        let (ctl_name, ctl_kind) = match link::get_by_index(h, ctl).await {
+            Ok(Some(c)) => (c.name, c.kind.unwrap_or_else(|| "controller".into())),
+            _ => (format!("#{ctl}"), "controller".into()),
+        };
+        return Error::conflict(
+            what,
+            format!(
+                "the parent \"{}\" is a port of {ctl_kind} \"{ctl_name}\", which owns its receive path; put the \
+                 macvtap on \"{ctl_name}\" instead, or take \"{}\" out of it",
+                parent.name, parent.name
+            ),
+        );
+    }
+    err
 }
 
 async fn refetch(h: &rtnetlink::Handle, ifindex: u32, name: &IfName) -> Result<LinkView> {
@@ -217,28 +329,28 @@ async fn refetch(h: &rtnetlink::Handle, ifindex: u32, name: &IfName) -> Result<L
         .ok_or_else(|| Error::Runtime(format!("link \"{name}\" vanished while being configured")))
 }
 
-/// Mark, configure and bring the link up; make its node (checked by device number) usable by the owner.
-async fn finish(nl: &Netlink, ifindex: u32, req: &CreateRequest) -> Result<(PathBuf, DevNum)> {
-    let h = &nl.handle;
-    let name = &req.spec.name;
-    let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
-    h.link()
-        .set(link::mark_message(ifindex, ipv6))
-        .execute()
-        .await
-        .map_err(|e| Error::netlink(format!("set alias and addrgenmode on \"{name}\""), e))?;
-    h.link()
-        .set(link::up_message(ifindex))
-        .execute()
-        .await
-        .map_err(|e| Error::netlink(format!("bring up \"{name}\""), e))?;
-    let dev = tap::sysfs_devnum(name, ifindex)?;
-    let ns = netns::current_netns_inode()?;
-    // The node is checked by device number (sysfs vs stat), not by opening it: closing a macvtap queue
-    // costs the kernel an RCU grace period (about 9 ms here), and every fd that is handed on is verified
-    // with TUNGETIFF by `open` anyway.
-    let path = tap::ensure_node(name, ifindex, dev, ns, req.owner)?;
-    Ok((path, dev))
+/// The node for a link (public when it is the right device, else private), given to `owner`. With the lock.
+fn ensure_node(name: &IfName, ifindex: u32, dev: DevNum, owner: Option<(Uid, Gid)>) -> Result<PathBuf> {
+    nodedir::ensure_node(name, ifindex, dev, netns::current_netns_inode()?, owner)
+}
+
+/// Remove the private node of `name` and its directory when empty. With the lock.
+fn remove_private_node(name: &IfName) -> bool {
+    let removed = netns::current_netns_inode().and_then(|ns| match NodeDir::existing(ns)? {
+        Some(dir) => {
+            let r = dir.remove_node(name);
+            dir.remove_if_empty();
+            r
+        }
+        None => Ok(false),
+    });
+    match removed {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("{e}");
+            false
+        }
+    }
 }
 
 /// Result of `delete`.
@@ -248,62 +360,89 @@ pub struct DeleteOutcome {
     /// `deleted` or `absent`.
     pub result: &'static str,
     pub removed_private_node: bool,
+    /// The namespace the lookup used, e.g. `network namespace "lab" (net:[4026532301])`.
+    pub netns: String,
 }
 
 pub fn delete(ns: Option<&NetnsSpec>, name: &IfName) -> Result<DeleteOutcome> {
     netns::run_in_without_sysfs(ns, || {
+        let _lock = netns::lock_current()?;
         let nl = Netlink::new()?;
+        let h = &nl.handle;
         nl.block_on(async {
-            let existing = link::get_by_name(&nl.handle, name).await?;
-            // Teardown keeps going: the node is removed even when the link is already gone.
+            // Teardown keeps going: a half-created link and the node are removed even when the link is gone.
+            remove_leftover(h, &link::temporary_name(name)).await?;
             let mut result = "absent";
             let mut link_err = None;
-            if let Some(l) = existing {
+            if let Some(l) = link::get_by_name(h, name).await? {
                 if !l.owned() {
-                    return Err(Error::conflict(
-                        format!("link \"{name}\""),
-                        format!(
-                            "is not managed by ec-macvtap (kind {}, no \"{}\" alias); not deleting it",
-                            l.kind.as_deref().unwrap_or("unknown"),
-                            crate::names::OWNER_MARKER
-                        ),
-                    ));
+                    return Err(foreign(&l, "not deleting it"));
                 }
-                match link::delete(&nl.handle, l.ifindex, name.as_str()).await {
+                match link::delete(h, l.ifindex, name.as_str()).await {
                     Ok(()) => result = "deleted",
-                    // Gone between lookup and delete: somebody else finished the job.
                     Err(e) if e.netlink_errno() == Some(nix::errno::Errno::ENODEV as i32) => {}
                     Err(e) => link_err = Some(e),
                 }
             }
-            let removed = tap::remove_private_node(name, netns::current_netns_inode()?)?;
+            let removed = if link_err.is_none() { remove_private_node(name) } else { false };
             match link_err {
                 Some(e) => Err(e),
-                None => Ok(DeleteOutcome { name: name.to_string(), result, removed_private_node: removed }),
+                None => Ok(DeleteOutcome {
+                    name: name.to_string(),
+                    result,
+                    removed_private_node: removed,
+                    netns: netns::describe_current(ns),
+                }),
             }
         })
     })
 }
 
+/// `show`: one macvtap looked up by name, or every macvtap (a dump filtered by kind in the kernel). Parent
+/// names cost one lookup per distinct parent. `tap_device` is null when no node is this link's device.
 pub fn show(ns: Option<&NetnsSpec>, name: Option<&IfName>) -> Result<Vec<TapInfo>> {
     netns::run_in(ns, || {
         let nl = Netlink::new()?;
-        let links = nl.block_on(link::dump(&nl.handle))?;
-        if let Some(n) = name {
-            let l =
-                links.iter().find(|l| l.name == n.as_str()).ok_or_else(|| Error::not_found(format!("link \"{n}\"")))?;
-            if !l.is_macvtap() {
-                return Err(Error::invalid(
-                    format!("link \"{n}\""),
-                    format!("is a {} link, not a macvtap", l.kind.as_deref().unwrap_or("physical")),
-                ));
+        let h = &nl.handle;
+        let ns_inode = netns::current_netns_inode()?;
+        nl.block_on(async {
+            let links = match name {
+                Some(n) => {
+                    let l = link::get_by_name(h, n)
+                        .await?
+                        .ok_or_else(|| Error::not_found(format!("link \"{n}\" in {}", netns::describe_current(ns))))?;
+                    if !l.is_macvtap() {
+                        return Err(not_a_macvtap(&l));
+                    }
+                    vec![l]
+                }
+                None => link::dump_kind(h, InfoKind::MacVtap).await?,
+            };
+            let mut parents: HashMap<u32, Option<String>> = HashMap::new();
+            let mut out = Vec::with_capacity(links.len());
+            for l in &links {
+                let parent = match l.parent_ifindex.filter(|_| l.link_netnsid.is_none()) {
+                    Some(p) => match parents.get(&p) {
+                        Some(n) => n.clone(),
+                        None => {
+                            let n = link::get_by_index(h, p).await?.map(|v| v.name);
+                            parents.insert(p, n.clone());
+                            n
+                        }
+                    },
+                    None => None,
+                };
+                let (dev, node) = match l.name.parse::<IfName>() {
+                    Ok(n) => match tap::sysfs_devnum(&n, l.ifindex) {
+                        Ok(dev) => (Some(dev), nodedir::usable_node(&n, l.ifindex, dev, ns_inode)),
+                        Err(_) => (None, None),
+                    },
+                    Err(_) => (None, None),
+                };
+                out.push(info_of(l, parent, dev, node));
             }
-        }
-        Ok(links
-            .iter()
-            .filter(|l| l.is_macvtap() && name.is_none_or(|n| l.name == n.as_str()))
-            .map(|l| info_of(l, &links, tap_of(&l.name, l.ifindex)))
-            .collect())
+            Ok(out)
+        })
     })
 }
 
@@ -313,37 +452,44 @@ pub struct OpenedTap {
     pub name: IfName,
     pub ifindex: u32,
     pub mac: MacAddr,
+    /// The node the queues were opened through (a temporary node is already gone).
     pub node: PathBuf,
     pub devnum: DevNum,
     pub fds: Vec<OwnedFd>,
 }
 
-/// Open `queues` verified fds on the macvtap `name`. When the node is missing and we are root, a private
-/// node is made (without changing its owner).
+/// Open `queues` verified fds on the macvtap `name`. When no usable node exists and we are root, the queues
+/// are opened through a temporary node that is removed at once: nothing is left behind, whoever owns the
+/// link.
 pub fn open(ns: Option<&NetnsSpec>, name: &IfName, queues: u32) -> Result<OpenedTap> {
     netns::run_in(ns, || {
         let nl = Netlink::new()?;
         let l = nl
             .block_on(link::get_by_name(&nl.handle, name))?
-            .ok_or_else(|| Error::not_found(format!("macvtap \"{name}\"")))?;
+            .ok_or_else(|| Error::not_found(format!("macvtap \"{name}\" in {}", netns::describe_current(ns))))?;
         if !l.is_macvtap() {
-            return Err(Error::invalid(
-                format!("link \"{name}\""),
-                format!("is a {} link, not a macvtap", l.kind.as_deref().unwrap_or("physical")),
-            ));
+            return Err(not_a_macvtap(&l));
         }
         let mac = l.mac.ok_or_else(|| Error::Runtime(format!("macvtap \"{name}\" has no MAC address")))?;
         let dev = tap::sysfs_devnum(name, l.ifindex)?;
         let ns_inode = netns::current_netns_inode()?;
-        let node = match tap::find_node(name, l.ifindex, dev, ns_inode) {
-            Ok(p) => p,
+        let (node, fds) = match nodedir::find_node(name, l.ifindex, dev, ns_inode) {
+            Ok(p) => {
+                let fds = tap::open_queues(&p, name, dev, queues)?;
+                (p, fds)
+            }
             Err(e) if Uid::effective().is_root() => {
-                tracing::debug!("{e}; making a private node");
-                tap::ensure_node(name, l.ifindex, dev, ns_inode, None)?
+                tracing::debug!("{e}; opening through a temporary node");
+                let _lock = netns::lock_current()?;
+                let dir = NodeDir::create(ns_inode)?;
+                let opened = dir.with_temporary_node(name, dev, |p| {
+                    tap::open_queues(p, name, dev, queues).map(|fds| (p.to_owned(), fds))
+                });
+                dir.remove_if_empty();
+                opened?
             }
             Err(e) => return Err(e),
         };
-        let fds = tap::open_queues(&node, name, dev, queues)?;
         Ok(OpenedTap { name: name.clone(), ifindex: l.ifindex, mac, node, devnum: dev, fds })
     })
 }

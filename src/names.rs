@@ -20,6 +20,12 @@ impl IfName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// For names the library builds itself from valid parts.
+    pub(crate) fn from_valid(s: String) -> Self {
+        debug_assert!(s.parse::<IfName>().is_ok(), "{s:?}");
+        IfName(s)
+    }
 }
 
 impl FromStr for IfName {
@@ -90,19 +96,71 @@ impl MacAddr {
         <[u8; 6]>::try_from(bytes).ok().map(MacAddr)
     }
 
-    /// The stable MAC for a link: derived from the machine id, the link name and the parent name.
-    /// Locally administered, unicast, and the same on every call with the same inputs.
-    pub fn derived(machine_id: &str, name: &IfName, parent: &IfName) -> Self {
-        // FNV-1a, 64 bit: stable across Rust versions and platforms (unlike std's hasher).
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for part in [machine_id.trim().as_bytes(), name.as_str().as_bytes(), parent.as_str().as_bytes()] {
-            for &b in part.iter().chain(std::iter::once(&0u8)) {
-                hash ^= u64::from(b);
-                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        }
-        let b = hash.to_be_bytes();
+    /// The stable MAC for a link, from the machine's app-specific id ([`MachineId::app_specific`] with
+    /// [`MAC_APP_ID`], never the raw machine id, as machine-id(5) asks), the link name and the parent name:
+    /// the first six bytes of HMAC-SHA256 keyed by that id over `name NUL parent`, made locally administered
+    /// and unicast. The same on every call with the same inputs.
+    pub fn derived(machine: &MachineId, name: &IfName, parent: &IfName) -> Self {
+        let key = machine.app_specific(MAC_APP_ID);
+        let b = hmac_sha256(&key, &[name.as_str().as_bytes(), &[0], parent.as_str().as_bytes()]);
         MacAddr([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+    }
+}
+
+/// The application id ec-macvtap's derived MACs are keyed with (made once with `systemd-id128 new`).
+pub const MAC_APP_ID: [u8; 16] =
+    [0xdd, 0xca, 0xbd, 0x9e, 0xd9, 0x72, 0x4f, 0x11, 0x94, 0xad, 0xfb, 0xad, 0xd2, 0x01, 0x58, 0x9e];
+
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::Mac;
+    // HMAC takes keys of any length; new_from_slice cannot fail for it.
+    let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(key) {
+        Ok(m) => m,
+        Err(_) => unreachable!("HMAC accepts keys of any length"),
+    };
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// A machine id: 128 bits, written as 32 hex digits in `/etc/machine-id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MachineId(pub [u8; 16]);
+
+impl MachineId {
+    /// What `sd_id128_get_machine_app_specific()` returns (and `systemd-id128 machine-id --app-specific=APP`
+    /// prints): HMAC-SHA256 keyed by the machine id over the application id, its first 16 bytes marked as a
+    /// version-4 UUID. Identifies this machine to one application without revealing the machine id.
+    pub fn app_specific(&self, app: [u8; 16]) -> [u8; 16] {
+        let h = hmac_sha256(&self.0, &[&app]);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&h[..16]);
+        id[6] = (id[6] & 0x0f) | 0x40;
+        id[8] = (id[8] & 0x3f) | 0x80;
+        id
+    }
+}
+
+impl FromStr for MachineId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        if t.len() != 32 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("machine id {:?} is not 32 hexadecimal digits", t.escape_default().to_string()));
+        }
+        let mut out = [0u8; 16];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        }
+        Ok(MachineId(out))
+    }
+}
+
+impl fmt::Display for MachineId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
     }
 }
 
@@ -229,24 +287,70 @@ mod tests {
         assert_eq!(MacAddr::parse_any("01:00:5e:00:00:01").unwrap().0[0], 1);
     }
 
+    fn id(s: &str) -> MachineId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn machine_ids_parse() {
+        let m = id("0123456789abcdef0123456789ABCDEF\n");
+        assert_eq!(m.to_string(), "0123456789abcdef0123456789abcdef");
+        for bad in ["", "0123", "0123456789abcdef0123456789abcdeg", "0123456789abcdef0123456789abcdef00"] {
+            assert!(bad.parse::<MachineId>().is_err(), "{bad}");
+        }
+    }
+
+    /// The app-specific id is systemd's: the value below is what `systemd-id128 machine-id
+    /// --app-specific=ddcabd9ed9724f1194adfbadd201589e` prints on a machine with this id (computed with
+    /// Python's hmac module), and the test after this one checks it against the real tool on this machine.
+    #[test]
+    fn app_specific_id_is_systemds() {
+        let m = id("0123456789abcdef0123456789abcdef");
+        let got = MachineId(m.app_specific(MAC_APP_ID)).to_string();
+        assert_eq!(got, APP_SPECIFIC_GOLDEN);
+    }
+
+    const APP_SPECIFIC_GOLDEN: &str = "aecad03c4e834daf9ef9f8d5d9085bb3";
+
+    #[test]
+    fn app_specific_id_matches_systemd_id128() {
+        let Ok(out) = std::process::Command::new("systemd-id128")
+            .args(["machine-id", "--app-specific=ddcabd9ed9724f1194adfbadd201589e"])
+            .output()
+        else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "app_specific_id_matches_systemd_id128 needs systemd-id128 (CI=true: a failure, not a skip)"
+            );
+            eprintln!("SKIP app_specific_id_matches_systemd_id128: needs systemd-id128");
+            return;
+        };
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let machine: MachineId = std::fs::read_to_string("/etc/machine-id").unwrap().parse().unwrap();
+        let ours = MachineId(machine.app_specific(MAC_APP_ID)).to_string();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ours);
+    }
+
     #[test]
     fn derived_mac_is_stable_local_unicast_and_input_sensitive() {
-        let a = MacAddr::derived("0123456789abcdef0123456789abcdef\n", &n("ec-lan0"), &n("eno1"));
-        let b = MacAddr::derived("0123456789abcdef0123456789abcdef", &n("ec-lan0"), &n("eno1"));
-        assert_eq!(a, b, "trailing newline of /etc/machine-id must not matter");
+        let m = id("0123456789abcdef0123456789abcdef");
+        let a = MacAddr::derived(&m, &n("ec-lan0"), &n("eno1"));
+        assert_eq!(a, MacAddr::derived(&m, &n("ec-lan0"), &n("eno1")));
         assert!(a.is_locally_administered());
         assert!(!a.is_multicast());
         assert!(!a.is_zero());
         // Golden value: changing the derivation would change every guest's DHCP lease.
-        assert_eq!(a.to_string(), "ba:7f:cb:b4:d6:44");
-        assert_ne!(a, MacAddr::derived("0123456789abcdef0123456789abcdef", &n("ec-lan1"), &n("eno1")));
-        assert_ne!(a, MacAddr::derived("0123456789abcdef0123456789abcdef", &n("ec-lan0"), &n("eno2")));
-        assert_ne!(a, MacAddr::derived("fedcba9876543210fedcba9876543210", &n("ec-lan0"), &n("eno1")));
+        assert_eq!(a.to_string(), "de:14:0f:fd:88:b7");
+        assert_ne!(a, MacAddr::derived(&m, &n("ec-lan1"), &n("eno1")));
+        assert_ne!(a, MacAddr::derived(&m, &n("ec-lan0"), &n("eno2")));
+        assert_ne!(a, MacAddr::derived(&id("fedcba9876543210fedcba9876543210"), &n("ec-lan0"), &n("eno1")));
         // The name/parent boundary is part of the hash: ("ab","c") differs from ("a","bc").
-        assert_ne!(MacAddr::derived("m", &n("ab"), &n("c")), MacAddr::derived("m", &n("a"), &n("bc")));
-        for i in 0..200 {
-            let m = MacAddr::derived(&format!("id{i}"), &n("x"), &n("y"));
-            assert!(m.is_locally_administered() && !m.is_multicast(), "{m}");
+        assert_ne!(MacAddr::derived(&m, &n("ab"), &n("c")), MacAddr::derived(&m, &n("a"), &n("bc")));
+        for i in 0..200u8 {
+            let mut raw = m.0;
+            raw[0] = i;
+            let x = MacAddr::derived(&MachineId(raw), &n("x"), &n("y"));
+            assert!(x.is_locally_administered() && !x.is_multicast(), "{x}");
         }
     }
 

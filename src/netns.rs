@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use nix::fcntl::{Flock, FlockArg};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
 
@@ -110,6 +111,32 @@ pub fn current_netns_inode() -> Result<u64> {
     let meta =
         std::fs::metadata("/proc/thread-self/ns/net").map_err(|e| Error::io("read /proc/thread-self/ns/net", e))?;
     Ok(std::os::unix::fs::MetadataExt::ino(&meta))
+}
+
+/// A lock on the calling thread's network namespace itself: `flock` on its nsfs inode, which every opener
+/// of that namespace (`/proc/PID/ns/net`, `/run/netns/NAME`) shares. `create`, `delete` and root's `open`
+/// take it, so runs on one namespace never interleave; it needs no file of its own (nothing is left behind),
+/// and the kernel drops it when the process dies, SIGKILL included.
+pub struct NamespaceLock {
+    _lock: Flock<File>,
+}
+
+pub fn lock_current() -> Result<NamespaceLock> {
+    let path = "/proc/thread-self/ns/net";
+    let file = File::open(path).map_err(|e| Error::io(format!("open {path}"), e))?;
+    let lock = Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::errno("lock this network namespace (flock on /proc/thread-self/ns/net)", e))?;
+    Ok(NamespaceLock { _lock: lock })
+}
+
+/// The namespace a lookup used, for messages: `network namespace "lab" (net:[4026532301])`, or
+/// `this process's network namespace (net:[4026531840])`. Call on the thread that is in it.
+pub fn describe_current(ns: Option<&NetnsSpec>) -> String {
+    let inode = current_netns_inode().map(|i| format!(" (net:[{i}])")).unwrap_or_default();
+    match ns {
+        Some(ns) => format!("network namespace \"{ns}\"{inode}"),
+        None => format!("this process's network namespace{inode}"),
+    }
 }
 
 #[cfg(test)]

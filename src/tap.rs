@@ -1,32 +1,18 @@
-//! The macvtap character device: finding the right node, making a private one when needed, opening queues,
-//! and checking every fd with `TUNGETIFF` before it is handed on.
+//! The macvtap character device: its number, opening queues, checking every fd with `TUNGETIFF` before it is
+//! handed on, and placing fds for QEMU. (Where the node is found or made: [`crate::nodedir`].)
 //!
 //! This is the one module with `unsafe` (the tun/tap ioctls).
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::libc;
-use nix::sys::stat::{Mode, SFlag, makedev, mknod};
-use nix::unistd::{Gid, Uid, chown};
+use nix::sys::stat::makedev;
 
 use crate::error::{Error, Result};
 use crate::names::IfName;
-
-/// Where private device nodes live: `$EC_MACVTAP_RUNTIME_DIR`, else `/run/ec-macvtap`.
-pub fn runtime_dir() -> PathBuf {
-    std::env::var_os("EC_MACVTAP_RUNTIME_DIR")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/ec-macvtap"))
-}
-
-/// `<runtime>/net-<netns inode>/<name>`: unique per namespace and link name, computable by any reader.
-pub fn private_node_path(netns_inode: u64, name: &IfName) -> PathBuf {
-    runtime_dir().join(format!("net-{netns_inode}")).join(name.as_str())
-}
 
 pub fn public_node_path(ifindex: u32) -> PathBuf {
     PathBuf::from(format!("/dev/tap{ifindex}"))
@@ -64,119 +50,6 @@ pub fn sysfs_devnum(name: &IfName, ifindex: u32) -> Result<DevNum> {
         _ => Error::io(format!("read {path}"), e),
     })?;
     DevNum::parse(&text).ok_or_else(|| Error::Runtime(format!("read {path}: unexpected content {:?}", text.trim())))
-}
-
-/// Whether `path` is a character device with exactly this number.
-pub fn node_matches(path: &Path, dev: DevNum) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == dev.rdev())
-}
-
-/// Find the node for the link without creating anything: the public `/dev/tapN` when it is the right
-/// device, else the private node ec-macvtap made.
-pub fn find_node(name: &IfName, ifindex: u32, dev: DevNum, netns_inode: u64) -> Result<PathBuf> {
-    let public = public_node_path(ifindex);
-    if node_matches(&public, dev) {
-        return Ok(public);
-    }
-    let private = private_node_path(netns_inode, name);
-    match std::fs::metadata(&private) {
-        Ok(m) if m.file_type().is_char_device() && m.rdev() == dev.rdev() => return Ok(private),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(Error::io(format!("tap device of \"{name}\": stat {}", private.display()), e));
-        }
-        _ => {}
-    }
-    Err(Error::not_found(format!(
-        "tap device of \"{name}\" (char {dev}): {} is missing or belongs to another link, and there is no private node at {} (run `ec-macvtap create` as root)",
-        public.display(),
-        private.display()
-    )))
-}
-
-/// Find or make the node (root): the public one if it matches, else a private node, then give it to `owner`
-/// with mode 0600. Returns the node's path.
-pub fn ensure_node(
-    name: &IfName,
-    ifindex: u32,
-    dev: DevNum,
-    netns_inode: u64,
-    owner: Option<(Uid, Gid)>,
-) -> Result<PathBuf> {
-    let (path, created) = match find_node(name, ifindex, dev, netns_inode) {
-        Ok(p) => (p, false),
-        Err(_) => {
-            let path = private_node_path(netns_inode, name);
-            make_private_node(&path, dev)?;
-            (path, true)
-        }
-    };
-    if let Some((uid, gid)) = owner {
-        let r = chown(&path, Some(uid), Some(gid))
-            .map_err(|e| Error::errno(format!("chown {} to {uid}:{gid}", path.display()), e))
-            .and_then(|()| {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| Error::io(format!("chmod 0600 {}", path.display()), e))
-            });
-        if let Err(e) = r {
-            if created {
-                let _ = std::fs::remove_file(&path);
-            }
-            return Err(e);
-        }
-    }
-    Ok(path)
-}
-
-/// Create `dir` (and missing parents) with mode 0755 whatever the umask (systemd units often run with
-/// `UMask=0077`), so an unprivileged owner can reach its node. Existing directories are left as they are.
-fn ensure_dir_0755(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = dir.parent() {
-        ensure_dir_0755(parent)?;
-    }
-    match std::fs::create_dir(dir) {
-        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| Error::io(format!("chmod 0755 {}", dir.display()), e)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            if dir.is_dir() {
-                Ok(())
-            } else {
-                Err(Error::Runtime(format!("create {}: exists and is not a directory", dir.display())))
-            }
-        }
-        Err(e) => Err(Error::io(format!("create {}", dir.display()), e)),
-    }
-}
-
-fn make_private_node(path: &Path, dev: DevNum) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        ensure_dir_0755(dir)?;
-    }
-    // A stale node from a link that is gone has the wrong number: replace it.
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("remove stale {}", path.display()), e)),
-    }
-    mknod(path, SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), dev.rdev())
-        .map_err(|e| Error::errno(format!("mknod {} (char {dev})", path.display()), e))
-}
-
-/// Remove the private node of a link (if any) and its directory when empty.
-pub fn remove_private_node(name: &IfName, netns_inode: u64) -> Result<bool> {
-    let path = private_node_path(netns_inode, name);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::remove_dir(dir);
-            }
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
-    }
 }
 
 const IFF_TAP: libc::c_short = 0x0002;
@@ -256,7 +129,7 @@ pub fn open_queues(path: &Path, name: &IfName, dev: DevNum, queues: u32) -> Resu
             .write(true)
             .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(path)
-            .map_err(|e| Error::io(format!("open {} (queue {q} of \"{name}\")", path.display()), e))?;
+            .map_err(|e| open_error(path, name, q, e))?;
         let fd = OwnedFd::from(file);
         if queues > 1 {
             set_multi_queue(&fd)
@@ -266,6 +139,21 @@ pub fn open_queues(path: &Path, name: &IfName, dev: DevNum, queues: u32) -> Resu
         fds.push(fd);
     }
     Ok(fds)
+}
+
+/// A refused open on a `nodev` mount says so: EACCES alone sends people looking at owners and modes.
+fn open_error(path: &Path, name: &IfName, q: u32, e: std::io::Error) -> Error {
+    let what = format!("open {} (queue {q} of \"{name}\")", path.display());
+    let nodev = e.raw_os_error() == Some(libc::EACCES)
+        && nix::sys::statvfs::statvfs(path).is_ok_and(|st| st.flags().contains(nix::sys::statvfs::FsFlags::ST_NODEV));
+    if nodev {
+        return Error::invalid(
+            what,
+            "the node is on a nodev mount, where device nodes cannot be opened (systemd mounts /run nodev); \
+             recreate it with `ec-macvtap create` without EC_MACVTAP_RUNTIME_DIR pointing there",
+        );
+    }
+    Error::io(what, e)
 }
 
 /// Duplicate `fds` to numbers at or above `floor`, close-on-exec, so they cannot collide with the range
@@ -353,23 +241,6 @@ mod tests {
         assert_eq!(DevNum::parse("246"), None);
         assert_eq!(DevNum::parse("a:b"), None);
         assert_eq!(DevNum { major: 246, minor: 3 }.to_string(), "246:3");
-    }
-
-    #[test]
-    fn private_paths_are_per_namespace_and_name() {
-        let n: IfName = "ec-lan0".parse().unwrap();
-        let a = private_node_path(4026531840, &n);
-        assert!(a.ends_with("net-4026531840/ec-lan0"), "{}", a.display());
-        assert_ne!(a, private_node_path(4026532000, &n));
         assert_eq!(public_node_path(12), PathBuf::from("/dev/tap12"));
-    }
-
-    #[test]
-    fn a_regular_file_is_not_a_node() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("tap1");
-        std::fs::write(&f, b"").unwrap();
-        assert!(!node_matches(&f, DevNum { major: 1, minor: 3 }));
-        assert!(node_matches(Path::new("/dev/null"), DevNum { major: 1, minor: 3 }));
     }
 }

@@ -65,8 +65,8 @@ fn create_with_derived_mac_then_noop_then_delete_twice() {
         assert!(!v[field].is_null(), "{field} missing in {v}");
     }
 
-    // The derived MAC: machine id + name + parent, locally administered unicast.
-    let machine_id = std::fs::read_to_string("/etc/machine-id").unwrap();
+    // The derived MAC: app-specific machine id + name + parent, locally administered unicast.
+    let machine_id = ec_ipxe_qemu::macvtap::machine_id().unwrap();
     let want = MacAddr::derived(&machine_id, &name.parse::<IfName>().unwrap(), &parent.parse::<IfName>().unwrap());
     assert_eq!(v["mac"], want.to_string().as_str());
 
@@ -189,12 +189,22 @@ fn mac_collision_names_the_offender() {
     let (ns, parent) = ns_with_parent();
     let other = unique("ov");
     ns.ip(&["link", "add", "link", &parent, "name", &other, "address", "52:54:00:de:ad:01", "type", "macvlan"]);
+    // The kernel checks a MAC against the parent and its other macvlans when a link goes up, and only against
+    // those that are up: a down one does not hold its MAC.
+    ns.ip(&["link", "set", &other, "up"]);
     let table = ns.link_table();
     let name = unique("mv");
     let _guard = common::DeleteOnDrop::new(&ns, &name);
     let out = macvtap(Some(&ns), &["create", "--link", &parent, "--name", &name, "--mac", "52:54:00:de:ad:01"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains(&format!("\"{other}\"")), "offender not named: {}", stderr(&out));
+    assert_eq!(ns.link_table(), table, "nothing left behind");
+
+    // The parent's own address is taken too.
+    let parent_mac = ns.link_json(&parent).unwrap()["address"].as_str().unwrap().to_owned();
+    let out = macvtap(Some(&ns), &["create", "--link", &parent, "--name", &name, "--mac", &parent_mac]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("\"{parent}\" as the parent's own address")), "{}", stderr(&out));
     assert_eq!(ns.link_table(), table, "nothing left behind");
 }
 
@@ -429,6 +439,7 @@ fn refused_replace_keeps_the_old_link() {
     let before = ns.link_json(&name).unwrap();
     let other = unique("ov");
     ns.ip(&["link", "add", "link", &parent, "name", &other, "address", "52:54:00:de:ad:11", "type", "macvlan"]);
+    ns.ip(&["link", "set", &other, "up"]);
     let out =
         macvtap(Some(&ns), &["create", "--link", &parent, "--name", &name, "--mac", "52:54:00:de:ad:11", "--replace"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));

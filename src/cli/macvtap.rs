@@ -61,7 +61,8 @@ pub struct CreateArgs {
     /// Macvtap mode.
     #[arg(long, value_enum, default_value_t = MacvtapMode::Bridge)]
     pub mode: MacvtapMode,
-    /// Unicast MAC; default: derived from /etc/machine-id, the name and the parent (stable across restarts).
+    /// Unicast MAC; default: derived from the app-specific machine id (HMAC-SHA256), the name and the parent
+    /// (stable across restarts).
     #[arg(long)]
     pub mac: Option<MacAddr>,
     /// MTU of the macvtap (default: the parent's).

@@ -9,7 +9,7 @@ pub fn run(global: &Global, args: &DeleteArgs) -> Result<()> {
     } else {
         match out.result {
             "deleted" => println!("{}: deleted", out.name),
-            _ => println!("{}: already absent", out.name),
+            _ => println!("{}: already absent (no such link in {})", out.name, out.netns),
         }
         Ok(())
     }
