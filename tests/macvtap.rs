@@ -159,7 +159,21 @@ fn foreign_links_are_never_touched() {
     let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let name = unique("fx");
-    ns.ip(&["link", "add", "link", &parent, "name", &name, "address", "52:54:00:11:22:33", "type", "macvtap"]);
+    let index = common::random_index().to_string();
+    ns.ip(&[
+        "link",
+        "add",
+        "link",
+        &parent,
+        "name",
+        &name,
+        "index",
+        &index,
+        "address",
+        "52:54:00:11:22:33",
+        "type",
+        "macvtap",
+    ]);
     let before = ns.link_json(&name).unwrap();
 
     let out = macvtap(Some(&ns), &["delete", &name]);
@@ -286,57 +300,6 @@ fn owner_gets_the_node_and_the_fd_passes_tungetiff() {
     let v2 = json(&macvtap(Some(&ns), &["--json", "create", "--link", &parent, "--name", &name, "--owner", "0:0"]));
     assert_eq!(v2["changed"], false);
     assert_eq!(std::fs::metadata(&node).unwrap().uid(), 0);
-}
-
-/// Two namespaces whose macvtaps get the same ifindex: the second one's `/dev/tapN` belongs to the first.
-/// ec-macvtap must notice (major:minor from sysfs) and make a private node; a missing public node likewise.
-#[test]
-#[ignore = "needs root"]
-fn private_node_when_public_is_missing_or_foreign() {
-    require_root("private_node_when_public_is_missing_or_foreign");
-    let _serial = serial();
-    let rt = tempfile::tempdir().unwrap();
-    let run_env = |ns: &Netns, args: &[&str]| {
-        common::run(
-            std::process::Command::new(common::macvtap_bin())
-                .env("EC_MACVTAP_RUNTIME_DIR", rt.path())
-                .args(["--netns", &ns.name])
-                .args(args),
-        )
-    };
-    let (a, pa) = ns_with_parent();
-    let (b, pb) = ns_with_parent();
-    let na = unique("ma");
-    let nb = unique("mb");
-    let rtp = Some(rt.path().to_path_buf());
-    let _ga = common::DeleteOnDrop { ns: &a, name: na.clone(), runtime_dir: rtp.clone() };
-    let _gb = common::DeleteOnDrop { ns: &b, name: nb.clone(), runtime_dir: rtp };
-    let va = json(&run_env(&a, &["--json", "create", "--link", &pa, "--name", &na]));
-    let vb = json(&run_env(&b, &["--json", "create", "--link", &pb, "--name", &nb]));
-    assert_eq!(va["ifindex"], vb["ifindex"], "fresh namespaces give the same ifindex");
-    assert_ne!(va["tap_devnum"], vb["tap_devnum"]);
-    let node_b = vb["tap_device"].as_str().unwrap();
-    assert!(node_b.starts_with(rt.path().to_str().unwrap()), "B must get a private node, got {node_b}");
-    // `exec` opens B's node (verified with TUNGETIFF) and hands it on as fd 3.
-    let out = run_env(&b, &["exec", "--name", &nb, "--", "readlink", "/proc/self/fd/{fd}"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), node_b);
-
-    // Deleting B removes its private node; A is untouched.
-    assert!(run_env(&b, &["delete", &nb]).status.success());
-    assert!(!Path::new(node_b).exists(), "private node left behind");
-    assert!(a.link_json(&na).is_some());
-
-    // Public node missing (no udev, containers): a private node is made.
-    let public = va["tap_device"].as_str().unwrap().to_owned();
-    assert!(public.starts_with("/dev/tap"), "{public}");
-    std::fs::remove_file(&public).unwrap();
-    let va2 = json(&run_env(&a, &["--json", "create", "--link", &pa, "--name", &na]));
-    let private = va2["tap_device"].as_str().unwrap();
-    assert!(private.starts_with(rt.path().to_str().unwrap()), "{private}");
-    assert!(std::fs::metadata(private).unwrap().file_type().is_char_device());
-    assert!(run_env(&a, &["delete", &na]).status.success());
-    assert!(!Path::new(private).exists());
 }
 
 /// A failure after the kernel created the link rolls the link back.

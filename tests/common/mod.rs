@@ -48,6 +48,15 @@ pub fn which(p: &str) -> Option<PathBuf> {
     path.split(':').chain(["/usr/sbin", "/sbin"]).map(|d| Path::new(d).join(p)).find(|c| c.is_file())
 }
 
+/// A random ifindex in 100000..1100000, for links a test creates with `ip link add ... index N`: `/dev/tapN`
+/// is machine-wide, so a test's own macvtaps must not take the low numbers other namespaces use.
+pub fn random_index() -> u32 {
+    let mut b = [0u8; 4];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).expect("read /dev/urandom");
+    100_000 + u32::from_le_bytes(b) % 1_000_000
+}
+
 /// A unique short name (interface names are at most 15 bytes): prefix + pid + counter, base 36.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -136,7 +145,7 @@ impl Netns {
 
     /// A veth pair inside this namespace, both ends up; returns (a, b).
     pub fn veth(&self, a: &str, b: &str) -> (String, String) {
-        self.ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
+        self.ip(&["link", "add", "name", a, "type", "veth", "peer", "name", b]);
         self.ip(&["link", "set", a, "up"]);
         self.ip(&["link", "set", b, "up"]);
         (a.to_owned(), b.to_owned())
