@@ -8,6 +8,9 @@
 //! - (b) batch: the same four operations in one `ip -batch` process per cycle (the kernel's floor plus one
 //!   process start), and all cycles in a single `ip -batch` (the bare kernel floor).
 //!
+//! With 1,000 macvtaps in a namespace against a namespace with none: `show NAME`, `create` (the delete that
+//! follows is not timed) and `show` (all) against `ip -j -d link show type macvtap`.
+//!
 //! Also measured: variants of the delete path (down before delete, IPv6 off) and the cost of closing a tap
 //! fd, and the peak RSS of one `ec-macvtap create`. Run as root: `cargo bench --bench macvtap`
 //! (`EC_BENCH_CYCLES` sets N, default 50). It prints mean figures; it asserts nothing about time.
@@ -85,6 +88,61 @@ fn cycle_script(name: &str, parent: &str, extra: &[&str]) -> String {
     }
     s.push_str(&format!("link del {name}\n"));
     s
+}
+
+/// A namespace with a veth parent `bup0` (and `bup1`) at high indexes, and `extra` macvtaps on `bup1`.
+fn lab_ns(tag: &str, extra: u32) -> Ns {
+    let ns = Ns(format!("ecb{tag}{}", std::process::id()));
+    must(Command::new("ip").args(["netns", "add", &ns.0]));
+    ip(
+        &ns.0,
+        &["link", "add", "name", "bup0", "index", "900001", "type", "veth", "peer", "name", "bup1", "index", "900002"],
+    );
+    ip(&ns.0, &["link", "set", "bup0", "up"]);
+    ip(&ns.0, &["link", "set", "bup1", "up"]);
+    let script: String = (0..extra)
+        .map(|i| format!("link add link bup1 name k{i} index {} type macvtap mode bridge\n", 910_000 + i))
+        .collect();
+    if extra > 0 {
+        batch(&ns.0, &script);
+    }
+    ns
+}
+
+/// The cost of `show NAME`, `create` and `show` with 1,000 links, against none (means of n interleaved runs).
+fn thousand_links(bin: &str, n: usize) {
+    let empty = lab_ns("e", 0);
+    let full = lab_ns("f", 1000);
+    let run = |ns: &Ns, args: &[&str]| must(Command::new(bin).args(["-q", "--netns", &ns.0]).args(args));
+    for ns in [&empty, &full] {
+        run(ns, &["create", "--link", "bup0", "--name", "shown0"]);
+    }
+    let timed = |f: &mut dyn FnMut()| {
+        std::thread::sleep(Duration::from_millis(20));
+        let t = Instant::now();
+        f();
+        t.elapsed()
+    };
+    let mut total = [Duration::ZERO; 7];
+    for _ in 0..n {
+        let mut i = 0;
+        for ns in [&empty, &full] {
+            total[i] += timed(&mut || run(ns, &["--json", "show", "shown0"]));
+            total[i + 1] += timed(&mut || run(ns, &["create", "--link", "bup0", "--name", "made0"]));
+            run(ns, &["delete", "made0"]);
+            total[i + 2] += timed(&mut || run(ns, &["--json", "show"]));
+            i += 3;
+        }
+        total[6] += timed(&mut || {
+            must(Command::new("ip").args(["-n", &full.0, "-j", "-d", "link", "show", "type", "macvtap"]))
+        });
+    }
+    let m: Vec<f64> = total.iter().map(|t| ms(*t / n as u32)).collect();
+    println!("with 1,000 macvtaps in the namespace (mean of {n}, against an empty namespace):");
+    println!("  show NAME   {:7.2} ms  vs {:7.2} ms   ratio {:5.2}  (target <= 1.5)", m[3], m[0], m[3] / m[0]);
+    println!("  create      {:7.2} ms  vs {:7.2} ms   ratio {:5.2}  (target <= 1.5)", m[4], m[1], m[4] / m[1]);
+    println!("  show (all)  {:7.2} ms  (empty: {:.2} ms); ip -j -d link show type macvtap {:.2} ms", m[5], m[2], m[6]);
+    println!("  show / ip   {:5.2}  (target <= 1.5, and show <= 50 ms)", m[5] / m[6]);
 }
 
 fn main() {
@@ -183,4 +241,6 @@ fn main() {
     println!("  addrgenmode none before delete          {:7.2} ms", ms(addrgen_none));
     println!("  closing one tap fd                      {:7.2} ms", ms(close_cost));
     println!("peak RSS of one `ec-macvtap create`: {:.2} MiB (target <= 8 MiB)", peak_kib as f64 / 1024.0);
+    drop(ns);
+    thousand_links(bin, n.min(20));
 }
