@@ -5,9 +5,8 @@ mod common;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::process::Output;
 
-use common::{Netns, macvtap, require_root, unique};
+use common::{Netns, json, macvtap, require_root, stderr, unique};
 use ec_ipxe_qemu::names::{IfName, MacAddr};
 
 /// `/dev/tapN` names are host-wide while ifindexes repeat per namespace, and two tests here depend on who
@@ -16,21 +15,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A fresh namespace with a veth parent `p` (peer `q`), both up.

@@ -12,23 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Netns, random_index, require_root, unique};
+use common::{Netns, json, random_index, require_root, stderr, unique};
 use ec_ipxe_qemu::names::IfName;
-
-fn json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// `ec-macvtap --netns NS ARGS` with `EC_MACVTAP_RUNTIME_DIR` set (or removed when `None`).
 fn mvt(rt: Option<&Path>, ns: &Netns, args: &[&str]) -> Command {
@@ -86,14 +71,16 @@ impl Blocker {
         std::io::Write::write_all(ip.stdin.as_mut().unwrap(), batch.as_bytes()).unwrap();
         drop(ip.stdin.take());
         assert!(ip.wait().unwrap().success());
-        for i in first..first + count {
-            assert!(
-                Path::new(&format!("/dev/tap{i}")).exists(),
-                "/dev/tap{i} must exist (ours or another namespace's)"
-            );
-        }
         Blocker { _ns: ns }
     }
+}
+
+/// The blockers of two tests would share low ifindexes, and one's teardown would free the other's public
+/// names: the tests in this file run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A runtime directory of the test's own (root's, 0755 so an unprivileged owner can reach its node).
@@ -181,6 +168,7 @@ impl Drop for NodevMount {
 #[ignore = "needs root"]
 fn nodev_runtime_dir_is_refused_and_the_default_works() {
     require_root("nodev_runtime_dir_is_refused_and_the_default_works");
+    let _serial = serial();
     let nodev = NodevMount::new();
     let rt = nodev.dir.path().join("ec-macvtap");
     let (ns, parent) = ns_with_parent();
@@ -232,6 +220,7 @@ fn nodev_runtime_dir_is_refused_and_the_default_works() {
 #[ignore = "needs root"]
 fn runtime_dir_must_be_roots_and_private() {
     require_root("runtime_dir_must_be_roots_and_private");
+    let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let name = unique("mv");
     let _blocker = Blocker::for_next_links_in(&ns, 8);
@@ -286,6 +275,7 @@ fn runtime_dir_must_be_roots_and_private() {
 #[ignore = "needs root"]
 fn show_null_without_a_node_and_exec_leaves_nothing() {
     require_root("show_null_without_a_node_and_exec_leaves_nothing");
+    let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let rt = runtime_dir();
     let name = unique("fx");
@@ -321,6 +311,7 @@ fn show_null_without_a_node_and_exec_leaves_nothing() {
 #[ignore = "needs root"]
 fn half_created_links_are_recovered() {
     require_root("half_created_links_are_recovered");
+    let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let rt = runtime_dir();
     let name = unique("mv");
@@ -348,6 +339,7 @@ fn half_created_links_are_recovered() {
 #[ignore = "needs root"]
 fn sigkill_at_random_instants_then_recovery() {
     require_root("sigkill_at_random_instants_then_recovery");
+    let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let rt = runtime_dir();
     let name = unique("mv");
@@ -446,6 +438,7 @@ fn concurrent_rounds(private: bool) {
 #[ignore = "needs root"]
 fn concurrent_creates_and_deletes_public_node() {
     require_root("concurrent_creates_and_deletes_public_node");
+    let _serial = serial();
     concurrent_rounds(false);
 }
 
@@ -453,6 +446,7 @@ fn concurrent_creates_and_deletes_public_node() {
 #[ignore = "needs root"]
 fn concurrent_creates_and_deletes_private_node() {
     require_root("concurrent_creates_and_deletes_private_node");
+    let _serial = serial();
     concurrent_rounds(true);
 }
 
@@ -462,6 +456,7 @@ fn concurrent_creates_and_deletes_private_node() {
 #[ignore = "needs root"]
 fn a_thousand_links() {
     require_root("a_thousand_links");
+    let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let rt = runtime_dir();
     let (bp, bq) = (unique("bp"), unique("bq"));
@@ -500,6 +495,7 @@ fn a_thousand_links() {
 #[ignore = "needs root"]
 fn errors_carry_their_context() {
     require_root("errors_carry_their_context");
+    let _serial = serial();
     let (ns, parent) = ns_with_parent();
     let rt = runtime_dir();
     let br = unique("br");

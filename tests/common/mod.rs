@@ -85,6 +85,22 @@ pub fn run(cmd: &mut Command) -> std::process::Output {
     cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
 }
 
+/// The JSON a successful command printed on stdout; a failure shows its exit code and both streams.
+pub fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Run and require success.
 pub fn sh(args: &[&str]) -> String {
     let out = run(Command::new(args[0]).args(&args[1..]));
