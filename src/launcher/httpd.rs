@@ -403,17 +403,19 @@ mod tests {
         assert!(resolve(&root, "/escape").unwrap_err().reason.contains("outside the served directory"));
     }
 
+    type Job = Box<dyn FnOnce(&Path) + Send>;
+
     /// A server on a runtime of its own thread (as in `run`, a current-thread runtime); stopped on drop.
     struct Served {
         addr: SocketAddr,
         root: PathBuf,
-        tx: Option<std::sync::mpsc::Sender<Box<dyn FnOnce(&Path) + Send>>>,
+        tx: Option<std::sync::mpsc::Sender<Job>>,
         thread: Option<std::thread::JoinHandle<()>>,
     }
 
     impl Served {
         fn start(root: &Path, limits: Limits) -> Served {
-            let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce(&Path) + Send>>();
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
             let (atx, arx) = std::sync::mpsc::channel();
             let r = root.to_owned();
             let thread = std::thread::spawn(move || {
