@@ -23,7 +23,6 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::FutureExt;
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStderr};
@@ -82,9 +81,10 @@ impl StopSignals {
         }
     }
 
-    /// A signal that already arrived, without waiting.
-    fn pending(&mut self) -> Option<&'static str> {
-        self.recv().now_or_never()
+    /// A signal that already arrived (while the runtime was not running), waiting only for the runtime's
+    /// driver to pass it on.
+    fn pending(&mut self, rt: &tokio::runtime::Runtime) -> Option<&'static str> {
+        rt.block_on(async { tokio::time::timeout(Duration::from_millis(20), self.recv()).await.ok() })
     }
 }
 
@@ -122,7 +122,7 @@ pub fn run(cfg: &LaunchConfig) -> Result<()> {
             return Err(e);
         }
     };
-    if let Some(sig) = signals.pending() {
+    if let Some(sig) = signals.pending(&rt) {
         tracing::info!("{sig} while preparing: not starting QEMU");
         remove_if_exists(&cfg.qmp_socket());
         return Ok(());
