@@ -421,7 +421,7 @@ async fn start(
                 tracing::info!("QEMU exited at once ({})", describe(status));
                 return Ok(None);
             }
-            return Err(rejected(&tail, status));
+            return Err(rejected(&tail, status, accel));
         }
         sig = signals.recv() => {
             tracing::info!("{sig} while QEMU was starting: stopping it");
@@ -438,7 +438,7 @@ async fn start(
             // The connection failed: QEMU is most likely exiting; its status and message say why.
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
                 let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
-                return Err(rejected(&tail, status));
+                return Err(rejected(&tail, status, accel));
             }
             let _ = child.start_kill();
             let _ = child.wait().await;
@@ -463,14 +463,30 @@ async fn start(
     Ok(Some(Guest { child, qmp, events, watch, lan, tail, stderr_task }))
 }
 
-/// QEMU exited before it answered on QMP: its command line (or something it names) was refused.
-fn rejected(tail: &Tail, status: ExitStatus) -> Failure {
+/// QEMU exited before it answered on QMP: its command line (or something it names) was refused; or, under
+/// KVM, the accelerator failed.
+fn rejected(tail: &Tail, status: ExitStatus, accel: Accel) -> Failure {
+    if let Some(e) = kvm_failure(tail, status, accel) {
+        return Failure::Other(e);
+    }
     if status.signal().is_some() {
         return Failure::Other(Error::Runtime(format!("QEMU died while starting: {}", describe(status))));
     }
     let msg = tail_text(tail);
     let msg = if msg.is_empty() { format!("QEMU exited with {}", describe(status)) } else { msg };
     Failure::Rejected(Error::invalid("QEMU rejected its command line", msg))
+}
+
+/// Under KVM, a QEMU that failed with KVM in its last words (e.g. "kvm_buf_set_msrs: Assertion ... failed",
+/// "KVM internal error"): say so, with what to do.
+fn kvm_failure(tail: &Tail, status: ExitStatus, accel: Accel) -> Option<Error> {
+    let msg = tail_text(tail);
+    (accel == Accel::Kvm && msg.to_ascii_lowercase().contains("kvm")).then(|| {
+        Error::Runtime(format!(
+            "QEMU failed ({}: {msg}): the KVM accelerator failed; try --accel tcg",
+            describe(status)
+        ))
+    })
 }
 
 /// Why the guest is considered dead: from a run state (`query-status`) or an event.
@@ -512,7 +528,7 @@ async fn supervise(cfg: &LaunchConfig, accel: Accel, mut g: Guest, signals: &mut
             }
         };
         tokio::select! {
-            status = g.child.wait() => return Ok(g.exited(status).await?),
+            status = g.child.wait() => return Ok(g.exited(status, accel).await?),
             sig = signals.recv() => break Why::Stop(sig),
             end = link_gone => break Why::LinkGone(end),
             ev = g.events.recv(), if events_open => match ev {
@@ -572,7 +588,7 @@ impl Guest {
     }
 
     /// QEMU exited by itself.
-    async fn exited(&mut self, status: std::io::Result<ExitStatus>) -> Result<()> {
+    async fn exited(&mut self, status: std::io::Result<ExitStatus>, accel: Accel) -> Result<()> {
         let status = status.map_err(|e| Error::io("wait for QEMU", e))?;
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.stderr_task).await;
         // A panic event may still be queued: it names the reason better than the exit status.
@@ -584,6 +600,9 @@ impl Guest {
         if status.success() {
             tracing::info!("QEMU exited (the guest powered off)");
             return Ok(());
+        }
+        if let Some(e) = kvm_failure(&self.tail, status, accel) {
+            return Err(e);
         }
         let tail = tail_text(&self.tail);
         let tail = if tail.is_empty() { String::new() } else { format!(" ({tail})") };
