@@ -438,6 +438,10 @@ async fn start(
             // The connection failed: QEMU is most likely exiting; its status and message say why.
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
                 let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
+                if status.success() {
+                    tracing::info!("QEMU exited at once ({})", describe(status));
+                    return Ok(None);
+                }
                 return Err(rejected(&tail, status, accel));
             }
             let _ = child.start_kill();
