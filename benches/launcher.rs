@@ -7,7 +7,8 @@
 //!    directory exists (a restart, as under systemd). With root, the same again with a LAN macvtap in a
 //!    throwaway namespace (tap open, verification, netlink watch), both sides under `ip netns exec`.
 //! 2. Memory: the launcher's VmRSS and VmHWM from /proc while it supervises a real QEMU guest (TCG, built-in
-//!    diagnostics) for a few seconds; with --boot-dir too (the HTTP server's threads).
+//!    diagnostics) for a few seconds, and its thread count; with --boot-dir too (the HTTP server runs on the
+//!    launcher's event loop, so it adds no thread per connection).
 //!
 //! Run with `cargo bench --bench launcher` (release build). `EC_BENCH_RUNS` sets the number of starts
 //! (default 30). It prints figures; it asserts nothing about time. Targets: ≤ 5 ms overhead, ≤ 10 MiB RSS.
@@ -111,8 +112,8 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
     s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Supervise a real TCG guest for `secs` and return (VmRSS, VmHWM) in MiB.
-fn memory(dir: &Path, name: &str, extra: &[&str], secs: u64) -> Option<(f64, f64)> {
+/// Supervise a real TCG guest for `secs` and return (VmRSS, VmHWM) in MiB and the most threads seen.
+fn memory(dir: &Path, name: &str, extra: &[&str], secs: u64) -> Option<(f64, f64, u64)> {
     let state = dir.join(format!("mem-{name}"));
     let mut child = Command::new(BIN)
         .args(["-q", "run", "--state-dir", state.to_str()?, "--no-disk", "--accel", "tcg", "--memory", "128"])
@@ -125,9 +126,11 @@ fn memory(dir: &Path, name: &str, extra: &[&str], secs: u64) -> Option<(f64, f64
         .ok()?;
     let start = Instant::now();
     let mut rss = 0;
+    let mut threads = 0;
     while start.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_millis(250));
         rss = rss.max(status_kib(child.id(), "VmRSS:").unwrap_or(0));
+        threads = threads.max(status_kib(child.id(), "Threads:").unwrap_or(0));
     }
     let hwm = status_kib(child.id(), "VmHWM:").unwrap_or(0);
     let serial = std::fs::read_to_string(state.join("serial.log")).unwrap_or_default();
@@ -136,7 +139,7 @@ fn memory(dir: &Path, name: &str, extra: &[&str], secs: u64) -> Option<(f64, f64
     if !serial.contains("ec-ipxe-qemu") {
         eprintln!("  (note: the guest had not reached the boot script yet)");
     }
-    Some((rss as f64 / 1024.0, hwm as f64 / 1024.0))
+    Some((rss as f64 / 1024.0, hwm as f64 / 1024.0, threads))
 }
 
 fn main() {
@@ -181,8 +184,9 @@ fn main() {
     }
     for (name, extra) in [("diagnostics", vec![]), ("boot-dir", vec!["--boot-dir", www.to_str().unwrap_or("")])] {
         match memory(tmp.path(), name, &extra, 6) {
-            Some((rss, hwm)) => println!(
-                "memory while supervising a TCG guest ({name}): VmRSS {rss:.2} MiB, VmHWM {hwm:.2} MiB  (target ≤ 10 MiB)"
+            Some((rss, hwm, threads)) => println!(
+                "memory while supervising a TCG guest ({name}): VmRSS {rss:.2} MiB, VmHWM {hwm:.2} MiB  (target ≤ 10 MiB), \
+                 {threads} thread(s)"
             ),
             None => println!("memory ({name}): could not start the launcher"),
         }

@@ -189,27 +189,48 @@ fn serial(path: &Path) -> String {
 }
 
 /// A small HTTP server of the test's own on 127.0.0.1 that serves `body` at every path and records the
-/// request lines it saw.
+/// request lines it saw (HTTP/1.0 style: one request per connection).
 struct TestServer {
     port: u16,
     seen: Arc<Mutex<Vec<String>>>,
-    server: Arc<tiny_http::Server>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl TestServer {
     fn start(body: String) -> TestServer {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-        let port = server.server_addr().to_ip().unwrap().port();
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (srv, log) = (Arc::clone(&server), Arc::clone(&seen));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log, halt) = (Arc::clone(&seen), Arc::clone(&stop));
         let thread = std::thread::spawn(move || {
-            for rq in srv.incoming_requests() {
-                log.lock().unwrap().push(format!("{} {}", rq.method(), rq.url()));
-                let _ = rq.respond(tiny_http::Response::from_string(body.clone()));
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&req).lines().next().unwrap_or("").to_owned();
+                let mut parts = line.split(' ');
+                let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                log.lock().unwrap().push(format!("{method} {target}"));
+                let _ =
+                    write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
             }
         });
-        TestServer { port, seen, server, thread: Some(thread) }
+        TestServer { port, seen, stop, thread: Some(thread) }
     }
 
     fn seen(&self) -> Vec<String> {
@@ -219,7 +240,7 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        self.server.unblock();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -301,7 +322,7 @@ fn user_mode_chain_to_loopback_http() {
     // iPXE expanded ${net0/mac} in the URL (and percent-encoded it).
     assert!(seen.iter().any(|r| r == "GET /chain.ipxe?from=52%3A54%3A00%3A12%3A34%3A56"), "server saw {seen:?}");
     // The boot path never touches a LAN NIC.
-    assert!(!std::fs::read_to_string(state.join("boot.ipxe")).unwrap().contains("net1"));
+    assert!(!std::fs::read_to_string(state.join("tftp/boot.ipxe")).unwrap().contains("net1"));
 }
 
 /// `--boot-dir`: the launcher's own HTTP server serves netboot.ipxe to the guest.
@@ -383,7 +404,7 @@ fn second_run_on_the_same_state_dir_is_refused() {
     let _slot = Slot::take();
     let mut first = Run::start(None, &state, &["--no-disk", "--shutdown-timeout", "0"]);
     first.wait_started();
-    let script = std::fs::read(state.join("boot.ipxe")).unwrap();
+    let script = std::fs::read(state.join("tftp/boot.ipxe")).unwrap();
     let out = Command::new(BIN)
         .args(["run", "--state-dir", state.to_str().unwrap(), "--accel", "tcg", "--no-disk", "--boot-url"])
         .arg("http://example.invalid/x")
@@ -395,7 +416,7 @@ fn second_run_on_the_same_state_dir_is_refused() {
     assert!(err.contains(&format!("pid {}", first.pid())), "{err}");
     assert!(first.running(), "the first run must go on");
     assert_eq!(qemu_pids(&state).len(), 1, "exactly the first QEMU");
-    assert_eq!(std::fs::read(state.join("boot.ipxe")).unwrap(), script, "the first run's script is untouched");
+    assert_eq!(std::fs::read(state.join("tftp/boot.ipxe")).unwrap(), script, "the first run's script is untouched");
     first.signal(nix::sys::signal::Signal::SIGTERM);
     assert_exit(first.wait(Duration::from_secs(15)), 0, &first);
 }
@@ -589,7 +610,7 @@ fn bad_input_leaves_nothing_behind() {
 }
 
 /// A stop request while the launcher is still preparing (here: a slow qemu-img) is neither lost nor fatal:
-/// the disk is finished, QEMU starts, is stopped in order, and `run` exits 0 with nothing left behind.
+/// the disk is finished, QEMU is never started, and `run` exits 0 with no temporary file left behind.
 #[test]
 fn stop_during_preparation_is_orderly() {
     let t = "stop_during_preparation_is_orderly";
@@ -612,7 +633,9 @@ fn stop_during_preparation_is_orderly() {
     wait_for(Duration::from_secs(10), || marker.exists().then_some(())).expect("qemu-img started");
     run.signal(nix::sys::signal::Signal::SIGTERM);
     assert_exit(run.wait(Duration::from_secs(30)), 0, &run);
-    assert!(run.stderr().contains("SIGTERM"), "{}", run.stderr());
+    let log = run.stderr();
+    assert!(log.contains("SIGTERM while preparing: not starting QEMU"), "{log}");
+    assert!(!log.contains("QEMU started"), "{log}");
     let names: Vec<String> =
         std::fs::read_dir(&state).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.contains(&"disk.qcow2".to_owned()), "{names:?}");
@@ -650,4 +673,545 @@ fn unwritable_state_dir_is_refused() {
         }
     }
     assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0, "nothing created");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Hostile guests, faults and concurrent runs (issue 8)
+
+/// The number of threads of process `pid` (from /proc/PID/status).
+fn threads(pid: i32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Enough fds for a flood of connections from this process.
+fn raise_nofile(want: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard).unwrap();
+    }
+}
+
+/// The boot HTTP server under 1,000 half-sent requests and 100 clients that request a large file and never
+/// read it: the launcher's thread count stays bounded, the guest still chains its script, and SIGTERM still
+/// ends the run with exit 0.
+#[test]
+fn boot_http_server_survives_a_connection_flood() {
+    let t = "boot_http_server_survives_a_connection_flood";
+    if !require_qemu(t) {
+        return;
+    }
+    use std::io::Write;
+    raise_nofile(4096);
+    let marker = format!("E2E-FLOOD-{}", unique("m"));
+    let tmp = tempfile::tempdir().unwrap();
+    let www = tmp.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("netboot.ipxe"), format!("#!ipxe\necho {marker}\nsleep 3600\n")).unwrap();
+    std::fs::File::create(www.join("big.img")).unwrap().set_len(512 << 20).unwrap();
+    // A fixed free port, so the flood can start before the guest boots.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let state = tmp.path().join("state");
+    let _slot = Slot::take();
+    let mut run = Run::start(
+        None,
+        &state,
+        &["--no-disk", "--boot-dir", www.to_str().unwrap(), "--boot-http-port", &port.to_string()],
+    );
+    run.wait_started();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut flood = Vec::new();
+    let mut max_threads = threads(run.pid()).unwrap();
+    // Interleaved: every 11th client is a slow reader, so both kinds hold some of the server's slots.
+    for i in 0..1100 {
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else { continue };
+        let _ = if i % 11 != 10 {
+            s.write_all(b"GET /netboot.ipxe HTTP/1.1\r\nHost: 10.0.2.2\r\nX-Half: ")
+        } else {
+            s.write_all(b"GET /big.img HTTP/1.1\r\nHost: 10.0.2.2\r\n\r\n")
+        };
+        flood.push(s);
+        if i % 50 == 0 {
+            max_threads = max_threads.max(threads(run.pid()).unwrap_or(0));
+        }
+    }
+    let flood_open = Instant::now();
+    // While the flood is held open, the guest boots and chains its script.
+    let mut during = 0;
+    let start = Instant::now();
+    let s = loop {
+        max_threads = max_threads.max(threads(run.pid()).unwrap_or(0));
+        during += 1;
+        let s = run.serial();
+        if s.contains(&marker) {
+            break s;
+        }
+        assert!(run.running(), "the launcher died under the flood\n{}", run.stderr());
+        assert!(start.elapsed() < BOOT_TIMEOUT, "the guest did not chain\n{s}\n{}", run.stderr());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(s.contains("chaining http://10.0.2.2:"), "{s}");
+    eprintln!(
+        "FIGURE launcher threads under 1,000 half-open + 100 slow-reader connections: max {max_threads} \
+         (sampled {during} times over {:?} while the flood was held open)",
+        flood_open.elapsed()
+    );
+    assert!(max_threads <= 8, "thread count not bounded: {max_threads}");
+    let log = run.stderr();
+    assert!(log.contains("connections open; refused the one from 127.0.0.1"), "the cap held:\n{log}");
+    assert!(log.contains("boot HTTP: GET /netboot.ipxe from 127.0.0.1"), "{log}");
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_exit(run.wait(Duration::from_secs(30)), 0, &run);
+    drop(flood);
+    assert!(no_qemu_left(&state));
+}
+
+/// A fake QEMU for tests about the launcher's own steps before QEMU matters: it ignores its arguments, holds
+/// everything it was given for `secs` seconds and exits 0.
+fn fake_qemu(dir: &Path, secs: f32) -> PathBuf {
+    let p = dir.join(format!("fake-qemu-{secs}"));
+    std::fs::write(&p, format!("#!/bin/sh\nexec sleep {secs}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Concurrent `run`s on fresh state directories, hundreds of rounds: exactly one wins each round, the others
+/// exit 4, and the winner's files (lock, boot script) are intact after every loser is gone.
+#[test]
+fn concurrent_runs_on_a_fresh_state_dir_have_one_winner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qemu = fake_qemu(tmp.path(), 3.0);
+    let rounds = 200;
+    let per_round = 3;
+    let batch = 20;
+    for first in (0..rounds).step_by(batch) {
+        let mut procs = Vec::new();
+        for round in first..first + batch {
+            let state = tmp.path().join(format!("r{round}/deeper/state"));
+            for _ in 0..per_round {
+                let child = Command::new(BIN)
+                    .args(["-q", "run", "--state-dir"])
+                    .arg(&state)
+                    .args(["--accel", "tcg", "--no-disk", "--qemu"])
+                    .arg(&qemu)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                procs.push((round, state.clone(), child));
+            }
+        }
+        let mut winners = std::collections::HashMap::new();
+        for (round, state, child) in procs {
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            match out.status.code() {
+                Some(0) => *winners.entry(round).or_insert(0) += 1,
+                Some(4) => {
+                    assert!(err.contains("is in use by another ec-ipxe-qemu run"), "round {round}: {err}");
+                    assert!(state.join("lock").exists(), "round {round}: a loser removed the winner's lock");
+                    assert!(
+                        state.join("tftp/boot.ipxe").exists(),
+                        "round {round}: a loser removed the winner's script"
+                    );
+                }
+                other => panic!("round {round}: exit {other:?}: {err}"),
+            }
+        }
+        for round in first..first + batch {
+            assert_eq!(winners.get(&round), Some(&1), "round {round}: exactly one winner");
+            let state = tmp.path().join(format!("r{round}/deeper/state"));
+            assert!(state.join("tftp/boot.ipxe").exists(), "round {round}: the winner's script");
+        }
+    }
+}
+
+/// Seconds since midnight (UTC) of a tracing timestamp such as `2026-11-25T12:03:22.763954Z` at the start of
+/// `line`.
+fn log_time_of_day(line: &str) -> Option<f64> {
+    let t = line.split_whitespace().next()?.split('T').nth(1)?.trim_end_matches('Z');
+    let mut p = t.split(':');
+    let (h, m, s): (f64, f64, f64) = (p.next()?.parse().ok()?, p.next()?.parse().ok()?, p.next()?.parse().ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// `--accel kvm` on a host whose KVM fails (nested virtualisation): QEMU either stops the guest with
+/// `internal-error` ("KVM internal error ... emulation failure") or aborts in KVM setup ("failed to set MSR");
+/// either way the launcher ends the run with exit 1 within 2 s, saying what to do. Needs /dev/kvm; SKIP
+/// otherwise (a failure under CI=true).
+#[test]
+fn kvm_failure_ends_the_run_within_2s() {
+    let t = "kvm_failure_ends_the_run_within_2s";
+    if !Path::new("/dev/kvm").exists() {
+        common::skip_or_fail(t, "needs /dev/kvm");
+        return;
+    }
+    if !require_qemu(t) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let _slot = Slot::take();
+    let log = state.with_extension("stderr");
+    let mut child = Command::new(BIN)
+        .args(["run", "--state-dir"])
+        .arg(&state)
+        .args(["--accel", "kvm", "--memory", "256", "--no-disk"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_for(BOOT_TIMEOUT, || child.try_wait().ok().flatten());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        if serial(&state.join("serial.log")).contains(OK_LINE) {
+            common::skip_or_fail(t, "KVM works on this host (no failure to detect)");
+            return;
+        }
+        panic!("the launcher did not end the run\n{err}");
+    };
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("the KVM accelerator failed; try --accel tcg"), "{err}");
+    // When the guest failed: QMP's event time, or the time the launcher logged QEMU's last words.
+    let failed_at = err
+        .lines()
+        .find_map(|l| l.split("guest failure reported by QEMU at ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|at| now - at)
+        .or_else(|| {
+            let line = err.lines().find(|l| l.contains("QEMU: ") && l.to_ascii_lowercase().contains("kvm"))?;
+            let mut d = (now % 86400.0) - log_time_of_day(line)?;
+            if d < 0.0 {
+                d += 86400.0;
+            }
+            Some(d)
+        })
+        .unwrap_or_else(|| panic!("no failure time in the log:\n{err}"));
+    eprintln!("FIGURE KVM failure to launcher exit: {failed_at:.3} s (exit polled every 50 ms)");
+    assert!(failed_at <= 2.0, "took {failed_at:.3} s\n{err}");
+    assert!(no_qemu_left(&state));
+}
+
+/// A QMP client of the test's own on the operators' `qmp.sock`.
+fn operator_qmp(state: &Path) -> (std::io::BufReader<std::os::unix::net::UnixStream>, std::os::unix::net::UnixStream) {
+    use std::io::BufRead;
+    let s = std::os::unix::net::UnixStream::connect(state.join("qmp.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"QMP\""), "{line}");
+    (r, w)
+}
+
+fn operator_command(
+    qmp: &mut (std::io::BufReader<std::os::unix::net::UnixStream>, std::os::unix::net::UnixStream),
+    cmd: &str,
+) {
+    use std::io::{BufRead, Write};
+    writeln!(qmp.1, "{{\"execute\": \"{cmd}\"}}").unwrap();
+    loop {
+        let mut line = String::new();
+        qmp.0.read_line(&mut line).unwrap();
+        if line.contains("\"return\"") || line.contains("\"error\"") || line.is_empty() {
+            break;
+        }
+    }
+}
+
+/// A STOP the launcher did not ask for (an operator's `stop` on qmp.sock): the run ends with exit 1 within
+/// 2 s and says why; the launcher's own QMP connection is independent of the operator's.
+#[test]
+fn a_stop_the_launcher_did_not_ask_for_ends_the_run() {
+    let t = "a_stop_the_launcher_did_not_ask_for_ends_the_run";
+    if !require_qemu(t) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let _slot = Slot::take();
+    let mut run = Run::start(None, &state, &["--no-disk"]);
+    run.wait_started();
+    let mut qmp = operator_qmp(&state);
+    operator_command(&mut qmp, "qmp_capabilities");
+    let stopped = Instant::now();
+    operator_command(&mut qmp, "stop");
+    let status = run.wait(Duration::from_secs(10));
+    let took = stopped.elapsed();
+    assert_exit(status, 1, &run);
+    eprintln!("FIGURE unrequested STOP to launcher exit: {took:?}");
+    assert!(took <= Duration::from_secs(2), "took {took:?}\n{}", run.stderr());
+    assert!(run.stderr().contains("the guest stopped running: the guest was paused"), "{}", run.stderr());
+    assert!(no_qemu_left(&state));
+}
+
+/// An operator holding `qmp.sock` (QEMU serves one client at a time there) does not get in the way of a stop:
+/// SIGTERM gives powerdown, then quit after the timeout through the launcher's own connection, exit 0, no
+/// SIGKILL.
+#[test]
+fn stop_works_while_an_operator_holds_qmp_sock() {
+    let t = "stop_works_while_an_operator_holds_qmp_sock";
+    if !require_qemu(t) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let _slot = Slot::take();
+    let mut run = Run::start(None, &state, &["--no-disk", "--shutdown-timeout", "1"]);
+    run.wait_started();
+    let mut qmp = operator_qmp(&state);
+    operator_command(&mut qmp, "qmp_capabilities");
+    let asked = Instant::now();
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = run.wait(Duration::from_secs(30));
+    let took = asked.elapsed();
+    assert_exit(status, 0, &run);
+    let log = run.stderr();
+    assert!(took < Duration::from_secs(1 + 4), "took {took:?}\n{log}");
+    assert!(log.contains("QEMU quit (exit status 0)"), "{log}");
+    assert!(!log.contains("SIGKILL"), "{log}");
+    drop(qmp);
+    assert!(no_qemu_left(&state));
+}
+
+/// QEMU runs under its seccomp sandbox (-sandbox on,...): the kernel reports filter mode for its process.
+#[test]
+fn qemu_runs_sandboxed() {
+    let t = "qemu_runs_sandboxed";
+    if !require_qemu(t) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let _slot = Slot::take();
+    let mut run = Run::start(None, &state, &["--no-disk", "--shutdown-timeout", "0"]);
+    run.wait_started();
+    let pids = qemu_pids(&state);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "QEMU is not in seccomp filter mode:\n{status}");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
+        "{cmdline}"
+    );
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_exit(run.wait(Duration::from_secs(15)), 0, &run);
+}
+
+/// The guest's TFTP sees only the boot script: the ROM loads boot.ipxe from there, but the lock file (and the
+/// rest of the state dir) is not found.
+#[test]
+fn tftp_serves_only_the_boot_script() {
+    let t = "tftp_serves_only_the_boot_script";
+    if !require_qemu(t) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let _slot = Slot::take();
+    let mut run = Run::start(None, &state, &["--no-disk", "--boot-url", "tftp://10.0.2.2/lock"]);
+    let s = run.wait_serial("could not boot from tftp://10.0.2.2/lock");
+    assert!(s.contains("tftp://10.0.2.2/boot.ipxe"), "the ROM loaded the script over TFTP:\n{s}");
+    let names: Vec<String> = std::fs::read_dir(state.join("tftp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["boot.ipxe"]);
+    assert!(state.join("lock").exists() && state.join("serial.log").exists());
+    // iPXE names the failure: no such file (2d12603b... is ENOENT), not an image it could not run.
+    let fetch = s.lines().filter(|l| l.contains("tftp://10.0.2.2/lock")).collect::<Vec<_>>().join("\n");
+    assert!(!s.contains("Exec format error"), "the guest got the lock file:\n{s}");
+    assert!(s.contains("No such file") || s.contains("2d12603b") || s.contains("Not found"), "{fetch}\n---\n{s}");
+}
+
+/// Bad input that only QEMU or the kernel detects: a port already in use for `--host-forward` (exit 4), an
+/// argument QEMU rejects (exit 2, QEMU's own message). Either way nothing is left behind and no QEMU runs.
+#[test]
+fn bad_input_found_at_start_leaves_nothing() {
+    let t = "bad_input_found_at_start_leaves_nothing";
+    if !require_qemu(t) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("new/state");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let fwd = format!("tcp:127.0.0.1:{port}-:22");
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["--host-forward", &fwd], 4, "already in use"),
+        (vec!["--", "-foo"], 2, "-foo: invalid option"),
+        (vec!["--boot-nic-model", "virtio"], 2, "virtio"),
+    ];
+    for (args, code, needle) in cases {
+        let out = Command::new(BIN)
+            .args(["run", "--state-dir"])
+            .arg(&state)
+            .args(["--accel", "tcg", "--memory", "256M", "--no-disk"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        let last = err.lines().last().unwrap_or("");
+        assert!(last.starts_with("ec-ipxe-qemu: "), "{args:?}: one line at the end: {err}");
+        assert!(last.contains(needle), "{args:?}: {last}");
+        if code == 2 {
+            assert!(last.contains("QEMU rejected its command line"), "{last}");
+        }
+        assert!(!tmp.path().join("new").exists(), "{args:?}: the directories this run made are gone");
+        assert!(qemu_pids(tmp.path()).is_empty(), "{args:?}: no QEMU");
+    }
+}
+
+/// Sizes take units (`--memory 2G`), and `--help` states the ranges.
+#[test]
+fn memory_takes_units_and_help_states_ranges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let argv = |mem: &str| {
+        let out = Command::new(BIN)
+            .args(["print-args", "--state-dir"])
+            .arg(&state)
+            .args(["--accel", "tcg", "--no-disk", "--qemu", "/bin/true", "--memory", mem])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = argv("2G");
+    assert_eq!(code, Some(0), "{err}");
+    let v: Vec<String> = serde_json::from_str(&out).unwrap();
+    let m = v.iter().position(|a| a == "-m").unwrap();
+    assert_eq!(v[m + 1], "2048");
+    let (code, _, err) = argv("2X");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--memory") && err.contains("64M to 1T"), "{err}");
+    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for range in ["64M to 1T", "1 to 255", "1M to 64T", "1 to 16", "0 to 3600"] {
+        assert!(help.contains(range), "--help must state {range:?}:\n{help}");
+    }
+    assert!(!state.exists());
+}
+
+/// `print-args` into a closed pipe (`print-args | head -c1`): no panic, exit 0.
+#[test]
+fn print_args_to_a_closed_stdout_does_not_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (r, w) = nix::unistd::pipe().unwrap();
+    drop(r);
+    let out = Command::new(BIN)
+        .args(["print-args", "--state-dir"])
+        .arg(tmp.path().join("s"))
+        .args(["--accel", "tcg", "--no-disk", "--qemu", "/bin/true"])
+        .stdout(Stdio::from(w))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+}
+
+/// One launcher per macvtap: a second `run` on the same `--lan-interface` (another state dir) exits 4 naming
+/// the first run's pid, touches nothing, and the first guest runs on. A process that is not a launcher but
+/// holds the tap device (here `ec-macvtap exec` running sleep) is named too.
+#[test]
+#[ignore = "needs root"]
+fn one_launcher_per_macvtap() {
+    let Some(g) = LanGuest::new("one_launcher_per_macvtap") else { return };
+    let _slot = Slot::take();
+    let mut first = g.run();
+    first.wait_started();
+    let other = g._tmp.path().join("other-state");
+    let second = |state: &Path| {
+        g.lab
+            .host
+            .cmd(BIN)
+            .args(["run", "--state-dir"])
+            .arg(state)
+            .args(["--accel", "tcg", "--memory", "256", "--no-disk", "--lan-interface", &g.name])
+            .output()
+            .unwrap()
+    };
+    let out = second(&other);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains(&format!("--lan-interface \"{}\": macvtap is in use", g.name)), "{err}");
+    assert!(err.contains(&format!("(pid {})", first.pid())), "{err}");
+    assert!(!other.exists(), "the refused run leaves nothing");
+    assert!(first.running(), "the first run goes on");
+    assert_eq!(qemu_pids(&g.state).len(), 1);
+    // A second signal skips the shutdown timeout (iPXE ignores ACPI).
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_exit(first.wait(Duration::from_secs(15)), 0, &first);
+
+    // Not a launcher, but holding the tap.
+    let mut holder = common::KillOnDrop(
+        Command::new(common::macvtap_bin())
+            .args(["--netns", &g.lab.host.name, "exec", "--name", &g.name, "--", "sleep", "60"])
+            .spawn()
+            .unwrap(),
+    );
+    let held = wait_for(Duration::from_secs(5), || {
+        let pid = holder.0.id() as i32;
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()?
+            .flatten()
+            .any(|f| std::fs::read_link(f.path()).is_ok_and(|p| p.to_string_lossy().contains("tap")))
+            .then_some(())
+    });
+    assert!(held.is_some(), "ec-macvtap exec did not open the tap");
+    let out = second(&other);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains(&format!("is held by pid {} (sleep)", holder.0.id())), "{err}");
+    assert!(!other.exists());
+    let _ = holder.0.kill();
+}
+
+/// The LAN link deleted while the launcher's link-notification socket is flooded with other links' events:
+/// the run still ends with exit 1 naming the link, within 2 s of the deletion.
+#[test]
+#[ignore = "needs root"]
+fn lan_link_deleted_during_a_link_event_flood() {
+    let Some(g) = LanGuest::new("lan_link_deleted_during_a_link_event_flood") else { return };
+    let _slot = Slot::take();
+    let mut run = g.run();
+    run.wait_started();
+    // 400 veth pairs created and deleted in one batch: thousands of RTM_NEWLINK/DELLINK messages, with the
+    // macvtap's deletion in the middle.
+    let batch = g._tmp.path().join("flood.batch");
+    let mut text = String::new();
+    for i in 0..200 {
+        text.push_str(&format!("link add fa{i} type veth peer name fb{i}\n"));
+    }
+    text.push_str(&format!("link del {}\n", g.name));
+    for i in 0..200 {
+        text.push_str(&format!("link del fa{i}\n"));
+    }
+    std::fs::write(&batch, text).unwrap();
+    g.lab.host.ip(&["-batch", batch.to_str().unwrap()]);
+    let deleted = Instant::now();
+    let status = run.wait(Duration::from_secs(10));
+    assert_exit(status, 1, &run);
+    assert!(deleted.elapsed() <= Duration::from_secs(2), "took {:?}\n{}", deleted.elapsed(), run.stderr());
+    assert!(run.stderr().contains(&format!("LAN macvtap \"{}\"", g.name)), "{}", run.stderr());
+    assert!(run.stderr().contains("disappeared"), "{}", run.stderr());
+    assert!(no_qemu_left(&g.state));
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::launcher::config::{BootUrl, ByteSize, HostForward, Hostname, NicModel};
+use crate::launcher::config::{BootUrl, ByteSize, HostForward, Hostname, MemSize, NicModel};
 use crate::names::IfName;
 
 #[derive(Debug, Parser)]
@@ -18,8 +18,9 @@ use crate::names::IfName;
                   NIC whose iPXE chains to a boot URL, optionally adds a LAN NIC on an existing macvtap (see \
                   ec-macvtap), and supervises QEMU until it exits or a stop signal arrives.\n\n\
                   Exit codes: 0 ok (guest powered off, or stop requested), 1 runtime failure (QEMU failed or was \
-                  killed, the LAN link vanished), 2 usage or invalid input, 3 not found (the --lan-interface link), \
-                  4 conflict (the state directory is locked by another run), 5 permission denied."
+                  killed, the guest stopped running, the LAN link vanished), 2 usage or invalid input (also a QEMU \
+                  that rejects its command line), 3 not found (the --lan-interface link), 4 conflict (the state \
+                  directory or the macvtap is in use by another run, a port is taken), 5 permission denied."
 )]
 pub struct LauncherCli {
     /// More logs on stderr (repeatable).
@@ -67,7 +68,7 @@ pub struct LaunchArgs {
     /// Address the --boot-dir server listens on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1", requires = "boot_dir", help_heading = "Boot")]
     pub boot_http_bind: IpAddr,
-    /// Port of the --boot-dir server (0: a free port).
+    /// Port of the --boot-dir server (0 to 65535; 0: a free port).
     #[arg(long, value_name = "PORT", default_value_t = 0, requires = "boot_dir", help_heading = "Boot")]
     pub boot_http_port: u16,
     /// Boot this iPXE image (e.g. an HTTPS-capable ipxe.lkrn) with the generated script as its initrd, instead
@@ -88,11 +89,11 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "RULE", help_heading = "Boot")]
     pub host_forward: Vec<HostForward>,
 
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 2048, allow_negative_numbers = true,
-          value_parser = clap::value_parser!(u32).range(64..=1_048_576), help_heading = "Guest")]
-    pub memory: u32,
-    /// Virtual CPUs.
+    /// Guest memory: a number of MiB or a size with a unit (512M, 2G; K/M/G/T are powers of 1024). Range 64M
+    /// to 1T.
+    #[arg(long, value_name = "SIZE", default_value = "2048", allow_hyphen_values = true, help_heading = "Guest")]
+    pub memory: MemSize,
+    /// Virtual CPUs (1 to 255).
     #[arg(long, value_name = "N", default_value_t = 2, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=255),
           help_heading = "Guest")]
     pub cpus: u32,
@@ -100,7 +101,7 @@ pub struct LaunchArgs {
     /// Default: <state-dir>/disk.qcow2.
     #[arg(long, value_name = "PATH", conflicts_with = "no_disk", help_heading = "Guest")]
     pub disk: Option<PathBuf>,
-    /// Size of the disk when it is created (e.g. 8G, 512M; K/M/G/T are powers of 1024).
+    /// Size of the disk when it is created (e.g. 8G, 512M; K/M/G/T are powers of 1024). Range 1M to 64T.
     #[arg(
         long,
         value_name = "SIZE",
@@ -139,12 +140,12 @@ pub struct LaunchArgs {
         help_heading = "LAN"
     )]
     pub lan_nic_model: NicModel,
-    /// Queues of the LAN NIC (more than one needs a virtio model).
+    /// Queues of the LAN NIC, 1 to 16 (more than one needs a virtio model).
     #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=16),
           requires = "lan_interface", help_heading = "LAN")]
     pub lan_queues: u32,
 
-    /// Seconds between asking the guest to power off (SIGTERM/SIGINT) and quitting QEMU.
+    /// Seconds between asking the guest to power off (SIGTERM/SIGINT) and quitting QEMU (0 to 3600).
     #[arg(long, value_name = "SECS", default_value_t = 30, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(0..=3600),
           help_heading = "Lifecycle")]
     pub shutdown_timeout: u64,

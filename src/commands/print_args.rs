@@ -1,11 +1,25 @@
 //! `ec-ipxe-qemu print-args`: the exact QEMU argv as a JSON array on stdout.
 
+use std::io::Write;
+
 use crate::cli::launcher::LaunchArgs;
-use crate::commands::print_json;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::launcher::{self, config::LaunchConfig};
 
 pub fn run(args: &LaunchArgs) -> Result<()> {
     let cfg = LaunchConfig::from_args(args)?;
-    print_json(&launcher::print_args(&cfg)?)
+    let argv = launcher::print_args(&cfg)?;
+    let text = serde_json::to_string_pretty(&argv).map_err(|e| Error::Runtime(format!("encode JSON: {e}")))?;
+    write_stdout(&text)
+}
+
+/// Write one document to stdout. A reader that went away (`print-args | head -c1`) is not an error: there is
+/// no one left to tell.
+fn write_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::io("write to stdout", e)),
+    }
 }

@@ -130,6 +130,55 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// Guest memory as QEMU's `-m` takes it: a number of MiB (`2048`), or a size with a unit (`512M`, `2G`,
+/// `1T`; powers of 1024, `MiB`/`GiB`/`TiB` too). Whole MiB, from 64 MiB to 1 TiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemSize(u32);
+
+impl MemSize {
+    pub const MIN_MIB: u32 = 64;
+    pub const MAX_MIB: u32 = 1 << 20;
+
+    pub fn mib(self) -> u32 {
+        self.0
+    }
+}
+
+impl FromStr for MemSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let usage = || format!("memory \"{s}\" must be a number of MiB or a size like 512M or 2G (64M to 1T)");
+        if num.is_empty() {
+            return Err(usage());
+        }
+        let factor: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "m" | "mib" | "mb" => 1,
+            "g" | "gib" | "gb" => 1 << 10,
+            "t" | "tib" | "tb" => 1 << 20,
+            _ => return Err(usage()),
+        };
+        let n: u64 = num.parse().map_err(|_| format!("memory \"{s}\" is too large (at most 1T)"))?;
+        let mib = n.saturating_mul(factor);
+        if mib < u64::from(Self::MIN_MIB) {
+            return Err(format!("memory \"{s}\" is too small (at least 64M)"));
+        }
+        if mib > u64::from(Self::MAX_MIB) {
+            return Err(format!("memory \"{s}\" is too large (at most 1T)"));
+        }
+        Ok(MemSize(mib as u32))
+    }
+}
+
+impl fmt::Display for MemSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// A DNS host name: dot-separated labels of letters, digits and `-`, each 1–63 bytes, 253 in all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hostname(String);
@@ -297,6 +346,8 @@ pub struct DiskSpec {
 
 /// Fixed file names inside the state directory.
 pub const BOOT_SCRIPT: &str = "boot.ipxe";
+/// The slirp TFTP root: a directory of its own that holds only the boot script (the guest can read all of it).
+pub const TFTP_DIR: &str = "tftp";
 pub const QMP_SOCKET: &str = "qmp.sock";
 pub const LOCK_FILE: &str = "lock";
 pub const SERIAL_LOG: &str = "serial.log";
@@ -327,8 +378,12 @@ pub struct LaunchConfig {
 }
 
 impl LaunchConfig {
+    pub fn tftp_dir(&self) -> PathBuf {
+        self.state_dir.join(TFTP_DIR)
+    }
+
     pub fn boot_script(&self) -> PathBuf {
-        self.state_dir.join(BOOT_SCRIPT)
+        self.tftp_dir().join(BOOT_SCRIPT)
     }
 
     pub fn qmp_socket(&self) -> PathBuf {
@@ -437,7 +492,7 @@ impl LaunchConfig {
             hostname: a.hostname.clone(),
             boot_nic_model: a.boot_nic_model.clone(),
             host_forwards: a.host_forward.clone(),
-            memory_mib: a.memory,
+            memory_mib: a.memory.mib(),
             cpus: a.cpus,
             disk,
             accel: a.accel,
@@ -671,6 +726,30 @@ mod tests {
             ("1.5G", "unknown unit"),
         ] {
             let err = bad.parse::<ByteSize>().unwrap_err();
+            assert!(err.contains(msg), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn memory_sizes() {
+        let mib = |s: &str| s.parse::<MemSize>().map(MemSize::mib);
+        assert_eq!(mib("2048"), Ok(2048));
+        assert_eq!(mib("2G"), Ok(2048));
+        assert_eq!(mib("512M"), Ok(512));
+        assert_eq!(mib("1GiB"), Ok(1024));
+        assert_eq!(mib("1T"), Ok(1 << 20));
+        assert_eq!(mib("64"), Ok(64));
+        for (bad, msg) in [
+            ("0", "too small"),
+            ("63", "too small"),
+            ("2T", "too large"),
+            ("99999999999999999999", "too large"),
+            ("-5", "number of MiB"),
+            ("1.5G", "number of MiB"),
+            ("2X", "number of MiB"),
+            ("", "number of MiB"),
+        ] {
+            let err = mib(bad).unwrap_err();
             assert!(err.contains(msg), "{bad:?}: {err}");
         }
     }

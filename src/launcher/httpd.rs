@@ -1,25 +1,58 @@
-//! `--boot-dir`: a small static HTTP server (tiny_http does the HTTP) for the guest's iPXE.
+//! `--boot-dir`: a small static HTTP server for the guest's iPXE, on the launcher's own tokio runtime (hyper
+//! does the HTTP; no thread per connection).
 //!
 //! GET and HEAD only (405 otherwise). Files are streamed from disk with their length, never read into memory
 //! (initrds are hundreds of MB). A request path is percent-decoded, `..` is refused, and the canonical path
 //! must stay inside the served directory, so a symlink that leaves it is refused too. No directory listings.
+//!
+//! Any local process and the guest (at 10.0.2.2) can connect, so the server is bounded: at most
+//! [`MAX_CONNECTIONS`] connections at once (more are answered 503 and closed at once, so a flood never queues
+//! in front of the guest), request headers must arrive within [`HEADER_READ_TIMEOUT`], and a connection that
+//! moves no byte either way for [`IDLE_TIMEOUT`] (a half-sent request, a client that stopped reading) is
+//! closed. Nothing on a connection's path spawns a thread or can panic.
 
+use std::convert::Infallible;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use nix::libc;
-use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::error::{Error, Result};
 
-/// Requests answered at the same time; more get 503.
-const MAX_ACTIVE: usize = 16;
+/// Connections served at the same time; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must be complete within this time.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection on which no byte moved, in or out, for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request headers larger than this are refused (hyper's minimum buffer).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Bytes read from a file per body chunk.
+const CHUNK: usize = 64 * 1024;
+/// At most one warning about refused connections or accept errors per this interval.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Why a request gets no file.
 #[derive(Debug, PartialEq, Eq)]
@@ -79,42 +112,57 @@ fn open_regular(path: &Path) -> std::result::Result<(File, u64), Refusal> {
     Ok((file, meta.len()))
 }
 
-/// The running server; stops when dropped.
+/// What one server allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// The running server (a task on the current tokio runtime); stops, with all its connections, when dropped.
 pub struct BootServer {
-    server: Arc<Server>,
     addr: SocketAddr,
-    thread: Option<JoinHandle<()>>,
+    task: JoinHandle<()>,
 }
 
 impl BootServer {
-    /// Serve `dir` on `bind:port` (port 0: a free one).
+    /// Serve `dir` on `bind:port` (port 0: a free one). Call inside a tokio runtime: the server runs on it
+    /// whenever the runtime is driven.
     pub fn start(dir: &Path, bind: IpAddr, port: u16) -> Result<Self> {
+        Self::start_with(dir, bind, port, Limits::default())
+    }
+
+    /// [`BootServer::start`] with other limits (tests use short ones).
+    pub fn start_with(dir: &Path, bind: IpAddr, port: u16, limits: Limits) -> Result<Self> {
         let root = dir.canonicalize().map_err(|e| Error::io(format!("--boot-dir \"{}\"", dir.display()), e))?;
-        let server = Server::http(SocketAddr::new(bind, port)).map_err(|e| {
-            let source = match e.downcast::<std::io::Error>() {
-                Ok(io) => *io,
-                Err(other) => std::io::Error::other(other.to_string()),
-            };
-            if source.kind() == std::io::ErrorKind::AddrInUse {
+        let std_listener = std::net::TcpListener::bind(SocketAddr::new(bind, port)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
                 return Error::conflict(
                     format!("--boot-http-port {port}"),
                     format!("{bind}:{port} is already in use (pick another port, or 0 for a free one)"),
                 );
             }
-            Error::io(format!("--boot-http-bind {bind} --boot-http-port {port}: listen"), source)
+            Error::io(format!("--boot-http-bind {bind} --boot-http-port {port}: listen"), e)
         })?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| Error::Runtime("boot HTTP server: no IP listen address".into()))?;
-        let server = Arc::new(server);
-        let srv = Arc::clone(&server);
-        let thread = std::thread::Builder::new()
-            .name("boot-httpd".into())
-            .spawn(move || serve(&srv, &root))
-            .map_err(|e| Error::io("start the boot HTTP server thread", e))?;
+        let listener = std_listener
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(std_listener))
+            .map_err(|e| Error::io("boot HTTP server: set up the listener", e))?;
+        let addr = listener.local_addr().map_err(|e| Error::io("boot HTTP server: listen address", e))?;
+        let task = tokio::spawn(serve(listener, Arc::new(root), limits));
         tracing::info!("serving {} on http://{addr}/", dir.display());
-        Ok(BootServer { server, addr, thread: Some(thread) })
+        Ok(BootServer { addr, task })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -124,69 +172,190 @@ impl BootServer {
 
 impl Drop for BootServer {
     fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        // Dropping the accept task drops its JoinSet, which aborts every connection.
+        self.task.abort();
+    }
+}
+
+/// Accept connections until aborted; each is a task in one JoinSet, so the count is exact and bounded.
+async fn serve(listener: TcpListener, root: Arc<PathBuf>, limits: Limits) {
+    let mut conns: JoinSet<()> = JoinSet::new();
+    let mut refused: u64 = 0;
+    let mut last_warning: Option<Instant> = None;
+    let mut warn = |what: &str| {
+        if last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            last_warning = Some(Instant::now());
+            tracing::warn!("boot HTTP: {what}");
+        }
+    };
+    loop {
+        tokio::select! {
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    while conns.try_join_next().is_some() {}
+                    if conns.len() >= limits.max_connections {
+                        refused += 1;
+                        // Best effort, never blocking: a flood must not queue in front of the guest.
+                        let _ = stream.try_write(
+                            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        );
+                        warn(&format!(
+                            "{} connections open; refused the one from {peer} ({refused} refused so far)",
+                            limits.max_connections
+                        ));
+                        continue;
+                    }
+                    conns.spawn(connection(stream, peer, Arc::clone(&root), limits));
+                }
+                Err(e) => {
+                    // EMFILE and friends: wait a little instead of spinning; the open connections go on.
+                    warn(&format!("accept: {e}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
         }
     }
 }
 
-fn serve(server: &Server, root: &Path) {
-    let active = Arc::new(AtomicUsize::new(0));
-    for request in server.incoming_requests() {
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_ACTIVE {
-            active.fetch_sub(1, Ordering::SeqCst);
-            let _ = request.respond(Response::empty(StatusCode(503)));
-            continue;
+/// A stream that records when a byte last moved in either direction.
+struct Watched {
+    inner: TcpStream,
+    epoch: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl Watched {
+    fn touch(&self) {
+        self.last.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
         }
-        let root = root.to_path_buf();
-        let active2 = Arc::clone(&active);
-        let spawned = std::thread::Builder::new().name("boot-httpd-req".into()).spawn(move || {
-            handle(request, &root);
-            active2.fetch_sub(1, Ordering::SeqCst);
-        });
-        if spawned.is_err() {
-            active.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!("boot HTTP server: cannot start a request thread");
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serve one connection until it ends, its headers are too slow, or it idles too long.
+async fn connection(stream: TcpStream, peer: SocketAddr, root: Arc<PathBuf>, limits: Limits) {
+    let epoch = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(Watched { inner: stream, epoch, last: Arc::clone(&last) });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    let service = service_fn(move |req| {
+        let root = Arc::clone(&root);
+        async move { Ok::<_, Infallible>(handle(&req, &root, peer).await) }
+    });
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!("boot HTTP: connection from {peer}: {e}");
+                }
+                return;
+            }
+            _ = tick.tick() => {
+                let idle = epoch.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if idle >= limits.idle_timeout {
+                    tracing::debug!("boot HTTP: connection from {peer}: idle for {} s; closed", idle.as_secs());
+                    return;
+                }
+            }
         }
     }
 }
 
-fn header(name: &str, value: &str) -> Option<Header> {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-fn handle(request: Request, root: &Path) {
-    let method = request.method().clone();
-    let target = request.url().to_owned();
-    let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-    if !matches!(method, Method::Get | Method::Head) {
+fn text(s: String) -> Body {
+    Full::new(Bytes::from(s)).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn status_response(status: u16, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r
+}
+
+/// The body of a file: `len` bytes read in chunks on tokio's blocking pool.
+fn file_body(file: File, len: u64) -> Body {
+    let file = tokio::fs::File::from_std(file);
+    let stream = futures::stream::unfold((file, len), |(mut file, left)| async move {
+        if left == 0 {
+            return None;
+        }
+        let mut buf = BytesMut::with_capacity(CHUNK.min(left as usize));
+        match file.read_buf(&mut buf).await {
+            Ok(0) => Some((
+                Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being served")),
+                (file, 0),
+            )),
+            Ok(n) => {
+                let n = (n as u64).min(left);
+                buf.truncate(n as usize);
+                Some((Ok(Frame::data(buf.freeze())), (file, left - n)))
+            }
+            Err(e) => Some((Err(e), (file, 0))),
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+async fn handle(req: &Request<Incoming>, root: &Path, peer: SocketAddr) -> Response<Body> {
+    let method = req.method();
+    let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if method != Method::GET && method != Method::HEAD {
         tracing::warn!("boot HTTP: {method} {target} from {peer}: 405 (only GET and HEAD)");
-        let mut r = Response::empty(StatusCode(405));
-        if let Some(h) = header("Allow", "GET, HEAD") {
-            r.add_header(h);
-        }
-        let _ = request.respond(r);
-        return;
+        let mut r = status_response(405, empty());
+        r.headers_mut().insert(ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        return r;
     }
-    match resolve(root, &target).and_then(|p| open_regular(&p)) {
+    match resolve(root, target).and_then(|p| open_regular(&p)) {
         Ok((file, len)) => {
             tracing::info!("boot HTTP: {method} {target} from {peer}: 200 ({len} bytes)");
-            let Ok(len) = usize::try_from(len) else {
-                let _ = request.respond(Response::empty(StatusCode(500)));
-                return;
-            };
-            let headers: Vec<Header> = header("Content-Type", "application/octet-stream").into_iter().collect();
-            // Identity encoding with Content-Length; the body is copied from the file in small blocks.
-            let r = Response::new(StatusCode(200), headers, file, Some(len), None).with_chunked_threshold(usize::MAX);
-            if let Err(e) = request.respond(r) {
-                tracing::debug!("boot HTTP: {target}: client went away: {e}");
-            }
+            let body = if method == Method::HEAD { empty() } else { file_body(file, len) };
+            let mut r = status_response(200, body);
+            r.headers_mut().insert(CONTENT_LENGTH, len.into());
+            r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));
+            r
         }
         Err(refusal) => {
             tracing::warn!("boot HTTP: {method} {target} from {peer}: {} ({})", refusal.status, refusal.reason);
-            let _ = request
-                .respond(Response::from_string(format!("{}\n", refusal.reason)).with_status_code(refusal.status));
+            status_response(refusal.status, text(format!("{}\n", refusal.reason)))
         }
     }
 }
@@ -234,6 +403,62 @@ mod tests {
         assert!(resolve(&root, "/escape").unwrap_err().reason.contains("outside the served directory"));
     }
 
+    type Job = Box<dyn FnOnce(&Path) + Send>;
+
+    /// A server on a runtime of its own thread (as in `run`, a current-thread runtime); stopped on drop.
+    struct Served {
+        addr: SocketAddr,
+        root: PathBuf,
+        tx: Option<std::sync::mpsc::Sender<Job>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Served {
+        fn start(root: &Path, limits: Limits) -> Served {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let (atx, arx) = std::sync::mpsc::channel();
+            let r = root.to_owned();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let _g = rt.enter();
+                let srv = BootServer::start_with(&r, "127.0.0.1".parse().unwrap(), 0, limits).unwrap();
+                atx.send(srv.addr()).unwrap();
+                rt.block_on(async {
+                    loop {
+                        match rx.try_recv() {
+                            Ok(f) => f(&r),
+                            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                });
+                drop(srv);
+                // The runtime keeps going a moment so aborted tasks are dropped (and their sockets closed).
+                rt.block_on(tokio::time::sleep(std::time::Duration::from_millis(50)));
+            });
+            Served { addr: arx.recv().unwrap(), root: root.to_owned(), tx: Some(tx), thread: Some(thread) }
+        }
+
+        /// Run `f` on the server's runtime thread and return its result.
+        fn run<T: Send + 'static>(&self, f: impl FnOnce(PathBuf) -> T + Send + 'static) -> T {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let root = self.root.clone();
+            self.tx.as_ref().unwrap().send(Box::new(move |_: &Path| tx.send(f(root)).unwrap())).unwrap();
+            rx.recv().unwrap()
+        }
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            self.tx.take();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
     fn raw(addr: SocketAddr, request: &str) -> (String, Vec<u8>) {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
@@ -250,8 +475,8 @@ mod tests {
         // A large sparse file: streamed, not read into memory.
         let big = std::fs::File::create(root.join("initrd")).unwrap();
         big.set_len(64 << 20).unwrap();
-        let srv = BootServer::start(&root, "127.0.0.1".parse().unwrap(), 0).unwrap();
-        let a = srv.addr();
+        let srv = Served::start(&root, Limits::default());
+        let a = srv.addr;
         assert!(a.ip().is_loopback() && a.port() != 0);
 
         let (h, body) = raw(a, "GET /netboot.ipxe HTTP/1.0\r\n\r\n");
@@ -282,10 +507,10 @@ mod tests {
             assert!(h.starts_with(&format!("HTTP/1.0 {code}")), "{req:?}: {h}");
             assert!(!String::from_utf8_lossy(&body).contains("outside\n") && body != b"outside", "{req:?}");
             if code == "405" {
-                assert!(h.contains("Allow: GET, HEAD"), "{h}");
+                assert!(h.to_ascii_lowercase().contains("allow: get, head"), "{h}");
             }
         }
-        let busy = BootServer::start(&root, "127.0.0.1".parse().unwrap(), a.port()).err().unwrap();
+        let busy = srv.run(move |root| BootServer::start(&root, "127.0.0.1".parse().unwrap(), a.port()).err().unwrap());
         assert_eq!(busy.exit_code(), 4);
         assert!(busy.to_string().starts_with(&format!("--boot-http-port {}: ", a.port())), "{busy}");
         drop(srv);
@@ -294,5 +519,65 @@ mod tests {
             TcpStream::connect(a).is_err()
         });
         assert!(stopped, "the server stops when dropped");
+    }
+
+    /// The limits hold: over the cap a client gets 503 at once, a half-sent request and a client that stops
+    /// reading are closed after their timeouts, and the server then serves again.
+    #[test]
+    fn connection_cap_and_timeouts() {
+        let (_t, root) = tree();
+        std::fs::File::create(root.join("big")).unwrap().set_len(256 << 20).unwrap();
+        let limits = Limits {
+            max_connections: 4,
+            header_read_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(2),
+        };
+        let srv = Served::start(&root, limits);
+        let a = srv.addr;
+        // Two half-sent requests and two readers that never read a 256 MiB body.
+        let mut held = Vec::new();
+        for i in 0..4 {
+            let mut s = TcpStream::connect(a).unwrap();
+            if i < 2 {
+                s.write_all(b"GET /netboot.ipxe HTTP/1.1\r\nHost: x\r\n").unwrap();
+            } else {
+                s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            }
+            held.push(s);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // Over the cap: a 503, or (when the request crossed the close) a reset; never a wait.
+        let over = std::time::Instant::now();
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"GET /netboot.ipxe HTTP/1.0\r\n\r\n");
+        let mut buf = Vec::new();
+        match s.read_to_end(&mut buf) {
+            Ok(_) => assert!(buf.starts_with(b"HTTP/1.1 503"), "over the cap: {}", String::from_utf8_lossy(&buf)),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "over the cap: {e}"),
+        }
+        assert!(over.elapsed() < std::time::Duration::from_secs(2), "refused at once");
+        // All four are closed by the server within the timeouts (plus the 1 s idle tick).
+        for (i, s) in held.iter_mut().enumerate() {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+            let started = std::time::Instant::now();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) if i >= 2 && started.elapsed() < std::time::Duration::from_millis(100) => {
+                        // The reader's socket buffers had filled; stop reading again so the server stalls.
+                        std::thread::sleep(std::time::Duration::from_secs(4));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                    Err(e) => panic!("connection {i} not closed by the server: {e}"),
+                }
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "connection {i}");
+        }
+        let (h, body) = raw(a, "GET /netboot.ipxe HTTP/1.0\r\n\r\n");
+        assert!(h.starts_with("HTTP/1.0 200"), "{h}");
+        assert_eq!(body, b"#!ipxe\necho hi\n");
     }
 }

@@ -7,7 +7,7 @@ use futures::channel::mpsc::UnboundedReceiver;
 use rtnetlink::MulticastGroup;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::sys::SocketAddr;
+use rtnetlink::sys::{AsyncSocket, SocketAddr};
 
 use crate::error::{Error, Result};
 use crate::link;
@@ -17,8 +17,19 @@ type Messages = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAd
 /// A subscription to link notifications about one link.
 pub struct LinkWatch {
     ifindex: u32,
+    handle: rtnetlink::Handle,
     messages: Messages,
     gone_already: bool,
+}
+
+/// Why [`LinkWatch::gone`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEnd {
+    /// The link is gone (a notification said so, or a re-check after lost notifications found it missing).
+    Removed,
+    /// Watching is no longer possible (the notification stream ended or a re-check failed): the launcher
+    /// cannot vouch for the link any more.
+    WatchLost(String),
 }
 
 /// Whether a notification says that link `ifindex` is gone.
@@ -26,32 +37,55 @@ pub fn is_removal(msg: &NetlinkMessage<RouteNetlinkMessage>, ifindex: u32) -> bo
     matches!(&msg.payload, NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) if l.header.index == ifindex)
 }
 
+/// Whether notifications were lost (the socket's receive buffer overflowed: ENOBUFS).
+pub fn is_overrun(msg: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
+    matches!(&msg.payload, NetlinkPayload::Overrun(_))
+}
+
 impl LinkWatch {
     /// Subscribe (inside a tokio runtime), then check that the link still exists, so a removal between opening
     /// the tap and subscribing is not missed.
     pub async fn subscribe(ifindex: u32) -> Result<LinkWatch> {
-        let (conn, handle, messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(|e| {
-            Error::io(format!("subscribe to link notifications for the LAN link (ifindex {ifindex})"), e)
-        })?;
-        tokio::spawn(conn);
-        let gone_already = link::get_by_index(&handle, ifindex).await?.is_none();
-        Ok(LinkWatch { ifindex, messages, gone_already })
+        Self::subscribe_with_buffer(ifindex, None).await
     }
 
-    /// Resolves when the link is gone. If the notification socket fails, watching stops (with a warning) and
-    /// this never resolves.
-    pub async fn gone(&mut self) {
+    /// [`LinkWatch::subscribe`] with a given socket receive buffer (tests use a tiny one to force overruns).
+    pub async fn subscribe_with_buffer(ifindex: u32, rcvbuf: Option<usize>) -> Result<LinkWatch> {
+        let what = || format!("subscribe to link notifications for the LAN link (ifindex {ifindex})");
+        let (mut conn, handle, messages) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(|e| Error::io(what(), e))?;
+        if let Some(size) = rcvbuf {
+            conn.socket_mut().socket_ref().set_rx_buf_sz(size).map_err(|e| Error::io(what(), e))?;
+        }
+        tokio::spawn(conn);
+        let gone_already = link::get_by_index(&handle, ifindex).await?.is_none();
+        Ok(LinkWatch { ifindex, handle, messages, gone_already })
+    }
+
+    /// Resolves when the link is gone, or when it can no longer be watched. Lost notifications (an overrun)
+    /// are answered by looking the link up by index again, so a dropped RTM_DELLINK is never missed.
+    pub async fn gone(&mut self) -> LinkEnd {
         if self.gone_already {
-            return;
+            return LinkEnd::Removed;
         }
         while let Some((msg, _)) = self.messages.next().await {
             if is_removal(&msg, self.ifindex) {
                 self.gone_already = true;
-                return;
+                return LinkEnd::Removed;
+            }
+            if is_overrun(&msg) {
+                tracing::debug!("link notifications overran; checking the LAN link (ifindex {}) again", self.ifindex);
+                match link::get_by_index(&self.handle, self.ifindex).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        self.gone_already = true;
+                        return LinkEnd::Removed;
+                    }
+                    Err(e) => return LinkEnd::WatchLost(format!("re-checking the link after lost notifications: {e}")),
+                }
             }
         }
-        tracing::warn!("link notifications ended; no longer watching the LAN link");
-        std::future::pending::<()>().await
+        LinkEnd::WatchLost("the kernel's link notifications ended".into())
     }
 }
 
@@ -69,5 +103,7 @@ mod tests {
         assert!(is_removal(&del, 7));
         assert!(!is_removal(&del, 8));
         assert!(!is_removal(&new, 7));
+        let overrun = NetlinkMessage::<RouteNetlinkMessage>::new(Default::default(), NetlinkPayload::Overrun(vec![]));
+        assert!(is_overrun(&overrun) && !is_removal(&overrun, 7));
     }
 }

@@ -6,6 +6,7 @@ pub mod accel;
 pub mod config;
 pub mod httpd;
 pub mod ipxe;
+pub mod lanlock;
 pub mod linkwatch;
 pub mod qemu_args;
 pub mod qmp;
@@ -13,13 +14,19 @@ pub mod state;
 pub mod supervise;
 
 use crate::error::{Error, Result};
-use crate::link::{self, Netlink};
+use crate::link::{self, LinkView, Netlink};
 use crate::names::{IfName, MacAddr};
 use config::LaunchConfig;
 use qemu_args::LanNic;
 
 /// The MAC of the macvtap `name`, read over netlink without opening anything.
 pub fn lan_mac(name: &IfName) -> Result<MacAddr> {
+    let l = lan_link(name)?;
+    l.mac.ok_or_else(|| Error::Runtime(format!("macvtap \"{name}\" has no MAC address")))
+}
+
+/// The macvtap `name` as netlink shows it (not found: exit 3; not a macvtap: exit 2).
+pub fn lan_link(name: &IfName) -> Result<LinkView> {
     let nl = Netlink::new()?;
     let l = nl
         .block_on(link::get_by_name(&nl.handle, name))?
@@ -30,13 +37,14 @@ pub fn lan_mac(name: &IfName) -> Result<MacAddr> {
             format!("is a {} link, not a macvtap", l.kind.as_deref().unwrap_or("physical")),
         ));
     }
-    l.mac.ok_or_else(|| Error::Runtime(format!("macvtap \"{name}\" has no MAC address")))
+    Ok(l)
 }
 
 /// The argv `run` would execute, with no side effects: the accelerator is resolved the same way, and the LAN
 /// NIC's MAC is read from the existing macvtap (so `print-args --lan-interface X` needs X to exist).
 pub fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
     let accel = accel::resolve(cfg.accel)?;
+    let queues = cfg.lan.as_ref().map_or(0, |l| l.queues);
     let lan = match &cfg.lan {
         Some(l) => Some(LanNic {
             mac: lan_mac(&l.interface)?,
@@ -44,5 +52,5 @@ pub fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
         }),
         None => None,
     };
-    Ok(qemu_args::build(cfg, accel, lan.as_ref()))
+    Ok(qemu_args::build(cfg, accel, lan.as_ref(), supervise::qmp_fd(queues)))
 }

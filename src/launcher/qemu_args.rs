@@ -30,8 +30,13 @@ fn path(p: &Path) -> String {
     escape(&p.to_string_lossy())
 }
 
-/// The argv (program first).
-pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>) -> Vec<String> {
+/// QEMU's seccomp sandbox: no obsolete syscalls, no privilege changes, no fork/exec, no scheduler or
+/// resource changes. The guest reaches slirp, so QEMU's own attack surface is kept small.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The argv (program first). `qmp_fd` is the fd number (in QEMU) of the launcher's own QMP connection, one end
+/// of a socket pair; operators get `qmp.sock` separately.
+pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32) -> Vec<String> {
     let mut a: Vec<String> = Vec::with_capacity(48);
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&[&cfg.qemu.to_string_lossy()]);
@@ -39,13 +44,22 @@ pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>) -> Vec<Stri
     // graphics=off: SeaBIOS and the option ROM print to the serial port (there is no VGA).
     push(&["-machine", "pc,graphics=off", "-accel", accel.as_str(), "-cpu", accel.cpu_model()]);
     push(&["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()]);
+    push(&["-sandbox", SANDBOX]);
+    // A guest panic (reported through pvpanic) makes QEMU exit with a failure instead of powering off quietly.
+    push(&["-action", "panic=exit-failure", "-device", "pvpanic"]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=ec-launcher-qmp,fd={qmp_fd}"),
+        "-mon",
+        "chardev=ec-launcher-qmp,mode=control",
+    ]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", path(&cfg.qmp_socket()))]);
     push(&["-chardev", &format!("file,id=serial0,path={}", path(&cfg.serial_log)), "-serial", "chardev:serial0"]);
 
     // Boot NIC: user-mode networking. Without --ipxe its option ROM fetches boot.ipxe over slirp TFTP.
     let mut user = String::from("user,id=boot");
     if cfg.ipxe.is_none() {
-        user.push_str(&format!(",tftp={},bootfile={BOOT_SCRIPT}", path(&cfg.state_dir)));
+        user.push_str(&format!(",tftp={},bootfile={BOOT_SCRIPT}", path(&cfg.tftp_dir())));
     }
     if let Some(h) = &cfg.hostname {
         user.push_str(&format!(",hostname={}", h.as_str()));
@@ -122,12 +136,15 @@ mod tests {
         let (c, t) =
             cfg(&["--state-dir", "@T/state", "--qemu", "@T/qemu-system-x86_64", "--qemu-img", "@T/qemu-system-x86_64"]);
         assert_eq!(
-            golden(build(&c, Accel::Kvm, None), &t),
+            golden(build(&c, Accel::Kvm, None, 3), &t),
             "@T/qemu-system-x86_64 -name ec-ipxe-qemu -nodefaults -no-user-config -display none \
              -machine pc,graphics=off -accel kvm -cpu host -m 2048 -smp 2 \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
+             -action panic=exit-failure -device pvpanic \
+             -chardev socket,id=ec-launcher-qmp,fd=3 -mon chardev=ec-launcher-qmp,mode=control \
              -qmp unix:@T/state/qmp.sock,server=on,wait=off \
              -chardev file,id=serial0,path=@T/state/serial.log -serial chardev:serial0 \
-             -netdev user,id=boot,tftp=@T/state,bootfile=boot.ipxe \
+             -netdev user,id=boot,tftp=@T/state/tftp,bootfile=boot.ipxe \
              -device virtio-net-pci,netdev=boot,addr=0x3,bootindex=1 \
              -drive if=none,id=disk0,file=@T/state/disk.qcow2,format=qcow2,discard=unmap \
              -device virtio-blk-pci,drive=disk0,addr=0x5"
@@ -164,14 +181,17 @@ mod tests {
             "virtio-rng-pci",
         ]);
         assert_eq!(
-            golden(build(&c, Accel::Tcg, None), &t),
+            golden(build(&c, Accel::Tcg, None, 3), &t),
             "@T/qemu-system-x86_64 -name ec-ipxe-qemu -nodefaults -no-user-config -display none \
              -machine pc,graphics=off -accel tcg -cpu max -m 512 -smp 1 \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
+             -action panic=exit-failure -device pvpanic \
+             -chardev socket,id=ec-launcher-qmp,fd=3 -mon chardev=ec-launcher-qmp,mode=control \
              -qmp unix:@T/s/qmp.sock,server=on,wait=off \
              -chardev file,id=serial0,path=@T/console.log -serial chardev:serial0 \
              -netdev user,id=boot,hostname=pub1,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53 \
              -device e1000,netdev=boot,addr=0x3,romfile= \
-             -kernel @T/ipxe.lkrn -initrd @T/s/boot.ipxe -S -device virtio-rng-pci"
+             -kernel @T/ipxe.lkrn -initrd @T/s/tftp/boot.ipxe -S -device virtio-rng-pci"
         );
     }
 
@@ -180,12 +200,13 @@ mod tests {
         let mac: MacAddr = "02:11:22:33:44:55".parse().unwrap();
         let (c, t) =
             cfg(&["--state-dir", "@T/s", "--qemu", "@T/qemu-system-x86_64", "--no-disk", "--lan-interface", "ec-lan0"]);
-        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3] })), &t);
+        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3] }), 4), &t);
         assert!(
-            one.ends_with(
-                "-device virtio-net-pci,netdev=boot,addr=0x3,bootindex=1 -netdev tap,id=lan,fd=3 \
+            one.contains("-chardev socket,id=ec-launcher-qmp,fd=4 ")
+                && one.ends_with(
+                    "-device virtio-net-pci,netdev=boot,addr=0x3,bootindex=1 -netdev tap,id=lan,fd=3 \
                  -device virtio-net-pci,netdev=lan,mac=02:11:22:33:44:55,romfile=,addr=0x4"
-            ),
+                ),
             "{one}"
         );
         let (c, t) = cfg(&[
@@ -199,12 +220,13 @@ mod tests {
             "--lan-queues",
             "3",
         ]);
-        let three = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5] })), &t);
+        let three = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5] }), 6), &t);
         assert!(
-            three.ends_with(
-                "-netdev tap,id=lan,fds=3:4:5 \
+            three.contains("-chardev socket,id=ec-launcher-qmp,fd=6 ")
+                && three.ends_with(
+                    "-netdev tap,id=lan,fds=3:4:5 \
                  -device virtio-net-pci,netdev=lan,mac=02:11:22:33:44:55,romfile=,addr=0x4,mq=on,vectors=8"
-            ),
+                ),
             "{three}"
         );
     }
@@ -212,10 +234,10 @@ mod tests {
     #[test]
     fn commas_in_paths_are_escaped() {
         let (c, t) = cfg(&["--state-dir", "@T/a,b", "--qemu", "@T/qemu-system-x86_64", "--no-disk"]);
-        let args = build(&c, Accel::Tcg, None);
+        let args = build(&c, Accel::Tcg, None, 3);
         let g = golden(args, &t);
         assert!(g.contains("-qmp unix:@T/a,,b/qmp.sock,server=on,wait=off"), "{g}");
-        assert!(g.contains("tftp=@T/a,,b,bootfile=boot.ipxe"), "{g}");
+        assert!(g.contains("tftp=@T/a,,b/tftp,bootfile=boot.ipxe"), "{g}");
         assert!(g.contains("path=@T/a,,b/serial.log"), "{g}");
     }
 }

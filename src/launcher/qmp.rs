@@ -1,5 +1,9 @@
-//! A minimal QMP client over QEMU's unix socket: the greeting, `qmp_capabilities`, then commands such as
-//! `system_powerdown` and `quit`. Events arriving between replies are logged and skipped.
+//! A minimal QMP client over a unix socket: the greeting, `qmp_capabilities`, then commands such as
+//! `query-status`, `system_powerdown` and `quit`.
+//!
+//! [`Qmp`] is the plain request/reply client (events between replies are skipped). [`Qmp::into_client`]
+//! turns it into a long-lived connection served by a task: commands go through a cloneable [`QmpClient`],
+//! events arrive on a channel of their own. The launcher keeps such a connection to QEMU from start to end.
 
 use std::path::Path;
 
@@ -8,7 +12,51 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+use tokio::sync::{mpsc, oneshot};
+
 use crate::error::{Error, Result};
+
+/// An asynchronous QMP event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QmpEvent {
+    pub name: String,
+    pub data: Value,
+    /// When QEMU emitted it (QMP's `timestamp`), as seconds since the Unix epoch.
+    pub timestamp: Option<f64>,
+}
+
+impl QmpEvent {
+    fn from_json(v: &Value) -> Option<QmpEvent> {
+        let name = v.get("event")?.as_str()?.to_owned();
+        let ts = v.get("timestamp");
+        let timestamp = ts.and_then(|t| Some(t.get("seconds")?.as_f64()? + t.get("microseconds")?.as_f64()? / 1e6));
+        Some(QmpEvent { name, data: v.get("data").cloned().unwrap_or(Value::Null), timestamp })
+    }
+}
+
+type Reply = oneshot::Sender<Result<Value>>;
+
+/// Sends commands to a connection served by [`Qmp::into_client`]'s task.
+#[derive(Clone)]
+pub struct QmpClient {
+    tx: mpsc::UnboundedSender<(String, Reply)>,
+}
+
+impl QmpClient {
+    /// A client with no connection: every command fails at once.
+    pub fn closed() -> QmpClient {
+        QmpClient { tx: mpsc::unbounded_channel().0 }
+    }
+
+    /// Run a command without arguments; fails when the connection is gone. Bound it with a timeout.
+    pub async fn execute(&self, command: &str) -> Result<Value> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((command.to_owned(), reply))
+            .map_err(|_| Error::Runtime(format!("QMP {command}: the connection to QEMU is closed")))?;
+        rx.await.map_err(|_| Error::Runtime(format!("QMP {command}: QEMU closed the connection")))?
+    }
+}
 
 pub struct Qmp {
     lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
@@ -32,6 +80,55 @@ impl Qmp {
         }
         qmp.execute("qmp_capabilities").await?;
         Ok(qmp)
+    }
+
+    /// The handshake on an already connected stream (e.g. one end of a socket pair whose other end QEMU got).
+    pub async fn from_stream(stream: UnixStream, what: &Path) -> Result<Qmp> {
+        Qmp::handshake(stream, what).await
+    }
+
+    /// Hand the connection to a task: commands through the returned client (replies in order), events on the
+    /// receiver. Both end when QEMU closes the connection.
+    pub fn into_client(self) -> (QmpClient, mpsc::UnboundedReceiver<QmpEvent>) {
+        let (tx, mut commands) = mpsc::unbounded_channel::<(String, Reply)>();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let Qmp { mut lines, mut writer } = self;
+        tokio::spawn(async move {
+            let mut waiting: std::collections::VecDeque<(String, Reply)> = std::collections::VecDeque::new();
+            let mut commands_open = true;
+            loop {
+                tokio::select! {
+                    cmd = commands.recv(), if commands_open => match cmd {
+                        Some((command, reply)) => {
+                            let msg = serde_json::json!({ "execute": command }).to_string() + "\n";
+                            if let Err(e) = writer.write_all(msg.as_bytes()).await {
+                                let _ = reply.send(Err(Error::io(format!("QMP {command}"), e)));
+                                return;
+                            }
+                            waiting.push_back((command, reply));
+                        }
+                        None => commands_open = false,
+                    },
+                    line = lines.next_line() => {
+                        let line = match line {
+                            Ok(Some(l)) => l,
+                            _ => return,
+                        };
+                        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                            tracing::warn!("QMP: bad JSON {line:?}");
+                            continue;
+                        };
+                        if let Some(ev) = QmpEvent::from_json(&v) {
+                            tracing::debug!("QMP event {} {}", ev.name, ev.data);
+                            let _ = events_tx.send(ev);
+                        } else if let Some((command, reply)) = waiting.pop_front() {
+                            let _ = reply.send(reply_value(&command, v));
+                        }
+                    }
+                }
+            }
+        });
+        (QmpClient { tx }, events)
     }
 
     /// Like [`Qmp::connect`], but waits (polling every 50 ms) while QEMU has not created or is not yet
@@ -64,18 +161,21 @@ impl Qmp {
         self.writer.write_all(msg.as_bytes()).await.map_err(|e| Error::io(format!("QMP {command}"), e))?;
         loop {
             let v = self.next_message().await.map_err(|e| Error::Runtime(format!("QMP {command}: {e}")))?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(err) = v.get("error") {
-                let desc = err.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
-                return Err(Error::Runtime(format!("QMP {command}: {desc}")));
-            }
             if let Some(ev) = v.get("event") {
                 tracing::debug!("QMP event {ev}");
+                continue;
             }
+            return reply_value(command, v);
         }
     }
+}
+
+fn reply_value(command: &str, v: Value) -> Result<Value> {
+    if let Some(r) = v.get("return") {
+        return Ok(r.clone());
+    }
+    let desc = v.get("error").and_then(|e| e.get("desc")).and_then(Value::as_str).unwrap_or("unexpected reply");
+    Err(Error::Runtime(format!("QMP {command}: {desc}")))
 }
 
 #[cfg(test)]
@@ -148,6 +248,39 @@ mod tests {
             q.execute("quit").await.unwrap();
             drop(q);
             assert_eq!(server.await.unwrap(), 2, "one connection: capabilities and quit");
+        });
+    }
+
+    /// The long-lived client: replies in order, events on their own channel with their timestamps, and both
+    /// end when the peer closes.
+    #[test]
+    fn client_task_splits_replies_and_events() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let server = tokio::spawn(async move {
+                let (r, mut w) = theirs.into_split();
+                let mut lines = BufReader::new(r).lines();
+                w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+                lines.next_line().await.unwrap();
+                w.write_all(b"{\"return\": {}}\n").await.unwrap();
+                lines.next_line().await.unwrap();
+                w.write_all(
+                    b"{\"timestamp\": {\"seconds\": 1700000000, \"microseconds\": 500000}, \"event\": \"STOP\"}\n",
+                )
+                .await
+                .unwrap();
+                w.write_all(b"{\"return\": {\"status\": \"internal-error\", \"running\": false}}\n").await.unwrap();
+            });
+            let (client, mut events) = Qmp::from_stream(ours, Path::new("pair")).await.unwrap().into_client();
+            let st = client.execute("query-status").await.unwrap();
+            assert_eq!(st["status"], "internal-error");
+            let ev = events.recv().await.unwrap();
+            assert_eq!(ev.name, "STOP");
+            assert_eq!(ev.timestamp, Some(1_700_000_000.5));
+            server.await.unwrap();
+            assert!(events.recv().await.is_none(), "events end with the connection");
+            assert!(client.execute("quit").await.is_err());
         });
     }
 }

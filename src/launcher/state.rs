@@ -4,7 +4,7 @@
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -14,56 +14,57 @@ use crate::error::{Error, Result};
 use crate::launcher::config::{ByteSize, LOCK_FILE};
 
 /// A locked state directory. The lock is released when this is dropped; [`StateDir::abandon`] also removes
-/// the directory when this run created it (for failures before QEMU started).
+/// what this run created (for failures before the guest ran).
 pub struct StateDir {
     pub path: PathBuf,
-    /// The topmost directory this run created, if any.
-    created: Option<std::path::PathBuf>,
+    /// The directories this run's own `mkdir` created, topmost first (the state dir last, when it was one).
+    created: Vec<PathBuf>,
     _lock: Flock<File>,
 }
 
+/// How many times a run starts over when the directory vanished between its `mkdir` and its lock (a failing
+/// run that created it removed it meanwhile).
+const ATTEMPTS: usize = 5;
+
 impl StateDir {
     /// Create the directory (0700) when missing and take the exclusive lock; a held lock is a conflict (exit 4).
+    ///
+    /// Race-free against concurrent runs: every missing component is made with a plain `mkdir`, and only a
+    /// `mkdir` that succeeded counts as "created by this run"; a refused lock removes nothing; and the lock is
+    /// held on the file that is still at `DIR/lock` (checked by inode after locking), so a run never believes
+    /// it holds a directory that another run removed and a third one recreated.
     pub fn create_and_lock(path: &Path) -> Result<StateDir> {
-        // The topmost directory this run creates (the state dir or a missing parent), so a failed run can
-        // remove exactly what it made.
-        let created = match std::fs::metadata(path) {
-            Ok(_) => None,
-            Err(_) => {
-                let mut top = path.to_owned();
-                while let Some(parent) = top.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
-                    top = parent.to_owned();
-                }
-                DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(path)
-                    .map_err(|e| Error::io(format!("create --state-dir \"{}\"", path.display()), e))?;
-                Some(top)
-            }
-        };
-        match Self::lock(path) {
-            Ok(lock) => Ok(StateDir { path: path.to_owned(), created, _lock: lock }),
-            Err(e) => {
-                if let Some(top) = &created {
-                    let _ = std::fs::remove_dir_all(top);
-                }
-                Err(e)
+        for _ in 0..ATTEMPTS {
+            let created = create_missing(path)?;
+            match Self::lock(path) {
+                Ok(Some(lock)) => return Ok(StateDir { path: path.to_owned(), created, _lock: lock }),
+                // Removed under us before we held it: start over (nothing of ours is in it).
+                Ok(None) => continue,
+                Err(e) => return Err(e),
             }
         }
+        Err(Error::Runtime(format!(
+            "--state-dir \"{}\": removed by another run {ATTEMPTS} times while this one was locking it",
+            path.display()
+        )))
     }
 
-    fn lock(dir: &Path) -> Result<Flock<File>> {
+    /// The lock, or None when the directory or lock file vanished (or was replaced) before it was held.
+    fn lock(dir: &Path) -> Result<Option<Flock<File>>> {
         let path = dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
+        let file = match OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .custom_flags(nix::libc::O_CLOEXEC)
+            .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
             .open(&path)
-            .map_err(|e| Error::io(format!("open lock {}", path.display()), e))?;
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("open lock {}", path.display()), e)),
+        };
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -77,19 +78,56 @@ impl StateDir {
             }
             Err((_, e)) => return Err(Error::errno(format!("lock {}", path.display()), e)),
         };
+        let held = lock.metadata().map_err(|e| Error::io(format!("stat lock {}", path.display()), e))?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.ino() == held.ino() && m.dev() == held.dev() => {}
+            _ => return Ok(None),
+        }
         // Who holds it, for the message a second run prints.
         let _ = lock.set_len(0).and_then(|()| writeln!(&mut *lock, "{}", std::process::id()));
-        Ok(lock)
+        Ok(Some(lock))
     }
 
-    /// Undo a run that failed before QEMU started: remove the directory if this run created it.
+    /// Undo a run that failed before its guest ran: remove the directories this run created (the state dir
+    /// with its contents, while the lock is still held; missing parents only when empty).
     pub fn abandon(self) {
-        if let Some(top) = &self.created
-            && let Err(e) = std::fs::remove_dir_all(top)
+        let mut parents: &[PathBuf] = &self.created;
+        if let Some((last, rest)) = self.created.split_last()
+            && *last == self.path
         {
-            tracing::warn!("remove {}: {e}", top.display());
+            parents = rest;
+            if let Err(e) = std::fs::remove_dir_all(&self.path) {
+                tracing::warn!("remove {}: {e}", self.path.display());
+            }
+        }
+        for dir in parents.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
         }
     }
+}
+
+/// `mkdir` (0700) every missing component of `path`, topmost first; returns those this call created. A
+/// component that exists (made by someone else, even just now) is not ours. On failure, what this call made
+/// is removed again.
+fn create_missing(path: &Path) -> Result<Vec<PathBuf>> {
+    let mut chain: Vec<&Path> = path.ancestors().take_while(|p| !p.as_os_str().is_empty()).collect();
+    chain.reverse();
+    // Skip what clearly exists, so the common case (an existing state dir) is one stat.
+    let first_missing = chain.iter().rposition(|p| p.is_dir()).map_or(0, |i| i + 1);
+    let mut created: Vec<PathBuf> = Vec::new();
+    for dir in &chain[first_missing..] {
+        match DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => created.push(dir.to_path_buf()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+            Err(e) => {
+                for d in created.iter().rev() {
+                    let _ = std::fs::remove_dir(d);
+                }
+                return Err(Error::io(format!("create --state-dir \"{}\"", path.display()), e));
+            }
+        }
+    }
+    Ok(created)
 }
 
 /// Write `content` to `path` via a temporary file and a rename, so QEMU never reads half a script.
@@ -212,5 +250,47 @@ mod tests {
         let q = tmp.path().join("bad.qcow2");
         assert!(ensure_disk(Path::new("/bin/false"), &q, ByteSize(1 << 20)).is_err());
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    /// Concurrent runs on fresh directories: in every round exactly one wins, every loser is told "in use"
+    /// (exit 4) and removes nothing, and the winner's files are intact afterwards.
+    #[test]
+    fn concurrent_creates_have_one_winner_and_lose_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let threads = 4;
+        for round in 0..300 {
+            let dir = tmp.path().join(format!("r{round}/parent/state"));
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads));
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (dir, barrier) = (dir.clone(), std::sync::Arc::clone(&barrier));
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        match StateDir::create_and_lock(&dir) {
+                            Ok(s) => {
+                                std::fs::write(s.path.join("mine"), b"winner").unwrap();
+                                // Hold it until every other thread has tried.
+                                barrier.wait();
+                                Ok(s)
+                            }
+                            Err(e) => {
+                                barrier.wait();
+                                Err(e)
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let winners: Vec<&StateDir> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            assert_eq!(winners.len(), 1, "round {round}: exactly one winner");
+            for r in &results {
+                if let Err(e) = r {
+                    assert_eq!(e.exit_code(), 4, "round {round}: {e}");
+                }
+            }
+            assert_eq!(std::fs::read(dir.join("mine")).unwrap(), b"winner", "round {round}: winner's file");
+            assert!(dir.join(LOCK_FILE).exists(), "round {round}");
+        }
     }
 }
