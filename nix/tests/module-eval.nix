@@ -1,105 +1,28 @@
-# Pure evaluation test of nix/modules/ec-ipxe-qemu.nix.
+# Evaluation test of nix/modules/ec-ipxe-qemu.nix and nix/modules/ec-publisher-guest.nix
+# against the REAL NixOS code (see ./nixos.nix): the real `systemd.services` and
+# `systemd.network` option types, the real `utils`, the real unit text generation. Only
+# `pkgs` and the NixOS options outside the systemd modules are stubbed.
 #
-# It needs nothing but nixpkgs' `lib`: NixOS's own options are replaced by small stubs,
-# `pkgs` by fake derivations (attribute sets with an outPath) and `utils` by a copy of
-# the two nixos/lib/utils.nix functions the module uses, unless the real `utils` is
-# passed (the flake check does). Any mismatch throws, so the evaluation fails; on
-# success it returns a summary.
+# `nixpkgs`: the offline kit (../shared/nixos-eval, what scripts/nix-checks.sh passes) or
+# a nixpkgs checkout (the flake's module-eval check passes its pinned input). Any
+# mismatch throws, so the evaluation fails; on success it returns a summary and the
+# rendered units (`units`, `scripts`), which scripts/nix-checks.sh hands to
+# `systemd-analyze verify` and `systemd-analyze security`.
 #
-#   nix-instantiate --eval --strict nix/tests/module-eval.nix --arg lib 'import <nixpkgs/lib>'
-{
-  lib,
-  utils ? null,
-}:
+#   nix-instantiate --eval --strict -E 'import nix/tests/module-eval.nix { nixpkgs = /path/to/kit; }'
+{ nixpkgs }:
 
 let
-  inherit (lib) mkOption types;
+  nixos = import ./nixos.nix { inherit nixpkgs; };
+  inherit (nixos) lib;
 
-  fakePkg = hash: name: {
-    type = "derivation";
-    inherit name;
-    outPath = "/nix/store/${hash}-${name}";
-  };
-  ec = "/nix/store/11111111111111111111111111111111-ec-ipxe-qemu-0.1.0";
-  qemu = "/nix/store/22222222222222222222222222222222-qemu-host-cpu-only-10.1.2";
-  ipxe = "/nix/store/33333333333333333333333333333333-ipxe-1.21.1-unstable";
+  fakePkgs = nixos.pkgs;
+  ec = fakePkgs.ec-ipxe-qemu.outPath;
+  qemu = fakePkgs.qemu_kvm.outPath;
+  ipxe = fakePkgs.ipxe.outPath;
   netbootDir = "/nix/store/44444444444444444444444444444444-ec-publisher-netboot";
-  fakePkgs = {
-    ec-ipxe-qemu = fakePkg "11111111111111111111111111111111" "ec-ipxe-qemu-0.1.0";
-    qemu_kvm = fakePkg "22222222222222222222222222222222" "qemu-host-cpu-only-10.1.2";
-    ipxe = fakePkg "33333333333333333333333333333333" "ipxe-1.21.1-unstable";
-  };
 
-  # Same definitions as nixpkgs' nixos/lib/utils.nix (escapeSystemdPath only for plain
-  # names, which is all the module passes after its own name checks).
-  stubUtils = {
-    escapeSystemdExecArgs = lib.concatMapStringsSep " " (
-      arg:
-      lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (
-        builtins.toJSON (if builtins.isString arg then arg else toString arg)
-      )
-    );
-    escapeSystemdPath =
-      s: lib.replaceStrings [ "/" "-" " " ] [ "-" "\\x2d" "\\x20" ] (lib.removePrefix "/" s);
-  };
-
-  # The NixOS options the module defines values for.
-  nixosStubs = {
-    options = {
-      assertions = mkOption {
-        type = types.listOf types.unspecified;
-        default = [ ];
-      };
-      warnings = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      boot.kernelModules = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      users.users = mkOption {
-        type = types.attrsOf types.anything;
-        default = { };
-      };
-      systemd.services = mkOption {
-        type = types.attrsOf types.anything;
-        default = { };
-      };
-      systemd.tmpfiles.rules = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      networking.dhcpcd.denyInterfaces = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      networking.networkmanager.unmanaged = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      systemd.network.networks = mkOption {
-        type = types.attrsOf types.anything;
-        default = { };
-      };
-    };
-  };
-
-  evalConfig =
-    modules:
-    (lib.evalModules {
-      modules = [
-        nixosStubs
-        ../modules/ec-ipxe-qemu.nix
-        {
-          _module.args = {
-            pkgs = fakePkgs;
-            utils = if utils == null then stubUtils else utils;
-          };
-        }
-      ]
-      ++ modules;
-    }).config;
+  evalConfig = modules: (nixos.eval ([ ../modules/ec-ipxe-qemu.nix ] ++ modules)).config;
 
   opt = [
     "services"
@@ -108,6 +31,14 @@ let
   ];
   enabled = lib.setAttrByPath opt { enable = true; };
   with' = attrs: lib.setAttrByPath opt attrs;
+
+  # The settings of each networkd .network (forcing the whole submodule would hit its
+  # deprecated-option throws).
+  networksOf =
+    config:
+    lib.mapAttrs (_: n: {
+      inherit (n) matchConfig linkConfig;
+    }) config.systemd.network.networks;
 
   unitOf = config: config.systemd.services.every-channel-ipxe-qemu;
   failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
@@ -168,14 +99,20 @@ let
 
   disabledConfig = evalConfig [ ];
   disabledChecks = [
-    (expectEq "disabled: no unit" { } disabledConfig.systemd.services)
-    (expectEq "disabled: no user" { } disabledConfig.users.users)
-    (expectEq "disabled: no assertions" [ ] disabledConfig.assertions)
-    (expectEq "disabled: no dhcpcd deny" [ ] disabledConfig.networking.dhcpcd.denyInterfaces)
+    (expect "disabled: no unit" (
+      !(disabledConfig.systemd.services ? every-channel-ipxe-qemu)
+    ) "the unit exists although enable = false")
+    (expect "disabled: no user" (
+      !(lib.attrByPath [ "users" "users" ] { } disabledConfig ? every-channel-ipxe-qemu)
+    ) "the user exists although enable = false")
+    (expectEq "disabled: no assertions of ours" [ ] (failedAssertions disabledConfig))
+    (expectEq "disabled: no dhcpcd deny" [ ] (
+      lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] disabledConfig
+    ))
     (expectEq "disabled: no networkd network" { } disabledConfig.systemd.network.networks)
-    (expectEq "disabled: no NetworkManager unmanaged" [ ]
-      disabledConfig.networking.networkmanager.unmanaged
-    )
+    (expectEq "disabled: no NetworkManager unmanaged" [ ] (
+      lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] disabledConfig
+    ))
   ];
 
   sc = defaultUnit.serviceConfig;
@@ -204,9 +141,11 @@ let
     (expectEq "unit RuntimeDirectory" "every-channel-ipxe-qemu" sc.RuntimeDirectory)
     (expectEq "unit RuntimeDirectoryMode" "0755" sc.RuntimeDirectoryMode)
     (expectEq "unit UMask" "0077" sc.UMask)
-    (expectEq "unit environment: private tap nodes under the runtime directory" {
-      EC_MACVTAP_RUNTIME_DIR = "/run/every-channel-ipxe-qemu";
-    } defaultUnit.environment)
+    (expectEq "unit environment: private tap nodes under the runtime directory"
+      "/run/every-channel-ipxe-qemu"
+      defaultUnit.environment.EC_MACVTAP_RUNTIME_DIR
+    )
+    (expectEq "unit RestartPreventExitStatus: usage errors do not loop" 2 sc.RestartPreventExitStatus)
     (expectEq "unit RestrictAddressFamilies" [
       "AF_UNIX"
       "AF_INET"
@@ -229,13 +168,13 @@ let
       "vhost_net"
     ] (evalConfig [ enabled ]).boot.kernelModules)
     (expectEq "no tmpfiles below /var/lib" [ ] (evalConfig [ enabled ]).systemd.tmpfiles.rules)
-    (expectEq "no dhcpcd deny without LAN" [ ]
-      (evalConfig [ enabled ]).networking.dhcpcd.denyInterfaces
-    )
+    (expectEq "no dhcpcd deny without LAN" [ ] (
+      lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] (evalConfig [ enabled ])
+    ))
     (expectEq "no networkd network without LAN" { } (evalConfig [ enabled ]).systemd.network.networks)
-    (expectEq "no NetworkManager unmanaged without LAN" [ ]
-      (evalConfig [ enabled ]).networking.networkmanager.unmanaged
-    )
+    (expectEq "no NetworkManager unmanaged without LAN" [ ] (
+      lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] (evalConfig [ enabled ])
+    ))
   ];
 
   # ---------------------------------------------------------------- assertions
@@ -753,9 +692,13 @@ let
       !((unitOf forge).serviceConfig ? ExecStartPre)
     ) "user-mode only must not touch host links")
     (expectEq "forge assertions" [ ] (failedAssertions forge))
-    (expectEq "forge leaves dhcpcd alone" [ ] forge.networking.dhcpcd.denyInterfaces)
+    (expectEq "forge leaves dhcpcd alone" [ ] (
+      lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] forge
+    ))
     (expectEq "forge leaves networkd alone" { } forge.systemd.network.networks)
-    (expectEq "forge leaves NetworkManager alone" [ ] forge.networking.networkmanager.unmanaged)
+    (expectEq "forge leaves NetworkManager alone" [ ] (
+      lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] forge
+    ))
 
     # LAN example: derived MAC
     (expectEq "lan (derived MAC) ExecStartPre" (
@@ -806,16 +749,16 @@ let
     (expectEq "lan (derived MAC) assertions" [ ] (failedAssertions lanDerived))
     (expectEq "lan (derived MAC) dhcpcd leaves the macvtap alone" [
       "ec-lan0"
-    ] lanDerived.networking.dhcpcd.denyInterfaces)
+    ] (lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] lanDerived))
     (expectEq "lan (derived MAC) networkd leaves the macvtap alone" {
       "05-every-channel-macvtap" = {
         matchConfig.Name = "ec-lan0";
         linkConfig.Unmanaged = true;
       };
-    } lanDerived.systemd.network.networks)
+    } (networksOf lanDerived))
     (expectEq "lan (derived MAC) NetworkManager leaves the macvtap alone" [
       "interface-name:ec-lan0"
-    ] lanDerived.networking.networkmanager.unmanaged)
+    ] (lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] lanDerived))
     (expectEq "lan (derived MAC) private tap node directory" "/run/every-channel-ipxe-qemu"
       (unitOf lanDerived).environment.EC_MACVTAP_RUNTIME_DIR
     )
@@ -875,16 +818,16 @@ let
     (expectEq "lan (explicit MAC) assertions" [ ] (failedAssertions lanExplicit))
     (expectEq "lan (explicit MAC) dhcpcd leaves the macvtap alone" [
       "ec-tuners"
-    ] lanExplicit.networking.dhcpcd.denyInterfaces)
+    ] (lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] lanExplicit))
     (expectEq "lan (explicit MAC) networkd leaves the macvtap alone" {
       "05-every-channel-macvtap" = {
         matchConfig.Name = "ec-tuners";
         linkConfig.Unmanaged = true;
       };
-    } lanExplicit.systemd.network.networks)
+    } (networksOf lanExplicit))
     (expectEq "lan (explicit MAC) NetworkManager leaves the macvtap alone" [
       "interface-name:ec-tuners"
-    ] lanExplicit.networking.networkmanager.unmanaged)
+    ] (lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] lanExplicit))
 
     # boot.http, no disk, no iPXE image, custom state dir, extra args needing escapes
     (expectEq "http+extraArgs ExecStart" (line (
@@ -966,7 +909,7 @@ let
 in
 builtins.deepSeq all {
   result = "module-eval: all ${toString (builtins.length all)} checks passed";
-  utils = if utils == null then "stub copy of nixos/lib/utils.nix" else "nixpkgs nixos/lib/utils.nix";
+  nixos = "real NixOS systemd modules and utils from ${toString nixpkgs}";
   defaults = builtins.length defaultChecks;
   unit = builtins.length (disabledChecks ++ unitChecks);
   assertions = builtins.length assertionChecks;
