@@ -145,7 +145,8 @@ let
       hexGroups = if lastIsV4 then lib.init groups else groups;
       count = builtins.length hexGroups + (if lastIsV4 then 2 else 0);
       hexOk = lib.all (g: builtins.match "[0-9a-fA-F]{1,4}" g != null) hexGroups;
-      v4Last = lib.all (h: lib.all (g: !(isIPv4 g)) (lib.init (groupsOf h))) halves;
+      # an IPv4 part only at the very end
+      v4Last = lib.all (g: !(isIPv4 g)) (lib.take (builtins.length groups - 1) groups);
     in
     builtins.length halves <= 2
     && hexOk

@@ -898,6 +898,243 @@ let
     (expectEq "no warnings for the forge example" [ ] forge.warnings)
   ];
 
+  # ---------------------------------------------------------------- rendered unit text
+  # What NixOS writes to /etc/systemd/system, from the real systemd-lib.nix.
+  textOf = config: config.systemd.units."every-channel-ipxe-qemu.service".text;
+  linesOf = text: lib.filter (l: l != "") (lib.splitString "\n" text);
+  # The lines of one [Section] of a unit file.
+  sectionOf =
+    name: text:
+    let
+      go =
+        acc: l:
+        if lib.hasPrefix "[" l then
+          acc // { current = l; }
+        else if acc.current == "[${name}]" then
+          acc // { lines = acc.lines ++ [ l ]; }
+        else
+          acc;
+    in
+    (lib.foldl' go {
+      current = null;
+      lines = [ ];
+    } (linesOf text)).lines;
+  hasLine =
+    name: section: line: config:
+    expect "${name}: [${section}] has ${line}" (lib.elem line (
+      sectionOf section (textOf config)
+    )) "missing in:\n${textOf config}";
+  renderedChecks = [
+    (hasLine "user-mode" "Service" "RestartPreventExitStatus=2" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "Restart=always" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "User=every-channel-ipxe-qemu" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "CapabilityBoundingSet=" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "DeviceAllow=char-macvtap rwm" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "ProtectSystem=strict" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "StateDirectory=every-channel/ipxe-qemu" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" ''Environment="EC_MACVTAP_RUNTIME_DIR=/run/every-channel-ipxe-qemu"''
+      (evalConfig [ enabled ])
+    )
+    (hasLine "user-mode" "Unit" "StartLimitIntervalSec=0" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Install" "WantedBy=multi-user.target" (evalConfig [ enabled ]))
+    (hasLine "forge" "Service" "ExecStart=${(unitOf forge).serviceConfig.ExecStart}" forge)
+    (hasLine "lan" "Service" "ExecStartPre=${(unitOf lanDerived).serviceConfig.ExecStartPre}"
+      lanDerived
+    )
+    (hasLine "lan" "Service" "ExecStopPost=${(unitOf lanDerived).serviceConfig.ExecStopPost}"
+      lanDerived
+    )
+    (hasLine "lan" "Unit" "Wants=sys-subsystem-net-devices-eno1.device" lanDerived)
+    (hasLine "http+extraArgs" "Service" "ExecStart=${(unitOf httpExtra).serviceConfig.ExecStart}"
+      httpExtra
+    )
+    (hasLine "http+extraArgs" "Service" "ReadWritePaths=/srv/ec-guest" httpExtra)
+    (expect "user-mode unit has no ExecStartPre line" (
+      !(lib.any (lib.hasPrefix "ExecStartPre=") (linesOf (textOf (evalConfig [ enabled ]))))
+    ) "user-mode only must not touch host links")
+    # The real serviceConfig type renders every key systemd reads; no key is dropped.
+    (expectEq "every serviceConfig key is rendered" [ ] (
+      lib.filter (k: !(lib.any (lib.hasPrefix "${k}=") (sectionOf "Service" (textOf lanDerived)))) (
+        lib.attrNames (unitOf lanDerived).serviceConfig
+      )
+    ))
+  ];
+
+  # ---------------------------------------------------------------- refusal table
+  # tests/data/refusals.json: the same values go to the launcher in tests/refusals.rs.
+  refusalTable = builtins.fromJSON (builtins.readFile ../../tests/data/refusals.json);
+  refusedByModule =
+    case:
+    let
+      settings = (case.context or { }) // {
+        ${case.option} = case.value;
+      };
+      def = lib.foldl' (
+        acc: path: lib.recursiveUpdate acc (lib.setAttrByPath (lib.splitString "." path) settings.${path})
+      ) { enable = true; } (lib.attrNames settings);
+      config = evalConfig [ (with' def) ];
+      r = builtins.tryEval (builtins.deepSeq (textOf config) (failedAssertions config == [ ]));
+    in
+    !(r.success && r.value);
+  refusalChecks = map (
+    case:
+    let
+      got = refusedByModule case;
+    in
+    expect "refusal table: ${case.option} = ${builtins.toJSON case.value} is ${
+      if case.refused then "refused" else "accepted"
+    }" (got == case.refused) "the module ${if got then "refused" else "accepted"} it"
+  ) refusalTable.cases;
+  refusedBadValues = lib.filter (c: c.refused) refusalTable.cases;
+
+  # ---------------------------------------------------------------- the guest module
+  guestEval =
+    modules:
+    (nixos.eval (
+      [
+        ../modules/ec-publisher-guest.nix
+      ]
+      ++ modules
+    )).config;
+  guestOn = extra: {
+    every-channel.publisherGuest = {
+      enable = true;
+    }
+    // extra;
+  };
+  guest = guestEval [
+    (guestOn {
+      dataDisk.enable = true;
+      sshAuthorizedKeys = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnly admin@forge" ];
+    })
+  ];
+  guestMinimal = guestEval [ (guestOn { tunerDiscovery.enable = false; }) ];
+  guestOff = guestEval [ ];
+  netUnit = config: name: config.systemd.network.units.${name}.text;
+  guestService = config: name: config.systemd.units."${name}.service".text;
+  sectionHas =
+    name: section: line: text:
+    expect "guest ${name}: [${section}] has ${line}" (lib.elem line (
+      sectionOf section text
+    )) "missing in:\n${text}";
+  guestRejects =
+    what: def:
+    expect "guest type rejects ${what}" (
+      !(builtins.tryEval (
+        builtins.deepSeq (guestEval [ (guestOn def) ]).every-channel.publisherGuest true
+      )).success
+    ) "the definition was accepted";
+  guestChecks = [
+    (expectEq "guest assertions" [ ] (failedAssertions guest))
+    (sectionHas "10-ec-boot0.link" "Match" "Path=pci-0000:00:03.0" (netUnit guest "10-ec-boot0.link"))
+    (sectionHas "10-ec-boot0.link" "Link" "Name=boot0" (netUnit guest "10-ec-boot0.link"))
+    (sectionHas "10-ec-lan0.link" "Match" "Path=pci-0000:00:04.0" (netUnit guest "10-ec-lan0.link"))
+    (sectionHas "10-ec-lan0.link" "Link" "Name=lan0" (netUnit guest "10-ec-lan0.link"))
+    (sectionHas "10-ec-boot0.network" "Match" "Name=boot0" (netUnit guest "10-ec-boot0.network"))
+    (sectionHas "10-ec-boot0.network" "Network" "DHCP=yes" (netUnit guest "10-ec-boot0.network"))
+    (sectionHas "10-ec-boot0.network" "DHCPv4" "RouteMetric=100" (netUnit guest "10-ec-boot0.network"))
+    (sectionHas "10-ec-boot0.network" "Link" "RequiredForOnline=routable" (
+      netUnit guest "10-ec-boot0.network"
+    ))
+    (sectionHas "10-ec-lan0.network" "Network" "DHCP=ipv4" (netUnit guest "10-ec-lan0.network"))
+    (sectionHas "10-ec-lan0.network" "Network" "LinkLocalAddressing=no" (
+      netUnit guest "10-ec-lan0.network"
+    ))
+    (sectionHas "10-ec-lan0.network" "DHCPv4" "RouteMetric=1024" (netUnit guest "10-ec-lan0.network"))
+    (sectionHas "10-ec-lan0.network" "Link" "RequiredForOnline=no" (netUnit guest "10-ec-lan0.network"))
+    (sectionHas "tuner discovery" "Service" "Type=oneshot" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (sectionHas "tuner discovery" "Service" "StandardOutput=journal+console" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (sectionHas "tuner discovery" "Service" "DynamicUser=true" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (sectionHas "tuner discovery" "Unit" "Wants=network-online.target" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (sectionHas "tuner discovery" "Install" "WantedBy=multi-user.target" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (sectionHas "data disk format" "Unit" "DefaultDependencies=false" (
+      guestService guest "every-channel-data-disk-format"
+    ))
+    (sectionHas "data disk format" "Unit" "Requires=dev-vda.device" (
+      guestService guest "every-channel-data-disk-format"
+    ))
+    (expectEq "guest data disk mount" {
+      device = "/dev/vda";
+      fsType = "ext4";
+      options = [
+        "nofail"
+        "x-systemd.requires=every-channel-data-disk-format.service"
+        "x-systemd.device-timeout=60s"
+      ];
+    } guest.fileSystems."/var/lib/every-channel")
+    (expectEq "guest serial console" [
+      "console=tty0"
+      "console=ttyS0,115200n8"
+    ] guest.boot.kernelParams)
+    (expectEq "guest ssh is key-only" false guest.services.openssh.settings.PasswordAuthentication)
+    (expectEq "guest firewall lets tuner replies in on lan0"
+      "iptables -w -I nixos-fw -i lan0 -p udp --sport 65001 -j nixos-fw-accept"
+      guest.networking.firewall.extraCommands
+    )
+    (expectEq "guest firewall (nftables)" ''iifname "lan0" udp sport 65001 accept''
+      (guestEval [
+        (guestOn { })
+        { networking.nftables.enable = true; }
+      ]).networking.firewall.extraInputRules
+    )
+    (expect "guest without tuner discovery has no discovery unit" (
+      !(guestMinimal.systemd.units ? "every-channel-tuner-discovery.service")
+    ) "unit present")
+    (expect "guest without data disk has no format unit" (
+      !(guestMinimal.systemd.units ? "every-channel-data-disk-format.service")
+    ) "unit present")
+    (expect "guest without ssh keys leaves openssh alone" (
+      !(guestMinimal.services ? openssh)
+    ) "openssh configured")
+    (expect "guest disabled: no units, links or networks" (
+      !(guestOff.systemd.units ? "every-channel-tuner-discovery.service")
+      && guestOff.systemd.network.units == { }
+    ) "something is defined although enable = false")
+    (guestRejects "dataDisk.device = \"vda\"" { dataDisk.device = "vda"; })
+    (guestRejects "dataDisk.label longer than 16" { dataDisk.label = "a-label-far-too-long"; })
+    (guestRejects "dataDisk.mountPoint relative" { dataDisk.mountPoint = "var/lib/ec"; })
+    (guestRejects "tunerDiscovery.attempts = 0" { tunerDiscovery.attempts = 0; })
+  ];
+
+  # ---------------------------------------------------------------- for systemd-analyze
+  # Unit files by configuration, as NixOS would install them; scripts by store path.
+  hostUnits = config: {
+    "every-channel-ipxe-qemu.service" = textOf config;
+  };
+  guestUnits =
+    lib.mapAttrs (_: u: u.text) (
+      lib.filterAttrs (n: _: lib.hasPrefix "every-channel-" n) guest.systemd.units
+    )
+    // lib.mapAttrs (_: u: u.text) guest.systemd.network.units;
+  units = {
+    user-mode = hostUnits (evalConfig [ enabled ]);
+    lan = hostUnits lanDerived;
+    lan-explicit = hostUnits lanExplicit;
+    http-extra = hostUnits httpExtra;
+    example-forge-host = hostUnits forge;
+    example-lan-host = hostUnits lanDerived;
+    guest = guestUnits;
+  };
+  scripts = lib.listToAttrs (
+    map (
+      name:
+      let
+        exec = guest.systemd.services.${name}.serviceConfig.ExecStart;
+      in
+      lib.nameValuePair exec.outPath exec.text
+    ) (lib.attrNames (lib.filterAttrs (n: _: lib.hasPrefix "every-channel-" n) guest.systemd.services))
+  );
+
   all =
     defaultChecks
     ++ disabledChecks
@@ -905,7 +1142,10 @@ let
     ++ assertionChecks
     ++ typeChecks
     ++ execChecks
-    ++ warningChecks;
+    ++ warningChecks
+    ++ renderedChecks
+    ++ refusalChecks
+    ++ guestChecks;
 in
 builtins.deepSeq all {
   result = "module-eval: all ${toString (builtins.length all)} checks passed";
@@ -916,5 +1156,11 @@ builtins.deepSeq all {
   types = builtins.length typeChecks;
   commandLines = builtins.length execChecks;
   warnings = builtins.length warningChecks;
+  renderedUnits = builtins.length renderedChecks;
+  guest = builtins.length guestChecks;
+  refusalTable = "${toString (builtins.length refusalTable.cases)} values: ${toString (builtins.length refusedBadValues)} bad ones refused at evaluation, ${
+    toString (builtins.length refusalTable.cases - builtins.length refusedBadValues)
+  } good ones accepted";
   checks = all;
+  inherit units scripts;
 }

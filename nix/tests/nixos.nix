@@ -82,7 +82,19 @@ let
   stubs = {
     options = {
       users = untyped;
-      networking = untyped;
+      # The guest module reads networking.nftables.enable while defining
+      # networking.firewall: both need declarations of their own.
+      networking = mkOption {
+        type = types.submodule {
+          freeformType = types.attrsOf types.anything;
+          options.nftables.enable = mkOption {
+            type = types.bool;
+            default = false;
+          };
+          options.firewall = untyped;
+        };
+        default = { };
+      };
       environment = untyped;
       services = untyped;
       system = untyped;
