@@ -95,48 +95,19 @@ fi
 say "OK lint: deadnix --fail"
 
 # --- 4. module evaluation against the real NixOS code -------------------------------------
-# The kit (../shared/nixos-eval: nixpkgs lib + the real NixOS systemd files, see its README) is
-# test data and never copied here. Looked for at: $EC_NIXPKGS_LIB, then ../shared/nixos-eval
-# next to this checkout, next to the main checkout of a worktree, and next to a local origin
-# (a clean clone of a local repository). Under CI=true a missing kit is a failure.
-find_kit() {
-	local c candidates=()
-	if [[ -n "${EC_NIXPKGS_LIB:-}" ]]; then
-		candidates+=("$EC_NIXPKGS_LIB")
-	else
-		candidates+=("$repo_root/../shared/nixos-eval")
-		local common origin
-		if common=$(git -C "$repo_root" rev-parse --path-format=absolute --git-common-dir 2>/dev/null); then
-			candidates+=("$(dirname "$common")/../shared/nixos-eval")
-		fi
-		if origin=$(git -C "$repo_root" config --get remote.origin.url 2>/dev/null) && [[ -d "$origin" ]]; then
-			candidates+=("$origin/../shared/nixos-eval" "$(dirname "$origin")/../shared/nixos-eval")
-		fi
-	fi
-	for c in "${candidates[@]}"; do
-		if [[ -f "$c/lib/default.nix" && -f "$c/nixos/lib/utils.nix" ]]; then
-			(cd "$c" && pwd)
-			return 0
-		fi
-	done
-	printf '%s\n' "${candidates[@]}" >&2
-	return 1
-}
-if ! kit=$(find_kit 2>/tmp/nix-checks-kit.$$); then
-	tried=$(tr '\n' ' ' </tmp/nix-checks-kit.$$)
-	rm -f /tmp/nix-checks-kit.$$
+# The kit (../shared/nixos-eval: nixpkgs lib + the real NixOS systemd files) is test data,
+# found by scripts/find-nixos-kit.sh and never copied here. Under CI=true a missing kit fails.
+kit_err=$(mktemp)
+if ! kit=$(scripts/find-nixos-kit.sh 2>"$kit_err"); then
+	tried=$(cat "$kit_err")
+	rm -f "$kit_err"
 	if [[ "${CI:-}" == true || "${CI:-}" == 1 ]]; then
-		die "module-eval: no NixOS evaluation kit (tried: $tried); set EC_NIXPKGS_LIB to ../shared/nixos-eval (CI=true: a failure, not a skip)"
+		die "module-eval: $tried (CI=true: a failure, not a skip)"
 	fi
-	say "SKIP module-eval and unit checks: no NixOS evaluation kit (tried: $tried); set EC_NIXPKGS_LIB"
+	say "SKIP module-eval and unit checks: $tried"
 	exit 0
 fi
-rm -f /tmp/nix-checks-kit.$$
-[[ -f "$kit/nixos/modules/system/boot/systemd.nix" ]] ||
-	die "$kit has no nixos/modules/system/boot/systemd.nix (want ../shared/nixos-eval or a nixpkgs checkout)"
-case "$kit/" in
-"$repo_root"/*) die "the NixOS kit $kit must be outside this repository (it is never committed)" ;;
-esac
+rm -f "$kit_err"
 say "module-eval against $kit"
 eval_expr() { # attribute names to keep from the result
 	nix-instantiate "${NIX_STORE_FLAGS[@]}" --eval --strict --json \
