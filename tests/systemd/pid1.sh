@@ -24,10 +24,12 @@ fail() {
 }
 
 outer() {
-	local name line hier ctrls path base dir new
+	local name line hier ctrls path base dir new lines
 	name=$(basename "$work")
 	: >"$work/cgroups"
-	while IFS= read -r line; do
+	# Read it whole first: the file changes as this process moves.
+	mapfile -t lines </proc/self/cgroup
+	for line in "${lines[@]}"; do
 		hier=${line%%:*}
 		line=${line#*:}
 		ctrls=${line%%:*}
@@ -47,7 +49,7 @@ outer() {
 			cat "$dir/cpuset.mems" >"$new/cpuset.mems"
 		fi
 		echo $$ >"$new/cgroup.procs"
-	done </proc/self/cgroup
+	done
 	export LIBMOUNT_UTAB=$work/utab
 	exec unshare --pid --fork --mount --uts --ipc --cgroup --propagation private --mount-proc \
 		"$0" inner "$work" "$netns" "$dev"
@@ -130,6 +132,13 @@ inner() {
 		ls /dev/tap* >/dev/null 2>&1 && fail "the container /dev has tap nodes"
 	fi
 	mount --bind "$work/console.log" /dev/console
+
+	# No udev here, so device units (the LAN unit's Wants=/After= on its parent interface's
+	# .device) never appear; systemd would wait DefaultDeviceTimeoutSec (90 s) for them on every
+	# start. On a host with udev the device is there at once; here do not wait.
+	printf '[Manager]\nDefaultDeviceTimeoutSec=1s\n' >"$work/system.conf"
+	[[ -e /etc/systemd/system.conf ]] || fail "/etc/systemd/system.conf is missing"
+	mount --bind "$work/system.conf" /etc/systemd/system.conf
 
 	# PrivateTmp= makes directories under /tmp and /var/tmp: keep them in this namespace.
 	mount -t tmpfs -o mode=1777 tmpfs /tmp
