@@ -1076,6 +1076,14 @@ let
       "console=tty0"
       "console=ttyS0,115200n8"
     ] guest.boot.kernelParams)
+    (expect "guest initrd has the virtio drivers" (lib.all
+      (m: lib.elem m guest.boot.initrd.availableKernelModules)
+      [
+        "virtio_pci"
+        "virtio_net"
+        "virtio_blk"
+      ]
+    ) "missing in ${builtins.toJSON guest.boot.initrd.availableKernelModules}")
     (expectEq "guest ssh is key-only" false guest.services.openssh.settings.PasswordAuthentication)
     (expectEq "guest firewall lets tuner replies in on lan0"
       "iptables -w -I nixos-fw -i lan0 -p udp --sport 65001 -j nixos-fw-accept"

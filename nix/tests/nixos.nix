@@ -92,6 +92,11 @@ let
             default = false;
           };
           options.firewall = untyped;
+          # read by the full networkd.nix (wait-online.anyInterface's default)
+          options.useDHCP = mkOption {
+            type = types.bool;
+            default = true;
+          };
         };
         default = { };
       };
@@ -110,7 +115,17 @@ let
           type = types.bool;
           default = false;
         };
-        initrd = untyped;
+        # An option set, not a freeform submodule: nixpkgs' full networkd.nix (the flake check
+        # uses it) declares boot.initrd.systemd.network.* and reads boot.initrd.systemd.enable.
+        initrd = {
+          availableKernelModules = listOfStr;
+          kernelModules = listOfStr;
+          systemd.enable = mkOption {
+            type = types.bool;
+            default = false;
+          };
+          network = untyped;
+        };
         kernel = untyped;
       };
       systemd.tmpfiles.rules = listOfStr;
