@@ -12,6 +12,10 @@ have qemu-img || need+=(qemu-utils)
 [ -e /usr/lib/ipxe/ipxe.lkrn ] || need+=(ipxe)
 have dnsmasq || need+=(dnsmasq-base)
 have nix-instantiate || need+=(nix-bin)
+# The unit tests' real systemd (PID 1 of private namespaces, tests/systemd_unit.rs), systemd-analyze and
+# systemd-networkd (scripts/nix-checks.sh); nsenter/unshare/setsid come with util-linux.
+[ -x /lib/systemd/systemd ] && have systemd-analyze && [ -x /lib/systemd/systemd-networkd ] || need+=(systemd)
+have nsenter || need+=(util-linux)
 
 if [ ${#need[@]} -gt 0 ]; then
 	echo "install-deps: installing ${need[*]}"

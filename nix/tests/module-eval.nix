@@ -1,105 +1,28 @@
-# Pure evaluation test of nix/modules/ec-ipxe-qemu.nix.
+# Evaluation test of nix/modules/ec-ipxe-qemu.nix and nix/modules/ec-publisher-guest.nix
+# against the REAL NixOS code (see ./nixos.nix): the real `systemd.services` and
+# `systemd.network` option types, the real `utils`, the real unit text generation. Only
+# `pkgs` and the NixOS options outside the systemd modules are stubbed.
 #
-# It needs nothing but nixpkgs' `lib`: NixOS's own options are replaced by small stubs,
-# `pkgs` by fake derivations (attribute sets with an outPath) and `utils` by a copy of
-# the two nixos/lib/utils.nix functions the module uses, unless the real `utils` is
-# passed (the flake check does). Any mismatch throws, so the evaluation fails; on
-# success it returns a summary.
+# `nixpkgs`: the offline kit (../shared/nixos-eval, what scripts/nix-checks.sh passes) or
+# a nixpkgs checkout (the flake's module-eval check passes its pinned input). Any
+# mismatch throws, so the evaluation fails; on success it returns a summary and the
+# rendered units (`units`, `scripts`), which scripts/nix-checks.sh hands to
+# `systemd-analyze verify` and `systemd-analyze security`.
 #
-#   nix-instantiate --eval --strict nix/tests/module-eval.nix --arg lib 'import <nixpkgs/lib>'
-{
-  lib,
-  utils ? null,
-}:
+#   nix-instantiate --eval --strict -E 'import nix/tests/module-eval.nix { nixpkgs = /path/to/kit; }'
+{ nixpkgs }:
 
 let
-  inherit (lib) mkOption types;
+  nixos = import ./nixos.nix { inherit nixpkgs; };
+  inherit (nixos) lib;
 
-  fakePkg = hash: name: {
-    type = "derivation";
-    inherit name;
-    outPath = "/nix/store/${hash}-${name}";
-  };
-  ec = "/nix/store/11111111111111111111111111111111-ec-ipxe-qemu-0.1.0";
-  qemu = "/nix/store/22222222222222222222222222222222-qemu-host-cpu-only-10.1.2";
-  ipxe = "/nix/store/33333333333333333333333333333333-ipxe-1.21.1-unstable";
+  fakePkgs = nixos.pkgs;
+  ec = fakePkgs.ec-ipxe-qemu.outPath;
+  qemu = fakePkgs.qemu_kvm.outPath;
+  ipxe = fakePkgs.ipxe.outPath;
   netbootDir = "/nix/store/44444444444444444444444444444444-ec-publisher-netboot";
-  fakePkgs = {
-    ec-ipxe-qemu = fakePkg "11111111111111111111111111111111" "ec-ipxe-qemu-0.1.0";
-    qemu_kvm = fakePkg "22222222222222222222222222222222" "qemu-host-cpu-only-10.1.2";
-    ipxe = fakePkg "33333333333333333333333333333333" "ipxe-1.21.1-unstable";
-  };
 
-  # Same definitions as nixpkgs' nixos/lib/utils.nix (escapeSystemdPath only for plain
-  # names, which is all the module passes after its own name checks).
-  stubUtils = {
-    escapeSystemdExecArgs = lib.concatMapStringsSep " " (
-      arg:
-      lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (
-        builtins.toJSON (if builtins.isString arg then arg else toString arg)
-      )
-    );
-    escapeSystemdPath =
-      s: lib.replaceStrings [ "/" "-" " " ] [ "-" "\\x2d" "\\x20" ] (lib.removePrefix "/" s);
-  };
-
-  # The NixOS options the module defines values for.
-  nixosStubs = {
-    options = {
-      assertions = mkOption {
-        type = types.listOf types.unspecified;
-        default = [ ];
-      };
-      warnings = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      boot.kernelModules = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      users.users = mkOption {
-        type = types.attrsOf types.anything;
-        default = { };
-      };
-      systemd.services = mkOption {
-        type = types.attrsOf types.anything;
-        default = { };
-      };
-      systemd.tmpfiles.rules = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      networking.dhcpcd.denyInterfaces = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      networking.networkmanager.unmanaged = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      systemd.network.networks = mkOption {
-        type = types.attrsOf types.anything;
-        default = { };
-      };
-    };
-  };
-
-  evalConfig =
-    modules:
-    (lib.evalModules {
-      modules = [
-        nixosStubs
-        ../modules/ec-ipxe-qemu.nix
-        {
-          _module.args = {
-            pkgs = fakePkgs;
-            utils = if utils == null then stubUtils else utils;
-          };
-        }
-      ]
-      ++ modules;
-    }).config;
+  evalConfig = modules: (nixos.eval ([ ../modules/ec-ipxe-qemu.nix ] ++ modules)).config;
 
   opt = [
     "services"
@@ -108,6 +31,14 @@ let
   ];
   enabled = lib.setAttrByPath opt { enable = true; };
   with' = attrs: lib.setAttrByPath opt attrs;
+
+  # The settings of each networkd .network (forcing the whole submodule would hit its
+  # deprecated-option throws).
+  networksOf =
+    config:
+    lib.mapAttrs (_: n: {
+      inherit (n) matchConfig linkConfig;
+    }) config.systemd.network.networks;
 
   unitOf = config: config.systemd.services.every-channel-ipxe-qemu;
   failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
@@ -168,14 +99,20 @@ let
 
   disabledConfig = evalConfig [ ];
   disabledChecks = [
-    (expectEq "disabled: no unit" { } disabledConfig.systemd.services)
-    (expectEq "disabled: no user" { } disabledConfig.users.users)
-    (expectEq "disabled: no assertions" [ ] disabledConfig.assertions)
-    (expectEq "disabled: no dhcpcd deny" [ ] disabledConfig.networking.dhcpcd.denyInterfaces)
+    (expect "disabled: no unit" (
+      !(disabledConfig.systemd.services ? every-channel-ipxe-qemu)
+    ) "the unit exists although enable = false")
+    (expect "disabled: no user" (
+      !(lib.attrByPath [ "users" "users" ] { } disabledConfig ? every-channel-ipxe-qemu)
+    ) "the user exists although enable = false")
+    (expectEq "disabled: no assertions of ours" [ ] (failedAssertions disabledConfig))
+    (expectEq "disabled: no dhcpcd deny" [ ] (
+      lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] disabledConfig
+    ))
     (expectEq "disabled: no networkd network" { } disabledConfig.systemd.network.networks)
-    (expectEq "disabled: no NetworkManager unmanaged" [ ]
-      disabledConfig.networking.networkmanager.unmanaged
-    )
+    (expectEq "disabled: no NetworkManager unmanaged" [ ] (
+      lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] disabledConfig
+    ))
   ];
 
   sc = defaultUnit.serviceConfig;
@@ -204,9 +141,11 @@ let
     (expectEq "unit RuntimeDirectory" "every-channel-ipxe-qemu" sc.RuntimeDirectory)
     (expectEq "unit RuntimeDirectoryMode" "0755" sc.RuntimeDirectoryMode)
     (expectEq "unit UMask" "0077" sc.UMask)
-    (expectEq "unit environment: private tap nodes under the runtime directory" {
-      EC_MACVTAP_RUNTIME_DIR = "/run/every-channel-ipxe-qemu";
-    } defaultUnit.environment)
+    (expectEq "unit environment: private tap nodes under the runtime directory"
+      "/run/every-channel-ipxe-qemu"
+      defaultUnit.environment.EC_MACVTAP_RUNTIME_DIR
+    )
+    (expectEq "unit RestartPreventExitStatus: usage errors do not loop" 2 sc.RestartPreventExitStatus)
     (expectEq "unit RestrictAddressFamilies" [
       "AF_UNIX"
       "AF_INET"
@@ -229,13 +168,13 @@ let
       "vhost_net"
     ] (evalConfig [ enabled ]).boot.kernelModules)
     (expectEq "no tmpfiles below /var/lib" [ ] (evalConfig [ enabled ]).systemd.tmpfiles.rules)
-    (expectEq "no dhcpcd deny without LAN" [ ]
-      (evalConfig [ enabled ]).networking.dhcpcd.denyInterfaces
-    )
+    (expectEq "no dhcpcd deny without LAN" [ ] (
+      lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] (evalConfig [ enabled ])
+    ))
     (expectEq "no networkd network without LAN" { } (evalConfig [ enabled ]).systemd.network.networks)
-    (expectEq "no NetworkManager unmanaged without LAN" [ ]
-      (evalConfig [ enabled ]).networking.networkmanager.unmanaged
-    )
+    (expectEq "no NetworkManager unmanaged without LAN" [ ] (
+      lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] (evalConfig [ enabled ])
+    ))
   ];
 
   # ---------------------------------------------------------------- assertions
@@ -753,9 +692,13 @@ let
       !((unitOf forge).serviceConfig ? ExecStartPre)
     ) "user-mode only must not touch host links")
     (expectEq "forge assertions" [ ] (failedAssertions forge))
-    (expectEq "forge leaves dhcpcd alone" [ ] forge.networking.dhcpcd.denyInterfaces)
+    (expectEq "forge leaves dhcpcd alone" [ ] (
+      lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] forge
+    ))
     (expectEq "forge leaves networkd alone" { } forge.systemd.network.networks)
-    (expectEq "forge leaves NetworkManager alone" [ ] forge.networking.networkmanager.unmanaged)
+    (expectEq "forge leaves NetworkManager alone" [ ] (
+      lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] forge
+    ))
 
     # LAN example: derived MAC
     (expectEq "lan (derived MAC) ExecStartPre" (
@@ -806,16 +749,16 @@ let
     (expectEq "lan (derived MAC) assertions" [ ] (failedAssertions lanDerived))
     (expectEq "lan (derived MAC) dhcpcd leaves the macvtap alone" [
       "ec-lan0"
-    ] lanDerived.networking.dhcpcd.denyInterfaces)
+    ] (lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] lanDerived))
     (expectEq "lan (derived MAC) networkd leaves the macvtap alone" {
       "05-every-channel-macvtap" = {
         matchConfig.Name = "ec-lan0";
         linkConfig.Unmanaged = true;
       };
-    } lanDerived.systemd.network.networks)
+    } (networksOf lanDerived))
     (expectEq "lan (derived MAC) NetworkManager leaves the macvtap alone" [
       "interface-name:ec-lan0"
-    ] lanDerived.networking.networkmanager.unmanaged)
+    ] (lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] lanDerived))
     (expectEq "lan (derived MAC) private tap node directory" "/run/every-channel-ipxe-qemu"
       (unitOf lanDerived).environment.EC_MACVTAP_RUNTIME_DIR
     )
@@ -875,16 +818,16 @@ let
     (expectEq "lan (explicit MAC) assertions" [ ] (failedAssertions lanExplicit))
     (expectEq "lan (explicit MAC) dhcpcd leaves the macvtap alone" [
       "ec-tuners"
-    ] lanExplicit.networking.dhcpcd.denyInterfaces)
+    ] (lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] lanExplicit))
     (expectEq "lan (explicit MAC) networkd leaves the macvtap alone" {
       "05-every-channel-macvtap" = {
         matchConfig.Name = "ec-tuners";
         linkConfig.Unmanaged = true;
       };
-    } lanExplicit.systemd.network.networks)
+    } (networksOf lanExplicit))
     (expectEq "lan (explicit MAC) NetworkManager leaves the macvtap alone" [
       "interface-name:ec-tuners"
-    ] lanExplicit.networking.networkmanager.unmanaged)
+    ] (lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] lanExplicit))
 
     # boot.http, no disk, no iPXE image, custom state dir, extra args needing escapes
     (expectEq "http+extraArgs ExecStart" (line (
@@ -955,6 +898,251 @@ let
     (expectEq "no warnings for the forge example" [ ] forge.warnings)
   ];
 
+  # ---------------------------------------------------------------- rendered unit text
+  # What NixOS writes to /etc/systemd/system, from the real systemd-lib.nix.
+  textOf = config: config.systemd.units."every-channel-ipxe-qemu.service".text;
+  linesOf = text: lib.filter (l: l != "") (lib.splitString "\n" text);
+  # The lines of one [Section] of a unit file.
+  sectionOf =
+    name: text:
+    let
+      go =
+        acc: l:
+        if lib.hasPrefix "[" l then
+          acc // { current = l; }
+        else if acc.current == "[${name}]" then
+          acc // { lines = acc.lines ++ [ l ]; }
+        else
+          acc;
+    in
+    (lib.foldl' go {
+      current = null;
+      lines = [ ];
+    } (linesOf text)).lines;
+  hasLine =
+    name: section: line: config:
+    expect "${name}: [${section}] has ${line}" (lib.elem line (
+      sectionOf section (textOf config)
+    )) "missing in:\n${textOf config}";
+  renderedChecks = [
+    (hasLine "user-mode" "Service" "RestartPreventExitStatus=2" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "Restart=always" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "User=every-channel-ipxe-qemu" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "CapabilityBoundingSet=" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "DeviceAllow=char-macvtap rwm" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "ProtectSystem=strict" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "StateDirectory=every-channel/ipxe-qemu" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" ''Environment="EC_MACVTAP_RUNTIME_DIR=/run/every-channel-ipxe-qemu"''
+      (evalConfig [ enabled ])
+    )
+    (hasLine "user-mode" "Unit" "StartLimitIntervalSec=0" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Install" "WantedBy=multi-user.target" (evalConfig [ enabled ]))
+    (hasLine "forge" "Service" "ExecStart=${(unitOf forge).serviceConfig.ExecStart}" forge)
+    (hasLine "lan" "Service" "ExecStartPre=${(unitOf lanDerived).serviceConfig.ExecStartPre}"
+      lanDerived
+    )
+    (hasLine "lan" "Service" "ExecStopPost=${(unitOf lanDerived).serviceConfig.ExecStopPost}"
+      lanDerived
+    )
+    (hasLine "lan" "Unit" "Wants=sys-subsystem-net-devices-eno1.device" lanDerived)
+    (hasLine "http+extraArgs" "Service" "ExecStart=${(unitOf httpExtra).serviceConfig.ExecStart}"
+      httpExtra
+    )
+    (hasLine "http+extraArgs" "Service" "ReadWritePaths=/srv/ec-guest" httpExtra)
+    (expect "user-mode unit has no ExecStartPre line" (
+      !(lib.any (lib.hasPrefix "ExecStartPre=") (linesOf (textOf (evalConfig [ enabled ]))))
+    ) "user-mode only must not touch host links")
+    # The real serviceConfig type renders every key systemd reads; no key is dropped.
+    (expectEq "every serviceConfig key is rendered" [ ] (
+      lib.filter (k: !(lib.any (lib.hasPrefix "${k}=") (sectionOf "Service" (textOf lanDerived)))) (
+        lib.attrNames (unitOf lanDerived).serviceConfig
+      )
+    ))
+  ];
+
+  # ---------------------------------------------------------------- refusal table
+  # tests/data/refusals.json: the same values go to the launcher in tests/refusals.rs.
+  refusalTable = builtins.fromJSON (builtins.readFile ../../tests/data/refusals.json);
+  refusedByModule =
+    case:
+    let
+      settings = (case.context or { }) // {
+        ${case.option} = case.value;
+      };
+      def = lib.foldl' (
+        acc: path: lib.recursiveUpdate acc (lib.setAttrByPath (lib.splitString "." path) settings.${path})
+      ) { enable = true; } (lib.attrNames settings);
+      config = evalConfig [ (with' def) ];
+      r = builtins.tryEval (builtins.deepSeq (textOf config) (failedAssertions config == [ ]));
+    in
+    !(r.success && r.value);
+  refusalChecks = map (
+    case:
+    let
+      got = refusedByModule case;
+    in
+    expect "refusal table: ${case.option} = ${builtins.toJSON case.value} is ${
+      if case.refused then "refused" else "accepted"
+    }" (got == case.refused) "the module ${if got then "refused" else "accepted"} it"
+  ) refusalTable.cases;
+  refusedBadValues = lib.filter (c: c.refused) refusalTable.cases;
+
+  # ---------------------------------------------------------------- the guest module
+  guestEval =
+    modules:
+    (nixos.eval (
+      [
+        ../modules/ec-publisher-guest.nix
+      ]
+      ++ modules
+    )).config;
+  guestOn = extra: {
+    every-channel.publisherGuest = {
+      enable = true;
+    }
+    // extra;
+  };
+  guest = guestEval [
+    (guestOn {
+      dataDisk.enable = true;
+      sshAuthorizedKeys = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnly admin@forge" ];
+    })
+  ];
+  guestMinimal = guestEval [ (guestOn { tunerDiscovery.enable = false; }) ];
+  guestOff = guestEval [ ];
+  netUnit = config: name: config.systemd.network.units.${name}.text;
+  guestService = config: name: config.systemd.units."${name}.service".text;
+  sectionHas =
+    name: section: line: text:
+    expect "guest ${name}: [${section}] has ${line}" (lib.elem line (
+      sectionOf section text
+    )) "missing in:\n${text}";
+  guestRejects =
+    what: def:
+    expect "guest type rejects ${what}" (
+      !(builtins.tryEval (
+        builtins.deepSeq (guestEval [ (guestOn def) ]).every-channel.publisherGuest true
+      )).success
+    ) "the definition was accepted";
+  guestChecks = [
+    (expectEq "guest assertions" [ ] (failedAssertions guest))
+    (sectionHas "10-ec-boot0.link" "Match" "Path=pci-0000:00:03.0" (netUnit guest "10-ec-boot0.link"))
+    (sectionHas "10-ec-boot0.link" "Link" "Name=boot0" (netUnit guest "10-ec-boot0.link"))
+    (sectionHas "10-ec-lan0.link" "Match" "Path=pci-0000:00:04.0" (netUnit guest "10-ec-lan0.link"))
+    (sectionHas "10-ec-lan0.link" "Link" "Name=lan0" (netUnit guest "10-ec-lan0.link"))
+    (sectionHas "10-ec-boot0.network" "Match" "Name=boot0" (netUnit guest "10-ec-boot0.network"))
+    (sectionHas "10-ec-boot0.network" "Network" "DHCP=yes" (netUnit guest "10-ec-boot0.network"))
+    (sectionHas "10-ec-boot0.network" "DHCPv4" "RouteMetric=100" (netUnit guest "10-ec-boot0.network"))
+    (sectionHas "10-ec-boot0.network" "Link" "RequiredForOnline=routable" (
+      netUnit guest "10-ec-boot0.network"
+    ))
+    (sectionHas "10-ec-lan0.network" "Network" "DHCP=ipv4" (netUnit guest "10-ec-lan0.network"))
+    (sectionHas "10-ec-lan0.network" "Network" "LinkLocalAddressing=no" (
+      netUnit guest "10-ec-lan0.network"
+    ))
+    (sectionHas "10-ec-lan0.network" "DHCPv4" "RouteMetric=1024" (netUnit guest "10-ec-lan0.network"))
+    (sectionHas "10-ec-lan0.network" "Link" "RequiredForOnline=no" (netUnit guest "10-ec-lan0.network"))
+    (sectionHas "tuner discovery" "Service" "Type=oneshot" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (sectionHas "tuner discovery" "Service" "StandardOutput=journal+console" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (sectionHas "tuner discovery" "Service" "DynamicUser=true" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (sectionHas "tuner discovery" "Unit" "Wants=network-online.target" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (sectionHas "tuner discovery" "Install" "WantedBy=multi-user.target" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (sectionHas "data disk format" "Unit" "DefaultDependencies=false" (
+      guestService guest "every-channel-data-disk-format"
+    ))
+    (sectionHas "data disk format" "Unit" "Requires=dev-vda.device" (
+      guestService guest "every-channel-data-disk-format"
+    ))
+    (expectEq "guest data disk mount" {
+      device = "/dev/vda";
+      fsType = "ext4";
+      options = [
+        "nofail"
+        "x-systemd.requires=every-channel-data-disk-format.service"
+        "x-systemd.device-timeout=60s"
+      ];
+    } guest.fileSystems."/var/lib/every-channel")
+    (expectEq "guest serial console" [
+      "console=tty0"
+      "console=ttyS0,115200n8"
+    ] guest.boot.kernelParams)
+    (expect "guest initrd has the virtio drivers" (lib.all
+      (m: lib.elem m guest.boot.initrd.availableKernelModules)
+      [
+        "virtio_pci"
+        "virtio_net"
+        "virtio_blk"
+      ]
+    ) "missing in ${builtins.toJSON guest.boot.initrd.availableKernelModules}")
+    (expectEq "guest ssh is key-only" false guest.services.openssh.settings.PasswordAuthentication)
+    (expectEq "guest firewall lets tuner replies in on lan0"
+      "iptables -w -I nixos-fw -i lan0 -p udp --sport 65001 -j nixos-fw-accept"
+      guest.networking.firewall.extraCommands
+    )
+    (expectEq "guest firewall (nftables)" ''iifname "lan0" udp sport 65001 accept''
+      (guestEval [
+        (guestOn { })
+        { networking.nftables.enable = true; }
+      ]).networking.firewall.extraInputRules
+    )
+    (expect "guest without tuner discovery has no discovery unit" (
+      !(guestMinimal.systemd.units ? "every-channel-tuner-discovery.service")
+    ) "unit present")
+    (expect "guest without data disk has no format unit" (
+      !(guestMinimal.systemd.units ? "every-channel-data-disk-format.service")
+    ) "unit present")
+    (expect "guest without ssh keys leaves openssh alone" (
+      !(guestMinimal.services ? openssh)
+    ) "openssh configured")
+    (expect "guest disabled: no units, links or networks" (
+      !(guestOff.systemd.units ? "every-channel-tuner-discovery.service")
+      && guestOff.systemd.network.units == { }
+    ) "something is defined although enable = false")
+    (guestRejects "dataDisk.device = \"vda\"" { dataDisk.device = "vda"; })
+    (guestRejects "dataDisk.label longer than 16" { dataDisk.label = "a-label-far-too-long"; })
+    (guestRejects "dataDisk.mountPoint relative" { dataDisk.mountPoint = "var/lib/ec"; })
+    (guestRejects "tunerDiscovery.attempts = 0" { tunerDiscovery.attempts = 0; })
+  ];
+
+  # ---------------------------------------------------------------- for systemd-analyze
+  # Unit files by configuration, as NixOS would install them; scripts by store path.
+  hostUnits = config: {
+    "every-channel-ipxe-qemu.service" = textOf config;
+  };
+  guestUnits =
+    lib.mapAttrs (_: u: u.text) (
+      lib.filterAttrs (n: _: lib.hasPrefix "every-channel-" n) guest.systemd.units
+    )
+    // lib.mapAttrs (_: u: u.text) guest.systemd.network.units;
+  units = {
+    user-mode = hostUnits (evalConfig [ enabled ]);
+    lan = hostUnits lanDerived;
+    lan-explicit = hostUnits lanExplicit;
+    http-extra = hostUnits httpExtra;
+    example-forge-host = hostUnits forge;
+    example-lan-host = hostUnits lanDerived;
+    guest = guestUnits;
+  };
+  scripts = lib.listToAttrs (
+    map (
+      name:
+      let
+        exec = guest.systemd.services.${name}.serviceConfig.ExecStart;
+      in
+      lib.nameValuePair exec.outPath exec.text
+    ) (lib.attrNames (lib.filterAttrs (n: _: lib.hasPrefix "every-channel-" n) guest.systemd.services))
+  );
+
   all =
     defaultChecks
     ++ disabledChecks
@@ -962,16 +1150,25 @@ let
     ++ assertionChecks
     ++ typeChecks
     ++ execChecks
-    ++ warningChecks;
+    ++ warningChecks
+    ++ renderedChecks
+    ++ refusalChecks
+    ++ guestChecks;
 in
 builtins.deepSeq all {
   result = "module-eval: all ${toString (builtins.length all)} checks passed";
-  utils = if utils == null then "stub copy of nixos/lib/utils.nix" else "nixpkgs nixos/lib/utils.nix";
+  nixos = "real NixOS systemd modules and utils from ${toString nixpkgs}";
   defaults = builtins.length defaultChecks;
   unit = builtins.length (disabledChecks ++ unitChecks);
   assertions = builtins.length assertionChecks;
   types = builtins.length typeChecks;
   commandLines = builtins.length execChecks;
   warnings = builtins.length warningChecks;
+  renderedUnits = builtins.length renderedChecks;
+  guest = builtins.length guestChecks;
+  refusalTable = "${toString (builtins.length refusalTable.cases)} values: ${toString (builtins.length refusedBadValues)} bad ones refused at evaluation, ${
+    toString (builtins.length refusalTable.cases - builtins.length refusedBadValues)
+  } good ones accepted";
   checks = all;
+  inherit units scripts;
 }

@@ -1,0 +1,39 @@
+# The unit the NixOS module renders for the systemd lab (tests/systemd_unit.rs): LAN on the
+# lab's uplink, TCG (KVM does not work under the test machines' nested virtualisation), a
+# small guest. Rendered by the real NixOS code (./nixos.nix); the test then substitutes only
+# the binaries, QEMU, iPXE and the lab's network namespace.
+{
+  nixpkgs,
+  interface,
+}:
+
+let
+  nixos = import ./nixos.nix { inherit nixpkgs; };
+  config =
+    (nixos.eval [
+      ../modules/ec-ipxe-qemu.nix
+      {
+        services.every-channel.ipxe-qemu = {
+          enable = true;
+          accel = "tcg";
+          memory = 256;
+          cpus = 1;
+          disk.size = "64M";
+          lan.enable = true;
+          lan.macvtap.interface = interface;
+        };
+      }
+    ]).config;
+  failed = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
+in
+if failed != [ ] then
+  throw "lab-unit: failed assertions: ${builtins.toJSON failed}"
+else
+  {
+    text = config.systemd.units."every-channel-ipxe-qemu.service".text;
+    store = {
+      ec-ipxe-qemu = nixos.pkgs.ec-ipxe-qemu.outPath;
+      qemu = nixos.pkgs.qemu_kvm.outPath;
+      ipxe = nixos.pkgs.ipxe.outPath;
+    };
+  }
