@@ -882,10 +882,10 @@ in
       # Restart=always must never be rate-limited.
       startLimitIntervalSec = 0;
 
-      # ec-macvtap (ExecStartPre) makes a private tap node under this directory when
-      # /dev/tapN is missing or belongs to another device, and the launcher (ExecStart)
-      # looks for it there; ExecStopPost removes it. The directory is RuntimeDirectory=.
-      environment.EC_MACVTAP_RUNTIME_DIR = "/run/${serviceName}";
+      # When /dev/tapN is missing or belongs to another device, ec-macvtap (ExecStartPre)
+      # makes a private tap node under /dev/ec-macvtap/ (its default: /run is nodev under
+      # systemd, so a node there could never be opened); the launcher looks for it there and
+      # ExecStopPost removes it. No EC_MACVTAP_RUNTIME_DIR is set on purpose.
 
       serviceConfig = {
         Type = "simple";
@@ -904,9 +904,6 @@ in
         KillMode = "mixed";
         TimeoutStopSec = "2min";
 
-        # /run/every-channel-ipxe-qemu: holds the private tap node (see `environment`).
-        RuntimeDirectory = serviceName;
-        RuntimeDirectoryMode = "0755";
         UMask = "0077";
 
         # Devices: QEMU needs kvm, tun and vhost-net; the macvtap's /dev/tapN (or the
@@ -954,7 +951,7 @@ in
       }
       // lib.optionalAttrs cfg.lan.enable {
         # `+`: runs as root with full privileges (CAP_NET_ADMIN for netlink, mknod of a
-        # private tap node under $EC_MACVTAP_RUNTIME_DIR). DeviceAllow still applies to it
+        # private tap node under /dev/ec-macvtap). DeviceAllow still applies to it
         # (systemd#26035), hence char-macvtap with `m` above.
         ExecStartPre = "+" + utils.escapeSystemdExecArgs createArgs;
         ExecStopPost = "+" + utils.escapeSystemdExecArgs deleteArgs;
