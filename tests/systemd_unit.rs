@@ -172,6 +172,8 @@ struct SystemdLab {
     pid1: u32,
     uid: u32,
     dev: &'static str,
+    /// Where ec-macvtap makes private tap nodes (the unit's EC_MACVTAP_RUNTIME_DIR).
+    node_dir: String,
 }
 
 impl SystemdLab {
@@ -241,7 +243,12 @@ impl SystemdLab {
             .spawn()
             .expect("start tests/systemd/pid1.sh");
         let outer_pid = outer.id();
-        let mut me = SystemdLab { lab, work, outer: Some(outer), pid1: 0, uid, dev };
+        let node_dir = unit
+            .lines()
+            .find_map(|l| l.split("EC_MACVTAP_RUNTIME_DIR=").nth(1))
+            .map(|v| v.trim_end_matches('"').to_owned())
+            .expect("the unit sets EC_MACVTAP_RUNTIME_DIR");
+        let mut me = SystemdLab { lab, work, outer: Some(outer), pid1: 0, uid, dev, node_dir };
         me.pid1 = wait_for(Duration::from_secs(20), || {
             if me.outer.as_mut().is_some_and(|o| o.try_wait().ok().flatten().is_some()) {
                 return Some(0);
@@ -392,12 +399,8 @@ impl SystemdLab {
         assert!(self.link().is_none(), "{what}: the macvtap {LINK} is left");
         assert_eq!(self.macvtaps(), 0, "{what}: a macvtap is left in the lab");
         assert_eq!(self.all_qemus(), 0, "{what}: a QEMU is left");
-        let runtime = run(self.nsenter().args(["sh", "-c", "ls -A /run/every-channel-ipxe-qemu 2>/dev/null"]));
-        assert!(
-            runtime.stdout.is_empty(),
-            "{what}: private nodes are left: {}",
-            String::from_utf8_lossy(&runtime.stdout)
-        );
+        let nodes = run(self.nsenter().args(["sh", "-c", "find \"$1\" ! -type d 2>/dev/null", "sh", &self.node_dir]));
+        assert!(nodes.stdout.is_empty(), "{what}: private nodes are left: {}", String::from_utf8_lossy(&nodes.stdout));
         if let Some((path, devnum)) = node {
             // The public node goes with the link (devtmpfs); the number may be reused by another namespace.
             let same = std::fs::read_to_string(format!("/sys/dev/char/{devnum}/uevent")).is_ok() && path.exists();
