@@ -172,7 +172,7 @@ struct SystemdLab {
     pid1: u32,
     uid: u32,
     dev: &'static str,
-    /// Where ec-macvtap makes private tap nodes (the unit's EC_MACVTAP_RUNTIME_DIR).
+    /// Where ec-macvtap makes private tap nodes (the unit's EC_MACVTAP_RUNTIME_DIR, else its default).
     node_dir: String,
 }
 
@@ -247,7 +247,7 @@ impl SystemdLab {
             .lines()
             .find_map(|l| l.split("EC_MACVTAP_RUNTIME_DIR=").nth(1))
             .map(|v| v.trim_end_matches('"').to_owned())
-            .expect("the unit sets EC_MACVTAP_RUNTIME_DIR");
+            .unwrap_or_else(|| ec_ipxe_qemu::nodedir::DEFAULT_RUNTIME_DIR.to_owned());
         let mut me = SystemdLab { lab, work, outer: Some(outer), pid1: 0, uid, dev, node_dir };
         me.pid1 = wait_for(Duration::from_secs(20), || {
             if me.outer.as_mut().is_some_and(|o| o.try_wait().ok().flatten().is_some()) {
