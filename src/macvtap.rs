@@ -130,8 +130,7 @@ fn foreign(l: &LinkView, doing: &str) -> Error {
     Error::conflict(
         format!("link \"{}\"", l.name),
         format!(
-            "{} not managed by ec-macvtap (kind {}, no \"{}\" alias); {doing}",
-            if doing.starts_with("not deleting") { "is" } else { "exists and is" },
+            "is not managed by ec-macvtap (kind {}, no \"{}\" alias); {doing}",
             l.kind.as_deref().unwrap_or("unknown"),
             crate::names::OWNER_MARKER
         ),
