@@ -461,36 +461,39 @@ pub struct OpenedTap {
 /// are opened through a temporary node that is removed at once: nothing is left behind, whoever owns the
 /// link.
 pub fn open(ns: Option<&NetnsSpec>, name: &IfName, queues: u32) -> Result<OpenedTap> {
-    netns::run_in(ns, || {
-        let nl = Netlink::new()?;
-        let l = nl
-            .block_on(link::get_by_name(&nl.handle, name))?
-            .ok_or_else(|| Error::not_found(format!("macvtap \"{name}\" in {}", netns::describe_current(ns))))?;
-        if !l.is_macvtap() {
-            return Err(not_a_macvtap(&l));
+    netns::run_in(ns, || open_here(ns, name, queues))
+}
+
+/// [`open`] on a thread that is already in the link's namespace (`ns` only names it in messages).
+pub fn open_here(ns: Option<&NetnsSpec>, name: &IfName, queues: u32) -> Result<OpenedTap> {
+    let nl = Netlink::new()?;
+    let l = nl
+        .block_on(link::get_by_name(&nl.handle, name))?
+        .ok_or_else(|| Error::not_found(format!("macvtap \"{name}\" in {}", netns::describe_current(ns))))?;
+    if !l.is_macvtap() {
+        return Err(not_a_macvtap(&l));
+    }
+    let mac = l.mac.ok_or_else(|| Error::Runtime(format!("macvtap \"{name}\" has no MAC address")))?;
+    let dev = tap::sysfs_devnum(name, l.ifindex)?;
+    let ns_inode = netns::current_netns_inode()?;
+    let (node, fds) = match nodedir::find_node(name, l.ifindex, dev, ns_inode) {
+        Ok(p) => {
+            let fds = tap::open_queues(&p, name, dev, queues)?;
+            (p, fds)
         }
-        let mac = l.mac.ok_or_else(|| Error::Runtime(format!("macvtap \"{name}\" has no MAC address")))?;
-        let dev = tap::sysfs_devnum(name, l.ifindex)?;
-        let ns_inode = netns::current_netns_inode()?;
-        let (node, fds) = match nodedir::find_node(name, l.ifindex, dev, ns_inode) {
-            Ok(p) => {
-                let fds = tap::open_queues(&p, name, dev, queues)?;
-                (p, fds)
-            }
-            Err(e) if Uid::effective().is_root() => {
-                tracing::debug!("{e}; opening through a temporary node");
-                let _lock = netns::lock_current()?;
-                let dir = NodeDir::create(ns_inode)?;
-                let opened = dir.with_temporary_node(name, dev, |p| {
-                    tap::open_queues(p, name, dev, queues).map(|fds| (p.to_owned(), fds))
-                });
-                dir.remove_if_empty();
-                opened?
-            }
-            Err(e) => return Err(e),
-        };
-        Ok(OpenedTap { name: name.clone(), ifindex: l.ifindex, mac, node, devnum: dev, fds })
-    })
+        Err(e) if Uid::effective().is_root() => {
+            tracing::debug!("{e}; opening through a temporary node");
+            let _lock = netns::lock_current()?;
+            let dir = NodeDir::create(ns_inode)?;
+            let opened = dir.with_temporary_node(name, dev, |p| {
+                tap::open_queues(p, name, dev, queues).map(|fds| (p.to_owned(), fds))
+            });
+            dir.remove_if_empty();
+            opened?
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(OpenedTap { name: name.clone(), ifindex: l.ifindex, mac, node, devnum: dev, fds })
 }
 
 #[cfg(test)]

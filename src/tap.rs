@@ -98,6 +98,51 @@ fn set_multi_queue(fd: &OwnedFd) -> nix::Result<()> {
     unsafe { tunsetiff(fd.as_raw_fd(), &req) }.map(drop)
 }
 
+/// Frames without the virtio-net header: a macvtap queue starts with `IFF_VNET_HDR` set (what QEMU wants);
+/// `ec-macvtap probe` reads and writes plain Ethernet frames, so it clears it on its own queue.
+pub fn set_plain_frames(fd: &OwnedFd) -> nix::Result<()> {
+    let mut req = zeroed_ifreq();
+    req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
+    // SAFETY: fd is an open macvtap descriptor we own; req is a valid ifreq that outlives the call, and
+    // TUNSETIFF only reads it (macvtap looks at the flags only).
+    unsafe { tunsetiff(fd.as_raw_fd(), &req) }?;
+    match get_iff(fd)? {
+        (_, flags) if flags & IFF_VNET_HDR == 0 => Ok(()),
+        _ => Err(nix::errno::Errno::EINVAL),
+    }
+}
+
+/// Processes (other than this one) with an fd open on the character device `dev`: (pid, command name).
+/// Processes this user may not inspect are skipped. The launcher refuses a second guest with it, `probe`
+/// refuses to steal a running guest's frames, and `doctor` reports it.
+pub fn holders(dev: DevNum) -> Vec<(i32, String)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let me = std::process::id() as i32;
+    let rdev = dev.rdev();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    for entry in procs.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        let holds = fds
+            .flatten()
+            .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == rdev));
+        if holds {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            out.push((pid, comm.trim().to_owned()));
+        }
+    }
+    out
+}
+
+/// `pid 123 (qemu-system-x86), pid 456 (sleep)`: holders as messages name them.
+pub fn describe_holders(holders: &[(i32, String)]) -> String {
+    holders.iter().map(|(pid, comm)| format!("pid {pid} ({comm})")).collect::<Vec<_>>().join(", ")
+}
+
 /// Check that an opened fd is the tap of link `name` with device number `dev`.
 pub fn verify_fd(fd: &OwnedFd, name: &IfName, dev: DevNum, path: &Path) -> Result<()> {
     let st = nix::sys::stat::fstat(fd).map_err(|e| Error::errno(format!("fstat {}", path.display()), e))?;

@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""A minimal HDHomeRun tuner for the NixOS VM tests: it answers discovery only.
+"""A minimal HDHomeRun tuner for the NixOS VM tests and the probe lab: it answers discovery only.
 
-It listens on UDP 65001 and answers every discover request (packet type 0x0002) that asks
-for a tuner or for any device type, and for our device id or any id, with a discover reply
-(type 0x0003) carrying DEVICE_TYPE=tuner, DEVICE_ID and TUNER_COUNT. Frames follow
-libhdhomerun's hdhomerun_pkt.c: u16 type, u16 payload length (both big-endian), TLVs
-(u8 tag, 1-2 byte length, value), then a CRC-32 (zlib's) of all of that, little-endian.
-libhdhomerun fills in the base URL from the reply's source address.
+It listens on UDP 65001 on every address (a socket bound to one unicast address would never see
+the broadcast requests discovery sends) and answers every discover request (packet type 0x0002)
+that asks for a tuner or for any device type, and for our device id or any id, with a discover
+reply (type 0x0003) carrying DEVICE_TYPE=tuner, DEVICE_ID, TUNER_COUNT and BASE_URL, sent
+unicast to the request's source address and port. With --bind ADDR the reply comes from ADDR
+(IP_PKTINFO), so several emulators can stand for several tuners at different addresses of one
+interface. Frames follow libhdhomerun's hdhomerun_pkt.c: u16 type, u16 payload length (both
+big-endian), TLVs (u8 tag, 1-2 byte length, value), then a CRC-32 (zlib's) of all of that,
+little-endian.
 """
 
 import argparse
+import ipaddress
 import socket
 import struct
 import sys
@@ -21,9 +25,12 @@ TYPE_DISCOVER_RPY = 0x0003
 TAG_DEVICE_TYPE = 0x01
 TAG_DEVICE_ID = 0x02
 TAG_TUNER_COUNT = 0x10
+TAG_BASE_URL = 0x2A
 TAG_MULTI_TYPE = 0x2D
 DEVICE_TYPE_TUNER = 0x00000001
 WILDCARD = 0xFFFFFFFF
+# Linux's IP_PKTINFO (Python's socket module does not export it everywhere).
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
 
 def valid_device_id(device_id: int) -> bool:
@@ -89,33 +96,53 @@ def wants_us(payload: bytes, device_id: int) -> bool:
     return type_ok and requested_id in (WILDCARD, device_id)
 
 
+def reply_for(device_id: int, tuners: int, source: str) -> bytes:
+    return frame(
+        TYPE_DISCOVER_RPY,
+        tlv(TAG_DEVICE_TYPE, struct.pack(">I", DEVICE_TYPE_TUNER))
+        + tlv(TAG_DEVICE_ID, struct.pack(">I", device_id))
+        + tlv(TAG_TUNER_COUNT, bytes([tuners]))
+        + tlv(TAG_BASE_URL, f"http://{source}:80".encode()),
+    )
+
+
+def pktinfo(ifindex: int, source: str) -> bytes:
+    """struct in_pktinfo: the interface and the source address of a reply."""
+    return struct.pack("=i4s4s", ifindex, socket.inet_aton(source), bytes(4))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device-id", default="1040CAFC", help="8 hex digits (default 1040CAFC)")
     parser.add_argument("--tuners", type=int, default=2)
-    parser.add_argument("--bind", default="0.0.0.0")
+    parser.add_argument(
+        "--bind",
+        default="0.0.0.0",
+        help="answer from this address (default: the address the kernel picks for each request)",
+    )
     args = parser.parse_args()
 
     device_id = int(args.device_id, 16)
     if not valid_device_id(device_id):
         print(f"device id {device_id:08X} fails libhdhomerun's checksum", file=sys.stderr)
         return 2
-
-    reply = frame(
-        TYPE_DISCOVER_RPY,
-        tlv(TAG_DEVICE_TYPE, struct.pack(">I", DEVICE_TYPE_TUNER))
-        + tlv(TAG_DEVICE_ID, struct.pack(">I", device_id))
-        + tlv(TAG_TUNER_COUNT, bytes([args.tuners])),
-    )
+    bind = str(ipaddress.IPv4Address(args.bind))
+    fixed_source = None if bind == "0.0.0.0" else bind
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-    sock.bind((args.bind, PORT))
-    print(f"hdhomerun-emulator: device {device_id:08X} listening on udp {args.bind}:{PORT}", flush=True)
+    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    sock.bind(("0.0.0.0", PORT))
+    print(f"hdhomerun-emulator: device {device_id:08X} listening on udp 0.0.0.0:{PORT}, answering from {bind}", flush=True)
 
     while True:
-        packet, peer = sock.recvfrom(4096)
+        packet, ancillary, _flags, peer = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        ifindex, local = 0, None
+        for level, kind, data in ancillary:
+            if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+                ifindex = struct.unpack("=i", data[:4])[0]
+                local = socket.inet_ntoa(data[4:8])  # ipi_spec_dst: the address a reply would come from
         opened = open_frame(packet)
         if opened is None or opened[0] != TYPE_DISCOVER_REQ:
             print(f"hdhomerun-emulator: ignored {len(packet)} bytes from {peer[0]}:{peer[1]}", flush=True)
@@ -123,8 +150,13 @@ def main() -> int:
         if not wants_us(opened[1], device_id):
             print(f"hdhomerun-emulator: request from {peer[0]} is not for us", flush=True)
             continue
-        sock.sendto(reply, peer)
-        print(f"hdhomerun-emulator: answered {peer[0]}:{peer[1]} with {device_id:08X}", flush=True)
+        source = fixed_source or local or "0.0.0.0"
+        reply = reply_for(device_id, args.tuners, source)
+        if fixed_source:
+            sock.sendmsg([reply], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo(ifindex, fixed_source))], 0, peer)
+        else:
+            sock.sendto(reply, peer)
+        print(f"hdhomerun-emulator: answered {peer[0]}:{peer[1]} from {source} with {device_id:08X}", flush=True)
 
 
 if __name__ == "__main__":

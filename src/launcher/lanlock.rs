@@ -13,15 +13,12 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{SocketAddr, UnixListener};
 
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
 
 use crate::error::{Error, Result};
 use crate::names::IfName;
-use crate::tap::DevNum;
 
 /// The held lock; released when dropped (or when the process dies).
 pub struct LanLock {
@@ -81,33 +78,29 @@ fn holder_pid(key: &str) -> Option<i32> {
     Some(cred.pid())
 }
 
-/// Processes (other than this one) with an fd open on the character device `dev`: (pid, command name).
-/// Processes this user may not inspect are skipped.
-pub fn tap_holders(dev: DevNum) -> Vec<(i32, String)> {
-    let me = std::process::id() as i32;
-    let rdev = dev.rdev();
-    let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
-    for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        if pid == me {
-            continue;
+pub use crate::tap::holders as tap_holders;
+
+/// The pid of the ec-ipxe-qemu run holding the lock of link `ifindex` in the calling thread's namespace
+/// (`Some(None)` when held but the pid is unknown), or `None` when no run holds it. Nothing is bound.
+pub fn held_by(ifindex: u32) -> Option<Option<i32>> {
+    let key = abstract_name(ifindex);
+    let fd: OwnedFd =
+        socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)
+            .ok()?;
+    let addr = UnixAddr::new_abstract(key.as_bytes()).ok()?;
+    match socket::connect(fd.as_raw_fd(), &addr) {
+        Ok(()) | Err(nix::errno::Errno::EAGAIN) => {
+            Some(socket::getsockopt(&fd, sockopt::PeerCredentials).ok().map(|c| c.pid()))
         }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
-        let holds = fds
-            .flatten()
-            .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == rdev));
-        if holds {
-            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-            out.push((pid, comm.trim().to_owned()));
-        }
+        Err(_) => None,
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tap::DevNum;
+    use std::os::unix::fs::MetadataExt;
 
     /// The lock is exclusive, names the holder's pid, and is free again once dropped. (Abstract names are per
     /// network namespace; a random high index keeps this clear of real runs.)
@@ -115,13 +108,16 @@ mod tests {
     fn exclusive_names_holder_and_released_on_drop() {
         let name: IfName = "ec-test0".parse().unwrap();
         let ifindex = 3_000_000_000 + (std::process::id() % 1_000_000);
+        assert_eq!(held_by(ifindex), None);
         let held = LanLock::acquire(&name, ifindex).unwrap();
+        assert_eq!(held_by(ifindex), Some(Some(std::process::id() as i32)));
         let err = LanLock::acquire(&name, ifindex).err().unwrap();
         assert_eq!(err.exit_code(), 4);
         assert!(err.to_string().contains(&format!("(pid {})", std::process::id())), "{err}");
         assert!(err.to_string().starts_with("--lan-interface \"ec-test0\": macvtap is in use"), "{err}");
         assert!(LanLock::acquire(&name, ifindex + 1).is_ok(), "another link is another lock");
         drop(held);
+        assert_eq!(held_by(ifindex), None);
         assert!(LanLock::acquire(&name, ifindex).is_ok());
     }
 

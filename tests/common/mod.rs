@@ -196,6 +196,12 @@ pub struct Lab {
 
 impl Lab {
     pub fn new() -> Self {
+        Self::with_dnsmasq(Some(&[]))
+    }
+
+    /// The lab with dnsmasq given these extra arguments (e.g. `--no-ping`), or with no DHCP server at all
+    /// (`None`).
+    pub fn with_dnsmasq(extra: Option<&[&str]>) -> Self {
         let host = Netns::new("eh");
         let lan = Netns::new("el");
         let uplink = unique("up");
@@ -208,6 +214,9 @@ impl Lab {
         let leases = dir.path().join("dnsmasq.leases");
         let dhcp_log = dir.path().join("dnsmasq.log");
         let log = std::fs::File::create(&dhcp_log).unwrap();
+        let Some(extra) = extra else {
+            return Lab { host, lan, uplink, lanport, leases, dhcp_log, dnsmasq: None, _dir: dir };
+        };
         let dnsmasq = which("dnsmasq").expect("dnsmasq on PATH");
         let child = lan
             .cmd(&dnsmasq.to_string_lossy())
@@ -224,6 +233,7 @@ impl Lab {
                 "--pid-file=",
                 "--user=root",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
