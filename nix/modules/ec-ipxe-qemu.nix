@@ -403,6 +403,29 @@ let
   )
   ++ lib.optionals (cfg.extraArgs != [ ]) ([ "--" ] ++ cfg.extraArgs);
 
+  # `every-channel-ipxe-qemu-doctor [--json]`: the unit's own command line (runArgs, with
+  # `doctor` for `run`) run as the unit's user, so it predicts what the unit will meet
+  # without starting it. Root drops to that user with setpriv; the user runs it directly.
+  # The caller's arguments go before the unit's, which may end in `-- EXTRA_QEMU_ARGS`.
+  doctorWrapper = pkgs.writeShellScriptBin "every-channel-ipxe-qemu-doctor" ''
+    set -eu
+    doctor=(${
+      lib.escapeShellArgs [
+        "${cfg.package}/bin/ec-ipxe-qemu"
+        "doctor"
+      ]
+    } "$@" ${lib.escapeShellArgs (lib.drop 2 runArgs)})
+    if [ "$(${pkgs.coreutils}/bin/id -u)" -eq 0 ]; then
+      exec ${pkgs.util-linux}/bin/setpriv --reuid=${serviceUser} --regid=${serviceGroup} \
+        --init-groups --reset-env -- "''${doctor[@]}"
+    fi
+    if [ "$(${pkgs.coreutils}/bin/id -un)" = ${serviceUser} ]; then
+      exec "''${doctor[@]}"
+    fi
+    echo "every-channel-ipxe-qemu-doctor: run it as root (or as ${serviceUser}): it checks as the unit's user ${serviceUser}" >&2
+    exit 5
+  '';
+
   parentDevice = lib.optional (
     cfg.lan.enable && lanParent != null && lanParentProblem == null
   ) "sys-subsystem-net-devices-${utils.escapeSystemdPath lanParent}.device";
@@ -837,6 +860,8 @@ in
         services.every-channel.ipxe-qemu.lan.macvtap.interface is set but lan.enable is false, so no
         LAN NIC is created. Set lan.enable = true to give the guest a LAN NIC.
       '';
+
+    environment.systemPackages = [ doctorWrapper ];
 
     users.users.${serviceUser} = {
       isSystemUser = true;

@@ -1111,6 +1111,63 @@ let
     (guestRejects "tunerDiscovery.attempts = 0" { tunerDiscovery.attempts = 0; })
   ];
 
+  # ---------------------------------------------------------------- doctor wrapper
+  # `every-channel-ipxe-qemu-doctor` must run exactly the unit's ExecStart argv with
+  # `doctor` for `run`, as the unit's user. The unit's argv is read back from the rendered
+  # ExecStart (escapeSystemdExecArgs: JSON strings with % and $ doubled), so the check does
+  # not trust the module's own list.
+  doctorOf =
+    config:
+    lib.findFirst (
+      p: (p.name or "") == "every-channel-ipxe-qemu-doctor"
+    ) null config.environment.systemPackages;
+  execArgv =
+    execStart:
+    builtins.fromJSON (
+      "[" + lib.replaceStrings [ "\" \"" "%%" "$$" ] [ "\",\"" "%" "$" ] execStart + "]"
+    );
+  doctorChecksFor =
+    name: config:
+    let
+      wrapper = doctorOf config;
+      argv = execArgv (unitOf config).serviceConfig.ExecStart;
+      text = if wrapper == null then "" else wrapper.text;
+      doctorLine = "doctor=(${
+        lib.escapeShellArgs [
+          "${ec}/bin/ec-ipxe-qemu"
+          "doctor"
+        ]
+      } \"$@\" ${lib.escapeShellArgs (lib.drop 2 argv)})";
+    in
+    [
+      (expect "${name}: doctor wrapper installed" (
+        wrapper != null
+      ) "no every-channel-ipxe-qemu-doctor in environment.systemPackages")
+      (expectEq "${name}: the unit runs `ec-ipxe-qemu run`" [
+        "${ec}/bin/ec-ipxe-qemu"
+        "run"
+      ] (lib.take 2 argv))
+      (expect "${name}: doctor runs the unit's argv with doctor for run" (lib.hasInfix doctorLine text)
+        "\n  expected the line: ${doctorLine}\n  in: ${text}"
+      )
+      (expect "${name}: doctor drops to the unit's user and group"
+        (lib.hasInfix "/bin/setpriv --reuid=every-channel-ipxe-qemu --regid=kvm" text)
+        "no setpriv to every-channel-ipxe-qemu:kvm in: ${text}"
+      )
+    ];
+  doctorChecks =
+    doctorChecksFor "user-mode" (evalConfig [ enabled ])
+    ++ doctorChecksFor "lan (derived MAC)" lanDerived
+    ++ doctorChecksFor "lan (explicit, https URL with $ and %)" lanExplicit
+    ++ doctorChecksFor "http + extra args" httpExtra
+    ++ [
+      (expectEq "disabled: no doctor wrapper" null (
+        lib.findFirst (p: (p.name or "") == "every-channel-ipxe-qemu-doctor") null (
+          lib.attrByPath [ "environment" "systemPackages" ] [ ] disabledConfig
+        )
+      ))
+    ];
+
   # ---------------------------------------------------------------- for systemd-analyze
   # Unit files by configuration, as NixOS would install them; scripts by store path.
   hostUnits = config: {
@@ -1130,15 +1187,22 @@ let
     example-lan-host = hostUnits lanDerived;
     guest = guestUnits;
   };
-  scripts = lib.listToAttrs (
-    map (
-      name:
-      let
-        exec = guest.systemd.services.${name}.serviceConfig.ExecStart;
-      in
-      lib.nameValuePair exec.outPath exec.text
-    ) (lib.attrNames (lib.filterAttrs (n: _: lib.hasPrefix "every-channel-" n) guest.systemd.services))
-  );
+  scripts =
+    lib.listToAttrs (
+      map (
+        name:
+        let
+          exec = guest.systemd.services.${name}.serviceConfig.ExecStart;
+        in
+        lib.nameValuePair exec.outPath exec.text
+      ) (lib.attrNames (lib.filterAttrs (n: _: lib.hasPrefix "every-channel-" n) guest.systemd.services))
+    )
+    # the host's doctor wrapper, for `bash -n`
+    // lib.listToAttrs (
+      map (w: lib.nameValuePair w.outPath w.text) [
+        (doctorOf lanExplicit)
+      ]
+    );
 
   all =
     defaultChecks
@@ -1150,6 +1214,7 @@ let
     ++ warningChecks
     ++ renderedChecks
     ++ refusalChecks
+    ++ doctorChecks
     ++ guestChecks;
 in
 builtins.deepSeq all {
@@ -1163,6 +1228,7 @@ builtins.deepSeq all {
   warnings = builtins.length warningChecks;
   renderedUnits = builtins.length renderedChecks;
   guest = builtins.length guestChecks;
+  doctorWrapper = builtins.length doctorChecks;
   refusalTable = "${toString (builtins.length refusalTable.cases)} values: ${toString (builtins.length refusedBadValues)} bad ones refused at evaluation, ${
     toString (builtins.length refusalTable.cases - builtins.length refusedBadValues)
   } good ones accepted";

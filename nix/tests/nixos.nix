@@ -52,6 +52,7 @@ let
         withCryptsetup = false;
       };
       writeShellScript = fakeBuilder;
+      writeShellScriptBin = fakeBuilder;
       writeText = fakeBuilder;
       writeScript = fakeBuilder;
       runCommand =
@@ -100,7 +101,17 @@ let
         };
         default = { };
       };
-      environment = untyped;
+      # environment.systemPackages: the real list type (systemd.nix and the modules append to it)
+      environment = mkOption {
+        type = types.submodule {
+          freeformType = types.attrsOf types.anything;
+          options.systemPackages = mkOption {
+            type = types.listOf types.package;
+            default = [ ];
+          };
+        };
+        default = { };
+      };
       services = untyped;
       system = untyped;
       ids = untyped;
