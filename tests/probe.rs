@@ -244,8 +244,8 @@ fn port_security_on_the_lan_side_gets_the_hint() {
     // The switch port knows one MAC, the host's own uplink; frames from any other source are dropped.
     let known = lab.lab.host.link_json(&lab.lab.uplink).unwrap()["address"].as_str().unwrap().to_owned();
     let rules = format!(
-        "table netdev portsec {{ chain in {{ type filter hook ingress device \"{}\" priority 0; policy drop; \
-         ether saddr {known} accept; }} }}",
+        "table netdev portsec {{\n chain in {{\n  type filter hook ingress device \"{}\" priority 0; policy drop;\n  \
+         ether saddr {known} accept\n }}\n}}\n",
         lab.lab.lanport
     );
     let out = lab.lab.lan.cmd("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().and_then(|mut c| {
