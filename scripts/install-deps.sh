@@ -16,6 +16,8 @@ have nix-instantiate || need+=(nix-bin)
 # systemd-networkd (scripts/nix-checks.sh); nsenter/unshare/setsid come with util-linux.
 [ -x /lib/systemd/systemd ] && have systemd-analyze && [ -x /lib/systemd/systemd-networkd ] || need+=(systemd)
 have nsenter || need+=(util-linux)
+# The probe tests' port-security stand-in (an nftables netdev ingress rule in the LAN namespace).
+have nft || need+=(nftables)
 
 if [ ${#need[@]} -gt 0 ]; then
 	echo "install-deps: installing ${need[*]}"
