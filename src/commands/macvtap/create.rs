@@ -12,7 +12,13 @@ pub fn run(global: &Global, args: &CreateArgs) -> Result<()> {
     };
     let owner = args.owner.as_ref().map(macvtap::resolve_owner).transpose()?;
     let req = CreateRequest {
-        spec: MacvtapSpec { name: args.name.clone(), parent: args.link.clone(), mode: args.mode, mac, mtu: args.mtu },
+        spec: MacvtapSpec {
+            name: args.name.clone(),
+            parent: args.link.clone(),
+            mode: args.mode.into(),
+            mac,
+            mtu: args.mtu,
+        },
         owner,
         replace: args.replace,
     };
@@ -21,7 +27,7 @@ pub fn run(global: &Global, args: &CreateArgs) -> Result<()> {
         tracing::info!(link = %info.name, "already present as asked; nothing changed");
     }
     if global.json {
-        super::print_json(&info)
+        crate::commands::print_json(&info)
     } else {
         println!("{}", info.human_line());
         Ok(())
