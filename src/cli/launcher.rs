@@ -29,7 +29,8 @@ use crate::names::IfName;
                   directory or the macvtap is in use by another run, a port is taken), 5 permission denied."
 )]
 pub struct LauncherCli {
-    /// More logs on stderr (repeatable).
+    /// More logs on stderr: -v our debug lines (each netlink request, each decision), -vv our trace, -vvv the
+    /// libraries' too. RUST_LOG, when set, wins.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
     /// Only errors on stderr.

@@ -30,7 +30,8 @@ pub struct Global {
     /// Machine output on stdout (errors too).
     #[arg(short, long, global = true)]
     pub json: bool,
-    /// More logs on stderr (repeatable).
+    /// More logs on stderr: -v our debug lines (each netlink request, each decision), -vv our trace, -vvv the
+    /// libraries' too. RUST_LOG, when set, wins.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
     /// Only errors on stderr.

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use crate::error::Error;
 
 /// Report an argument-parsing failure the way both binaries do: clap's own text (help and version on stdout,
-/// errors on stderr), a JSON error object on stdout when `--json`/`-j` was given, and the exit status for
+/// errors on stderr, each line an error under the journal), a JSON error object on stdout when `--json`/`-j` was given, and the exit status for
 /// `main` to return: 0 for `--help`/`--version`, 2 (usage) otherwise.
 pub fn parse_failed(program: &str, err: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
@@ -21,7 +21,11 @@ pub fn parse_failed(program: &str, err: &clap::Error) -> ExitCode {
         let first = err.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned();
         println!("{}", Error::invalid(program, first).to_json());
     }
-    let _ = err.print();
+    if !informational && crate::logging::stderr_is_journal() {
+        eprint!("{}", crate::logging::with_priority(tracing::Level::ERROR, &err.render().to_string()));
+    } else {
+        let _ = err.print();
+    }
     ExitCode::from(if informational { 0 } else { 2 })
 }
 

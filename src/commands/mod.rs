@@ -16,12 +16,12 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
     Ok(())
 }
 
-/// Report a failed command: one line on stderr (`PROGRAM: what: why`), a JSON object on stdout under
+/// Report a failed command: one line on stderr (`PROGRAM: what: why`, as an error under the journal), a JSON object on stdout under
 /// `--json`, and the documented exit code for `main` to return.
 pub fn fail(program: &str, err: &Error, json: bool) -> ExitCode {
     if json {
         println!("{}", err.to_json());
     }
-    eprintln!("{program}: {err}");
+    eprint!("{}", crate::logging::stderr_text(tracing::Level::ERROR, &format!("{program}: {err}")));
     ExitCode::from(err.exit_code())
 }

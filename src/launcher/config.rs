@@ -164,6 +164,7 @@ impl LaunchConfig {
             None => None,
         };
         let qemu = find_program("--qemu", &a.qemu)?;
+        tracing::debug!("--qemu {}: {}", a.qemu.display(), qemu.display());
         let disk = if a.no_disk {
             None
         } else {
@@ -172,6 +173,11 @@ impl LaunchConfig {
                 None => state_dir.join(DISK_IMAGE),
             };
             let exists = check_disk("--disk", &path)?;
+            if exists {
+                tracing::debug!("disk {}: a qcow2 image, used as it is", path.display());
+            } else {
+                tracing::debug!("disk {}: missing; qemu-img will create it ({} bytes)", path.display(), a.disk_size);
+            }
             Some(DiskSpec { path, size: a.disk_size, exists })
         };
         let qemu_img = match &disk {
@@ -205,7 +211,7 @@ impl LaunchConfig {
                 return Err(Error::invalid(format!("extra QEMU argument #{}", i + 1), "contains a NUL byte"));
             }
         }
-        Ok(LaunchConfig {
+        let cfg = LaunchConfig {
             state_dir,
             boot,
             ipxe,
@@ -223,7 +229,9 @@ impl LaunchConfig {
             lan,
             shutdown_timeout: a.shutdown_timeout,
             extra: a.extra.clone(),
-        })
+        };
+        tracing::trace!("configuration: {cfg:?}");
+        Ok(cfg)
     }
 }
 

@@ -8,7 +8,11 @@ pub fn run(global: &Global, args: &CreateArgs) -> Result<()> {
     // Everything that can be checked without the kernel is checked first.
     let mac = match args.mac {
         Some(m) => m,
-        None => MacAddr::derived(&macvtap::machine_id()?, &args.name, &args.link),
+        None => {
+            let mac = MacAddr::derived(&macvtap::machine_id()?, &args.name, &args.link);
+            tracing::debug!("MAC {mac}: derived from the machine id, \"{}\" and \"{}\"", args.name, args.link);
+            mac
+        }
     };
     let owner = args.owner.as_ref().map(macvtap::resolve_owner).transpose()?;
     let req = CreateRequest {
