@@ -106,6 +106,25 @@ impl LinkView {
         v
     }
 
+    /// One line for logs: `#INDEX KIND [MODE] on #PARENT MAC up|down [ours]`.
+    pub fn summary(&self) -> String {
+        let mut s = format!("#{} {}", self.ifindex, self.kind.as_deref().unwrap_or("device"));
+        if let Some(m) = self.mode {
+            s.push_str(&format!(" {m}"));
+        }
+        if let Some(p) = self.parent_ifindex {
+            s.push_str(&format!(" on #{p}"));
+        }
+        if let Some(mac) = self.mac {
+            s.push_str(&format!(" {mac}"));
+        }
+        s.push_str(if self.up { " up" } else { " down" });
+        if self.owned() {
+            s.push_str(" ours");
+        }
+        s
+    }
+
     pub fn is_macvtap(&self) -> bool {
         self.kind.as_deref() == Some("macvtap")
     }
@@ -201,11 +220,34 @@ pub fn up_message(ifindex: u32) -> LinkMessage {
 
 /// Look a link up by name; a missing link (ENODEV) is `Ok(None)`.
 pub async fn get_by_name(handle: &Handle, name: &IfName) -> Result<Option<LinkView>> {
-    first_link(handle.link().get().match_name(name.as_str()), || format!("look up link \"{name}\"")).await
+    let found = first_link(handle.link().get().match_name(name.as_str()), || format!("look up link \"{name}\"")).await;
+    log_lookup(&format!("\"{name}\""), &found);
+    found
 }
 
 pub async fn get_by_index(handle: &Handle, ifindex: u32) -> Result<Option<LinkView>> {
-    first_link(handle.link().get().match_index(ifindex), || format!("look up link #{ifindex}")).await
+    let found = first_link(handle.link().get().match_index(ifindex), || format!("look up link #{ifindex}")).await;
+    log_lookup(&format!("#{ifindex}"), &found);
+    found
+}
+
+fn log_lookup(what: &str, found: &Result<Option<LinkView>>) {
+    match found {
+        Ok(Some(v)) => {
+            tracing::debug!("netlink: get link {what}: \"{}\" {}", v.name, v.summary());
+            tracing::trace!(
+                "netlink: link {what}: mtu {:?}, carrier {}, alias {:?}, controller {:?}, link-netnsid {:?}, {:?}",
+                v.mtu,
+                v.carrier,
+                v.alias,
+                v.controller,
+                v.link_netnsid,
+                v.link_layer
+            );
+        }
+        Ok(None) => tracing::debug!("netlink: get link {what}: absent"),
+        Err(e) => tracing::debug!("netlink: get link {what}: {e}"),
+    }
 }
 
 /// rtnetlink answers a lookup of a missing link with ENODEV, not an empty stream: map that to `None`.
@@ -218,8 +260,7 @@ async fn first_link(req: rtnetlink::LinkGetRequest, what: impl FnOnce() -> Strin
 }
 
 /// Every link of one kind, filtered by the kernel (as `ip link show type KIND` asks): the cost follows the
-/// number of such links, not of all links.
-/// Every link of one kind, read with a blocking dump on a socket of its own.
+/// number of such links, not of all links. Read with a blocking dump on a socket of its own.
 ///
 /// Not through the [`Netlink`] connection: its reader decodes every message of a receive into the request's
 /// queue before the caller sees the first, so a thousand fully parsed messages (about 13 KiB each) are alive
@@ -261,8 +302,15 @@ pub fn dump_kind(kind: InfoKind) -> Result<Vec<LinkView>> {
                 .map_err(|e| Error::Runtime(format!("{what}: undecodable reply: {e}")))?;
             let len = msg.header.length as usize;
             match msg.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => links.push(LinkView::from_message(&m)),
-                NetlinkPayload::Done(_) => return Ok(links),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                    let v = LinkView::from_message(&m);
+                    tracing::trace!("netlink: \"{}\" {}", v.name, v.summary());
+                    links.push(v);
+                }
+                NetlinkPayload::Done(_) => {
+                    tracing::debug!("netlink: {what}: {}", links.len());
+                    return Ok(links);
+                }
                 NetlinkPayload::Error(e) if e.code.is_some() => {
                     return Err(Error::Netlink { op: what, errno: -e.raw_code() });
                 }
@@ -279,6 +327,7 @@ pub fn dump_kind(kind: InfoKind) -> Result<Vec<LinkView>> {
 
 /// Delete by name (for rollback, when the index may not be known); a missing link is fine.
 pub async fn delete_by_name(handle: &Handle, name: &IfName) -> Result<()> {
+    tracing::debug!("netlink: delete link \"{name}\" by name");
     match handle.link().del_with_message(LinkUnspec::new_with_name(name.as_str()).build()).execute().await {
         Ok(()) => Ok(()),
         Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == nix::errno::Errno::ENODEV as i32 => Ok(()),
@@ -287,6 +336,7 @@ pub async fn delete_by_name(handle: &Handle, name: &IfName) -> Result<()> {
 }
 
 pub async fn delete(handle: &Handle, ifindex: u32, name: &str) -> Result<()> {
+    tracing::debug!("netlink: delete link \"{name}\" (#{ifindex})");
     handle.link().del(ifindex).execute().await.map_err(|e| Error::netlink(format!("delete link \"{name}\""), e))
 }
 
