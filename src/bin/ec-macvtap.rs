@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     };
     ec_ipxe_qemu::logging::init(cli.global.verbose, cli.global.quiet);
     match commands::macvtap::dispatch(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => commands::fail("ec-macvtap", &e, cli.global.json),
     }
 }

@@ -1,9 +1,12 @@
 //! `ec-macvtap`: create, delete, show and hand on macvtap links.
 
+use std::time::Duration;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::names::{IfName, MacAddr, MacvtapMode, OwnerSpec};
 use crate::netns::NetnsSpec;
+use crate::probe::ProbeOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,6 +52,18 @@ pub enum MacvtapCommand {
     Show(ShowArgs),
     /// Open the tap device, put the fds at 3, 4, ... and exec PROGRAM with {fd}/{fds} replaced.
     Exec(ExecArgs),
+    /// Test the LAN attach with no VM: DHCP and HDHomeRun discovery through the macvtap's tap, as its MAC.
+    #[command(long_about = "Test the LAN attach with no VM: open one queue of NAME's tap and speak as the \
+                      macvtap's MAC. DHCP: DISCOVER, OFFER, REQUEST, ACK, then DHCPRELEASE (no lease is left \
+                      behind, also after an error or SIGINT/SIGTERM). From the leased address (answering ARP for \
+                      it), an HDHomeRun discovery broadcast (UDP 65001) collects the tuners that answer. The \
+                      frames seen are counted, and an IPv6 all-nodes echo tells a segment that hears us from one \
+                      that drops our frames (switch port security).\n\n\
+                      Exit codes: 0 every asked-for check got an answer, 1 something did not (one `problem:` line \
+                      each, saying what that usually means), 2 usage, 3 no such link, 4 the tap is held by \
+                      another process (a running guest would lose frames; --force probes anyway), 5 permission \
+                      denied.")]
+    Probe(ProbeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +135,37 @@ pub struct ExecArgs {
     /// The program and its arguments; {fd} becomes the first fd, {fds} the colon-separated list.
     #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
     pub program: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The macvtap to probe through.
+    #[arg(long)]
+    pub name: IfName,
+    /// Seconds to wait for DHCP answers, 1 to 300 (tuner discovery then listens 1.5 s, or SECS when shorter).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub timeout: u64,
+    /// No DHCP; tuner discovery asks from a link-local address (169.254.x.y, from the MAC) instead.
+    #[arg(long)]
+    pub no_dhcp: bool,
+    /// No HDHomeRun discovery.
+    #[arg(long)]
+    pub no_tuners: bool,
+    /// Probe even while another process (a running guest) holds the tap; it loses frames to the probe meanwhile.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl ProbeArgs {
+    pub fn to_options(&self) -> ProbeOptions {
+        ProbeOptions {
+            name: self.name.clone(),
+            timeout: Duration::from_secs(self.timeout),
+            dhcp: !self.no_dhcp,
+            tuners: !self.no_tuners,
+            force: self.force,
+        }
+    }
 }
 
 #[cfg(test)]
