@@ -40,8 +40,20 @@ impl ProbeLab {
         let mac = random_mac();
         let index = random_index().to_string();
         lab.host.ip(&[
-            "link", "add", "link", &lab.uplink, "name", &name, "index", &index, "address", &mac, "type", "macvtap",
-            "mode", "bridge",
+            "link",
+            "add",
+            "link",
+            &lab.uplink,
+            "name",
+            &name,
+            "index",
+            &index,
+            "address",
+            &mac,
+            "type",
+            "macvtap",
+            "mode",
+            "bridge",
         ]);
         // What `ec-macvtap create` sets: the probe hears the multicast neighbour solicitations aimed at it.
         lab.host.ip(&["link", "set", &name, "allmulticast", "on", "up"]);
@@ -179,7 +191,12 @@ fn everything_answers_offer_tuners_and_no_lease_left() {
     let (out, _) = lab.probe(&["probe", "--name", &lab.name]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
-    assert!(text.contains(" from server 192.168.77.1, router 192.168.77.1, dns 192.168.77.1, lease 3600 s (acknowledged, released)"), "{text}");
+    assert!(
+        text.contains(
+            " from server 192.168.77.1, router 192.168.77.1, dns 192.168.77.1, lease 3600 s (acknowledged, released)"
+        ),
+        "{text}"
+    );
     assert!(text.contains("tuner: 1040CAFC at 192.168.77.2, 2 tuners, http://192.168.77.2:80"), "{text}");
     assert!(text.contains("tuner: 10A0000D at 192.168.77.3, 4 tuners, http://192.168.77.3:80"), "{text}");
     assert!(text.trim_end().ends_with("result: ok"), "{text}");

@@ -46,6 +46,15 @@ pub enum LauncherCommand {
     Run(LaunchArgs),
     /// Print the exact QEMU argv `run` would use, as a JSON array, and exit. No side effects.
     PrintArgs(PrintArgsArgs),
+    /// Check everything `run` depends on with these options, as this user, without starting anything.
+    #[command(long_about = "Check everything `run` depends on with the same options, as this user, without \
+                      starting anything: the options, QEMU and its version, the accelerator (KVM tried with a \
+                      one-second QEMU run), the iPXE image, the boot URL (HEAD, then GET, from the host) or boot \
+                      directory, the state directory and disk, the LAN macvtap (ours, up, carrier, not in use, its \
+                      tap openable by this user) and its parent (wired, up, carrier), and /dev/vhost-net. One \
+                      line per check: ok, warn or fail, with a hint.\n\n\
+                      Exit codes: 0 no check failed (warnings allowed), 1 a check failed, 2 usage.")]
+    Doctor(DoctorArgs),
 }
 
 impl LauncherCommand {
@@ -54,6 +63,7 @@ impl LauncherCommand {
         match self {
             LauncherCommand::Run(_) => false,
             LauncherCommand::PrintArgs(a) => a.json,
+            LauncherCommand::Doctor(a) => a.json,
         }
     }
 }
@@ -63,6 +73,15 @@ pub struct PrintArgsArgs {
     #[command(flatten)]
     pub launch: LaunchArgs,
     /// Machine output: the argv is JSON either way; errors become a JSON object on stdout too.
+    #[arg(short, long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+    /// Machine output: `[{"check", "status", "detail", "hint"}]` (errors as a JSON object).
     #[arg(short, long)]
     pub json: bool,
 }
@@ -237,6 +256,7 @@ mod tests {
         parse(&v).map(|c| match c.command {
             LauncherCommand::Run(a) => a,
             LauncherCommand::PrintArgs(a) => a.launch,
+            LauncherCommand::Doctor(a) => a.launch,
         })
     }
 
@@ -340,5 +360,19 @@ mod tests {
             assert!(cli.command.json(), "{flag}");
         }
         assert!(!parse(&["print-args", "--state-dir", "/x"]).unwrap().command.json());
+    }
+
+    /// doctor takes every run option (the NixOS wrapper passes the unit's own), and -j/--json.
+    #[test]
+    fn doctor_takes_the_run_options() {
+        let argv =
+            ["--state-dir", "/x", "--accel", "tcg", "--lan-interface", "ec-lan0", "--lan-queues", "2", "--", "-S"];
+        let run = parse(&[&["run"][..], &argv].concat()).unwrap();
+        let doc = parse(&[&["doctor", "-j"][..], &argv].concat()).unwrap();
+        assert!(doc.command.json());
+        let (LauncherCommand::Run(r), LauncherCommand::Doctor(d)) = (run.command, doc.command) else {
+            panic!("not run and doctor")
+        };
+        assert_eq!(r.to_options(), d.launch.to_options());
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod accel;
 pub mod config;
+pub mod doctor;
 pub mod fscheck;
 pub mod httpd;
 pub mod ipxe;

@@ -1,15 +1,21 @@
 //! `ec-ipxe-qemu`: one file per subcommand.
 
+pub mod doctor;
 pub mod print_args;
 pub mod run;
+
+use std::process::ExitCode;
 
 use crate::cli::launcher::{LauncherCli, LauncherCommand};
 use crate::error::Result;
 
-/// Run the subcommand `cli` names.
-pub fn dispatch(cli: &LauncherCli) -> Result<()> {
+/// Run the subcommand `cli` names; the exit status for `main` (`doctor` exits 1 after its report when a check
+/// failed, which is not an error of the command).
+pub fn dispatch(cli: &LauncherCli) -> Result<ExitCode> {
+    let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     match &cli.command {
-        LauncherCommand::Run(a) => run::run(a),
-        LauncherCommand::PrintArgs(a) => print_args::run(a),
+        LauncherCommand::Run(a) => done(run::run(a)),
+        LauncherCommand::PrintArgs(a) => done(print_args::run(a)),
+        LauncherCommand::Doctor(a) => doctor::run(a),
     }
 }

@@ -1,0 +1,651 @@
+//! `ec-ipxe-qemu doctor`: every check `run` depends on, without starting anything. Each check is ok, warn or
+//! fail with a hint; the checks call the same code `run` does (the option validation, the file-system checks,
+//! the macvtap opening, the lock and tap-holder scans), so doctor and run agree.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::error::{Error, Kind};
+use crate::launcher::accel::{self, AccelChoice};
+use crate::launcher::config::{DISK_IMAGE, LOCK_FILE, LaunchConfig};
+use crate::launcher::options::LaunchOptions;
+use crate::launcher::{fscheck, lanlock};
+use crate::link::{self, Netlink};
+use crate::macvtap;
+use crate::names::IfName;
+use crate::tap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "fail",
+        }
+    }
+}
+
+/// One line of the report: `{"check", "status", "detail", "hint"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub check: &'static str,
+    pub status: Status,
+    pub detail: String,
+    pub hint: Option<String>,
+}
+
+impl Check {
+    pub fn ok(check: &'static str, detail: impl Into<String>) -> Self {
+        Check { check, status: Status::Ok, detail: detail.into(), hint: None }
+    }
+
+    pub fn warn(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
+        Check { check, status: Status::Warn, detail: detail.into(), hint: Some(hint.into()) }
+    }
+
+    pub fn fail(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
+        Check { check, status: Status::Fail, detail: detail.into(), hint: Some(hint.into()) }
+    }
+
+    /// `fail  qemu          --qemu "/nonexistent": no such file` and, indented below, the hint.
+    pub fn human(&self) -> String {
+        let mut s = format!("{:<4}  {:<13} {}", self.status.as_str(), self.check, self.detail);
+        if let Some(h) = &self.hint {
+            s.push_str(&format!("\n      {:<13} hint: {h}", ""));
+        }
+        s
+    }
+}
+
+/// Whether any check failed (doctor's exit status is 1 then).
+pub fn any_failed(checks: &[Check]) -> bool {
+    checks.iter().any(|c| c.status == Status::Fail)
+}
+
+/// Run `program args` with a deadline; (exit status or None when killed at the deadline, stdout, stderr).
+fn run_briefly(program: &Path, args: &[&str], deadline: Duration) -> std::io::Result<(Option<i32>, String, String)> {
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    tap::set_parent_death_signal(&mut cmd, nix::sys::signal::Signal::SIGKILL);
+    let mut child = cmd.spawn()?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break Some(st);
+        }
+        if start.elapsed() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |r: Option<&mut dyn std::io::Read>| {
+        let mut s = String::new();
+        if let Some(r) = r {
+            let _ = r.read_to_string(&mut s);
+        }
+        s
+    };
+    let out = read(child.stdout.as_mut().map(|r| r as &mut dyn std::io::Read));
+    let err = read(child.stderr.as_mut().map(|r| r as &mut dyn std::io::Read));
+    Ok((status.map(|s| s.code().unwrap_or(-1)), out, err))
+}
+
+/// `qemu`: found (a path, or on PATH) and it runs: `--version`.
+pub fn check_qemu(option_value: &Path) -> (Check, Option<PathBuf>) {
+    let path = match fscheck::find_program("--qemu", option_value) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                Check::fail(
+                    "qemu",
+                    e.to_string(),
+                    "install QEMU (qemu-system-x86) or point --qemu at qemu-system-x86_64",
+                ),
+                None,
+            );
+        }
+    };
+    match run_briefly(&path, &["--version"], Duration::from_secs(10)) {
+        Ok((Some(0), out, _)) => {
+            let version = out.lines().next().unwrap_or("").trim().to_owned();
+            (Check::ok("qemu", format!("{}: {version}", path.display())), Some(path))
+        }
+        Ok((code, _, err)) => (
+            Check::fail(
+                "qemu",
+                format!(
+                    "{} --version {}: {}",
+                    path.display(),
+                    code.map_or("did not finish in 10 s".to_string(), |c| format!("exited {c}")),
+                    err.lines().last().unwrap_or("").trim()
+                ),
+                "this QEMU does not run; reinstall it or point --qemu at a working qemu-system-x86_64",
+            ),
+            Some(path),
+        ),
+        Err(e) => (
+            Check::fail(
+                "qemu",
+                format!("{}: {e}", path.display()),
+                "this QEMU does not run; point --qemu at a working qemu-system-x86_64",
+            ),
+            Some(path),
+        ),
+    }
+}
+
+/// `accelerator`: what `--accel` resolves to for this user, and, for KVM, a real one-second QEMU run with the
+/// launcher's own machine and CPU model (QEMU under broken nested virtualisation dies in KVM setup even while
+/// /dev/kvm opens fine).
+pub fn check_accel(choice: AccelChoice, qemu: Option<&Path>, kvm_dev: &Path) -> Check {
+    const NAME: &str = "accelerator";
+    if choice == AccelChoice::Tcg {
+        return Check::ok(NAME, "tcg (asked for; KVM not used)");
+    }
+    let asked = if choice == AccelChoice::Kvm { "--accel kvm" } else { "--accel auto" };
+    if let Err(e) = accel::kvm_usable(kvm_dev) {
+        let detail = format!("{asked}: {} cannot be opened read-write by this user: {e}", kvm_dev.display());
+        return match choice {
+            AccelChoice::Kvm => Check::fail(
+                NAME,
+                detail,
+                "run would fail: add the user to group kvm (and DeviceAllow=/dev/kvm rw), or use --accel tcg",
+            ),
+            _ => Check::warn(
+                NAME,
+                format!("{detail}; run falls back to tcg"),
+                "the guest runs under TCG, several times slower; give the user /dev/kvm for speed",
+            ),
+        };
+    }
+    let Some(qemu) = qemu else {
+        return Check::warn(
+            NAME,
+            format!("{asked}: {} opens, but KVM was not tried (no usable QEMU)", kvm_dev.display()),
+            "fix the qemu check first",
+        );
+    };
+    let args = [
+        "-machine",
+        "pc,graphics=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        accel::Accel::Kvm.cpu_model(),
+        "-m",
+        "64",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "none",
+        "-monitor",
+        "none",
+        "-net",
+        "none",
+        "-no-reboot",
+    ];
+    match run_briefly(qemu, &args, Duration::from_secs(1)) {
+        Ok((None, _, _)) => {
+            Check::ok(NAME, format!("kvm: a guest ran for 1 s under {} with -cpu host", qemu.display()))
+        }
+        Ok((Some(code), _, err)) => {
+            let why = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
+            Check::fail(
+                NAME,
+                format!("{asked}: {} opens, but KVM is unusable: QEMU exited {code} at once: {why}", kvm_dev.display()),
+                "the guest would die at start (nested virtualisation often breaks KVM): use --accel tcg, or fix KVM on \
+                 this host",
+            )
+        }
+        Err(e) => Check::fail(NAME, format!("{asked}: could not start {}: {e}", qemu.display()), "fix the qemu check"),
+    }
+}
+
+/// `/dev/vhost-net`: the LAN NIC's fast path. Missing or closed, the LAN NIC still works, slower.
+pub fn check_vhost(lan: bool, dev: &Path) -> Check {
+    const NAME: &str = "vhost-net";
+    if !lan {
+        return Check::ok(NAME, "not needed (no --lan-interface)");
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+        Ok(_) => Check::ok(NAME, format!("{} opens read-write", dev.display())),
+        Err(e) => Check::warn(
+            NAME,
+            format!("{} cannot be opened by this user: {e}", dev.display()),
+            "the LAN NIC runs without vhost (more CPU per packet): load vhost_net and give the user the device",
+        ),
+    }
+}
+
+/// The URL the host checks: the guest reaches the host's loopback at 10.0.2.2 (slirp), so that address means
+/// 127.0.0.1 here.
+fn host_side_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.strip_prefix("10.0.2.2") {
+            Some(tail) if tail.is_empty() || tail.starts_with([':', '/', '?', '#']) => {
+                format!("{scheme}://127.0.0.1{tail}")
+            }
+            _ => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// `boot-url`: reachable from the host: HEAD, then GET when the server refuses HEAD (405), with a timeout.
+pub fn check_boot_url(url: &str, timeout: Duration) -> Check {
+    const NAME: &str = "boot-url";
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+    if scheme == "tftp" {
+        return Check::warn(NAME, format!("{url}: not checked (tftp)"), "check it from the host with a TFTP client");
+    }
+    if url.contains("${") {
+        return Check::warn(
+            NAME,
+            format!("{url}: not checked: it contains iPXE settings the host cannot expand"),
+            "check the URL by hand with the settings filled in",
+        );
+    }
+    let target = host_side_url(url);
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .new_agent();
+    let shown = if target == url { url.to_owned() } else { format!("{url} (as {target} from the host)") };
+    let mut method = "HEAD";
+    let mut result = agent.head(&target).call();
+    if let Ok(r) = &result
+        && r.status().as_u16() == 405
+    {
+        method = "GET";
+        result = agent.get(&target).call();
+    }
+    match result {
+        Ok(r) if r.status().is_success() => Check::ok(NAME, format!("{shown}: {method} {}", r.status())),
+        Ok(r) => {
+            let code = r.status().as_u16();
+            let hint = match code {
+                404 => "the server has no such file: check the path (iPXE gets the same 404)",
+                401 | 403 => "the server refuses it: check its access rules",
+                _ => "the server answers with an error: check its logs",
+            };
+            Check::fail(NAME, format!("{shown}: {method} {}", r.status()), hint)
+        }
+        Err(e) => {
+            let (what, hint) = match &e {
+                ureq::Error::Timeout(_) => (
+                    format!("no answer in {} s", timeout.as_secs()),
+                    "the server is down or a firewall drops the connection",
+                ),
+                ureq::Error::HostNotFound => ("the host name does not resolve".into(), "check the name and DNS"),
+                ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    ("connection refused".into(), "nothing listens there: start the boot server or fix the port")
+                }
+                _ => (e.to_string(), "check that the host reaches the server"),
+            };
+            Check::fail(NAME, format!("{shown}: {what}"), hint)
+        }
+    }
+}
+
+/// An error of the launcher's own validation, as a failed check naming the exit status `run` would have.
+pub fn fail_from(check: &'static str, e: &Error, hint: impl Into<String>) -> Check {
+    Check::fail(check, e.to_string(), format!("{} (run would exit {})", hint.into(), e.exit_code()))
+}
+
+/// Whether a file's inode carries an flock (from /proc/locks), without taking it: a lock doctor takes, even
+/// briefly, could make a run starting at that instant refuse.
+pub fn flock_held(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(path) else { return false };
+    let key = format!("{:02x}:{:02x}:{}", nix::sys::stat::major(m.dev()), nix::sys::stat::minor(m.dev()), m.ino());
+    std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("FLOCK") && l.split_whitespace().any(|w| w == key))
+}
+
+/// The LAN checks: the macvtap (exists, a macvtap, ours, up, carrier), its tap (not in use, openable by this
+/// user with `queues` queues: the very opening `run` does), and its parent (wired, up, carrier).
+pub fn check_lan(name: &IfName, queues: u32) -> Vec<Check> {
+    let nl = match Netlink::new() {
+        Ok(nl) => nl,
+        Err(e) => return vec![Check::fail("lan-link", e.to_string(), "netlink is not available to this user")],
+    };
+    let l = match nl.block_on(link::get_by_name(&nl.handle, name)) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            return vec![Check::fail(
+                "lan-link",
+                format!("--lan-interface \"{name}\": no such link"),
+                "create it: ec-macvtap create --link PARENT --name NAME --owner USER (run would exit 3)",
+            )];
+        }
+        Err(e) => return vec![Check::fail("lan-link", e.to_string(), "netlink refused the lookup")],
+    };
+    if !l.is_macvtap() {
+        return vec![Check::fail(
+            "lan-link",
+            format!("--lan-interface \"{name}\": is a {} link, not a macvtap", l.kind.as_deref().unwrap_or("physical")),
+            "name the macvtap ec-macvtap created (run would exit 2)",
+        )];
+    }
+    let mut out = Vec::new();
+    let state = format!(
+        "{} (ifindex {}, mac {}), {}, {}",
+        name,
+        l.ifindex,
+        l.mac.map(|m| m.to_string()).unwrap_or_else(|| "?".into()),
+        if l.up { "up" } else { "down" },
+        if l.carrier { "carrier" } else { "no carrier" }
+    );
+    out.push(if !l.owned() {
+        Check::warn(
+            "lan-link",
+            format!("{state}; not made by ec-macvtap (no ownership alias)"),
+            "the unit's ExecStopPost will not delete it; recreate it with ec-macvtap create",
+        )
+    } else if !l.up {
+        Check::fail(
+            "lan-link",
+            state,
+            "the guest's LAN NIC would see nothing: ip link set NAME up (or ec-macvtap create)",
+        )
+    } else if !l.carrier {
+        Check::warn("lan-link", state, "no carrier: check the parent's cable and switch port")
+    } else {
+        Check::ok("lan-link", format!("{state}, made by ec-macvtap"))
+    });
+
+    // Not in use: another launcher (its lock) or any process holding the tap device.
+    let dev = tap::sysfs_devnum(name, l.ifindex);
+    let holders = dev.as_ref().map(|d| tap::holders(*d)).unwrap_or_default();
+    let launcher = lanlock::held_by(l.ifindex);
+    let in_use = launcher.is_some() || !holders.is_empty();
+    out.push(match (&launcher, holders.is_empty()) {
+        (Some(pid), _) => Check::fail(
+            "lan-in-use",
+            format!("an ec-ipxe-qemu run{} uses \"{name}\"", pid.map(|p| format!(" (pid {p})")).unwrap_or_default()),
+            "run would refuse a second guest on it (exit 4): stop the other run",
+        ),
+        (None, false) => Check::fail(
+            "lan-in-use",
+            format!("the tap of \"{name}\" is held by {}", tap::describe_holders(&holders)),
+            "run would refuse (exit 4): stop that process (a leftover QEMU?)",
+        ),
+        (None, true) => {
+            Check::ok("lan-in-use", format!("no process holds the tap of \"{name}\" (as far as /proc shows this user)"))
+        }
+    });
+
+    // Openable by this user: the opening run does (node lookup, TUNGETIFF check, queues), unless a guest holds
+    // it (an open queue would take a share of its frames).
+    out.push(if in_use {
+        Check::warn("lan-tap", "not opened: the tap is in use", "fix lan-in-use first")
+    } else {
+        match macvtap::open(None, name, queues) {
+            Ok(t) => Check::ok(
+                "lan-tap",
+                format!(
+                    "{} opens read-write for this user ({} queue(s), checked with TUNGETIFF)",
+                    t.node.display(),
+                    queues
+                ),
+            ),
+            Err(e) if e.kind() == Kind::Permission => {
+                let user = nix::unistd::User::from_uid(nix::unistd::Uid::effective())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+                    .unwrap_or_else(|| nix::unistd::Uid::effective().to_string());
+                fail_from(
+                    "lan-tap",
+                    &e,
+                    format!("this user ({user}) cannot open the tap node: ec-macvtap create --owner {user} gives it"),
+                )
+            }
+            Err(e) => fail_from("lan-tap", &e, "run opens the tap the same way"),
+        }
+    });
+
+    // The parent: wired, up, carrier.
+    let parent = match l.parent_ifindex.filter(|_| l.link_netnsid.is_none()) {
+        Some(p) => nl.block_on(link::get_by_index(&nl.handle, p)).ok().flatten(),
+        None => None,
+    };
+    out.push(match parent {
+        None => Check::warn(
+            "lan-parent",
+            format!("the parent of \"{name}\" is not in this namespace"),
+            "check the parent where it lives",
+        ),
+        Some(p) => {
+            let wireless = link::sysfs_is_wireless(&p.name);
+            let state = format!(
+                "{} ({}, {}, {})",
+                p.name,
+                if wireless { "wireless" } else { "wired" },
+                if p.up { "up" } else { "down" },
+                if p.carrier { "carrier" } else { "no carrier" }
+            );
+            if let Some(problem) = link::parent_problem(&p, wireless) {
+                Check::fail(
+                    "lan-parent",
+                    format!("{state}: {problem}"),
+                    "access points drop frames from MACs that did not associate: use a wired NIC",
+                )
+            } else if !p.up {
+                Check::fail("lan-parent", state, "bring the parent up (the host's network configuration)")
+            } else if !p.carrier {
+                Check::fail("lan-parent", state, "no link on the parent: check the cable and the switch port")
+            } else {
+                Check::ok("lan-parent", state)
+            }
+        }
+    });
+    out
+}
+
+/// Where the checks look for the devices (tests point them elsewhere).
+#[derive(Clone, Debug)]
+pub struct Devices {
+    pub kvm: PathBuf,
+    pub vhost_net: PathBuf,
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Devices { kvm: PathBuf::from("/dev/kvm"), vhost_net: PathBuf::from("/dev/vhost-net") }
+    }
+}
+
+/// How long the boot URL check waits for the server.
+pub const URL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every check `run` depends on, in the order `run` meets them, changing nothing.
+pub fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
+    let mut out = vec![match LaunchConfig::from_options(o) {
+        Ok(_) => Check::ok("configuration", "run accepts these options"),
+        Err(e) => fail_from("configuration", &e, "run refuses these options before starting anything"),
+    }];
+    let (qemu, qemu_path) = check_qemu(&o.qemu);
+    out.push(qemu);
+    out.push(check_accel(o.accel, qemu_path.as_deref(), &dev.kvm));
+    out.push(check_ipxe(o));
+    out.push(check_boot(o));
+    out.push(check_state(o));
+    out.push(check_disk(o));
+    match &o.lan_interface {
+        Some(name) => out.extend(check_lan(name, o.lan_queues)),
+        None => out.push(Check::ok("lan-link", "no --lan-interface: the guest gets the user-mode boot NIC only")),
+    }
+    out.push(check_vhost(o.lan_interface.is_some(), &dev.vhost_net));
+    out
+}
+
+/// `ipxe`: what runs iPXE for the boot NIC (the `--ipxe` image or QEMU's NIC option ROM), and HTTPS when the
+/// boot URL needs it.
+fn check_ipxe(o: &LaunchOptions) -> Check {
+    const NAME: &str = "ipxe";
+    let https = o.boot_url.as_ref().is_some_and(|u| u.scheme() == "https");
+    match &o.ipxe {
+        Some(p) => {
+            let checked =
+                fscheck::absolute("--ipxe", p).and_then(|p| fscheck::check_readable_file("--ipxe", &p).map(|()| p));
+            match checked {
+                Err(e) => fail_from(NAME, &e, "point --ipxe at a readable ipxe.lkrn"),
+                Ok(p) if https => Check::warn(
+                    NAME,
+                    format!("--ipxe {}: readable; whether it has HTTPS is not told from the image here", p.display()),
+                    "the boot URL is https: make sure the image was built with DOWNLOAD_PROTO_HTTPS",
+                ),
+                Ok(p) => Check::ok(NAME, format!("--ipxe {}: readable", p.display())),
+            }
+        }
+        None if https => Check::warn(
+            NAME,
+            "the boot NIC's option ROM runs iPXE, and the boot URL is https",
+            "QEMU's NIC ROMs usually lack HTTPS (Debian's do): pass --ipxe with an HTTPS-capable ipxe.lkrn, or \
+             serve the boot files over http",
+        ),
+        None => Check::ok(NAME, "the boot NIC's option ROM (QEMU's iPXE) loads the boot script over TFTP"),
+    }
+}
+
+/// `boot-url` / `boot-dir`: where the boot script chains to, reachable from the host.
+fn check_boot(o: &LaunchOptions) -> Check {
+    match (&o.boot_url, &o.boot_dir) {
+        (Some(u), _) => check_boot_url(u.as_str(), URL_TIMEOUT),
+        (None, Some(d)) => {
+            match fscheck::absolute("--boot-dir", d).and_then(|d| fscheck::check_boot_dir(&d).map(|()| d)) {
+                Ok(d) => Check::ok("boot-dir", format!("{}: served over HTTP, chains to netboot.ipxe", d.display())),
+                Err(e) => fail_from("boot-dir", &e, "the directory must exist and hold netboot.ipxe"),
+            }
+        }
+        (None, None) => Check::ok("boot-url", "no --boot-url: the built-in diagnostics script runs"),
+    }
+}
+
+/// `state-dir`: usable (or creatable) by this user, not locked by a running launcher, the serial log writable.
+fn check_state(o: &LaunchOptions) -> Check {
+    const NAME: &str = "state-dir";
+    let dir = match fscheck::absolute("--state-dir", &o.state_dir) {
+        Ok(d) => d,
+        Err(e) => return fail_from(NAME, &e, "give a directory"),
+    };
+    if let Err(e) = fscheck::check_state_dir(&dir) {
+        return fail_from(NAME, &e, "give the user a directory of its own (the unit's StateDirectory= does)");
+    }
+    let lock = dir.join(LOCK_FILE);
+    if flock_held(&lock) {
+        let pid = std::fs::read_to_string(&lock).unwrap_or_default();
+        let pid = pid.trim();
+        let who = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
+        return Check::fail(
+            NAME,
+            format!("{}: in use by another ec-ipxe-qemu run{who}", dir.display()),
+            "run would refuse a second guest on it (exit 4): stop the other run, or use another --state-dir",
+        );
+    }
+    if let Some(log) = &o.serial_log {
+        let checked =
+            fscheck::absolute("--serial-log", log).and_then(|p| fscheck::check_output_file("--serial-log", &p));
+        if let Err(e) = checked {
+            return fail_from(NAME, &e, "--serial-log must be writable by this user");
+        }
+    }
+    let what = if dir.is_dir() { "exists and is writable" } else { "is missing and will be created (0700)" };
+    Check::ok(NAME, format!("{}: {what}; not in use", dir.display()))
+}
+
+/// `disk`: an existing qcow2 used as it is, or a missing one that qemu-img can create.
+fn check_disk(o: &LaunchOptions) -> Check {
+    const NAME: &str = "disk";
+    if o.no_disk {
+        return Check::ok(NAME, "--no-disk");
+    }
+    let path = match &o.disk {
+        Some(p) => fscheck::absolute("--disk", p),
+        None => fscheck::absolute("--state-dir", &o.state_dir).map(|d| d.join(DISK_IMAGE)),
+    };
+    let path = match path {
+        Ok(p) => p,
+        Err(e) => return fail_from(NAME, &e, "give a file path"),
+    };
+    match fscheck::check_disk("--disk", &path) {
+        Err(e) => fail_from(NAME, &e, "move the file away or point --disk elsewhere"),
+        Ok(true) => Check::ok(NAME, format!("{}: a qcow2 image, used as it is", path.display())),
+        Ok(false) => match fscheck::find_program("--qemu-img", &o.qemu_img) {
+            Ok(img) => Check::ok(
+                NAME,
+                format!("{}: missing; {} will create it ({} bytes)", path.display(), img.display(), o.disk_size),
+            ),
+            Err(e) => fail_from(NAME, &e, "install qemu-img (qemu-utils), point --qemu-img at it, or use --no-disk"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slirp_host_address_is_loopback_from_the_host() {
+        assert_eq!(host_side_url("http://10.0.2.2:8080/x.ipxe"), "http://127.0.0.1:8080/x.ipxe");
+        assert_eq!(host_side_url("http://10.0.2.2/x"), "http://127.0.0.1/x");
+        assert_eq!(host_side_url("http://10.0.2.20/x"), "http://10.0.2.20/x");
+        assert_eq!(host_side_url("https://boot.example.org/x"), "https://boot.example.org/x");
+    }
+
+    #[test]
+    fn json_and_human_shapes() {
+        let c = Check::fail("qemu", "--qemu \"/nonexistent\": no such file", "install QEMU");
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"check": "qemu", "status": "fail", "detail": "--qemu \"/nonexistent\": no such file", "hint": "install QEMU"})
+        );
+        assert_eq!(serde_json::to_value(Check::ok("x", "y")).unwrap()["hint"], serde_json::Value::Null);
+        assert!(c.human().starts_with("fail  qemu          --qemu \"/nonexistent\": no such file\n"), "{}", c.human());
+        assert!(any_failed(&[Check::ok("a", ""), c]));
+        assert!(!any_failed(&[Check::warn("a", "", "")]));
+    }
+
+    #[test]
+    fn tcg_needs_no_kvm_and_auto_falls_back_with_a_warning() {
+        assert_eq!(check_accel(AccelChoice::Tcg, None, Path::new("/nonexistent")).status, Status::Ok);
+        let c = check_accel(AccelChoice::Auto, None, Path::new("/nonexistent/kvm"));
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        let c = check_accel(AccelChoice::Kvm, None, Path::new("/nonexistent/kvm"));
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+    }
+
+    #[test]
+    fn flocks_are_seen_without_taking_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let f = std::fs::File::create(&p).unwrap();
+        assert!(!flock_held(&p));
+        let held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+        assert!(flock_held(&p));
+        drop(held);
+        assert!(!flock_held(&p));
+    }
+}

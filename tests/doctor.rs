@@ -1,0 +1,336 @@
+//! `ec-ipxe-qemu doctor` against real parts, each failure a real case of this machine: a missing QEMU, KVM
+//! that opens but cannot run a guest (nested virtualisation here), a tap node the user `nobody` cannot open
+//! (a real macvtap made by ec-macvtap in a lab namespace), a closed loopback port as boot URL, a state
+//! directory locked like a running launcher locks it; and a good lab setup that gives no fail. Where it is
+//! cheap, `run` is started too, to show that doctor predicted what it meets.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{DeleteOnDrop, KillOnDrop, Lab, macvtap, require_programs, require_root, stderr, unique, wait_for};
+
+fn launcher_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ec-ipxe-qemu")
+}
+
+fn doctor(prefix: &[&str], args: &[&str]) -> Output {
+    let mut c = if prefix.is_empty() {
+        Command::new(launcher_bin())
+    } else {
+        let mut c = Command::new(prefix[0]);
+        c.args(&prefix[1..]).arg(launcher_bin());
+        c
+    };
+    c.arg("doctor").args(args).stdin(Stdio::null());
+    c.output().expect("run ec-ipxe-qemu doctor")
+}
+
+fn checks(out: &Output) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}); exit {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            stderr(out)
+        )
+    });
+    let list = v.as_array().expect("a JSON array").clone();
+    for c in &list {
+        let mut keys: Vec<_> = c.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["check", "detail", "hint", "status"], "{c}");
+        assert!(["ok", "warn", "fail"].contains(&c["status"].as_str().unwrap()), "{c}");
+        assert_eq!(c["hint"].is_null(), c["status"] == "ok", "a hint exactly when not ok: {c}");
+    }
+    list
+}
+
+fn find<'a>(list: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    list.iter().find(|c| c["check"] == name).unwrap_or_else(|| panic!("no check {name} in {list:#?}"))
+}
+
+fn fails(list: &[serde_json::Value]) -> Vec<String> {
+    list.iter().filter(|c| c["status"] == "fail").map(|c| c["check"].as_str().unwrap().to_owned()).collect()
+}
+
+fn state_dir(tmp: &Path) -> String {
+    tmp.join("state").to_string_lossy().into_owned()
+}
+
+#[test]
+fn missing_qemu_is_a_fail_line_and_exit_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = state_dir(tmp.path());
+    let out = doctor(&[], &["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--qemu", "/nonexistent"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let list = checks(&out);
+    let q = find(&list, "qemu");
+    assert_eq!(q["status"], "fail");
+    assert_eq!(q["detail"], "--qemu \"/nonexistent\": no such file");
+    assert!(q["hint"].as_str().unwrap().contains("install QEMU"), "{q}");
+    // run refuses the same options before starting anything, with the same words.
+    let run = Command::new(launcher_bin())
+        .args(["run", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--qemu", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    assert!(stderr(&run).contains("--qemu \"/nonexistent\": no such file"), "{}", stderr(&run));
+    assert!(!Path::new(&sd).exists(), "doctor and the refused run left the state dir behind");
+
+    // The human output: one line per check, the failing one with its hint below.
+    let out = doctor(&[], &["--state-dir", &sd, "--no-disk", "--accel", "tcg", "--qemu", "/nonexistent"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("fail  qemu ") && l.contains("no such file")), "{text}");
+    assert!(text.lines().any(|l| l.trim_start().starts_with("hint: install QEMU")), "{text}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn kvm_that_opens_but_cannot_run_a_guest_fails() {
+    let t = "kvm_that_opens_but_cannot_run_a_guest_fails";
+    require_root(t);
+    if !require_programs(t, &["qemu-system-x86_64"]) {
+        return;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        common::skip_or_fail(t, "no /dev/kvm on this machine (the case needs a KVM that opens and fails)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = state_dir(tmp.path());
+    let out = doctor(&[], &["--json", "--state-dir", &sd, "--no-disk", "--accel", "kvm"]);
+    let list = checks(&out);
+    let a = find(&list, "accelerator");
+    assert_eq!(a["status"], "fail", "{a} (this test expects the development hosts' broken nested KVM)");
+    assert!(a["detail"].as_str().unwrap().contains("KVM is unusable: QEMU exited"), "{a}");
+    assert!(a["hint"].as_str().unwrap().contains("--accel tcg"), "{a}");
+    assert_eq!(out.status.code(), Some(1));
+    // --accel auto picks KVM here too (/dev/kvm opens), so it fails the same way.
+    let auto = checks(&doctor(&[], &["--json", "--state-dir", &sd, "--no-disk", "--accel", "auto"]));
+    assert_eq!(find(&auto, "accelerator")["status"], "fail");
+
+    // What run meets: the guest dies at once and the run ends with an error.
+    let run = Command::new(launcher_bin())
+        .args(["run", "--state-dir", &sd, "--no-disk", "--accel", "kvm", "--memory", "128"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut run = KillOnDrop(run);
+    let ended = wait_for(Duration::from_secs(60), || run.0.try_wait().unwrap());
+    let status = ended.expect("run under the broken KVM did not end");
+    assert!(!status.success(), "run succeeded where doctor said KVM fails");
+}
+
+/// A lab namespace with a macvtap made by ec-macvtap (tap node root's, mode 0600).
+struct LanSetup {
+    lab: Lab,
+    name: String,
+}
+
+impl LanSetup {
+    fn new(test: &str) -> Option<LanSetup> {
+        require_root(test);
+        if !require_programs(test, &["ip", "dnsmasq", "setpriv", "qemu-system-x86_64"]) {
+            return None;
+        }
+        let lab = Lab::with_dnsmasq(None);
+        let name = unique("dv");
+        let out = macvtap(Some(&lab.host), &["create", "--link", &lab.uplink, "--name", &name]);
+        assert!(out.status.success(), "ec-macvtap create: {}", stderr(&out));
+        Some(LanSetup { lab, name })
+    }
+
+    /// `ip netns exec HOST [setpriv as nobody] ec-ipxe-qemu doctor ARGS`.
+    fn doctor(&self, as_nobody: bool, args: &[&str]) -> Output {
+        let mut prefix = vec!["ip", "netns", "exec", self.lab.host.name.as_str()];
+        if as_nobody {
+            prefix.extend(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]);
+        }
+        doctor(&prefix, args)
+    }
+}
+
+impl Drop for LanSetup {
+    fn drop(&mut self) {
+        let _ = DeleteOnDrop::new(&self.lab.host, &self.name);
+    }
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_tap_node_this_user_cannot_open_fails_as_run_would() {
+    let t = "a_tap_node_this_user_cannot_open_fails_as_run_would";
+    let Some(s) = LanSetup::new(t) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // A state directory nobody may use, so that only the tap stands in the way.
+    let sd = tmp.path().join("state");
+    std::fs::create_dir(&sd).unwrap();
+    nix::unistd::chown(&sd, Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534))).unwrap();
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sd = sd.to_string_lossy().into_owned();
+    let args = ["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--lan-interface", &s.name];
+
+    let out = s.doctor(true, &args);
+    let list = checks(&out);
+    assert_eq!(out.status.code(), Some(1), "{list:#?}");
+    let tap = find(&list, "lan-tap");
+    assert_eq!(tap["status"], "fail", "{tap}");
+    assert!(tap["detail"].as_str().unwrap().contains("Permission denied"), "{tap}");
+    let hint = tap["hint"].as_str().unwrap();
+    assert!(hint.contains("this user (nobody) cannot open the tap node") && hint.contains("run would exit 5"), "{tap}");
+    assert_eq!(fails(&list), ["lan-tap"], "only the tap stands in the way: {list:#?}");
+
+    // run as nobody meets exactly that: exit 5 (print-args, no preflight, says 0).
+    let mut run = Command::new("ip");
+    run.args([
+        "netns",
+        "exec",
+        &s.lab.host.name,
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "--",
+    ]);
+    run.arg(launcher_bin()).args([
+        "run",
+        "--state-dir",
+        &sd,
+        "--no-disk",
+        "--accel",
+        "tcg",
+        "--lan-interface",
+        &s.name,
+    ]);
+    let out = run.stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+
+    // As root the same tap opens (no fail at all).
+    let out = s.doctor(false, &args);
+    let list = checks(&out);
+    assert_eq!(find(&list, "lan-tap")["status"], "ok", "{list:#?}");
+    assert_eq!(fails(&list), Vec::<String>::new(), "{list:#?}");
+}
+
+#[test]
+fn an_unreachable_boot_url_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = state_dir(tmp.path());
+    // A loopback port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    for url in [format!("http://127.0.0.1:{port}/boot.ipxe"), format!("http://10.0.2.2:{port}/boot.ipxe")] {
+        let out = doctor(&[], &["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--boot-url", &url]);
+        let list = checks(&out);
+        assert_eq!(out.status.code(), Some(1), "{list:#?}");
+        let b = find(&list, "boot-url");
+        assert_eq!(b["status"], "fail", "{b}");
+        assert!(b["detail"].as_str().unwrap().ends_with(": connection refused"), "{b}");
+        assert!(b["hint"].as_str().unwrap().contains("nothing listens there"), "{b}");
+        assert_eq!(fails(&list), ["boot-url"], "{list:#?}");
+    }
+}
+
+#[test]
+fn a_state_dir_locked_by_a_run_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = tmp.path().join("state");
+    std::fs::create_dir(&sd).unwrap();
+    // Locked the way a running launcher locks it (flock on DIR/lock, its pid inside).
+    let lock = sd.join("lock");
+    std::fs::write(&lock, "4242\n").unwrap();
+    let held =
+        nix::fcntl::Flock::lock(std::fs::File::open(&lock).unwrap(), nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .unwrap();
+    let sd = sd.to_string_lossy().into_owned();
+    let out = doctor(&[], &["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg"]);
+    let list = checks(&out);
+    let s = find(&list, "state-dir");
+    assert_eq!(s["status"], "fail", "{s}");
+    assert!(s["detail"].as_str().unwrap().contains("in use by another ec-ipxe-qemu run (pid 4242)"), "{s}");
+    assert_eq!(out.status.code(), Some(1));
+    drop(held);
+    let list = checks(&doctor(&[], &["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg"]));
+    assert_eq!(find(&list, "state-dir")["status"], "ok");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_good_lab_setup_has_no_fail() {
+    let t = "a_good_lab_setup_has_no_fail";
+    let Some(s) = LanSetup::new(t) else { return };
+    if !require_programs(t, &["python3", "qemu-img", "ss"]) {
+        return;
+    }
+    // A real HTTP server on loopback with the boot script (HEAD and GET, 404 for anything else).
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("boot.ipxe"), "#!ipxe\necho hello\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // In the lab's host namespace, where doctor and run (QEMU's 10.0.2.2 is that namespace's loopback) run.
+    let server = s
+        .lab
+        .host
+        .cmd("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+        .current_dir(www.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = KillOnDrop(server);
+    let up = wait_for(Duration::from_secs(10), || {
+        let out = s.lab.host.cmd("ss").args(["-Htln", &format!("sport = :{port}")]).output().ok()?;
+        (!out.stdout.is_empty()).then_some(())
+    });
+    assert!(up.is_some(), "python3 -m http.server did not start");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = state_dir(tmp.path());
+    let url = format!("http://10.0.2.2:{port}/boot.ipxe");
+    let args = ["--json", "--state-dir", &sd, "--accel", "tcg", "--boot-url", &url, "--lan-interface", &s.name];
+    let out = s.doctor(false, &args);
+    let list = checks(&out);
+    assert_eq!(fails(&list), Vec::<String>::new(), "{list:#?}");
+    assert_eq!(out.status.code(), Some(0));
+    for name in [
+        "configuration",
+        "qemu",
+        "accelerator",
+        "ipxe",
+        "boot-url",
+        "state-dir",
+        "disk",
+        "lan-link",
+        "lan-in-use",
+        "lan-tap",
+        "lan-parent",
+        "vhost-net",
+    ] {
+        let c = find(&list, name);
+        assert!(c["status"] != "fail", "{c}");
+    }
+    assert!(find(&list, "qemu")["detail"].as_str().unwrap().contains("QEMU emulator version"), "{list:#?}");
+    assert!(find(&list, "boot-url")["detail"].as_str().unwrap().contains("HEAD 200"), "{list:#?}");
+    assert!(find(&list, "disk")["detail"].as_str().unwrap().contains("qemu-img"), "{list:#?}");
+    assert!(!Path::new(&sd).exists(), "doctor created the state directory");
+
+    // The same server, a missing file: a 404 fail, as iPXE would meet.
+    let missing = format!("http://127.0.0.1:{port}/nope.ipxe");
+    let out = s.doctor(false, &["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--boot-url", &missing]);
+    let list = checks(&out);
+    let b = find(&list, "boot-url");
+    assert_eq!(b["status"], "fail");
+    assert!(b["detail"].as_str().unwrap().contains("404"), "{b}");
+
+    let human = s.doctor(false, &args[1..]);
+    eprintln!(
+        "README sample:\n$ ec-ipxe-qemu doctor {}\n{}",
+        args[1..].join(" "),
+        String::from_utf8_lossy(&human.stdout)
+    );
+}
