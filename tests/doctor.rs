@@ -334,3 +334,42 @@ fn a_good_lab_setup_has_no_fail() {
         String::from_utf8_lossy(&human.stdout)
     );
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_tap_held_by_another_process_is_in_use() {
+    let t = "a_tap_held_by_another_process_is_in_use";
+    let Some(s) = LanSetup::new(t) else { return };
+    // A stand-in guest holding a queue of the tap, as QEMU would.
+    let holder = Command::new(common::macvtap_bin())
+        .args(["--netns", &s.lab.host.name, "exec", "--name", &s.name, "--", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let pid = holder.id();
+    let _holder = KillOnDrop(holder);
+    let held = wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().filter(|c| c.trim() == "sleep")
+    });
+    assert!(held.is_some(), "the holder did not start");
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = state_dir(tmp.path());
+    let out =
+        s.doctor(false, &["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--lan-interface", &s.name]);
+    let list = checks(&out);
+    assert_eq!(out.status.code(), Some(1));
+    let u = find(&list, "lan-in-use");
+    assert_eq!(u["status"], "fail", "{u}");
+    assert!(u["detail"].as_str().unwrap().contains(&format!("pid {pid} (sleep)")), "{u}");
+    assert!(u["hint"].as_str().unwrap().contains("exit 4"), "{u}");
+    // The tap is not opened while in use (a queue would take a share of the guest's frames).
+    assert_eq!(find(&list, "lan-tap")["status"], "warn");
+    // run meets the same: exit 4.
+    let run = Command::new("ip")
+        .args(["netns", "exec", &s.lab.host.name])
+        .arg(launcher_bin())
+        .args(["run", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--lan-interface", &s.name])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(4), "{}", stderr(&run));
+}

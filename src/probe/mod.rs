@@ -178,6 +178,8 @@ struct Session<'a> {
     xid: u32,
     port: u16,
     echo_id: u16,
+    /// This run's own link-local address (see [`wire::random_link_local`]).
+    ll: std::net::Ipv6Addr,
     echoes: u32,
     next_echo: Instant,
     my_ip: Option<Ipv4Addr>,
@@ -208,6 +210,7 @@ impl<'a> Session<'a> {
             xid: random_u32(),
             port: 49152 + (r % 16384) as u16,
             echo_id: (r >> 16) as u16,
+            ll: wire::random_link_local((u64::from(random_u32()) << 32) | u64::from(random_u32())),
             echoes: 0,
             next_echo: start,
             my_ip: None,
@@ -273,7 +276,7 @@ impl<'a> Session<'a> {
         if self.echoes < ECHOES && now >= self.next_echo && !matches!(self.phase, Phase::Done) {
             self.echoes += 1;
             self.next_echo = now + DISCOVER_FIRST;
-            let f = wire::all_nodes_echo(self.mac, self.echo_id, self.echoes as u16);
+            let f = wire::all_nodes_echo(self.mac, self.ll, self.echo_id, self.echoes as u16);
             self.send(&f);
         }
         match self.phase {
@@ -420,10 +423,10 @@ impl<'a> Session<'a> {
             {
                 self.on_tuner(src, payload)
             }
-            Incoming::NeighborSolicitation { src_mac, target } if target == wire::link_local(self.mac) => {
+            Incoming::NeighborSolicitation { src_mac, target } if target == self.ll => {
                 self.o.answered.insert(src_mac.0);
             }
-            Incoming::EchoReplyV6 { src_mac, dst, id } if id == self.echo_id && dst == wire::link_local(self.mac) => {
+            Incoming::EchoReplyV6 { src_mac, dst, id } if id == self.echo_id && dst == self.ll => {
                 self.o.answered.insert(src_mac.0);
             }
             _ => {}

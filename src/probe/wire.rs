@@ -61,19 +61,21 @@ pub fn arp_reply(our_mac: MacAddr, our_ip: Ipv4Addr, to_mac: MacAddr, to_ip: Ipv
     out
 }
 
-/// The modified EUI-64 link-local IPv6 address of a MAC (RFC 4291 appendix A).
-pub fn link_local(mac: MacAddr) -> Ipv6Addr {
-    let m = mac.0;
-    Ipv6Addr::from([0xfe, 0x80, 0, 0, 0, 0, 0, 0, m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]])
+/// A link-local address of our own for one probe run: fe80:: with a random interface identifier (the
+/// universal/local bit clear, as RFC 4291 wants for one that is not from a MAC). A new one each run means an
+/// answer to it can only be an answer to this run, never a neighbour-cache leftover of an earlier one.
+pub fn random_link_local(random: u64) -> Ipv6Addr {
+    let id = (random & !(0x02u64 << 56)).to_be_bytes();
+    Ipv6Addr::from([0xfe, 0x80, 0, 0, 0, 0, 0, 0, id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7]])
 }
 
-/// An ICMPv6 echo request from our link-local address to all nodes (ff02::1). Every IPv6 host on the segment
-/// that receives it must first resolve our address (a neighbour solicitation for it) before it can answer:
+/// An ICMPv6 echo request from `src` (our link-local address) to all nodes (ff02::1). Every IPv6 host on the
+/// segment that receives it must first resolve `src` (a neighbour solicitation for it) before it can answer:
 /// either is proof that the segment carries frames from our MAC, with or without any IPv4 service on it.
-pub fn all_nodes_echo(mac: MacAddr, id: u16, seq: u16) -> Vec<u8> {
+pub fn all_nodes_echo(mac: MacAddr, src: Ipv6Addr, id: u16, seq: u16) -> Vec<u8> {
     let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
     let b = PacketBuilder::ethernet2(mac.0, [0x33, 0x33, 0, 0, 0, 1])
-        .ipv6(link_local(mac).octets(), dst.octets(), 255)
+        .ipv6(src.octets(), dst.octets(), 255)
         .icmpv6_echo_request(id, seq);
     let payload = b"ec-macvtap probe";
     let mut out = Vec::with_capacity(b.size(payload.len()));
@@ -208,17 +210,20 @@ mod tests {
     }
 
     #[test]
-    fn link_local_is_modified_eui64() {
-        assert_eq!(link_local(US), "fe80::5054:ff:feaa:bbcc".parse::<Ipv6Addr>().unwrap());
+    fn random_link_locals_are_link_local_and_differ() {
+        let a = random_link_local(0xffff_ffff_ffff_ffff);
+        assert_eq!(a, "fe80::fdff:ffff:ffff:ffff".parse::<Ipv6Addr>().unwrap());
+        assert_ne!(random_link_local(1), random_link_local(2));
     }
 
     #[test]
     fn echo_goes_to_all_nodes() {
-        let f = all_nodes_echo(US, 9, 1);
+        let ll = random_link_local(7);
+        let f = all_nodes_echo(US, ll, 9, 1);
         assert_eq!(&f[..6], &[0x33, 0x33, 0, 0, 0, 1]);
         let p = SlicedPacket::from_ethernet(&f).unwrap();
         let Some(NetSlice::Ipv6(ip)) = &p.net else { panic!("not IPv6") };
-        assert_eq!(ip.header().source_addr(), link_local(US));
+        assert_eq!(ip.header().source_addr(), ll);
         assert_eq!(ip.header().destination_addr(), "ff02::1".parse::<Ipv6Addr>().unwrap());
         let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else { panic!("not ICMPv6") };
         assert!(matches!(icmp.icmp_type(), Icmpv6Type::EchoRequest(e) if e.id == 9 && e.seq == 1));
