@@ -73,8 +73,21 @@ pub fn any_failed(checks: &[Check]) -> bool {
     checks.iter().any(|c| c.status == Status::Fail)
 }
 
-/// Run `program args` with a deadline; (exit status or None when killed at the deadline, stdout, stderr).
-fn run_briefly(program: &Path, args: &[&str], deadline: Duration) -> std::io::Result<(Option<i32>, String, String)> {
+/// How a process ended, for messages: `exited 1`, `died of SIGABRT`.
+fn ended(st: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exited {c}"),
+        (None, Some(sig)) => nix::sys::signal::Signal::try_from(sig)
+            .map(|s| format!("died of {}", s.as_str()))
+            .unwrap_or_else(|_| format!("died of signal {sig}")),
+        (None, None) => "ended".into(),
+    }
+}
+
+/// Run `program args` with a deadline; (how it ended, or None when still running at the deadline and killed,
+/// stdout, stderr).
+fn run_briefly(program: &Path, args: &[&str], deadline: Duration) -> std::io::Result<(Option<String>, String, String)> {
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     tap::set_parent_death_signal(&mut cmd, nix::sys::signal::Signal::SIGKILL);
@@ -100,7 +113,7 @@ fn run_briefly(program: &Path, args: &[&str], deadline: Duration) -> std::io::Re
     };
     let out = read(child.stdout.as_mut().map(|r| r as &mut dyn std::io::Read));
     let err = read(child.stderr.as_mut().map(|r| r as &mut dyn std::io::Read));
-    Ok((status.map(|s| s.code().unwrap_or(-1)), out, err))
+    Ok((status.map(|s| if s.success() { "exited 0".to_string() } else { ended(s) }), out, err))
 }
 
 /// `qemu`: found (a path, or on PATH) and it runs: `--version`.
@@ -119,7 +132,7 @@ pub fn check_qemu(option_value: &Path) -> (Check, Option<PathBuf>) {
         }
     };
     match run_briefly(&path, &["--version"], Duration::from_secs(10)) {
-        Ok((Some(0), out, _)) => {
+        Ok((Some(how), out, _)) if how == "exited 0" => {
             let version = out.lines().next().unwrap_or("").trim().to_owned();
             (Check::ok("qemu", format!("{}: {version}", path.display())), Some(path))
         }
@@ -129,7 +142,7 @@ pub fn check_qemu(option_value: &Path) -> (Check, Option<PathBuf>) {
                 format!(
                     "{} --version {}: {}",
                     path.display(),
-                    code.map_or("did not finish in 10 s".to_string(), |c| format!("exited {c}")),
+                    code.unwrap_or_else(|| "did not finish in 10 s".to_string()),
                     err.lines().last().unwrap_or("").trim()
                 ),
                 "this QEMU does not run; reinstall it or point --qemu at a working qemu-system-x86_64",
@@ -204,11 +217,11 @@ pub fn check_accel(choice: AccelChoice, qemu: Option<&Path>, kvm_dev: &Path) -> 
         Ok((None, _, _)) => {
             Check::ok(NAME, format!("kvm: a guest ran for 1 s under {} with -cpu host", qemu.display()))
         }
-        Ok((Some(code), _, err)) => {
+        Ok((Some(how), _, err)) => {
             let why = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
             Check::fail(
                 NAME,
-                format!("{asked}: {} opens, but KVM is unusable: QEMU exited {code} at once: {why}", kvm_dev.display()),
+                format!("{asked}: {} opens, but KVM is unusable: QEMU {how} at once: {why}", kvm_dev.display()),
                 "the guest would die at start (nested virtualisation often breaks KVM): use --accel tcg, or fix KVM on \
                  this host",
             )
