@@ -394,3 +394,20 @@ fn bad_input_is_one_line_and_leaves_nothing() {
     assert_eq!(lab.lab.host.link_table(), before);
     assert!(!lab.private_dir().exists(), "{}", lab.private_dir().display());
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_macvtap_that_is_down_is_a_quick_problem_line() {
+    let t = "a_macvtap_that_is_down_is_a_quick_problem_line";
+    let Some(lab) = ProbeLab::new(t, true) else { return };
+    lab.lab.host.ip(&["link", "set", &lab.name, "down"]);
+    let (out, took) = lab.probe(&["--json", "probe", "--name", &lab.name]);
+    let v = report(&out);
+    assert_eq!(out.status.code(), Some(1), "{v:#}");
+    assert_eq!(
+        problems(&v),
+        ["link: the macvtap is down, so nothing can be sent or received: bring it up (`ec-macvtap create` does)"]
+    );
+    assert!(took < Duration::from_secs(3), "nothing to wait for when the link is down: {took:?}");
+    assert!(!lab.dhcp_log().contains("DHCPDISCOVER"));
+}
