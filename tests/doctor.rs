@@ -86,6 +86,18 @@ fn missing_qemu_is_a_fail_line_and_exit_1() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().any(|l| l.starts_with("fail  qemu ") && l.contains("no such file")), "{text}");
     assert!(text.lines().any(|l| l.trim_start().starts_with("hint: install QEMU")), "{text}");
+
+    // A reader that went away (`doctor | head -1`): the same exit status, no panic.
+    let mut child = Command::new(launcher_bin())
+        .args(["doctor", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--qemu", "/nonexistent"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
 
 #[test]

@@ -232,6 +232,14 @@ fn no_dhcp_server_is_a_problem_line_not_a_hang() {
     assert!(text.contains("problem: dhcp: no answer to "), "{text}");
     assert!(text.trim_end().ends_with("result: 2 problems"), "{text}");
     eprintln!("README sample:\n$ ec-macvtap probe --name {} --timeout 2\n{text}", lab.name);
+
+    // A reader that went away (`probe | head -1`) changes nothing: same exit status, no panic.
+    let mut child = lab.probe_cmd(&["probe", "--name", &lab.name, "--timeout", "1"]);
+    let mut child = child.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
 
 #[test]

@@ -16,6 +16,18 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
     Ok(())
 }
 
+/// Write text (a JSON document, report lines) and a newline to stdout. A reader that went away
+/// (`print-args | head -c1`, `probe | head -1`) is not an error: there is no one left to tell.
+pub fn write_stdout(text: &str) -> Result<(), Error> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::io("write to stdout", e)),
+    }
+}
+
 /// Report a failed command: one line on stderr (`PROGRAM: what: why`, as an error under the journal), a JSON object on stdout under
 /// `--json`, and the documented exit code for `main` to return.
 pub fn fail(program: &str, err: &Error, json: bool) -> ExitCode {

@@ -3,17 +3,16 @@
 use std::process::ExitCode;
 
 use crate::cli::launcher::DoctorArgs;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::launcher::doctor::{self, Devices};
 
 pub fn run(args: &DoctorArgs) -> Result<ExitCode> {
     let checks = doctor::run_checks(&args.launch.to_options(), &Devices::default());
-    if args.json {
-        crate::commands::print_json(&checks)?;
+    let text = if args.json {
+        serde_json::to_string_pretty(&checks).map_err(|e| Error::Runtime(format!("encode JSON: {e}")))?
     } else {
-        for c in &checks {
-            println!("{}", c.human());
-        }
-    }
+        checks.iter().map(|c| c.human()).collect::<Vec<_>>().join("\n")
+    };
+    crate::commands::write_stdout(&text)?;
     Ok(if doctor::any_failed(&checks) { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }

@@ -3,17 +3,16 @@
 use std::process::ExitCode;
 
 use crate::cli::macvtap::{Global, ProbeArgs};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::probe;
 
 pub fn run(global: &Global, args: &ProbeArgs) -> Result<ExitCode> {
     let report = probe::probe(global.netns.as_ref(), &args.to_options())?;
-    if global.json {
-        crate::commands::print_json(&report)?;
+    let text = if global.json {
+        serde_json::to_string_pretty(&report).map_err(|e| Error::Runtime(format!("encode JSON: {e}")))?
     } else {
-        for line in report.human_lines() {
-            println!("{line}");
-        }
-    }
+        report.human_lines().join("\n")
+    };
+    crate::commands::write_stdout(&text)?;
     Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
