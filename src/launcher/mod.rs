@@ -3,14 +3,21 @@
 //! link watch, supervision).
 
 pub mod accel;
+pub mod bootwatch;
 pub mod config;
+pub mod console;
 pub mod httpd;
 pub mod ipxe;
+pub mod ipxe_image;
 pub mod lanlock;
+pub mod lines;
 pub mod linkwatch;
+pub mod notify;
 pub mod qemu_args;
 pub mod qmp;
+pub mod seriallog;
 pub mod state;
+pub mod status;
 pub mod supervise;
 
 use crate::error::{Error, Result};
