@@ -3,9 +3,11 @@
 //! link watch, supervision).
 
 pub mod accel;
+pub mod attach;
 pub mod bootwatch;
 pub mod config;
 pub mod console;
+pub mod guest;
 pub mod httpd;
 pub mod ipxe;
 pub mod ipxe_image;
