@@ -1,12 +1,14 @@
-//! The launcher behind `ec-ipxe-qemu`: validated configuration ([`config`]), the pure parts (the QEMU argv in
-//! [`qemu_args`], the iPXE script in [`ipxe`]) and the I/O (state directory, `--boot-dir` HTTP server, QMP,
-//! link watch, supervision).
+//! The launcher behind `ec-ipxe-qemu`: plain options ([`options`], made of the value types in [`values`]),
+//! validated into a configuration ([`config`], with the file-system checks in [`fscheck`]), the pure parts
+//! (the QEMU argv in [`qemu_args`], the iPXE script in [`ipxe`]) and the I/O (state directory, `--boot-dir`
+//! HTTP server, QMP, link watch, supervision).
 
 pub mod accel;
 pub mod attach;
 pub mod bootwatch;
 pub mod config;
 pub mod console;
+pub mod fscheck;
 pub mod guest;
 pub mod httpd;
 pub mod ipxe;
@@ -15,12 +17,14 @@ pub mod lanlock;
 pub mod lines;
 pub mod linkwatch;
 pub mod notify;
+pub mod options;
 pub mod qemu_args;
 pub mod qmp;
 pub mod seriallog;
 pub mod state;
 pub mod status;
 pub mod supervise;
+pub mod values;
 
 use crate::error::{Error, Result};
 use crate::link::{self, LinkView, Netlink};
