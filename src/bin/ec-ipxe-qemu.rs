@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     };
     ec_ipxe_qemu::logging::init(cli.verbose, cli.quiet);
     match commands::launcher::dispatch(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => commands::fail("ec-ipxe-qemu", &e, cli.command.json()),
     }
 }

@@ -75,10 +75,10 @@ pub fn attach(state_dir: &Path) -> Result<End> {
     }
     mask.thread_block().map_err(|e| Error::errno("block signals", e))?;
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).map_err(|e| Error::errno("signalfd", e))?;
+    let raw = if interactive { RawMode::enter(stdin.as_fd())? } else { None };
     if interactive {
         eprint!("Connected to the guest console of {} (Ctrl-] detaches).\r\n", state_dir.display());
     }
-    let raw = if interactive { RawMode::enter(stdin.as_fd())? } else { None };
     let end = pump(&sock, stdin.as_fd(), stdout.as_fd(), &sigfd);
     drop(raw);
     let _ = mask.thread_unblock();
@@ -109,11 +109,9 @@ fn pump(sock: &UnixStream, input: BorrowedFd, output: BorrowedFd, sigfd: &Signal
         }
         let ready = |i: usize| fds.get(i).and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
         let (sock_ready, sig_ready, in_ready) = (ready(0), ready(1), ready(2));
-        if sig_ready {
-            if let Ok(Some(info)) = sigfd.read_signal() {
-                let sig = Signal::try_from(info.ssi_signo as i32).unwrap_or(Signal::SIGTERM);
-                return Ok(End::Signal(sig));
-            }
+        if sig_ready && let Ok(Some(info)) = sigfd.read_signal() {
+            let sig = Signal::try_from(info.ssi_signo as i32).unwrap_or(Signal::SIGTERM);
+            return Ok(End::Signal(sig));
         }
         if sock_ready {
             let n = nix::unistd::read(sock.as_fd(), &mut buf).map_err(|e| Error::errno("read the console", e))?;

@@ -141,7 +141,11 @@ impl Tracker {
     fn failure(&mut self, f: &Failure) {
         tracing::error!("boot failure: {f}");
         let stage = self.stage().map_or("boot", Stage::as_str);
-        let text = format!("{stage}: failing: {}{}", f.what, f.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default());
+        let text = format!(
+            "{stage}: failing: {}{}",
+            f.what,
+            f.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
+        );
         self.notify.status(&text);
         self.file.update(|s| s.last_error = Some(f.to_string()));
     }
