@@ -344,7 +344,7 @@ fn assert_clean_guest_lines(stderr: &str) {
 // Readiness, stages, status
 
 /// READY=1 arrives only once the ready line is on the console, STATUS= goes firmware → … → dhcp → chain →
-/// ready, `status --json` shows the boot, a stop after ready powers off then quits after the timeout, and
+/// ready, WATCHDOG=1 comes while the guest runs, `status --json` shows the boot, a stop after ready powers off then quits after the timeout, and
 /// `status` exits 3 once the launcher is gone (still showing the last status).
 #[test]
 fn ready_only_after_the_ready_line_with_stages_and_status() {
@@ -362,7 +362,7 @@ fn ready_only_after_the_ready_line_with_stages_and_status() {
         None,
         &state,
         &["--boot-url", &url, "--shutdown-timeout", "2"],
-        &[("NOTIFY_SOCKET", notify.path.as_path())],
+        &[("NOTIFY_SOCKET", notify.path.as_path()), ("WATCHDOG_USEC", Path::new("2000000"))],
     );
     let ready = wait_for(BOOT_TIMEOUT, || notify.ready_at()).unwrap_or_else(|| {
         panic!("no READY=1\nstatuses: {:?}\n--- stderr ---\n{}\n{}", notify.statuses(), run.stderr(), run.serial())
@@ -406,6 +406,19 @@ fn ready_only_after_the_ready_line_with_stages_and_status() {
     let human = Command::new(BIN).args(["status", "--state-dir"]).arg(&state).output().unwrap();
     let human = String::from_utf8_lossy(&human.stdout);
     assert!(human.contains(": running") && human.contains("192.0.2.77"), "{human}");
+
+    // The watchdog is fed while the guest runs (WATCHDOG_USEC=2 s: every second or so), and QEMU does not
+    // inherit the service manager's variables.
+    let pings =
+        |m: &[(Instant, String, bool)]| m.iter().filter(|(_, m, _)| m.lines().any(|l| l == "WATCHDOG=1")).count();
+    let before_wait = pings(&notify.messages());
+    std::thread::sleep(Duration::from_secs(4));
+    let fed = pings(&notify.messages()) - before_wait;
+    assert!((2..=8).contains(&fed), "{fed} WATCHDOG=1 in 4 s with WATCHDOG_USEC=2000000");
+    let qemu = qemu_pids(&state)[0];
+    let environ = std::fs::read(format!("/proc/{qemu}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains("NOTIFY_SOCKET=") && !environ.contains("WATCHDOG_USEC="), "QEMU inherited them");
 
     // The console went to stderr as clean guest lines.
     let err = run.stderr();

@@ -45,7 +45,6 @@ use crate::launcher::console::{self, Console};
 use crate::launcher::guest::{GuestSink, Tracker};
 use crate::launcher::httpd::BootServer;
 use crate::launcher::ipxe::{self, ScriptSpec};
-use crate::launcher::ipxe_image::{self, Https};
 use crate::launcher::lanlock::{self, LanLock};
 use crate::launcher::linkwatch::{LinkEnd, LinkWatch};
 use crate::launcher::notify::{self, Notifier};
@@ -300,7 +299,7 @@ fn prepare(cfg: &LaunchConfig, accel: Accel, tap: Option<&OpenedTap>) -> Result<
     if let Some(url) = &spec.chain {
         tracing::info!("boot script chains to {url}");
         if url.to_ascii_lowercase().starts_with("https://") {
-            warn_without_https(cfg, url);
+            crate::launcher::warn_without_https(cfg, url);
         }
     } else {
         tracing::info!("boot script: built-in diagnostics");
@@ -326,23 +325,6 @@ fn prepare(cfg: &LaunchConfig, accel: Accel, tap: Option<&OpenedTap>) -> Result<
         console: Some(ConsoleParts { ours, theirs: OwnedFd::from(theirs), log, listener }),
         _http: http,
     })
-}
-
-/// An https boot URL: warn before start when the iPXE that will fetch it has no HTTPS (told from the image:
-/// see [`ipxe_image`]).
-fn warn_without_https(cfg: &LaunchConfig, url: &str) {
-    let (what, https) = ipxe_image::boot_ipxe_https(cfg.ipxe.as_deref(), &cfg.qemu, cfg.boot_nic_model.as_str());
-    match https {
-        Https::Yes => tracing::debug!("{what} has HTTPS (its \"https\" URI scheme is in the image)"),
-        Https::No => tracing::warn!(
-            "--boot-url {url}: {what} has no HTTPS support (its URI schemes, read from the image, lack \"https\"), \
-             so the chain will fail; pass --ipxe with an HTTPS-capable ipxe.lkrn, or serve the boot files over http"
-        ),
-        Https::Unknown(why) => tracing::warn!(
-            "--boot-url {url}: cannot tell whether {what} has HTTPS ({why}); if the chain fails with \"Operation not \
-             supported\", pass --ipxe with an HTTPS-capable ipxe.lkrn"
-        ),
-    }
 }
 
 /// The slirp TFTP root (0700): the guest may read everything in it, so it holds the boot script and nothing
