@@ -42,7 +42,7 @@ pub const REPLAY: usize = 4096;
 pub const DETACH_KEY: u8 = 0x1d;
 const READ_CHUNK: usize = 64 << 10;
 const INPUT_QUEUE: usize = 64;
-/// A line without a newline is handed out after this much quiet (a login prompt).
+/// A prompt without a newline (`login: `) is handed out as a line after this much quiet.
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 /// Where clean console lines go.
@@ -251,7 +251,7 @@ async fn broker(mut rd: OwnedReadHalf, mut log: SerialLog, hub: Arc<Mutex<Hub>>,
                 tokio::task::yield_now().await;
             }
             _ = tick.tick() => {
-                if last.elapsed() >= IDLE_FLUSH && asm.has_partial() {
+                if last.elapsed() >= IDLE_FLUSH && asm.partial_is_prompt() {
                     asm.flush(&mut |l| sink.line(l));
                 }
                 sink.tick();

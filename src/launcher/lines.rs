@@ -98,6 +98,19 @@ impl LineAssembler {
         self.wrapped.is_some() || self.screen.iter().any(|c| !c.is_whitespace())
     }
 
+    /// Whether the unfinished line looks like a prompt waiting for input (`login: `, `# `, `Password:`,
+    /// `[y/N]? `): it ends in `:`, `#`, `$`, `>` or `?`, perhaps followed by blanks. Progress output that is
+    /// still growing (`Configuring (net0 ...)....`) does not, so it is not cut in two.
+    pub fn partial_is_prompt(&self) -> bool {
+        self.wrapped.is_none()
+            && self
+                .screen
+                .iter()
+                .rev()
+                .find(|c| !c.is_whitespace())
+                .is_some_and(|c| matches!(c, ':' | '#' | '$' | '>' | '?'))
+    }
+
     fn byte(&mut self, b: u8, out: &mut impl FnMut(String)) {
         match self.esc {
             Esc::None => {}
@@ -339,9 +352,12 @@ mod tests {
         let mut rest = Vec::new();
         a.flush(&mut |l| rest.push(l));
         assert_eq!(rest, ["x".repeat(10)]);
-        a.push(b"login: ", &mut |l| rest.push(l));
+        a.push(b"Configuring (net0 52:54:00:12:34:56)....", &mut |l| rest.push(l));
+        assert!(a.has_partial() && !a.partial_is_prompt(), "progress is not a prompt");
+        a.push(b" ok\r\nlogin: ", &mut |l| rest.push(l));
+        assert!(a.partial_is_prompt());
         a.flush(&mut |l| rest.push(l));
-        assert_eq!(rest.last().unwrap(), "login:");
+        assert_eq!(rest[rest.len() - 2..], ["Configuring (net0 52:54:00:12:34:56).... ok", "login:"]);
         assert!(!a.has_partial());
     }
 
