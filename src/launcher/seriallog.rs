@@ -1,7 +1,8 @@
 //! `serial.log`: the raw bytes of the guest console, written by the launcher (QEMU never writes a file).
 //!
 //! - At start the previous boot's log becomes `serial.log.1` (replacing an older one), so a restart after a
-//!   crash keeps the crashed boot's console.
+//!   crash keeps the crashed boot's console. An empty log (a start that failed before the guest printed a
+//!   byte) is not rotated, so such failures do not push the last boot out.
 //! - The file never grows past its cap (`--serial-log-max`). When it would, it keeps its first half (the
 //!   boot: firmware, iPXE, the kernel's first lines) and the most recent output after a marker line: it is
 //!   cut back to the end of that head, a marker says how many bytes were left out so far, and writing goes
@@ -50,9 +51,9 @@ impl SerialLog {
     /// Open `path` for this boot: a regular file is rotated to `PATH.1` first and created anew (0600).
     pub fn open(path: &Path, cap: u64) -> Result<SerialLog> {
         let cap = cap.max(MIN_CAP);
-        let regular = match std::fs::symlink_metadata(path) {
-            Ok(m) => m.is_file(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        let (regular, empty) = match std::fs::symlink_metadata(path) {
+            Ok(m) => (m.is_file(), m.len() == 0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (true, true),
             Err(e) => return Err(Error::io(format!("stat serial log {}", path.display()), e)),
         };
         if !regular {
@@ -73,7 +74,10 @@ impl SerialLog {
                 failed: false,
             });
         }
-        match std::fs::rename(path, previous(path)) {
+        // An empty log (a start that failed before the guest printed anything) does not push the last boot's
+        // log out of PATH.1.
+        let rotate = if empty { Ok(()) } else { std::fs::rename(path, previous(path)) };
+        match rotate {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -191,10 +195,13 @@ mod tests {
         assert_eq!(markers, 1, "one marker between head and tail");
         assert!(log.cut_bytes() > 0 && log.cut_bytes() < written);
         assert_eq!(log.cut_bytes() + text.len() as u64, written + marker_len(&text), "every byte is accounted for");
-        // A second open keeps this one as .1.
+        // A second open keeps this one as .1; an empty log does not replace it there.
         drop(log);
-        let _again = SerialLog::open(&p, cap).unwrap();
+        let again = SerialLog::open(&p, cap).unwrap();
         assert_eq!(std::fs::read_to_string(previous(&p)).unwrap(), text);
+        drop(again);
+        let _third = SerialLog::open(&p, cap).unwrap();
+        assert_eq!(std::fs::read_to_string(previous(&p)).unwrap(), text, "an empty log is not rotated");
     }
 
     fn marker_len(text: &str) -> u64 {
