@@ -248,6 +248,36 @@ fn an_unreachable_boot_url_fails() {
     }
 }
 
+/// An https boot URL with an iPXE that cannot fetch it: Debian's `ipxe.lkrn` and QEMU's NIC ROMs here lack
+/// HTTPS, read from the images themselves, which is what `run` would then fail on at every retry.
+#[test]
+fn an_https_url_with_an_ipxe_without_https_fails() {
+    if !common::require_programs("an_https_url_with_an_ipxe_without_https_fails", &["qemu-system-x86_64"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = state_dir(tmp.path());
+    // The URL's host does not answer either; only the ipxe line is looked at here.
+    let url = "https://127.0.0.1:1/boot.ipxe";
+    for extra in [&["--ipxe", "/usr/lib/ipxe/ipxe.lkrn"][..], &[][..]] {
+        let mut args = vec!["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--boot-url", url];
+        args.extend_from_slice(extra);
+        let out = doctor(&[], &args);
+        let list = checks(&out);
+        assert_eq!(out.status.code(), Some(1), "{list:#?}");
+        let i = find(&list, "ipxe");
+        assert_eq!(i["status"], "fail", "{i}");
+        assert!(i["detail"].as_str().unwrap().contains("has no HTTPS support"), "{i}");
+        assert!(i["hint"].as_str().unwrap().contains("HTTPS-capable"), "{i}");
+    }
+    // The same image with an http URL is fine.
+    let out = doctor(
+        &[],
+        &["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--ipxe", "/usr/lib/ipxe/ipxe.lkrn"],
+    );
+    assert_eq!(find(&checks(&out), "ipxe")["status"], "ok");
+}
+
 #[test]
 fn a_state_dir_locked_by_a_run_fails() {
     let tmp = tempfile::tempdir().unwrap();

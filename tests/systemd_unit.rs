@@ -30,6 +30,8 @@ const SERVICE_USER: &str = "every-channel-ipxe-qemu";
 const LINK: &str = "ec-lan0";
 const BIN_DIR: &str = "/run/ec-lab/bin";
 const LEASE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The module's default state directory (the lab unit keeps it).
+const STATE_DIR: &str = "/var/lib/every-channel/ipxe-qemu";
 
 static ONE_QEMU_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -301,6 +303,23 @@ impl SystemdLab {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// The guest console log the launcher keeps in the unit's state directory.
+    fn serial(&self) -> String {
+        let out = run(self.nsenter().args(["cat", &format!("{STATE_DIR}/serial.log")]));
+        String::from_utf8_lossy(&out.stdout).replace('\r', "")
+    }
+
+    /// `ec-ipxe-qemu status ARGS... --state-dir STATE_DIR` inside the lab: (exit code, stdout).
+    fn status(&self, args: &[&str]) -> (Option<i32>, String) {
+        let out = run(self
+            .nsenter()
+            .arg(format!("{BIN_DIR}/ec-ipxe-qemu"))
+            .arg("status")
+            .args(args)
+            .args(["--state-dir", STATE_DIR]));
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     fn journal(&self) -> String {
         let out = run(self.nsenter().args(["journalctl", "--no-pager", "-n", "80", "-u", UNIT]));
         format!("--- journal of {UNIT}:\n{}", String::from_utf8_lossy(&out.stdout))
@@ -428,7 +447,11 @@ impl SystemdLab {
         assert!(self.link().is_none(), "{what}: the macvtap {LINK} is left");
         assert_eq!(self.macvtaps(), 0, "{what}: a macvtap is left in the lab");
         assert_eq!(self.all_qemus(), 0, "{what}: a QEMU is left");
-        let nodes = run(self.nsenter().args(["sh", "-c", "find \"$1\" ! -type d 2>/dev/null", "sh", &self.node_dir]));
+        // Only this lab's namespace's directory: with the machine's /dev, other tests' private nodes live in
+        // the same runtime directory, under their own namespaces.
+        let ns_ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(self.lab.host.path()).unwrap());
+        let dir = format!("{}/net-{ns_ino}", self.node_dir);
+        let nodes = run(self.nsenter().args(["sh", "-c", "find \"$1\" ! -type d 2>/dev/null", "sh", &dir]));
         assert!(nodes.stdout.is_empty(), "{what}: private nodes are left: {}", String::from_utf8_lossy(&nodes.stdout));
         if let Some((path, devnum)) = node {
             // The public node goes with the link (devtmpfs); the number may be reused by another namespace.
@@ -524,14 +547,52 @@ fn exercise(test: &str, dev: &'static str) {
     let _one = ONE_QEMU_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(lab) = SystemdLab::start(dev, |uplink| module_unit(test, uplink)) else { return };
 
-    // start → lease
+    // start → READY: the unit is Type=notify, so `systemctl start` returns only once the guest's console showed
+    // its ready line; the LAN lease (which the diagnostics take before that line) is already there.
     let before = lab.acks();
     let t0 = Instant::now();
     lab.must(&["start", UNIT]);
     let start_returned = t0.elapsed();
+    assert!(lab.acks() > before, "systemctl start returned before the guest leased on the LAN\n{}", lab.journal());
+    let serial = lab.serial();
+    assert!(
+        serial.contains("ec-ipxe-qemu: boot path OK"),
+        "systemctl start returned before the ready line was on the console:\n{serial}\n{}",
+        lab.journal()
+    );
+    assert_eq!(lab.show("ActiveState"), "active");
+    let status_text = lab.show("StatusText");
+    assert!(status_text.starts_with("ready: the guest is up"), "StatusText: {status_text:?}");
     let lease = lab.wait_lease(before, t0, "start");
-    figure(&format!("{dev} /dev: systemctl start returned"), secs(start_returned));
+    figure(&format!("{dev} /dev: systemctl start returned (start → READY=1)"), secs(start_returned));
     figure(&format!("{dev} /dev: start → lease"), secs(lease));
+    figure(&format!("{dev} /dev: StatusText after start"), status_text.clone());
+    // `status` shows the lease the lab's dnsmasq handed out.
+    let (code, json) = lab.status(&["--json"]);
+    assert_eq!(code, Some(0), "status --json: {json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let leased = std::fs::read_to_string(&lab.lab.dhcp_log).unwrap_or_default();
+    let leased = leased.lines().rfind(|l| l.contains("DHCPACK(")).unwrap_or_default().to_owned();
+    let address = v["lan_address"].as_str().unwrap_or_else(|| panic!("no lan_address: {json}"));
+    assert!(leased.contains(address), "status says {address}, dnsmasq: {leased}");
+    assert_eq!(
+        (v["stage"].as_str(), v["ready"].as_bool(), v["running"].as_bool()),
+        (Some("ready"), Some(true), Some(true))
+    );
+    assert_eq!(v["lan_interface"], LINK, "{json}");
+    if dev == "public" {
+        let (_, human) = lab.status(&[]);
+        let journal = run(lab.nsenter().args(["journalctl", "--no-pager", "-o", "short-precise", "-u", UNIT]));
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("systemd-example.txt");
+        let _ = std::fs::write(
+            &path,
+            format!(
+                "$ systemctl show -p StatusText {UNIT}\nStatusText={status_text}\n\n$ ec-ipxe-qemu status --state-dir \
+                 {STATE_DIR}\n{human}\n$ journalctl -u {UNIT}\n{}",
+                String::from_utf8_lossy(&journal.stdout)
+            ),
+        );
+    }
     lab.check_unprivileged("after start");
     lab.check_priorities("after start", &[("6", "QEMU started")]);
     let link = lab.link().expect("the macvtap exists while the unit runs");
@@ -544,17 +605,40 @@ fn exercise(test: &str, dev: &'static str) {
         assert!(!node.0.starts_with("/dev/tap"), "the container /dev has no /dev/tapN: {}", node.0.display());
     }
 
-    // stop → nothing left
+    // stop after ready → powerdown, quit after --shutdown-timeout (30 s: the diagnostics' iPXE ignores ACPI)
     let t0 = Instant::now();
     lab.must(&["stop", UNIT]);
-    figure(&format!("{dev} /dev: systemctl stop"), secs(t0.elapsed()));
+    figure(&format!("{dev} /dev: systemctl stop after ready"), secs(t0.elapsed()));
     lab.check_clean("after stop", Some(&node));
+    let (code, _) = lab.status(&["--json"]);
+    assert_eq!(code, Some(3), "status after the stop: no launcher holds the state directory");
+
+    // stop before ready → QEMU is quit at once
+    lab.must(&["start", "--no-block", UNIT]);
+    let booting = wait_for(Duration::from_secs(60), || {
+        let t = lab.show("StatusText");
+        (t.starts_with("firmware:") || t.starts_with("ipxe:")).then_some(t)
+    });
+    assert!(
+        booting.is_some(),
+        "the guest never showed an early stage: {:?}\n{}",
+        lab.show("StatusText"),
+        lab.journal()
+    );
+    assert_eq!(lab.show("ActiveState"), "activating", "not ready yet, so not active yet");
+    let t0 = Instant::now();
+    lab.must(&["stop", UNIT]);
+    let took = t0.elapsed();
+    figure(&format!("{dev} /dev: systemctl stop before ready ({})", booting.unwrap_or_default()), secs(took));
+    assert!(took < Duration::from_secs(10), "a stop before ready took {took:?}\n{}", lab.journal());
+    lab.check_clean("after a stop before ready", None);
 
     // kill -9 of QEMU → Restart= → new lease
     let before = lab.acks();
     let t0 = Instant::now();
     lab.must(&["start", UNIT]);
     lab.wait_lease(before, t0, "second start");
+    assert!(lab.serial().contains("ec-ipxe-qemu: boot path OK"), "second start returned before ready");
     let qemu = lab.qemus().pop().expect("a QEMU runs");
     let restarts = lab.show("NRestarts").parse::<u32>().unwrap_or(0);
     let before = lab.acks();

@@ -38,6 +38,9 @@ in
               dhcp net1 || dhcp net1 || dhcp net1 || goto failed
               set part LAN-DHCP-OK
               echo EC-VMTEST-''${part} ''${net1/ip} ''${net1/mac}
+              # What the publisher guest says once it is up: its LAN address, then ready.
+              echo ec-publisher: lan ''${net1/ip}
+              echo ec-publisher: ready
               goto idle
               :failed
               echo EC-VMTEST-LAN-DHCP-FAILED
@@ -54,6 +57,7 @@ in
     { nodes, ... }:
     let
       ecMacvtap = "${nodes.host.services.every-channel.ipxe-qemu.package}/bin/ec-macvtap";
+      ecIpxeQemu = "${nodes.host.services.every-channel.ipxe-qemu.package}/bin/ec-ipxe-qemu";
     in
     ''
       import json
@@ -104,6 +108,14 @@ in
           assert leases[0][1].lower() == macvtap_mac, f"lease {leases[0]} vs macvtap {macvtap_mac}"
           assert leases[0][2] == guest_ip, f"lease {leases[0]} vs guest {guest_ip}"
           assert guest_mac == macvtap_mac, f"guest NIC {guest_mac} vs macvtap {macvtap_mac}"
+
+      with subtest("the unit became active on the guest's ready line; status shows its LAN address"):
+          host.wait_for_unit(unit)
+          status = json.loads(host.succeed(f"${ecIpxeQemu} status --json --state-dir ${stateDir}"))
+          assert status["ready"] is True and status["stage"] == "ready", status
+          assert status["lan_address"] == guest_ip, f"status {status} vs lease {guest_ip}"
+          text = host.succeed(f"systemctl show -P StatusText {unit}").strip()
+          assert text.startswith("ready:"), text
 
       with subtest("the host configured nothing on the macvtap"):
           # dhcpcd, networkd and NetworkManager are told to leave it alone; ec-macvtap turned

@@ -51,7 +51,11 @@ in
         host.succeed("test -c /dev/kvm")
 
     with subtest("the publisher boots and its discovery check finds the tuner"):
+        # Type=notify: active once the guest printed `ec-publisher: ready` on ttyS0.
         host.wait_for_unit(unit)
+        host.succeed(f"grep -a -q 'ec-publisher: ready' {serial}")
+        text = host.succeed(f"systemctl show -P StatusText {unit}").strip()
+        assert text.startswith("ready:"), text
         host.wait_until_succeeds(
             f"grep -a -q 'ec-publisher: tuner discovery: FOUND hdhomerun device 1040CAFC' {serial}",
             timeout=1800,

@@ -26,6 +26,8 @@ in
         memory = lib.mkForce 256;
         cpus = lib.mkForce 1;
         disk.size = lib.mkForce "1G";
+        # The served script is the "guest": its marker line is what ready means (Type=notify).
+        boot.readyPattern = "^EC-VMTEST-USER-MODE-OK$";
         boot.http = {
           enable = true;
           directory = pkgs.writeTextDir "netboot.ipxe" ''
@@ -44,6 +46,7 @@ in
     { nodes, ... }:
     let
       qemuImg = "${nodes.machine.services.every-channel.ipxe-qemu.qemuPackage}/bin/qemu-img";
+      ecIpxeQemu = "${nodes.machine.services.every-channel.ipxe-qemu.package}/bin/ec-ipxe-qemu";
     in
     ''
       unit = "every-channel-ipxe-qemu.service"
@@ -65,9 +68,13 @@ in
 
       with subtest("the unit is active and the guest booted the served script"):
           machine.wait_for_unit(unit)
-          wait_for_marker()
+          # Type=notify: active means the ready line was on the console.
+          machine.succeed(f"grep -q {marker} {serial}")
           machine.succeed(f"systemctl is-active {unit}")
           machine.succeed("pgrep -u every-channel-ipxe-qemu -f qemu-system-x86_64")
+          status_text = machine.succeed(f"systemctl show -P StatusText {unit}").strip()
+          assert status_text.startswith("ready:"), status_text
+          machine.succeed(f"${ecIpxeQemu} status --state-dir {state} --json | grep -q '\"ready\": true'")
 
       with subtest("disk.qcow2 exists and survives a restart"):
           machine.succeed(f"test -s {disk}")

@@ -282,6 +282,62 @@ let
     else
       null;
 
+  # `--ready-pattern` is a Rust regex. Nix cannot compile one, so this checks what breaks
+  # most patterns: it must not be empty (an empty pattern matches every line), and its
+  # parentheses and brackets must balance (backslash escapes, and a `]` first in a class,
+  # are literal). The launcher parses the full syntax at start and exits 2 (not restarted).
+  readyPatternProblem =
+    pattern:
+    let
+      chars = lib.stringToCharacters pattern;
+      step =
+        st: c:
+        if st.bad != null then
+          st
+        else if st.escaped then
+          st // { escaped = false; }
+        else if c == "\\" then
+          st // { escaped = true; }
+        else if st.class then
+          (if c == "]" && !st.classStart then st // { class = false; } else st // { classStart = false; })
+        else if c == "[" then
+          st
+          // {
+            class = true;
+            classStart = true;
+          }
+        else if c == "(" then
+          st // { depth = st.depth + 1; }
+        else if c == ")" then
+          (
+            if st.depth == 0 then
+              st // { bad = "has a ')' without its '('"; }
+            else
+              st // { depth = st.depth - 1; }
+          )
+        else
+          st;
+      end = lib.foldl' step {
+        bad = null;
+        escaped = false;
+        class = false;
+        classStart = false;
+        depth = 0;
+      } chars;
+    in
+    if pattern == "" then
+      "is empty (it would match every console line)"
+    else if end.bad != null then
+      end.bad
+    else if end.escaped then
+      "ends with a lone backslash"
+    else if end.class then
+      "has a '[' without its ']'"
+    else if end.depth > 0 then
+      "has a '(' without its ')'"
+    else
+      null;
+
   # The low bit of the first octet marks a group (multicast/broadcast) address.
   isMulticastMac =
     mac:
@@ -401,6 +457,11 @@ let
       (toString cfg.lan.macvtap.queues)
     ]
   )
+  ++ optionalFlag "--ready-pattern" cfg.boot.readyPattern
+  ++ [
+    "--ready-timeout"
+    (toString cfg.boot.readyTimeout)
+  ]
   ++ lib.optionals (cfg.extraArgs != [ ]) ([ "--" ] ++ cfg.extraArgs);
 
   # `every-channel-ipxe-qemu-doctor [--json]`: the unit's own command line (runArgs, with
@@ -454,8 +515,9 @@ in
       default = "/var/lib/every-channel/ipxe-qemu";
       example = "/srv/every-channel/ipxe-qemu";
       description = ''
-        Directory holding `disk.qcow2`, the generated `boot.ipxe`, the QMP socket, the lock and
-        the serial log (`serial.log`). Below `/var/lib` it is managed with `StateDirectory=`;
+        Directory holding `disk.qcow2`, the generated `boot.ipxe`, the QMP and console sockets,
+        the lock, `status.json` and the serial log (`serial.log`; the previous boot's is
+        `serial.log.1`). Below `/var/lib` it is managed with `StateDirectory=`;
         elsewhere it is created by tmpfiles and made writable with `ReadWritePaths=`.
       '';
     };
@@ -534,6 +596,32 @@ in
           neither this nor {option}`services.every-channel.ipxe-qemu.boot.http.enable` is set,
           the launcher's built-in diagnostics script runs and prints
           `ec-ipxe-qemu: boot path OK` on the serial console.
+        '';
+      };
+
+      readyPattern = mkOption {
+        type = types.nullOr types.singleLineStr;
+        default = null;
+        example = "^login: ?$";
+        description = ''
+          Regular expression (Rust `regex` syntax) for the guest console line that means the
+          guest is up (`--ready-pattern`): the unit is `Type=notify` and becomes active (and
+          `systemctl start` returns) only then. `null` keeps the launcher's default, the
+          diagnostics' `ec-ipxe-qemu: boot path OK` or the publisher guest's
+          `ec-publisher: ready`.
+        '';
+      };
+
+      readyTimeout = mkOption {
+        type = types.ints.between 0 86400;
+        default = 600;
+        example = 180;
+        description = ''
+          Seconds the guest has, from QEMU's start, to print its ready line
+          (`--ready-timeout`); then the launcher stops QEMU and fails with exit 1, naming the
+          boot stage it hung in, and `Restart=` tries again. The unit's `TimeoutStartSec=` is
+          this plus 60 s (for `ExecStartPre` and QEMU's own start), so the launcher's message
+          comes first. 0: no limit (`TimeoutStartSec=infinity`).
         '';
       };
 
@@ -686,6 +774,17 @@ in
       };
     };
 
+    watchdogSec = mkOption {
+      type = types.nullOr types.ints.positive;
+      default = null;
+      example = 60;
+      description = ''
+        systemd watchdog (`WatchdogSec=`): the launcher sends `WATCHDOG=1` every half period
+        while QEMU reports the guest running, so a hung launcher or a guest stuck outside the
+        running state gets the unit restarted. `null`: no watchdog.
+      '';
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -711,7 +810,8 @@ in
         stateProblem = pathProblem cfg.stateDir;
         diskProblem = pathProblem cfg.disk.path;
         diskDir = dirOf cfg.disk.path;
-        qmpSocket = "${cfg.stateDir}/qmp.sock";
+        # The longest socket path the launcher makes in the state directory.
+        consoleSocket = "${cfg.stateDir}/console.sock";
         urlProblem = if cfg.boot.url == null then null else bootUrlProblem cfg.boot.url;
         lanModel = if cfg.lan.model == null then "virtio-net-pci" else cfg.lan.model;
       in
@@ -740,10 +840,17 @@ in
           '';
         }
         {
-          assertion = builtins.stringLength qmpSocket <= 107;
+          assertion = builtins.stringLength consoleSocket <= 107;
           message = ''
-            ${opt}.stateDir = "${cfg.stateDir}" is too long: the QMP socket ${qmpSocket}
+            ${opt}.stateDir = "${cfg.stateDir}" is too long: the console socket ${consoleSocket}
             would exceed the 107 bytes of a Unix socket path. Use a shorter directory.
+          '';
+        }
+        {
+          assertion = cfg.boot.readyPattern == null || readyPatternProblem cfg.boot.readyPattern == null;
+          message = ''
+            ${opt}.boot.readyPattern = ${builtins.toJSON cfg.boot.readyPattern} ${toString (readyPatternProblem (toString cfg.boot.readyPattern))}. Give a regular expression for the console line that means the guest is up,
+            e.g. "^login: ?$", or null for the launcher's default.
           '';
         }
         {
@@ -913,7 +1020,11 @@ in
       # ExecStopPost removes it. No EC_MACVTAP_RUNTIME_DIR is set on purpose.
 
       serviceConfig = {
-        Type = "simple";
+        # The launcher says READY=1 when the guest console shows the ready line, and
+        # STATUS= at every boot stage (`systemctl status` shows it).
+        Type = "notify";
+        NotifyAccess = "main";
+        TimeoutStartSec = if cfg.boot.readyTimeout == 0 then "infinity" else cfg.boot.readyTimeout + 60;
         User = serviceUser;
         Group = serviceGroup;
 
@@ -974,6 +1085,7 @@ in
         ];
         # No MemoryDenyWriteExecute=: QEMU's TCG needs writable+executable memory.
       }
+      // lib.optionalAttrs (cfg.watchdogSec != null) { WatchdogSec = cfg.watchdogSec; }
       // lib.optionalAttrs cfg.lan.enable {
         # `+`: runs as root with full privileges (CAP_NET_ADMIN for netlink, mknod of a
         # private tap node under /dev/ec-macvtap). DeviceAllow still applies to it

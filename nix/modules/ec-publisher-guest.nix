@@ -5,6 +5,9 @@
 #   boot0 = 0000:00:03.0 (user-mode boot NIC), lan0 = 0000:00:04.0 (macvtap LAN NIC);
 #   DHCP on both, with systemd-networkd;
 # - a boot-time HDHomeRun discovery check on lan0 whose result goes to the console;
+# - once multi-user.target is reached, `ec-publisher: lan ADDRESS` (lan0's IPv4 address,
+#   when there is a LAN NIC) and then `ec-publisher: ready` on ttyS0: the host's launcher
+#   reads them as the guest's LAN address and its readiness (`Type=notify` on the host);
 # - an optional data disk on the launcher's qcow2, formatted on first boot only when it
 #   is blank and never reformatted.
 # Tuner and broadcast choices stay with downstream configurations.
@@ -65,6 +68,30 @@ let
     done
     say "NO TUNER FOUND on lan0 (HDHomeRun UDP 65001 broadcast got no reply)"
     exit 1
+  '';
+
+  # What the launcher on the host waits for (its default --ready-pattern), on ttyS0.
+  readyScript = pkgs.writeShellScript "every-channel-publisher-ready" ''
+    set -u
+    PATH=${
+      lib.makeBinPath [
+        pkgs.coreutils
+        pkgs.gnugrep
+        pkgs.iproute2
+      ]
+    }
+    if ip link show dev lan0 >/dev/null 2>&1; then
+      # networkd may still be negotiating the LAN lease.
+      addr=""
+      for _ in $(seq 1 30); do
+        addr=$(ip -4 -o addr show dev lan0 scope global | grep -o 'inet [0-9.]*' | head -n1 || true)
+        [ -n "$addr" ] && break
+        sleep 1
+      done
+      addr=''${addr#inet }
+      echo "ec-publisher: lan ''${addr:-none}"
+    fi
+    echo "ec-publisher: ready"
   '';
 
   formatScript = pkgs.writeShellScript formatService ''
@@ -223,6 +250,35 @@ in
               # The LAN NIC is optional (forge hosts run without it).
               linkConfig.RequiredForOnline = "no";
             };
+          };
+        };
+      }
+
+      {
+        # After multi-user.target (and wanted by it): runs once the guest is up.
+        systemd.services.every-channel-publisher-ready = {
+          description = "every-channel: tell the host launcher on ttyS0 that the guest is up";
+          wantedBy = [ "multi-user.target" ];
+          after = [ "multi-user.target" ];
+          serviceConfig = {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            ExecStart = readyScript;
+            StandardOutput = "tty";
+            TTYPath = "/dev/ttyS0";
+            TTYReset = false;
+            TTYVHangup = false;
+            # systemd opens TTYPath before dropping to the dynamic user.
+            DynamicUser = true;
+            ProtectSystem = "strict";
+            ProtectHome = true;
+            PrivateTmp = true;
+            NoNewPrivileges = true;
+            CapabilityBoundingSet = "";
+            RestrictAddressFamilies = [
+              "AF_UNIX"
+              "AF_NETLINK"
+            ];
           };
         };
       }

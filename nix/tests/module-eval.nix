@@ -94,6 +94,9 @@ let
         "lan.macvtap.mode" = "bridge";
         "lan.macvtap.macAddress" = null;
         "lan.macvtap.queues" = 1;
+        "boot.readyPattern" = null;
+        "boot.readyTimeout" = 600;
+        "watchdogSec" = null;
         "extraArgs" = [ ];
       };
 
@@ -116,7 +119,27 @@ let
   ];
 
   sc = defaultUnit.serviceConfig;
+  readyUnit = unitOf (evalConfig [
+    (with' {
+      enable = true;
+      boot.readyPattern = "^login: ?$";
+      boot.readyTimeout = 0;
+      watchdogSec = 30;
+    })
+  ]);
   unitChecks = [
+    (expectEq "unit Type: the launcher says READY=1 when the guest is up" "notify" sc.Type)
+    (expectEq "unit NotifyAccess" "main" sc.NotifyAccess)
+    (expectEq "unit TimeoutStartSec: readyTimeout + 60" 660 sc.TimeoutStartSec)
+    (expect "unit without watchdogSec has no WatchdogSec" (!(sc ? WatchdogSec)) "WatchdogSec is set")
+    (expectEq "unit with watchdogSec" 30 readyUnit.serviceConfig.WatchdogSec)
+    (expectEq "unit readyTimeout = 0: no start timeout" "infinity"
+      readyUnit.serviceConfig.TimeoutStartSec
+    )
+    (expect "unit readyPattern and readyTimeout reach the launcher"
+      (lib.hasSuffix ''"--ready-pattern" "^login: ?$$" "--ready-timeout" "0"'' readyUnit.serviceConfig.ExecStart)
+      readyUnit.serviceConfig.ExecStart
+    )
     (expectEq "unit User" "every-channel-ipxe-qemu" sc.User)
     (expectEq "unit Group" "kvm" sc.Group)
     (expectEq "unit Restart" "always" sc.Restart)
@@ -273,6 +296,48 @@ let
       };
       says = "boot.http.directory is null";
     };
+    "readyPattern empty" = {
+      def = with' {
+        enable = true;
+        boot.readyPattern = "";
+      };
+      says = "is empty";
+    };
+    "readyPattern with an open parenthesis" = {
+      def = with' {
+        enable = true;
+        boot.readyPattern = "(ready";
+      };
+      says = "has a '(' without its ')'";
+    };
+    "readyPattern with a stray parenthesis" = {
+      def = with' {
+        enable = true;
+        boot.readyPattern = "ready)";
+      };
+      says = "has a ')' without its '('";
+    };
+    "readyPattern with an open bracket" = {
+      def = with' {
+        enable = true;
+        boot.readyPattern = "[a-z";
+      };
+      says = "has a '[' without its ']'";
+    };
+    "readyPattern ending in a backslash" = {
+      def = with' {
+        enable = true;
+        boot.readyPattern = "ready\\";
+      };
+      says = "ends with a lone backslash";
+    };
+    "stateDir too long for the console socket" = {
+      def = with' {
+        enable = true;
+        stateDir = "/var/lib/${lib.fixedWidthString 90 "x" ""}";
+      };
+      says = "the console socket";
+    };
     "boot.url and boot.http together" = {
       def = with' {
         enable = true;
@@ -297,6 +362,22 @@ let
     ) assertionCases
     ++ [
       # 'f' and 'v' are letters, not the escapes "\f" and "\v" (which Nix does not have)
+      (expectEq "readyPatterns with escaped and bracketed parentheses pass" [ ] (
+        failedAssertions (evalConfig [
+          (with' {
+            enable = true;
+            boot.readyPattern = "^(ec-publisher: ready|[)(]\\)\\(x)$";
+          })
+        ])
+      ))
+      (expectEq "a []] class passes" [ ] (
+        failedAssertions (evalConfig [
+          (with' {
+            enable = true;
+            boot.readyPattern = "[]a]+ ready";
+          })
+        ])
+      ))
       (expectEq "names with f and v pass the interface-name rule" [ ] (
         failedAssertions (evalConfig [
           (lanOn {
@@ -686,6 +767,8 @@ let
         ''"ec-publisher"''
         ''"--host-forward"''
         ''"tcp:127.0.0.1:2222-:22"''
+        ''"--ready-timeout"''
+        ''"600"''
       ]
     )) (unitOf forge).serviceConfig.ExecStart)
     (expect "forge has no ExecStartPre" (
@@ -728,6 +811,8 @@ let
         ''"ec-lan0"''
         ''"--lan-queues"''
         ''"1"''
+        ''"--ready-timeout"''
+        ''"600"''
       ]
     )) (unitOf lanDerived).serviceConfig.ExecStart)
     (expectEq "lan (derived MAC) ExecStopPost" (
@@ -802,6 +887,8 @@ let
         ''"virtio-net-pci"''
         ''"--lan-queues"''
         ''"2"''
+        ''"--ready-timeout"''
+        ''"600"''
       ]
     )) (unitOf lanExplicit).serviceConfig.ExecStart)
     (expectEq "lan (explicit MAC) ExecStopPost" (
@@ -862,6 +949,8 @@ let
         ''"tcp::2222-:22"''
         ''"--host-forward"''
         ''"udp:127.0.0.1:5353-:53"''
+        ''"--ready-timeout"''
+        ''"600"''
         ''"--"''
         ''"-smbios"''
         ''"type=11,value=io.systemd.credential:motd=it's \"quoted\", 100%% $$HOME $''${HOME} back\\slash; semi"''
@@ -926,6 +1015,9 @@ let
     )) "missing in:\n${textOf config}";
   renderedChecks = [
     (hasLine "user-mode" "Service" "RestartPreventExitStatus=2" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "Type=notify" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "NotifyAccess=main" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "TimeoutStartSec=660" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "Restart=always" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "User=every-channel-ipxe-qemu" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "CapabilityBoundingSet=" (evalConfig [ enabled ]))
@@ -1054,6 +1146,33 @@ let
     (sectionHas "tuner discovery" "Install" "WantedBy=multi-user.target" (
       guestService guest "every-channel-tuner-discovery"
     ))
+    (sectionHas "ready line" "Unit" "After=multi-user.target" (
+      guestService guest "every-channel-publisher-ready"
+    ))
+    (sectionHas "ready line" "Install" "WantedBy=multi-user.target" (
+      guestService guest "every-channel-publisher-ready"
+    ))
+    (sectionHas "ready line" "Service" "StandardOutput=tty" (
+      guestService guest "every-channel-publisher-ready"
+    ))
+    (sectionHas "ready line" "Service" "TTYPath=/dev/ttyS0" (
+      guestService guest "every-channel-publisher-ready"
+    ))
+    (
+      let
+        text = guest.systemd.services.every-channel-publisher-ready.serviceConfig.ExecStart.text;
+        lan = lib.strings.splitString "ec-publisher: lan " text;
+        ready = lib.strings.splitString "ec-publisher: ready" text;
+      in
+      expect "guest ready script prints the LAN address before the ready line" (
+        builtins.length lan == 2
+        && builtins.length ready == 2
+        && lib.hasInfix "ec-publisher: ready" (builtins.elemAt lan 1)
+      ) text
+    )
+    (expect "guest ready line also without LAN or tuner discovery" (
+      guestMinimal.systemd.units ? "every-channel-publisher-ready.service"
+    ) "unit missing")
     (sectionHas "data disk format" "Unit" "DefaultDependencies=false" (
       guestService guest "every-channel-data-disk-format"
     ))

@@ -10,8 +10,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::launcher::accel::AccelChoice;
-use crate::launcher::options::{LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_SHUTDOWN_TIMEOUT_SECS};
-use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, MemSize, NicModel};
+use crate::launcher::options::{
+    LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_READY_TIMEOUT_SECS, MAX_SHUTDOWN_TIMEOUT_SECS,
+};
+use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::names::IfName;
 
 #[derive(Debug, Parser)]
@@ -55,6 +57,29 @@ pub enum LauncherCommand {
                       line per check: ok, warn or fail, with a hint.\n\n\
                       Exit codes: 0 no check failed (warnings allowed), 1 a check failed, 2 usage.")]
     Doctor(DoctorArgs),
+    /// Show what the launcher in DIR knows about its guest (stage, readiness, addresses), from its
+    /// status.json. Exit 3 when no launcher holds DIR (the last known status is still shown).
+    Status(StatusArgs),
+    /// Attach this terminal to the live guest console of the launcher in DIR (Ctrl-] detaches). Several
+    /// viewers may watch; the first one to type holds the keyboard.
+    Console(ConsoleArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct StatusArgs {
+    /// The launcher's state directory.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Machine output: one JSON object (status.json's fields and "running").
+    #[arg(short, long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ConsoleArgs {
+    /// The launcher's state directory.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
 }
 
 impl LauncherCommand {
@@ -64,6 +89,8 @@ impl LauncherCommand {
             LauncherCommand::Run(_) => false,
             LauncherCommand::PrintArgs(a) => a.json,
             LauncherCommand::Doctor(a) => a.json,
+            LauncherCommand::Status(a) => a.json,
+            LauncherCommand::Console(_) => false,
         }
     }
 }
@@ -107,8 +134,8 @@ impl From<AccelArg> for AccelChoice {
 
 #[derive(Debug, Args, Clone)]
 pub struct LaunchArgs {
-    /// Holds disk.qcow2, the generated boot.ipxe, the QMP socket, the lock and the serial log. Created with mode
-    /// 0700 when missing.
+    /// Holds disk.qcow2, the generated boot.ipxe, the QMP and console sockets, the lock, status.json and the
+    /// serial log. Created with mode 0700 when missing.
     #[arg(long, value_name = "DIR", help_heading = "State")]
     pub state_dir: PathBuf,
 
@@ -178,9 +205,14 @@ pub struct LaunchArgs {
     /// qemu-img binary, used only to create a missing disk.
     #[arg(long, value_name = "PATH", default_value = "qemu-img", help_heading = "Guest")]
     pub qemu_img: PathBuf,
-    /// Where the serial console goes (truncated on every start). Default: <state-dir>/serial.log.
+    /// Where the launcher keeps the raw guest console; the previous boot's file becomes PATH.1 at start.
+    /// Default: <state-dir>/serial.log.
     #[arg(long, value_name = "PATH", help_heading = "Guest")]
     pub serial_log: Option<PathBuf>,
+    /// Cap of the serial log (16K to 64T; K/M/G/T are powers of 1024): past it, the log keeps its first half
+    /// (the boot) and the latest output.
+    #[arg(long, value_name = "SIZE", default_value = "16M", allow_hyphen_values = true, help_heading = "Guest")]
+    pub serial_log_max: LogCap,
 
     /// An existing macvtap (see ec-macvtap): the guest gets a second NIC (PCI 00:04.0) on it, with its MAC and
     /// no option ROM.
@@ -200,7 +232,17 @@ pub struct LaunchArgs {
           requires = "lan_interface", help_heading = "LAN")]
     pub lan_queues: u32,
 
-    /// Seconds between asking the guest to power off (SIGTERM/SIGINT) and quitting QEMU (0 to 3600).
+    /// Regular expression for the guest console line that means the guest is ready (READY=1 to systemd).
+    /// Default: the diagnostics' "ec-ipxe-qemu: boot path OK" or the publisher guest's "ec-publisher: ready".
+    #[arg(long, value_name = "REGEX", help_heading = "Lifecycle")]
+    pub ready_pattern: Option<String>,
+    /// Seconds the guest has, from QEMU's start, to be ready; then the run ends with exit 1 (0 to 86400; 0: no
+    /// limit).
+    #[arg(long, value_name = "SECS", default_value_t = 0, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(0..=MAX_READY_TIMEOUT_SECS),
+          help_heading = "Lifecycle")]
+    pub ready_timeout: u64,
+    /// Seconds between asking a ready guest to power off (SIGTERM/SIGINT) and quitting QEMU (0 to 3600). A
+    /// guest that is not ready yet (firmware, iPXE) is quit at once.
     #[arg(long, value_name = "SECS", default_value_t = 30, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_TIMEOUT_SECS),
           help_heading = "Lifecycle")]
     pub shutdown_timeout: u64,
@@ -233,6 +275,9 @@ impl LaunchArgs {
             qemu: self.qemu.clone(),
             qemu_img: self.qemu_img.clone(),
             serial_log: self.serial_log.clone(),
+            serial_log_max: self.serial_log_max,
+            ready_pattern: self.ready_pattern.clone(),
+            ready_timeout: (self.ready_timeout > 0).then(|| Duration::from_secs(self.ready_timeout)),
             lan_interface: self.lan_interface.clone(),
             lan_nic_model: self.lan_nic_model.clone(),
             lan_queues: self.lan_queues,
@@ -257,6 +302,7 @@ mod tests {
             LauncherCommand::Run(a) => a,
             LauncherCommand::PrintArgs(a) => a.launch,
             LauncherCommand::Doctor(a) => a.launch,
+            other => panic!("not a launch command: {other:?}"),
         })
     }
 
@@ -267,6 +313,9 @@ mod tests {
             (&["--state-dir", "/x", "--memory", "-5"], "--memory"),
             (&["--state-dir", "/x", "--memory", "99999999"], "--memory"),
             (&["--state-dir", "/x", "--cpus", "0"], "--cpus"),
+            (&["--state-dir", "/x", "--ready-timeout", "-1"], "--ready-timeout"),
+            (&["--state-dir", "/x", "--ready-timeout", "86401"], "--ready-timeout"),
+            (&["--state-dir", "/x", "--serial-log-max", "1K"], "--serial-log-max"),
             (&["--state-dir", "/x", "--cpus", "256"], "--cpus"),
             (&["--state-dir", "/x", "--disk-size", "0"], "--disk-size"),
             (&["--state-dir", "/x", "--disk-size", "-8G"], "--disk-size"),

@@ -8,10 +8,14 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::launcher::accel::AccelChoice;
+use crate::launcher::bootwatch;
+use crate::launcher::console::CONSOLE_SOCKET;
 use crate::launcher::fscheck::{
     absolute, check_boot_dir, check_disk, check_output_file, check_readable_file, check_state_dir, find_program,
 };
-use crate::launcher::options::{LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_SHUTDOWN_TIMEOUT_SECS};
+use crate::launcher::options::{
+    LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_READY_TIMEOUT_SECS, MAX_SHUTDOWN_TIMEOUT_SECS,
+};
 use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, NicModel};
 use crate::names::IfName;
 
@@ -74,6 +78,12 @@ pub struct LaunchConfig {
     pub qemu: PathBuf,
     pub qemu_img: Option<PathBuf>,
     pub serial_log: PathBuf,
+    /// The cap of the serial log, in bytes.
+    pub serial_log_max: u64,
+    /// The console line that means "ready".
+    pub ready_pattern: regex::Regex,
+    /// How long the guest may take to be ready (None: no limit).
+    pub ready_timeout: Option<Duration>,
     pub lan: Option<LanSpec>,
     pub shutdown_timeout: Duration,
     pub extra: Vec<String>,
@@ -94,6 +104,10 @@ impl LaunchConfig {
 
     pub fn lock_file(&self) -> PathBuf {
         self.state_dir.join(LOCK_FILE)
+    }
+
+    pub fn console_socket(&self) -> PathBuf {
+        self.state_dir.join(CONSOLE_SOCKET)
     }
 
     /// Validate the options and what they name on disk, changing nothing.
@@ -119,12 +133,21 @@ impl LaunchConfig {
         }
         let state_dir = absolute("--state-dir", &a.state_dir)?;
         check_state_dir(&state_dir)?;
-        let qmp = state_dir.join(QMP_SOCKET);
-        // sockaddr_un holds 108 bytes including the NUL.
-        if qmp.as_os_str().len() > 107 {
+        // sockaddr_un holds 108 bytes including the NUL; console.sock is the longest socket name.
+        let socket = state_dir.join(CONSOLE_SOCKET);
+        if socket.as_os_str().len() > 107 {
             return Err(Error::invalid(
                 format!("--state-dir \"{}\"", a.state_dir.display()),
-                format!("path too long: the QMP socket {} would exceed 107 bytes", qmp.display()),
+                format!("path too long: the console socket {} would exceed 107 bytes", socket.display()),
+            ));
+        }
+        let ready_pattern = ready_pattern(a.ready_pattern.as_deref())?;
+        if let Some(t) = a.ready_timeout
+            && t > Duration::from_secs(MAX_READY_TIMEOUT_SECS)
+        {
+            return Err(Error::invalid(
+                format!("--ready-timeout {}", t.as_secs()),
+                format!("must be at most {MAX_READY_TIMEOUT_SECS} seconds (0: no limit)"),
             ));
         }
         let boot = match (&a.boot_url, &a.boot_dir) {
@@ -146,15 +169,6 @@ impl LaunchConfig {
             }
             (None, None) => BootTarget::Diagnostics,
         };
-        if let BootTarget::Url(u) = &boot
-            && u.scheme() == "https"
-            && a.ipxe.is_none()
-        {
-            tracing::warn!(
-                "--boot-url {u}: the NIC option ROM's iPXE may lack HTTPS (Debian's does); pass --ipxe with an \
-                 HTTPS-capable ipxe.lkrn if the chain fails"
-            );
-        }
         let ipxe = match &a.ipxe {
             Some(p) => {
                 let p = absolute("--ipxe", p)?;
@@ -226,6 +240,9 @@ impl LaunchConfig {
             qemu,
             qemu_img,
             serial_log,
+            serial_log_max: a.serial_log_max.0,
+            ready_pattern,
+            ready_timeout: a.ready_timeout.filter(|t| !t.is_zero()),
             lan,
             shutdown_timeout: a.shutdown_timeout,
             extra: a.extra.clone(),
@@ -233,6 +250,22 @@ impl LaunchConfig {
         tracing::trace!("configuration: {cfg:?}");
         Ok(cfg)
     }
+}
+
+/// `--ready-pattern` compiled (default: the diagnostics' OK line or the publisher guest's ready line). An
+/// empty pattern would match every line, so it is refused.
+fn ready_pattern(p: Option<&str>) -> Result<regex::Regex> {
+    let text = p.map_or_else(bootwatch::default_ready_pattern, str::to_owned);
+    if text.is_empty() {
+        return Err(Error::invalid("--ready-pattern \"\"", "is empty (it would match every console line)"));
+    }
+    regex::Regex::new(&text).map_err(|e| {
+        let why = e.to_string().lines().last().unwrap_or_default().trim().to_owned();
+        Error::invalid(
+            format!("--ready-pattern \"{}\"", text.escape_default()),
+            format!("not a regular expression: {why}"),
+        )
+    })
 }
 
 #[cfg(test)]

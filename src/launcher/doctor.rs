@@ -12,7 +12,7 @@ use crate::error::{Error, Kind};
 use crate::launcher::accel::{self, AccelChoice};
 use crate::launcher::config::{DISK_IMAGE, LOCK_FILE, LaunchConfig};
 use crate::launcher::options::LaunchOptions;
-use crate::launcher::{fscheck, lanlock};
+use crate::launcher::{fscheck, ipxe_image, lanlock};
 use crate::link::{self, Netlink};
 use crate::macvtap;
 use crate::names::IfName;
@@ -518,27 +518,37 @@ pub fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
 fn check_ipxe(o: &LaunchOptions) -> Check {
     const NAME: &str = "ipxe";
     let https = o.boot_url.as_ref().is_some_and(|u| u.scheme() == "https");
-    match &o.ipxe {
+    let image = match &o.ipxe {
         Some(p) => {
-            let checked =
-                fscheck::absolute("--ipxe", p).and_then(|p| fscheck::check_readable_file("--ipxe", &p).map(|()| p));
-            match checked {
-                Err(e) => fail_from(NAME, &e, "point --ipxe at a readable ipxe.lkrn"),
-                Ok(p) if https => Check::warn(
-                    NAME,
-                    format!("--ipxe {}: readable; whether it has HTTPS is not told from the image here", p.display()),
-                    "the boot URL is https: make sure the image was built with DOWNLOAD_PROTO_HTTPS",
-                ),
-                Ok(p) => Check::ok(NAME, format!("--ipxe {}: readable", p.display())),
+            match fscheck::absolute("--ipxe", p).and_then(|p| fscheck::check_readable_file("--ipxe", &p).map(|()| p)) {
+                Err(e) => return fail_from(NAME, &e, "point --ipxe at a readable ipxe.lkrn"),
+                Ok(p) => Some(p),
             }
         }
-        None if https => Check::warn(
+        None => None,
+    };
+    if !https {
+        return match image {
+            Some(p) => Check::ok(NAME, format!("--ipxe {}: readable", p.display())),
+            None => Check::ok(NAME, "the boot NIC's option ROM (QEMU's iPXE) loads the boot script over TFTP"),
+        };
+    }
+    // The same reading of the image that `run` warns from before it starts.
+    let qemu = fscheck::find_program("--qemu", &o.qemu).unwrap_or_else(|_| o.qemu.clone());
+    let (what, verdict) = ipxe_image::boot_ipxe_https(image.as_deref(), &qemu, o.boot_nic_model.as_str());
+    match verdict {
+        ipxe_image::Https::Yes => Check::ok(NAME, format!("{what}: has HTTPS, which the https boot URL needs")),
+        ipxe_image::Https::No => Check::fail(
             NAME,
-            "the boot NIC's option ROM runs iPXE, and the boot URL is https",
-            "QEMU's NIC ROMs usually lack HTTPS (Debian's do): pass --ipxe with an HTTPS-capable ipxe.lkrn, or \
-             serve the boot files over http",
+            format!("{what} has no HTTPS support, and the boot URL is https"),
+            "pass --ipxe with an HTTPS-capable ipxe.lkrn (nixpkgs' ipxe has it; Debian's does not), or serve the \
+             boot files over http",
         ),
-        None => Check::ok(NAME, "the boot NIC's option ROM (QEMU's iPXE) loads the boot script over TFTP"),
+        ipxe_image::Https::Unknown(why) => Check::warn(
+            NAME,
+            format!("{what}: whether it has HTTPS could not be told ({why})"),
+            "the boot URL is https: make sure the image was built with DOWNLOAD_PROTO_HTTPS",
+        ),
     }
 }
 

@@ -89,10 +89,8 @@ pub fn script(spec: &ScriptSpec) -> String {
             line("sleep 10");
             line("goto ec_chain");
             line(":ec_chain_failed");
-            line(&format!(
-                "echo ec-ipxe-qemu: could not boot from {url} (error ${{errno}}): check the URL, that the server is up \
-                 and that the host reaches it; retrying in 10 seconds"
-            ));
+            // The launcher reads this line and logs the failure with the hint that fits its error number.
+            line(&format!("echo ec-ipxe-qemu: could not boot from {url} (error ${{errno}}); retrying in 10 seconds"));
             line("sleep 10");
             line("goto ec_chain");
         }
@@ -157,7 +155,7 @@ echo ec-ipxe-qemu: http://boot.example/netboot.ipxe returned without starting an
 sleep 10
 goto ec_chain
 :ec_chain_failed
-echo ec-ipxe-qemu: could not boot from http://boot.example/netboot.ipxe (error ${errno}): check the URL, that the server is up and that the host reaches it; retrying in 10 seconds
+echo ec-ipxe-qemu: could not boot from http://boot.example/netboot.ipxe (error ${errno}); retrying in 10 seconds
 sleep 10
 goto ec_chain
 "

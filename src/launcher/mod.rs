@@ -4,17 +4,26 @@
 //! HTTP server, QMP, link watch, supervision).
 
 pub mod accel;
+pub mod attach;
+pub mod bootwatch;
 pub mod config;
+pub mod console;
 pub mod doctor;
 pub mod fscheck;
+pub mod guest;
 pub mod httpd;
 pub mod ipxe;
+pub mod ipxe_image;
 pub mod lanlock;
+pub mod lines;
 pub mod linkwatch;
+pub mod notify;
 pub mod options;
 pub mod qemu_args;
 pub mod qmp;
+pub mod seriallog;
 pub mod state;
+pub mod status;
 pub mod supervise;
 pub mod values;
 
@@ -22,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::link::{self, LinkView, Netlink};
 use crate::names::{IfName, MacAddr};
 use config::LaunchConfig;
+use ipxe_image::Https;
 use qemu_args::LanNic;
 
 /// The MAC of the macvtap `name`, read over netlink without opening anything.
@@ -45,9 +55,31 @@ pub fn lan_link(name: &IfName) -> Result<LinkView> {
     Ok(l)
 }
 
+/// An https boot URL: warn before start when the iPXE that will fetch it has no HTTPS (told from the image:
+/// see [`ipxe_image`]).
+pub fn warn_without_https(cfg: &LaunchConfig, url: &str) {
+    let (what, https) = ipxe_image::boot_ipxe_https(cfg.ipxe.as_deref(), &cfg.qemu, cfg.boot_nic_model.as_str());
+    match https {
+        Https::Yes => tracing::debug!("{what} has HTTPS (its \"https\" URI scheme is in the image)"),
+        Https::No => tracing::warn!(
+            "--boot-url {url}: {what} has no HTTPS support (its URI schemes, read from the image, lack \"https\"), \
+             so the chain will fail; pass --ipxe with an HTTPS-capable ipxe.lkrn, or serve the boot files over http"
+        ),
+        Https::Unknown(why) => tracing::warn!(
+            "--boot-url {url}: cannot tell whether {what} has HTTPS ({why}); if the chain fails with \"Operation not \
+             supported\", pass --ipxe with an HTTPS-capable ipxe.lkrn"
+        ),
+    }
+}
+
 /// The argv `run` would execute, with no side effects: the accelerator is resolved the same way, and the LAN
 /// NIC's MAC is read from the existing macvtap (so `print-args --lan-interface X` needs X to exist).
 pub fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
+    if let config::BootTarget::Url(u) = &cfg.boot
+        && u.scheme() == "https"
+    {
+        warn_without_https(cfg, u.as_str());
+    }
     let accel = accel::resolve(cfg.accel)?;
     let queues = cfg.lan.as_ref().map_or(0, |l| l.queues);
     let lan = match &cfg.lan {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::launcher::accel::AccelChoice;
-use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, MemSize, NicModel};
+use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::names::IfName;
 
 /// Virtual CPUs: 1 to this.
@@ -17,6 +17,8 @@ pub const MAX_CPUS: u32 = 255;
 pub const MAX_LAN_QUEUES: u32 = 16;
 /// `--shutdown-timeout`: 0 to this many seconds.
 pub const MAX_SHUTDOWN_TIMEOUT_SECS: u64 = 3600;
+/// `--ready-timeout`: 0 (none) to this many seconds.
+pub const MAX_READY_TIMEOUT_SECS: u64 = 86_400;
 
 /// Every option of `run` / `print-args`, one field per command-line option.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +61,14 @@ pub struct LaunchOptions {
     pub qemu_img: PathBuf,
     /// `--serial-log` (default: `<state-dir>/serial.log`).
     pub serial_log: Option<PathBuf>,
+    /// `--serial-log-max`: the cap of the serial log.
+    pub serial_log_max: LogCap,
+    /// `--ready-pattern`: a regular expression for the console line that means "ready" (default: the
+    /// diagnostics' OK line or the publisher guest's ready line).
+    pub ready_pattern: Option<String>,
+    /// `--ready-timeout`: how long the guest may take to be ready (None: no limit), at most
+    /// [`MAX_READY_TIMEOUT_SECS`].
+    pub ready_timeout: Option<Duration>,
     /// `--lan-interface`: an existing macvtap.
     pub lan_interface: Option<IfName>,
     /// `--lan-nic-model`.
@@ -94,6 +104,9 @@ impl LaunchOptions {
             qemu: PathBuf::from("qemu-system-x86_64"),
             qemu_img: PathBuf::from("qemu-img"),
             serial_log: None,
+            serial_log_max: LogCap::DEFAULT,
+            ready_pattern: None,
+            ready_timeout: None,
             lan_interface: None,
             lan_nic_model: NicModel::default(),
             lan_queues: 1,

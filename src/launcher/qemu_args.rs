@@ -34,6 +34,11 @@ fn path(p: &Path) -> String {
 /// resource changes. The guest reaches slirp, so QEMU's own attack surface is kept small.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// The fd number (in QEMU) of the serial port's socket pair end: right after the launcher's QMP fd.
+pub fn serial_fd(qmp_fd: i32) -> i32 {
+    qmp_fd + 1
+}
+
 /// The argv (program first). `qmp_fd` is the fd number (in QEMU) of the launcher's own QMP connection, one end
 /// of a socket pair; operators get `qmp.sock` separately.
 pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32) -> Vec<String> {
@@ -54,7 +59,8 @@ pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32
         "chardev=ec-launcher-qmp,mode=control",
     ]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", path(&cfg.qmp_socket()))]);
-    push(&["-chardev", &format!("file,id=serial0,path={}", path(&cfg.serial_log)), "-serial", "chardev:serial0"]);
+    // The serial port is a socket pair whose other end the launcher reads (the console broker).
+    push(&["-chardev", &format!("socket,id=serial0,fd={}", serial_fd(qmp_fd)), "-serial", "chardev:serial0"]);
 
     // Boot NIC: user-mode networking. Without --ipxe its option ROM fetches boot.ipxe over slirp TFTP.
     let mut user = String::from("user,id=boot");
@@ -143,7 +149,7 @@ mod tests {
              -action panic=exit-failure -device pvpanic \
              -chardev socket,id=ec-launcher-qmp,fd=3 -mon chardev=ec-launcher-qmp,mode=control \
              -qmp unix:@T/state/qmp.sock,server=on,wait=off \
-             -chardev file,id=serial0,path=@T/state/serial.log -serial chardev:serial0 \
+             -chardev socket,id=serial0,fd=4 -serial chardev:serial0 \
              -netdev user,id=boot,tftp=@T/state/tftp,bootfile=boot.ipxe \
              -device virtio-net-pci,netdev=boot,addr=0x3,bootindex=1 \
              -drive if=none,id=disk0,file=@T/state/disk.qcow2,format=qcow2,discard=unmap \
@@ -171,7 +177,7 @@ mod tests {
              -action panic=exit-failure -device pvpanic \
              -chardev socket,id=ec-launcher-qmp,fd=3 -mon chardev=ec-launcher-qmp,mode=control \
              -qmp unix:@T/s/qmp.sock,server=on,wait=off \
-             -chardev file,id=serial0,path=@T/console.log -serial chardev:serial0 \
+             -chardev socket,id=serial0,fd=4 -serial chardev:serial0 \
              -netdev user,id=boot,hostname=pub1,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53 \
              -device e1000,netdev=boot,addr=0x3,romfile= \
              -kernel @T/ipxe.lkrn -initrd @T/s/tftp/boot.ipxe -S -device virtio-rng-pci"
@@ -213,6 +219,5 @@ mod tests {
         let g = golden(args, &t);
         assert!(g.contains("-qmp unix:@T/a,,b/qmp.sock,server=on,wait=off"), "{g}");
         assert!(g.contains("tftp=@T/a,,b/tftp,bootfile=boot.ipxe"), "{g}");
-        assert!(g.contains("path=@T/a,,b/serial.log"), "{g}");
     }
 }

@@ -133,13 +133,18 @@ fn create_missing(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// Write `content` to `path` via a temporary file and a rename, so QEMU never reads half a script.
 pub fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
+    write_atomically_mode(path, content, 0o600)
+}
+
+/// [`write_atomically`] with the file mode of the new file.
+pub fn write_atomically_mode(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     let tmp = tmp_path(path);
     let r = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&tmp)
             .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
         f.write_all(content).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;

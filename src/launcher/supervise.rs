@@ -14,6 +14,13 @@
 //! next step) are noticed at every step. A stop requested while preparing never starts QEMU. If the LAN
 //! macvtap disappears (or can no longer be watched), QEMU is stopped at once and the run fails, so systemd
 //! restarts the unit and the link is recreated.
+//!
+//! The guest console belongs to the launcher ([`console`](super::console)): QEMU's serial port is a socket
+//! pair, the launcher logs each console line as `guest: LINE`, keeps `serial.log` and serves `console.sock`.
+//! The boot watch follows the boot stages on it ([`bootwatch`](super::bootwatch)); the [`Tracker`] keeps
+//! `status.json` and tells the service manager (`STATUS=`, `READY=1`, `WATCHDOG=1`). A stop before the guest
+//! is ready quits QEMU at once (firmware and iPXE ignore ACPI power-off); after it, the guest gets its power-off
+//! and `--shutdown-timeout`. A guest not ready within `--ready-timeout` ends the run with exit 1.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -32,14 +39,20 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::launcher::accel::{self, Accel};
+use crate::launcher::bootwatch::{self, BootWatch};
 use crate::launcher::config::{BOOT_SCRIPT, BootTarget, LaunchConfig};
+use crate::launcher::console::{self, Console};
+use crate::launcher::guest::{GuestSink, Tracker};
 use crate::launcher::httpd::BootServer;
 use crate::launcher::ipxe::{self, ScriptSpec};
 use crate::launcher::lanlock::{self, LanLock};
 use crate::launcher::linkwatch::{LinkEnd, LinkWatch};
+use crate::launcher::notify::{self, Notifier};
 use crate::launcher::qemu_args::{self, LanNic};
 use crate::launcher::qmp::{Qmp, QmpClient, QmpEvent};
+use crate::launcher::seriallog::SerialLog;
 use crate::launcher::state::{self, StateDir};
+use crate::launcher::status::{Status, StatusFile};
 use crate::launcher::values::{HostForward, Proto};
 use crate::macvtap::{self, OpenedTap};
 use crate::tap;
@@ -47,7 +60,8 @@ use crate::tap;
 /// The first fd number the LAN tap queues get in QEMU; the launcher's QMP socket follows them.
 pub const FIRST_TAP_FD: i32 = 3;
 
-/// The fd number of the launcher's QMP connection in QEMU, after `lan_queues` tap fds.
+/// The fd number of the launcher's QMP connection in QEMU, after `lan_queues` tap fds. QEMU's serial port (the
+/// console socket pair) follows it.
 pub fn qmp_fd(lan_queues: u32) -> i32 {
     FIRST_TAP_FD + lan_queues as i32
 }
@@ -102,6 +116,8 @@ pub fn run(cfg: &LaunchConfig) -> Result<()> {
             int: signal(SignalKind::interrupt()).map_err(|e| Error::io("handle SIGINT", e))?,
         }
     };
+    let mut notify = Notifier::from_env();
+    notify.status("preparing: checking the configuration and the state directory");
     let accel = accel::resolve(cfg.accel)?;
     check_host_forwards(&cfg.host_forwards)?;
     // The locks come before the LAN tap: a refused second run must not open (and so add a queue to) the
@@ -116,7 +132,7 @@ pub fn run(cfg: &LaunchConfig) -> Result<()> {
         }
         Ok((prepared, tap, lock))
     });
-    let (prepared, tap, _lan_lock) = match prepared {
+    let (mut prepared, tap, _lan_lock) = match prepared {
         Ok(x) => x,
         Err(e) => {
             state.abandon();
@@ -126,18 +142,31 @@ pub fn run(cfg: &LaunchConfig) -> Result<()> {
     if let Some(sig) = signals.pending(&rt) {
         tracing::info!("{sig} while preparing: not starting QEMU");
         remove_if_exists(&cfg.qmp_socket());
+        remove_if_exists(&cfg.console_socket());
         return Ok(());
     }
+    let status = Status {
+        pid: std::process::id(),
+        boot_url: prepared.chain.clone(),
+        lan_interface: tap.as_ref().map(|t| t.name.to_string()),
+        lan_mac: tap.as_ref().map(|t| t.mac.to_string()),
+        accel: accel.as_str().to_owned(),
+        vhost: "off".to_owned(),
+        ..Status::default()
+    };
+    let mut tracker = Tracker::new(StatusFile::new(&cfg.state_dir, status), notify);
     let result = rt.block_on(async {
-        let guest = match start(cfg, accel, &prepared, tap, &mut signals).await {
+        let guest = match start(cfg, accel, &mut prepared, tap, &mut signals, &mut tracker).await {
             Ok(Some(g)) => g,
             Ok(None) => return Ok(()),
             Err(e) => return Err(e),
         };
-        supervise(cfg, accel, guest, &mut signals).await
+        supervise(cfg, accel, guest, &mut signals, &mut tracker).await
     });
-    // Remove the socket while the lock is still held, so a successor's socket is never removed.
+    tracker.ended();
+    // Remove the sockets while the lock is still held, so a successor's sockets are never removed.
     remove_if_exists(&cfg.qmp_socket());
+    remove_if_exists(&cfg.console_socket());
     drop(prepared);
     match result {
         Err(Failure::Rejected(e)) => {
@@ -240,7 +269,18 @@ fn name_option(e: Error, option: &str) -> Error {
 struct Prepared {
     argv: Vec<String>,
     qmp_fd: i32,
+    /// The chain target (None: the diagnostics).
+    chain: Option<String>,
+    /// The guest console: the launcher's end of the serial socket pair, QEMU's end, the log, the listener.
+    console: Option<ConsoleParts>,
     _http: Option<BootServer>,
+}
+
+struct ConsoleParts {
+    ours: std::os::unix::net::UnixStream,
+    theirs: OwnedFd,
+    log: SerialLog,
+    listener: std::os::unix::net::UnixListener,
 }
 
 /// Call inside the runtime's context (the boot HTTP server is a task on it).
@@ -258,6 +298,9 @@ fn prepare(cfg: &LaunchConfig, accel: Accel, tap: Option<&OpenedTap>) -> Result<
     }
     if let Some(url) = &spec.chain {
         tracing::info!("boot script chains to {url}");
+        if url.to_ascii_lowercase().starts_with("https://") {
+            crate::launcher::warn_without_https(cfg, url);
+        }
     } else {
         tracing::info!("boot script: built-in diagnostics");
     }
@@ -267,11 +310,21 @@ fn prepare(cfg: &LaunchConfig, accel: Accel, tap: Option<&OpenedTap>) -> Result<
         state::ensure_disk(img, &d.path, d.size)?;
     }
     remove_if_exists(&cfg.qmp_socket());
+    let log = SerialLog::open(&cfg.serial_log, cfg.serial_log_max)?;
+    let listener = console::bind(&cfg.console_socket())?;
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| Error::io("create the serial socket pair", e))?;
     let queues = tap.map_or(0, |t| t.fds.len() as u32);
     let lan = tap.map(|t| LanNic { mac: t.mac, fds: (0..queues as i32).map(|i| FIRST_TAP_FD + i).collect() });
     let qmp_fd = qmp_fd(queues);
     let argv = qemu_args::build(cfg, accel, lan.as_ref(), qmp_fd);
-    Ok(Prepared { argv, qmp_fd, _http: http })
+    Ok(Prepared {
+        argv,
+        qmp_fd,
+        chain: spec.chain.clone(),
+        console: Some(ConsoleParts { ours, theirs: OwnedFd::from(theirs), log, listener }),
+        _http: http,
+    })
 }
 
 /// The slirp TFTP root (0700): the guest may read everything in it, so it holds the boot script and nothing
@@ -342,16 +395,22 @@ fn tail_text(tail: &Tail) -> String {
     tail.lock().map(|t| t.iter().map(String::as_str).collect::<Vec<_>>().join("; ")).unwrap_or_default()
 }
 
-fn spawn(argv: &[String], tap: Option<OpenedTap>, qmp: OwnedFd, first_qmp_fd: i32) -> Result<Child> {
+/// Start QEMU with the tap fds, then its QMP end, then its serial end, from fd [`FIRST_TAP_FD`] on.
+fn spawn(argv: &[String], tap: Option<OpenedTap>, qmp: OwnedFd, serial: OwnedFd, first_qmp_fd: i32) -> Result<Child> {
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).stdin(Stdio::null()).stderr(Stdio::piped());
+    // The unit's main process is the launcher: QEMU must not talk to the service manager.
+    for v in notify::CHILD_ENV_REMOVE {
+        cmd.env_remove(v);
+    }
     // Its own process group: a terminal's Ctrl-C reaches only the launcher, which then stops QEMU in order.
     cmd.process_group(0);
     let mut fds: Vec<OwnedFd> = tap.map(|t| t.fds).unwrap_or_default();
     let n = fds.len() as i32;
     fds.push(qmp);
+    fds.push(serial);
     let (kept, placed) = tap::pass_fds_to_child(&mut cmd, fds, FIRST_TAP_FD)?;
-    debug_assert_eq!(placed.last().copied(), Some(first_qmp_fd));
+    debug_assert_eq!(placed.last().copied(), Some(qemu_args::serial_fd(first_qmp_fd)));
     debug_assert_eq!(first_qmp_fd, FIRST_TAP_FD + n);
     tap::set_parent_death_signal(&mut cmd, Signal::SIGKILL);
     let mut cmd = tokio::process::Command::from(cmd);
@@ -382,6 +441,10 @@ struct Guest {
     lan: Option<(String, u32)>,
     tail: Tail,
     stderr_task: JoinHandle<()>,
+    /// The console broker (dropped: stopped).
+    console: Option<Console>,
+    /// What the boot watch saw on the console.
+    boot: UnboundedReceiver<bootwatch::Event>,
 }
 
 /// Subscribe to link removals (before QEMU starts, so none is missed), spawn QEMU and wait until it answers
@@ -389,9 +452,10 @@ struct Guest {
 async fn start(
     cfg: &LaunchConfig,
     accel: Accel,
-    prepared: &Prepared,
+    prepared: &mut Prepared,
     tap: Option<OpenedTap>,
     signals: &mut StopSignals,
+    tracker: &mut Tracker,
 ) -> Result<Option<Guest>, Failure> {
     let lan = tap.as_ref().map(|t| (t.name.to_string(), t.ifindex));
     let watch = match &lan {
@@ -400,11 +464,16 @@ async fn start(
     };
     let (ours, theirs) =
         std::os::unix::net::UnixStream::pair().map_err(|e| Error::io("create the QMP socket pair", e))?;
+    let parts = prepared.console.take().ok_or_else(|| Error::Runtime("the guest console is gone".into()))?;
     tracing::debug!("QEMU argv: {:?}", prepared.argv);
-    let mut child = spawn(&prepared.argv, tap, OwnedFd::from(theirs), prepared.qmp_fd)?;
+    let mut child = spawn(&prepared.argv, tap, OwnedFd::from(theirs), parts.theirs, prepared.qmp_fd)?;
     let pid = child.id().unwrap_or_default();
     let stderr = child.stderr.take().ok_or_else(|| Error::Runtime("QEMU's stderr is not a pipe".into()))?;
     let (tail, stderr_task) = forward_stderr(stderr);
+    // The console is read from the first byte on, so QEMU never waits on its serial port.
+    let (boot_tx, boot) = tokio::sync::mpsc::unbounded_channel();
+    let sink = GuestSink::new(BootWatch::new(cfg.ready_pattern.clone(), cfg.memory_mib), boot_tx);
+    let console = Console::start(parts.ours, parts.log, parts.listener, &cfg.console_socket(), sink)?;
     let handshake = async {
         ours.set_nonblocking(true).map_err(|e| Error::io("QMP socket pair", e))?;
         let stream = tokio::net::UnixStream::from_std(ours).map_err(|e| Error::io("QMP socket pair", e))?;
@@ -426,7 +495,7 @@ async fn start(
         }
         sig = signals.recv() => {
             tracing::info!("{sig} while QEMU was starting: stopping it");
-            let mut g = Guest::starting(child, tail, stderr_task);
+            let mut g = Guest::starting(child, tail, stderr_task, console);
             return match g.terminate(QUICK_GRACE).await {
                 Ok(_) => Ok(None),
                 Err(e) => Err(e.into()),
@@ -460,12 +529,14 @@ async fn start(
         }
     };
     tracing::info!(
-        "QEMU started (pid {pid}, accel {}, guest {}); serial console in {}",
+        "QEMU started (pid {pid}, accel {}, guest {}); console: {} (log {})",
         accel.as_str(),
         status.get("status").and_then(|s| s.as_str()).unwrap_or("?"),
+        cfg.console_socket().display(),
         cfg.serial_log.display()
     );
-    Ok(Some(Guest { child, qmp, events, watch, lan, tail, stderr_task }))
+    tracker.qemu_started(pid);
+    Ok(Some(Guest { child, qmp, events, watch, lan, tail, stderr_task, console: Some(console), boot }))
 }
 
 /// QEMU exited before it answered on QMP: its command line (or something it names) was refused; or, under
@@ -516,16 +587,52 @@ pub fn state_is_fine(status: &str) -> bool {
 
 enum Why {
     Stop(&'static str),
+    NotReady(Duration),
     LinkGone(LinkEnd),
     GuestFailed { reason: String, at: Option<f64> },
 }
 
-async fn supervise(cfg: &LaunchConfig, accel: Accel, mut g: Guest, signals: &mut StopSignals) -> Result<(), Failure> {
+async fn supervise(
+    cfg: &LaunchConfig,
+    accel: Accel,
+    mut g: Guest,
+    signals: &mut StopSignals,
+    tracker: &mut Tracker,
+) -> Result<(), Failure> {
+    let result = watch_over(cfg, accel, &mut g, signals, tracker).await;
+    // QEMU is gone: read the rest of its console.
+    if let Some(c) = g.console.as_mut() {
+        c.drain(Duration::from_secs(1)).await;
+    }
+    while let Ok(ev) = g.boot.try_recv() {
+        tracker.handle(ev);
+    }
+    result
+}
+
+async fn watch_over(
+    cfg: &LaunchConfig,
+    accel: Accel,
+    g: &mut Guest,
+    signals: &mut StopSignals,
+    tracker: &mut Tracker,
+) -> Result<(), Failure> {
     let mut watch = g.watch.take();
-    let mut poll = tokio::time::interval(STATUS_POLL);
+    let watchdog = tracker.notify.watchdog_interval();
+    let mut poll = tokio::time::interval(watchdog.map_or(STATUS_POLL, |w| w.min(STATUS_POLL)));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ping: Option<tokio::time::Instant> = None;
+    let ready_by = cfg.ready_timeout.map(|t| tokio::time::Instant::now() + t);
     let mut events_open = true;
+    let mut boot_open = true;
     let why = loop {
+        let not_ready_at = ready_by.filter(|_| !tracker.is_ready());
+        let not_ready = async move {
+            match not_ready_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let link_gone = async {
             match watch.as_mut() {
                 Some(w) => w.gone().await,
@@ -536,6 +643,11 @@ async fn supervise(cfg: &LaunchConfig, accel: Accel, mut g: Guest, signals: &mut
             status = g.child.wait() => return Ok(g.exited(status, accel).await?),
             sig = signals.recv() => break Why::Stop(sig),
             end = link_gone => break Why::LinkGone(end),
+            () = not_ready => break Why::NotReady(cfg.ready_timeout.unwrap_or_default()),
+            ev = g.boot.recv(), if boot_open => match ev {
+                Some(ev) => tracker.handle(ev),
+                None => boot_open = false,
+            },
             ev = g.events.recv(), if events_open => match ev {
                 Some(ev) => {
                     if let Some(why) = g.judge_event(&ev, accel).await {
@@ -551,12 +663,48 @@ async fn supervise(cfg: &LaunchConfig, accel: Accel, mut g: Guest, signals: &mut
                     if !st.is_empty() && !state_is_fine(st) {
                         break Why::GuestFailed { reason: failure_reason(st, accel), at: None };
                     }
+                    // The watchdog is fed only while QEMU says the guest runs.
+                    if let Some(every) = watchdog
+                        && st == "running"
+                        && last_ping.is_none_or(|t| t.elapsed() + STATUS_POLL / 4 >= every)
+                    {
+                        tracker.notify.watchdog();
+                        last_ping = Some(tokio::time::Instant::now());
+                    }
                 }
             }
         }
     };
     match why {
-        Why::Stop(sig) => Ok(g.stop(cfg, sig, signals).await?),
+        Why::Stop(sig) => {
+            // What the console has said so far decides how to stop.
+            while let Ok(ev) = g.boot.try_recv() {
+                tracker.handle(ev);
+            }
+            let stage = tracker.stage().map_or("starting", |s| s.as_str());
+            if tracker.is_ready() {
+                tracker.stopping(&format!("stopping: {sig}: powering the guest off"));
+                Ok(g.stop(cfg, sig, signals, true).await?)
+            } else {
+                tracing::info!(
+                    "{sig} before the guest was ready (stage {stage}): quitting QEMU at once (firmware and iPXE \
+                     ignore an ACPI power-off)"
+                );
+                tracker.stopping(&format!("stopping: {sig} before the guest was ready: quitting QEMU"));
+                Ok(g.stop(cfg, sig, signals, false).await?)
+            }
+        }
+        Why::NotReady(limit) => {
+            let stage = tracker.stage().map_or("starting", |s| s.as_str());
+            let last =
+                tracker.status().last_error.clone().map(|e| format!("; last boot failure: {e}")).unwrap_or_default();
+            let msg =
+                format!("the guest was not ready within --ready-timeout {} s (stage {stage}{last})", limit.as_secs());
+            tracing::error!("{msg}; stopping QEMU");
+            tracker.stopping(&format!("stopping: not ready within {} s (stage {stage})", limit.as_secs()));
+            let _ = g.terminate(QUICK_GRACE).await;
+            Err(Error::Runtime(msg).into())
+        }
         Why::LinkGone(end) => {
             let (name, ifindex) = g.lan.clone().unwrap_or_default();
             let what = match end {
@@ -587,9 +735,20 @@ async fn supervise(cfg: &LaunchConfig, accel: Accel, mut g: Guest, signals: &mut
 
 impl Guest {
     /// A guest whose QMP connection is not up yet (for stopping it during startup).
-    fn starting(child: Child, tail: Tail, stderr_task: JoinHandle<()>) -> Guest {
+    fn starting(child: Child, tail: Tail, stderr_task: JoinHandle<()>, console: Console) -> Guest {
         let (_, events) = tokio::sync::mpsc::unbounded_channel();
-        Guest { child, qmp: QmpClient::closed(), events, watch: None, lan: None, tail, stderr_task }
+        let (_, boot) = tokio::sync::mpsc::unbounded_channel();
+        Guest {
+            child,
+            qmp: QmpClient::closed(),
+            events,
+            watch: None,
+            lan: None,
+            tail,
+            stderr_task,
+            console: Some(console),
+            boot,
+        }
     }
 
     /// QEMU exited by itself.
@@ -671,8 +830,9 @@ impl Guest {
         }
     }
 
-    /// The ordered stop: powerdown, then `quit`, then SIGTERM, then SIGKILL.
-    async fn stop(&mut self, cfg: &LaunchConfig, sig: &str, signals: &mut StopSignals) -> Result<()> {
+    /// The ordered stop: powerdown (when `powerdown`; the guest is ready), then `quit`, then SIGTERM, then
+    /// SIGKILL.
+    async fn stop(&mut self, cfg: &LaunchConfig, sig: &str, signals: &mut StopSignals, powerdown: bool) -> Result<()> {
         let done = |status: std::io::Result<ExitStatus>, how: &str| -> Result<()> {
             let status = status.map_err(|e| Error::io("wait for QEMU", e))?;
             if !status.success() {
@@ -681,7 +841,9 @@ impl Guest {
             tracing::info!("{how} ({})", describe(status));
             Ok(())
         };
-        if !cfg.shutdown_timeout.is_zero() {
+        if !powerdown {
+            // Said by the caller.
+        } else if !cfg.shutdown_timeout.is_zero() {
             tracing::info!(
                 "{sig}: asking the guest to power off; QEMU quits in {} s if it has not",
                 cfg.shutdown_timeout.as_secs()

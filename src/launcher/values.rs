@@ -88,6 +88,20 @@ impl FromStr for ByteSize {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = parse_bytes(s)?;
+        if bytes < Self::MIN {
+            return Err(format!("size \"{s}\" is too small (at least 1M)"));
+        }
+        if bytes > Self::MAX {
+            return Err(format!("size \"{s}\" is absurdly large (at most 64T)"));
+        }
+        Ok(ByteSize(bytes))
+    }
+}
+
+/// Digits with an optional unit (K/M/G/T, optionally with `iB`, or B; powers of 1024) as a number of bytes.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
@@ -103,14 +117,31 @@ impl FromStr for ByteSize {
             _ => return Err(format!("size \"{s}\": unknown unit \"{unit}\" (use K, M, G or T)")),
         };
         let n: u64 = num.parse().map_err(|_| format!("size \"{s}\" is too large"))?;
-        let bytes = n.checked_mul(1u64 << shift).ok_or_else(|| format!("size \"{s}\" is too large"))?;
+        n.checked_mul(1u64 << shift).ok_or_else(|| format!("size \"{s}\" is too large"))
+    }
+}
+
+/// The cap of `serial.log` (`--serial-log-max`): a size like [`ByteSize`], from 16K to 64T.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogCap(pub u64);
+
+impl LogCap {
+    pub const MIN: u64 = 16 << 10;
+    pub const DEFAULT: LogCap = LogCap(16 << 20);
+}
+
+impl FromStr for LogCap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = parse_bytes(s)?;
         if bytes < Self::MIN {
-            return Err(format!("size \"{s}\" is too small (at least 1M)"));
+            return Err(format!("size \"{s}\" is too small (at least 16K)"));
         }
-        if bytes > Self::MAX {
+        if bytes > ByteSize::MAX {
             return Err(format!("size \"{s}\" is absurdly large (at most 64T)"));
         }
-        Ok(ByteSize(bytes))
+        Ok(LogCap(bytes))
     }
 }
 
@@ -351,6 +382,10 @@ mod tests {
         assert_eq!("512MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
         assert_eq!("1048576".parse::<ByteSize>().unwrap().0, 1 << 20);
         assert_eq!("2t".parse::<ByteSize>().unwrap().0, 2 << 40);
+        assert_eq!("16K".parse::<LogCap>().unwrap().0, 16 << 10);
+        assert_eq!("16M".parse::<LogCap>().unwrap(), LogCap::DEFAULT);
+        assert!("15K".parse::<LogCap>().unwrap_err().contains("at least 16K"));
+        assert!("-1".parse::<LogCap>().is_err() && "65T".parse::<LogCap>().is_err());
         for (bad, msg) in [
             ("0", "too small"),
             ("0G", "too small"),

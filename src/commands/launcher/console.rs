@@ -1,0 +1,9 @@
+//! `ec-ipxe-qemu console`: this terminal on the live guest console.
+
+use crate::cli::launcher::ConsoleArgs;
+use crate::error::Result;
+use crate::launcher::attach;
+
+pub fn run(args: &ConsoleArgs) -> Result<()> {
+    attach::attach(&args.state_dir).map(|_| ())
+}

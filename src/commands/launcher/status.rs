@@ -1,0 +1,31 @@
+//! `ec-ipxe-qemu status`: what the launcher in a state directory knows about its guest.
+
+use crate::cli::launcher::StatusArgs;
+use crate::commands::print_json;
+use crate::error::{Kind, Result};
+use crate::launcher::status;
+
+/// Print the report (JSON or text); the exit status is 0 while a launcher holds the directory, 3 when none
+/// does (the last known status is printed all the same).
+pub fn run(args: &StatusArgs) -> Result<u8> {
+    let report = status::read(&args.state_dir)?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", status::render(&args.state_dir, &report));
+    }
+    if report.running {
+        return Ok(0);
+    }
+    eprint!(
+        "{}",
+        crate::logging::stderr_text(
+            tracing::Level::WARN,
+            &format!(
+                "ec-ipxe-qemu: --state-dir \"{}\": no launcher is running there (the last known status is shown)",
+                args.state_dir.display()
+            )
+        )
+    );
+    Ok(Kind::NotFound.exit_code())
+}

@@ -1,0 +1,380 @@
+//! Guest console bytes to clean text lines (pure): what a terminal would show on each line, without ANSI
+//! escapes, `\r` or other control characters, and a rate limit for logging them.
+//!
+//! The console is a terminal, not a log: SeaBIOS clears the screen with escapes, iPXE erases its "Press
+//! Ctrl-B" prompt with backspaces and redraws progress lines after `\r`. [`LineAssembler`] plays each line
+//! onto a one-line screen (a carriage return goes back to column 0, a backspace one column left, printable
+//! characters overwrite), drops escape sequences and control characters, and hands out the visible text when
+//! a newline arrives.
+//!
+//! Under SeaBIOS's serial console (`-machine graphics=off`) firmware and iPXE output is wrapped at 80
+//! columns with a real line break. While `join_wrapped` is on (firmware and iPXE stages), a line that filled
+//! all 80 columns is joined with the next one, so an iPXE error such as `... (http://ipxe.org/2d0c613b)` is
+//! one line again. A Linux kernel writes to the UART directly, so the launcher turns joining off from the
+//! kernel stage on.
+
+use std::time::{Duration, Instant};
+
+/// The width at which SeaBIOS's serial console wraps.
+pub const WRAP_COLUMNS: usize = 80;
+/// A line longer than this is handed out in pieces (a guest that never sends a newline).
+pub const MAX_LINE: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Esc {
+    /// Plain text.
+    None,
+    /// After ESC.
+    Start,
+    /// In a CSI sequence (`ESC [` ... final byte 0x40-0x7e).
+    Csi,
+    /// In an OSC/DCS/APC/PM/SOS string (ended by BEL or `ESC \`).
+    Str,
+    /// ESC inside a string: a `\` ends it.
+    StrEnd,
+    /// After `ESC (`, `ESC )` and the like: one more byte.
+    Charset,
+}
+
+/// Assembles clean lines from raw console bytes. Invalid UTF-8 becomes U+FFFD.
+#[derive(Debug)]
+pub struct LineAssembler {
+    /// The visible characters of the current line.
+    screen: Vec<char>,
+    cursor: usize,
+    /// Pending bytes of an incomplete UTF-8 sequence.
+    utf8: Vec<u8>,
+    esc: Esc,
+    /// A line that filled the width, waiting to be joined with the next one.
+    wrapped: Option<String>,
+    /// Join lines that filled [`WRAP_COLUMNS`] with the next line.
+    pub join_wrapped: bool,
+}
+
+impl Default for LineAssembler {
+    fn default() -> Self {
+        LineAssembler {
+            screen: Vec::new(),
+            cursor: 0,
+            utf8: Vec::new(),
+            esc: Esc::None,
+            wrapped: None,
+            join_wrapped: true,
+        }
+    }
+}
+
+impl LineAssembler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feed raw bytes; complete lines are passed to `out` (without the newline, trailing blanks trimmed).
+    pub fn push(&mut self, bytes: &[u8], out: &mut impl FnMut(String)) {
+        for &b in bytes {
+            self.byte(b, out);
+        }
+    }
+
+    /// What is on the current, unfinished line (and a wrapped line waiting for its continuation), handed out
+    /// as a line of its own: for a guest that went quiet without a newline (a login prompt).
+    pub fn flush(&mut self, out: &mut impl FnMut(String)) {
+        let pending = self.wrapped.take();
+        let current: String = self.screen.iter().collect();
+        self.screen.clear();
+        self.cursor = 0;
+        let line = match pending {
+            Some(p) => p + &current,
+            None => current,
+        };
+        let line = line.trim_end().to_owned();
+        if !line.is_empty() {
+            out(line);
+        }
+    }
+
+    /// Whether anything is waiting for a newline.
+    pub fn has_partial(&self) -> bool {
+        self.wrapped.is_some() || self.screen.iter().any(|c| !c.is_whitespace())
+    }
+
+    /// Whether the unfinished line looks like a prompt waiting for input (`login: `, `# `, `Password:`,
+    /// `[y/N]? `): it ends in `:`, `#`, `$`, `>` or `?`, perhaps followed by blanks. Progress output that is
+    /// still growing (`Configuring (net0 ...)....`) does not, so it is not cut in two.
+    pub fn partial_is_prompt(&self) -> bool {
+        self.wrapped.is_none()
+            && self
+                .screen
+                .iter()
+                .rev()
+                .find(|c| !c.is_whitespace())
+                .is_some_and(|c| matches!(c, ':' | '#' | '$' | '>' | '?'))
+    }
+
+    fn byte(&mut self, b: u8, out: &mut impl FnMut(String)) {
+        match self.esc {
+            Esc::None => {}
+            Esc::Start => {
+                self.esc = match b {
+                    b'[' => Esc::Csi,
+                    b']' | b'P' | b'X' | b'^' | b'_' => Esc::Str,
+                    b'(' | b')' | b'*' | b'+' | b'#' | b'%' => Esc::Charset,
+                    // A two-byte sequence such as `ESC c` (reset) or `ESC 7`.
+                    _ => Esc::None,
+                };
+                return;
+            }
+            Esc::Csi => {
+                if (0x40..=0x7e).contains(&b) {
+                    self.esc = Esc::None;
+                } else if !(0x20..0x40).contains(&b) {
+                    // Not a CSI byte: the sequence is broken; treat this byte as text.
+                    self.esc = Esc::None;
+                    self.byte(b, out);
+                }
+                return;
+            }
+            Esc::Str => {
+                match b {
+                    0x07 => self.esc = Esc::None,
+                    0x1b => self.esc = Esc::StrEnd,
+                    _ => {}
+                }
+                return;
+            }
+            Esc::StrEnd => {
+                self.esc = if b == b'\\' { Esc::None } else { Esc::Str };
+                return;
+            }
+            Esc::Charset => {
+                self.esc = Esc::None;
+                return;
+            }
+        }
+        match b {
+            0x1b => {
+                self.utf8.clear();
+                self.esc = Esc::Start;
+            }
+            b'\n' => self.newline(out),
+            b'\r' => self.cursor = 0,
+            0x08 => self.cursor = self.cursor.saturating_sub(1),
+            b'\t' => {
+                let next = (self.cursor / 8 + 1) * 8;
+                while self.cursor < next {
+                    self.put(' ');
+                }
+            }
+            0x00..=0x1f | 0x7f => {}
+            0x20..=0x7e => self.put(b as char),
+            _ => {
+                self.utf8.push(b);
+                match std::str::from_utf8(&self.utf8) {
+                    Ok(s) => {
+                        let chars: Vec<char> = s.chars().collect();
+                        self.utf8.clear();
+                        for c in chars {
+                            if !c.is_control() {
+                                self.put(c);
+                            }
+                        }
+                    }
+                    Err(e) if e.error_len().is_some() || self.utf8.len() >= 4 => {
+                        self.utf8.clear();
+                        self.put(char::REPLACEMENT_CHARACTER);
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        if self.screen.len() >= MAX_LINE {
+            self.newline(out);
+        }
+    }
+
+    fn put(&mut self, c: char) {
+        if self.cursor < self.screen.len() {
+            self.screen[self.cursor] = c;
+        } else {
+            self.screen.push(c);
+        }
+        self.cursor += 1;
+    }
+
+    fn newline(&mut self, out: &mut impl FnMut(String)) {
+        let text: String = self.screen.iter().collect();
+        let full = self.screen.len() == WRAP_COLUMNS;
+        self.screen.clear();
+        self.cursor = 0;
+        self.utf8.clear();
+        let line = match self.wrapped.take() {
+            Some(p) => p + &text,
+            None => text,
+        };
+        if self.join_wrapped && full && line.len() < MAX_LINE {
+            self.wrapped = Some(line);
+            return;
+        }
+        out(line.trim_end().to_owned());
+    }
+}
+
+/// A token bucket for guest lines in the log: `burst` lines at once, `per_sec` on average. Lines over the
+/// limit are counted, and the count is reported once lines flow again.
+#[derive(Debug)]
+pub struct RateLimit {
+    burst: f64,
+    per_sec: f64,
+    tokens: f64,
+    last: Instant,
+    suppressed: u64,
+}
+
+/// What to do with one line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Log it; `suppressed` lines were left out before it.
+    Log { suppressed: u64 },
+    /// Leave it out.
+    Drop,
+}
+
+impl RateLimit {
+    pub fn new(burst: u32, per_sec: u32) -> Self {
+        RateLimit {
+            burst: f64::from(burst),
+            per_sec: f64::from(per_sec),
+            tokens: f64::from(burst),
+            last: Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    pub fn check(&mut self, now: Instant) -> Verdict {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.per_sec).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            let suppressed = std::mem::take(&mut self.suppressed);
+            Verdict::Log { suppressed }
+        } else {
+            self.suppressed += 1;
+            Verdict::Drop
+        }
+    }
+
+    /// Lines left out and not yet reported, when the guest has been quiet for `quiet`: report them now.
+    pub fn take_if_quiet(&mut self, now: Instant, quiet: Duration) -> u64 {
+        if self.suppressed > 0 && now.saturating_duration_since(self.last) >= quiet {
+            std::mem::take(&mut self.suppressed)
+        } else {
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(bytes: &[u8]) -> Vec<String> {
+        let mut a = LineAssembler::new();
+        let mut v = Vec::new();
+        a.push(bytes, &mut |l| v.push(l));
+        v
+    }
+
+    #[test]
+    fn escapes_and_carriage_returns_are_removed() {
+        // SeaBIOS's first bytes, as they arrive.
+        let v = lines(b"\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS (version 1.16.2-debian-1.16.2-1)\r\n");
+        assert_eq!(v, ["SeaBIOS (version 1.16.2-debian-1.16.2-1)"]);
+        let v = lines(b"\x1b[0;1miPXE 1.0.0\x1b[0m -- Open Source\r\n");
+        assert_eq!(v, ["iPXE 1.0.0 -- Open Source"]);
+        // An OSC title, a charset switch, stray controls.
+        let v = lines(b"\x1b]0;title\x07a\x1b(Bb\x00\x07c\x1b]2;x\x1b\\d\r\n");
+        assert_eq!(v, ["abcd"]);
+        for l in lines(b"\x1b[31mred\x1b[0m\r\n\x1b[K\r\n") {
+            assert!(!l.contains('\x1b') && !l.contains('\r'), "{l:?}");
+        }
+    }
+
+    #[test]
+    fn the_line_shows_what_a_terminal_shows() {
+        // iPXE erases its prompt with backspaces, then prints on the same line.
+        let mut raw = b"Press Ctrl-B for the iPXE command line...".to_vec();
+        for _ in 0..41 {
+            raw.extend_from_slice(b"\x08 \x08");
+        }
+        raw.extend_from_slice(b"net0: 52:54:00:12:34:56 using virtio-net on 0000:00:03.0 (open)\r\n");
+        assert_eq!(lines(&raw), ["net0: 52:54:00:12:34:56 using virtio-net on 0000:00:03.0 (open)"]);
+        // A progress line redrawn after \r.
+        assert_eq!(lines(b"Loading... 10%\rLoading... 100%\r\n"), ["Loading... 100%"]);
+        // Blanked with spaces: nothing left.
+        assert_eq!(lines(b"Press Ctrl-B\r            \r\n"), [""]);
+        assert_eq!(lines(b"a\tb\n"), ["a       b"]);
+    }
+
+    #[test]
+    fn lines_wrapped_at_80_columns_are_joined_until_turned_off() {
+        let first = "http://10.0.2.2:18081/missing.ipxe... No such file or directory (http://ipxe.org";
+        assert_eq!(first.len(), 80);
+        let raw = format!("{first}\r\n/2d0c613b)\r\nnext\r\n");
+        assert_eq!(lines(raw.as_bytes()), [format!("{first}/2d0c613b)"), "next".into()]);
+        let mut a = LineAssembler::new();
+        a.join_wrapped = false;
+        let mut v = Vec::new();
+        a.push(raw.as_bytes(), &mut |l| v.push(l));
+        assert_eq!(v, [first, "/2d0c613b)", "next"]);
+    }
+
+    #[test]
+    fn utf8_split_across_pushes_and_invalid_bytes() {
+        let mut a = LineAssembler::new();
+        let mut v = Vec::new();
+        let s = "größe €\n".as_bytes();
+        for chunk in s.chunks(1) {
+            a.push(chunk, &mut |l| v.push(l));
+        }
+        a.push(b"\xff\xfeok\n", &mut |l| v.push(l));
+        assert_eq!(v, ["größe €", "\u{fffd}\u{fffd}ok"]);
+    }
+
+    #[test]
+    fn endless_lines_come_out_in_pieces_and_flush_hands_out_a_prompt() {
+        let mut a = LineAssembler::new();
+        let mut v = Vec::new();
+        a.push(&vec![b'x'; MAX_LINE * 2 + 10], &mut |l| v.push(l));
+        assert_eq!(v.len(), 2);
+        assert!(v.iter().all(|l| l.len() == MAX_LINE));
+        assert!(a.has_partial());
+        let mut rest = Vec::new();
+        a.flush(&mut |l| rest.push(l));
+        assert_eq!(rest, ["x".repeat(10)]);
+        a.push(b"Configuring (net0 52:54:00:12:34:56)....", &mut |l| rest.push(l));
+        assert!(a.has_partial() && !a.partial_is_prompt(), "progress is not a prompt");
+        a.push(b" ok\r\nlogin: ", &mut |l| rest.push(l));
+        assert!(a.partial_is_prompt());
+        a.flush(&mut |l| rest.push(l));
+        assert_eq!(rest[rest.len() - 2..], ["Configuring (net0 52:54:00:12:34:56).... ok", "login:"]);
+        assert!(!a.has_partial());
+    }
+
+    #[test]
+    fn rate_limit_counts_what_it_leaves_out() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(3, 10);
+        for _ in 0..3 {
+            assert_eq!(r.check(t0), Verdict::Log { suppressed: 0 });
+        }
+        assert_eq!(r.check(t0), Verdict::Drop);
+        assert_eq!(r.check(t0), Verdict::Drop);
+        // 100 ms later one token is back, and the note says how many were left out.
+        assert_eq!(r.check(t0 + Duration::from_millis(100)), Verdict::Log { suppressed: 2 });
+        assert_eq!(r.check(t0 + Duration::from_millis(100)), Verdict::Drop);
+        assert_eq!(r.take_if_quiet(t0 + Duration::from_millis(150), Duration::from_secs(1)), 0);
+        assert_eq!(r.take_if_quiet(t0 + Duration::from_secs(2), Duration::from_secs(1)), 1);
+        assert_eq!(r.take_if_quiet(t0 + Duration::from_secs(3), Duration::from_secs(1)), 0);
+    }
+}

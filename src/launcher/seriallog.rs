@@ -1,0 +1,229 @@
+//! `serial.log`: the raw bytes of the guest console, written by the launcher (QEMU never writes a file).
+//!
+//! - At start the previous boot's log becomes `serial.log.1` (replacing an older one), so a restart after a
+//!   crash keeps the crashed boot's console. An empty log (a start that failed before the guest printed a
+//!   byte) is not rotated, so such failures do not push the last boot out.
+//! - The file never grows past its cap (`--serial-log-max`). When it would, it keeps its first half (the
+//!   boot: firmware, iPXE, the kernel's first lines) and the most recent output after a marker line: it is
+//!   cut back to the end of that head, a marker says how many bytes were left out so far, and writing goes
+//!   on after it. So the size saws between half the cap and the cap, and both the boot and the latest output
+//!   are always in it.
+//! - A `--serial-log` that is not a regular file (a FIFO, `/dev/null`) is written as it is: no rotation, no
+//!   cap.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The smallest cap: a few screens of boot output.
+pub const MIN_CAP: u64 = 16 << 10;
+/// The default cap (`--serial-log-max`).
+pub const DEFAULT_CAP: u64 = 16 << 20;
+
+pub struct SerialLog {
+    path: PathBuf,
+    file: File,
+    /// None: not a regular file, written as it is.
+    cap: Option<u64>,
+    /// Bytes in the file now.
+    len: u64,
+    /// Where the head ends once the file has been cut (the marker follows it).
+    head_end: Option<u64>,
+    /// Bytes left out so far by cutting.
+    cut: u64,
+    /// The length of the marker after the head.
+    marker_len: u64,
+    /// Whether a write failed (reported once).
+    failed: bool,
+}
+
+/// `PATH.1`.
+pub fn previous(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".1");
+    path.with_file_name(name)
+}
+
+impl SerialLog {
+    /// Open `path` for this boot: a regular file is rotated to `PATH.1` first and created anew (0600).
+    pub fn open(path: &Path, cap: u64) -> Result<SerialLog> {
+        let cap = cap.max(MIN_CAP);
+        let (regular, empty) = match std::fs::symlink_metadata(path) {
+            Ok(m) => (m.is_file(), m.len() == 0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (true, true),
+            Err(e) => return Err(Error::io(format!("stat serial log {}", path.display()), e)),
+        };
+        if !regular {
+            // Never wait for a reader: a FIFO without one is an error now, a slow one loses output later.
+            let file = OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| Error::io(format!("open serial log {}", path.display()), e))?;
+            return Ok(SerialLog {
+                path: path.to_owned(),
+                file,
+                cap: None,
+                len: 0,
+                head_end: None,
+                cut: 0,
+                marker_len: 0,
+                failed: false,
+            });
+        }
+        // An empty log (a start that failed before the guest printed anything) does not push the last boot's
+        // log out of PATH.1.
+        let rotate = if empty { Ok(()) } else { std::fs::rename(path, previous(path)) };
+        match rotate {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::io(format!("keep the previous serial log as {}", previous(path).display()), e));
+            }
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| Error::io(format!("create serial log {}", path.display()), e))?;
+        Ok(SerialLog {
+            path: path.to_owned(),
+            file,
+            cap: Some(cap),
+            len: 0,
+            head_end: None,
+            cut: 0,
+            marker_len: 0,
+            failed: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes left out so far to stay under the cap.
+    pub fn cut_bytes(&self) -> u64 {
+        self.cut
+    }
+
+    /// Append console bytes. A failing write is logged once and the console goes on (the guest must never
+    /// wait for the disk).
+    pub fn write(&mut self, mut bytes: &[u8]) {
+        if self.failed {
+            return;
+        }
+        let r = (|| -> std::io::Result<()> {
+            let Some(cap) = self.cap else {
+                return match self.file.write_all(bytes) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                    r => r,
+                };
+            };
+            while !bytes.is_empty() {
+                let room = cap.saturating_sub(self.len);
+                if room == 0 {
+                    self.cut_back(cap)?;
+                    continue;
+                }
+                let n = (bytes.len() as u64).min(room) as usize;
+                self.file.write_all(&bytes[..n])?;
+                self.len += n as u64;
+                bytes = &bytes[n..];
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            self.failed = true;
+            tracing::warn!("serial log {}: {e}; the console goes on without it", self.path.display());
+        }
+    }
+
+    /// The file is full: keep the head (first half), write the marker, drop the rest.
+    fn cut_back(&mut self, cap: u64) -> std::io::Result<()> {
+        let head = *self.head_end.get_or_insert(cap / 2);
+        self.cut += self.len - head - self.marker_len;
+        let marker = format!(
+            "\r\n[ec-ipxe-qemu: serial log cut here to stay under {cap} bytes (--serial-log-max); \
+             {} bytes of console output left out so far]\r\n",
+            self.cut
+        );
+        self.file.set_len(head)?;
+        self.file.seek(SeekFrom::Start(head))?;
+        self.file.write_all(marker.as_bytes())?;
+        self.marker_len = marker.len() as u64;
+        self.len = head + self.marker_len;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_at_open_and_stays_under_the_cap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("serial.log");
+        std::fs::write(&p, b"previous boot").unwrap();
+        std::fs::write(previous(&p), b"older boot").unwrap();
+        let cap = MIN_CAP;
+        let mut log = SerialLog::open(&p, 1).unwrap();
+        assert_eq!(std::fs::read(previous(&p)).unwrap(), b"previous boot");
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+        log.write(b"BOOT-START\r\n");
+        let mut written = 12u64;
+        for i in 0..5000 {
+            let line = format!("line {i:05} ................................................\r\n");
+            log.write(line.as_bytes());
+            written += line.len() as u64;
+            assert!(std::fs::metadata(&p).unwrap().len() <= cap, "over the cap after line {i}");
+        }
+        let text = String::from_utf8(std::fs::read(&p).unwrap()).unwrap();
+        assert!(text.starts_with("BOOT-START\r\n"), "the head (the boot) is kept");
+        assert!(
+            text.ends_with("line 04999 ................................................\r\n"),
+            "the latest output too"
+        );
+        let markers = text.matches("[ec-ipxe-qemu: serial log cut here").count();
+        assert_eq!(markers, 1, "one marker between head and tail");
+        assert!(log.cut_bytes() > 0 && log.cut_bytes() < written);
+        assert_eq!(log.cut_bytes() + text.len() as u64, written + marker_len(&text), "every byte is accounted for");
+        // A second open keeps this one as .1; an empty log does not replace it there.
+        drop(log);
+        let again = SerialLog::open(&p, cap).unwrap();
+        assert_eq!(std::fs::read_to_string(previous(&p)).unwrap(), text);
+        drop(again);
+        let _third = SerialLog::open(&p, cap).unwrap();
+        assert_eq!(std::fs::read_to_string(previous(&p)).unwrap(), text, "an empty log is not rotated");
+    }
+
+    fn marker_len(text: &str) -> u64 {
+        let start = text.find("\r\n[ec-ipxe-qemu: serial log cut here").unwrap();
+        let end = text[start + 2..].find("\r\n").unwrap() + start + 4;
+        (end - start) as u64
+    }
+
+    #[test]
+    fn a_fifo_is_written_as_it_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("fifo");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // No reader: refused at once instead of waiting.
+        assert!(SerialLog::open(&p, MIN_CAP).is_err());
+        let mut reader = OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK).open(&p).unwrap();
+        let mut log = SerialLog::open(&p, MIN_CAP).unwrap();
+        log.write(b"hello");
+        drop(log);
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut got).unwrap();
+        assert_eq!(got, b"hello");
+        assert!(!previous(&p).exists());
+    }
+}

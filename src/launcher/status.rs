@@ -1,0 +1,298 @@
+//! `status.json` in the state directory: what the launcher knows about its guest, replaced atomically (a
+//! temporary file and a rename) at every change, so a reader never sees half of it. `ec-ipxe-qemu status`
+//! reads it and tells whether a launcher still holds the directory.
+//!
+//! Whether a launcher holds the directory is read from `/proc/locks` (an flock on `DIR/lock` with that file's
+//! device and inode): looking never takes the lock itself, so `status` can never make a starting launcher
+//! fail with "in use".
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::launcher::bootwatch::Stage;
+
+pub const STATUS_FILE: &str = "status.json";
+
+/// The contents of `status.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The launcher's pid.
+    pub pid: u32,
+    /// QEMU's pid while it runs.
+    pub qemu_pid: Option<u32>,
+    /// When the launcher started QEMU (RFC 3339, UTC).
+    pub started_at: String,
+    /// The boot stage (see the boot watch); `null` before QEMU starts.
+    pub stage: Option<Stage>,
+    pub ready: bool,
+    /// When the guest became ready.
+    pub ready_at: Option<String>,
+    /// The chain target (`null` for the built-in diagnostics).
+    pub boot_url: Option<String>,
+    /// The boot NIC's address (user-mode network).
+    pub boot_address: Option<String>,
+    pub lan_interface: Option<String>,
+    pub lan_mac: Option<String>,
+    /// The guest's LAN address, from its console (`ec-publisher: lan ADDRESS` or the diagnostics' LAN line).
+    pub lan_address: Option<String>,
+    pub accel: String,
+    /// vhost-net on the LAN NIC: `on` or `off`.
+    pub vhost: String,
+    /// The last boot failure seen on the console, with its hint.
+    pub last_error: Option<String>,
+    pub updated_at: String,
+    /// When the launcher ended (set as it exits).
+    pub ended_at: Option<String>,
+}
+
+/// The status file of a state directory.
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(STATUS_FILE)
+}
+
+/// The current time as RFC 3339 UTC with seconds (`2026-11-25T12:47:03Z`).
+pub fn now_rfc3339() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Seconds since the epoch as RFC 3339 UTC (civil-from-days, H. Hinnant's algorithm).
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The status the launcher keeps, written to disk at every change.
+pub struct StatusFile {
+    path: PathBuf,
+    pub status: Status,
+    failed: bool,
+}
+
+impl StatusFile {
+    pub fn new(state_dir: &Path, status: Status) -> StatusFile {
+        StatusFile { path: path(state_dir), status, failed: false }
+    }
+
+    /// Change the status and write it; nothing is written when nothing changed.
+    pub fn update(&mut self, f: impl FnOnce(&mut Status)) {
+        let before = self.status.clone();
+        f(&mut self.status);
+        if self.status != before {
+            self.write();
+        }
+    }
+
+    /// Write it now. A failure is logged once; the guest goes on.
+    pub fn write(&mut self) {
+        self.status.updated_at = now_rfc3339();
+        let r = serde_json::to_vec_pretty(&self.status)
+            .map_err(|e| Error::Runtime(format!("encode {}: {e}", self.path.display())))
+            .and_then(|mut text| {
+                text.push(b'\n');
+                crate::launcher::state::write_atomically_mode(&self.path, &text, 0o640)
+            });
+        match r {
+            Ok(()) => self.failed = false,
+            Err(e) if !self.failed => {
+                self.failed = true;
+                tracing::warn!("status file: {e}");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// What `status` reads: the last status written, and whether a launcher holds the directory now.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub status: Status,
+    /// Whether a launcher holds the state directory now.
+    pub running: bool,
+}
+
+/// Read the status of `state_dir`. No status file: not found (exit 3).
+pub fn read(state_dir: &Path) -> Result<Report> {
+    let p = path(state_dir);
+    let text = match std::fs::read(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::not_found(format!(
+                "--state-dir \"{}\": {STATUS_FILE} (no launcher has run there yet)",
+                state_dir.display()
+            )));
+        }
+        Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
+    };
+    let status: Status = serde_json::from_slice(&text)
+        .map_err(|e| Error::Runtime(format!("{}: not a status file ({e})", p.display())))?;
+    let running = held(&state_dir.join(crate::launcher::config::LOCK_FILE))?;
+    Ok(Report { status, running })
+}
+
+/// Whether some process holds an flock on `lock` (from `/proc/locks`, without touching the lock).
+pub fn held(lock: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match std::fs::metadata(lock) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(format!("stat {}", lock.display()), e)),
+    };
+    let locks = std::fs::read_to_string("/proc/locks").map_err(|e| Error::io("read /proc/locks", e))?;
+    Ok(locks_hold(&locks, m.dev(), m.ino()))
+}
+
+/// Whether `/proc/locks` text lists an flock on the file with device `dev` and inode `ino`.
+pub fn locks_hold(locks: &str, dev: u64, ino: u64) -> bool {
+    let want = format!(
+        "{:02x}:{:02x}:{ino}",
+        nix::sys::stat::major(dev as nix::libc::dev_t),
+        nix::sys::stat::minor(dev as nix::libc::dev_t)
+    );
+    locks.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 3217 fe:00:5578762 0 EOF"; blocked waiters carry "->" first.
+        let f: Vec<&str> = f.into_iter().filter(|x| *x != "->").collect();
+        f.len() >= 6 && f[1] == "FLOCK" && f[5] == want
+    })
+}
+
+/// The human form of a report.
+pub fn render(state_dir: &Path, r: &Report) -> String {
+    let s = &r.status;
+    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let mut out = String::new();
+    if r.running {
+        out.push_str(&format!(
+            "{}: running (launcher pid {}, QEMU pid {}, started {})\n",
+            state_dir.display(),
+            s.pid,
+            s.qemu_pid.map_or("-".into(), |p| p.to_string()),
+            s.started_at
+        ));
+    } else {
+        out.push_str(&format!(
+            "{}: not running (no launcher holds it); last known status (launcher pid {}, started {}, ended {}):\n",
+            state_dir.display(),
+            s.pid,
+            s.started_at,
+            or_none(&s.ended_at)
+        ));
+    }
+    let stage = s.stage.map_or("-".to_owned(), |st| st.to_string());
+    let ready = match (&s.ready, &s.ready_at) {
+        (true, Some(at)) => format!("yes (since {at})"),
+        (true, None) => "yes".into(),
+        (false, _) => "no".into(),
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("stage", stage),
+        ("ready", ready),
+        ("boot URL", s.boot_url.clone().unwrap_or_else(|| "(built-in diagnostics)".into())),
+        ("boot address", or_none(&s.boot_address)),
+        ("LAN interface", or_none(&s.lan_interface)),
+        ("LAN MAC", or_none(&s.lan_mac)),
+        ("LAN address", or_none(&s.lan_address)),
+        ("accel", s.accel.clone()),
+        ("vhost", s.vhost.clone()),
+        ("last error", or_none(&s.last_error)),
+        ("updated", s.updated_at.clone()),
+    ];
+    for (k, v) in rows {
+        out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_610_823), "2026-11-25T12:47:03Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn proc_locks_lines() {
+        let dev = nix::sys::stat::makedev(0xfe, 0) as u64;
+        let text = "1: FLOCK  ADVISORY  WRITE 3217 fe:00:5578762 0 EOF\n\
+                    2: POSIX  ADVISORY  WRITE 3218 fe:00:42 0 EOF\n\
+                    3: FLOCK  ADVISORY  WRITE 99 fe:01:42 0 EOF\n\
+                    3: -> FLOCK  ADVISORY  WRITE 100 fe:00:77 0 EOF\n";
+        assert!(locks_hold(text, dev, 5_578_762));
+        assert!(!locks_hold(text, dev, 42), "a POSIX lock is not the launcher's flock; fe:01 is another device");
+        assert!(locks_hold(text, dev, 77));
+        assert!(!locks_hold(text, dev, 1));
+    }
+
+    #[test]
+    fn written_atomically_read_back_and_held_is_seen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        assert_eq!(read(dir).unwrap_err().exit_code(), 3);
+        let mut f = StatusFile::new(
+            dir,
+            Status {
+                pid: 7,
+                accel: "tcg".into(),
+                vhost: "off".into(),
+                stage: Some(Stage::Firmware),
+                ..Status::default()
+            },
+        );
+        f.write();
+        f.update(|s| s.lan_address = Some("192.168.77.53".into()));
+        let r = read(dir).unwrap();
+        assert!(!r.running, "no lock file, no launcher");
+        assert_eq!(r.status.lan_address.as_deref(), Some("192.168.77.53"));
+        assert_eq!(r.status.stage, Some(Stage::Firmware));
+        // Only the status file is left (no temporary file).
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 1);
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        for k in [
+            "pid",
+            "qemu_pid",
+            "started_at",
+            "stage",
+            "ready",
+            "boot_url",
+            "boot_address",
+            "lan_interface",
+            "lan_mac",
+            "lan_address",
+            "accel",
+            "vhost",
+            "running",
+        ] {
+            assert!(v.get(k).is_some(), "{k} in {v}");
+        }
+        assert_eq!(v["stage"], "firmware");
+        // A held flock is seen, without being taken.
+        let lock = std::fs::File::create(dir.join("lock")).unwrap();
+        assert!(!read(dir).unwrap().running);
+        let held_lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+        assert!(read(dir).unwrap().running);
+        drop(held_lock);
+        assert!(!read(dir).unwrap().running);
+        let text = render(dir, &read(dir).unwrap());
+        assert!(text.contains("not running") && text.contains("192.168.77.53"), "{text}");
+    }
+}
