@@ -10,6 +10,22 @@ use crate::launcher::accel::Accel;
 use crate::launcher::config::{BOOT_SCRIPT, LaunchConfig};
 use crate::names::MacAddr;
 
+/// The user-mode network (slirp), fixed in the argv so that the boot script can configure the boot NIC
+/// without DHCP and still match what slirp's DHCP server would hand out. These are QEMU's defaults.
+pub mod usernet {
+    use std::net::Ipv4Addr;
+
+    /// The network, as `-netdev user,net=` takes it.
+    pub const NET: &str = "10.0.2.0/24";
+    pub const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+    /// The host as the guest sees it (gateway; slirp maps it to the host's loopback).
+    pub const HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+    /// slirp's DNS forwarder.
+    pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+    /// The first (and, with one guest NIC, only) address slirp's DHCP hands out.
+    pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+}
+
 pub const BOOT_NIC_ADDR: &str = "0x3";
 pub const LAN_NIC_ADDR: &str = "0x4";
 pub const DISK_ADDR: &str = "0x5";
@@ -57,7 +73,13 @@ pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32
     push(&["-chardev", &format!("file,id=serial0,path={}", path(&cfg.serial_log)), "-serial", "chardev:serial0"]);
 
     // Boot NIC: user-mode networking. Without --ipxe its option ROM fetches boot.ipxe over slirp TFTP.
-    let mut user = String::from("user,id=boot");
+    let mut user = format!(
+        "user,id=boot,net={},host={},dns={},dhcpstart={}",
+        usernet::NET,
+        usernet::HOST,
+        usernet::DNS,
+        usernet::GUEST
+    );
     if cfg.ipxe.is_none() {
         user.push_str(&format!(",tftp={},bootfile={BOOT_SCRIPT}", path(&cfg.tftp_dir())));
     }
@@ -144,7 +166,8 @@ mod tests {
              -chardev socket,id=ec-launcher-qmp,fd=3 -mon chardev=ec-launcher-qmp,mode=control \
              -qmp unix:@T/state/qmp.sock,server=on,wait=off \
              -chardev file,id=serial0,path=@T/state/serial.log -serial chardev:serial0 \
-             -netdev user,id=boot,tftp=@T/state/tftp,bootfile=boot.ipxe \
+             -netdev user,id=boot,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,dhcpstart=10.0.2.15,\
+             tftp=@T/state/tftp,bootfile=boot.ipxe \
              -device virtio-net-pci,netdev=boot,addr=0x3,bootindex=1 \
              -drive if=none,id=disk0,file=@T/state/disk.qcow2,format=qcow2,discard=unmap \
              -device virtio-blk-pci,drive=disk0,addr=0x5"
@@ -189,7 +212,8 @@ mod tests {
              -chardev socket,id=ec-launcher-qmp,fd=3 -mon chardev=ec-launcher-qmp,mode=control \
              -qmp unix:@T/s/qmp.sock,server=on,wait=off \
              -chardev file,id=serial0,path=@T/console.log -serial chardev:serial0 \
-             -netdev user,id=boot,hostname=pub1,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53 \
+             -netdev user,id=boot,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,dhcpstart=10.0.2.15,\
+             hostname=pub1,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53 \
              -device e1000,netdev=boot,addr=0x3,romfile= \
              -kernel @T/ipxe.lkrn -initrd @T/s/tftp/boot.ipxe -S -device virtio-rng-pci"
         );

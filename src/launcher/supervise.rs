@@ -248,7 +248,13 @@ fn prepare(cfg: &LaunchConfig, accel: Accel, tap: Option<&OpenedTap>) -> Result<
         BootTarget::Dir { dir, bind, port } => Some(BootServer::start(dir, *bind, *port)?),
         _ => None,
     };
-    let spec = ScriptSpec::new(&cfg.boot, http.as_ref().map(|h| h.addr().port()), &cfg.dns, cfg.lan.is_some());
+    let spec = ScriptSpec::new(
+        &cfg.boot,
+        http.as_ref().map(|h| h.addr().port()),
+        &cfg.dns,
+        cfg.lan.is_some(),
+        cfg.hostname.as_ref().map(|h| h.as_str()),
+    );
     match (cfg.dns.len(), spec.dns) {
         (0, _) => {}
         (_, None) => tracing::warn!("--dns: iPXE takes one IPv4 DNS server and none was given; using the DHCP one"),
