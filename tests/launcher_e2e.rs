@@ -323,6 +323,38 @@ fn user_mode_chain_to_loopback_http() {
     assert!(seen.iter().any(|r| r == "GET /chain.ipxe?from=52%3A54%3A00%3A12%3A34%3A56"), "server saw {seen:?}");
     // The boot path never touches a LAN NIC.
     assert!(!std::fs::read_to_string(state.join("tftp/boot.ipxe")).unwrap().contains("net1"));
+    // One DHCP on the boot NIC (the ROM's autoboot): the script keeps the address it got.
+    assert_eq!(s.matches("Configuring (net0").count(), 1, "{s}");
+    assert!(s.contains("ec-ipxe-qemu: boot net0 52:54:00:12:34:56 ip 10.0.2.15"), "{s}");
+    // The ROM's Ctrl-B banner was shown and answered at once.
+    assert!(s.contains("Press Ctrl-B for the iPXE command line..."), "{s}");
+    let log = run.stderr();
+    assert!(log.contains("iPXE banner \"Press Ctrl-B for the iPXE command line...\": pressed Enter"), "{log}");
+}
+
+/// `--ipxe ipxe.lkrn` with a chain URL: the script gives the boot NIC the user-mode network's fixed addresses
+/// (no DHCP at all, so none of its waits) and the chain sees them, with `--hostname` as `${hostname}`.
+#[test]
+fn ipxe_lkrn_chains_with_the_fixed_user_mode_addresses() {
+    let t = "ipxe_lkrn_chains_with_the_fixed_user_mode_addresses";
+    if !require_qemu(t) || !require_programs(t, &[LKRN]) {
+        return;
+    }
+    let marker = format!("E2E-FIXED-{}", unique("m"));
+    let server = TestServer::start(format!("#!ipxe\necho {marker}\nsleep 3600\n"));
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let url = format!("http://10.0.2.2:{}/c.ipxe?h=${{hostname}}&ip=${{net0/ip}}&gw=${{net0/gateway}}", server.port);
+    let _slot = Slot::take();
+    let mut run = Run::start(None, &state, &["--no-disk", "--ipxe", LKRN, "--hostname", "pub1", "--boot-url", &url]);
+    let s = run.wait_serial(&marker);
+    assert!(!s.contains("Configuring (net0"), "no DHCP on the boot NIC:\n{s}");
+    assert!(!s.contains("no DHCP answer"), "{s}");
+    assert!(s.contains("ec-ipxe-qemu: boot net0 52:54:00:12:34:56 ip 10.0.2.15"), "{s}");
+    assert!(s.contains("ec-ipxe-qemu: gateway 10.0.2.2 dns 10.0.2.3"), "{s}");
+    let seen = server.seen();
+    assert!(seen.iter().any(|r| r == "GET /c.ipxe?h=pub1&ip=10.0.2.15&gw=10.0.2.2"), "server saw {seen:?}");
+    assert!(!run.stderr().contains("iPXE banner"), "no ROM banner on the --ipxe path:\n{}", run.stderr());
 }
 
 /// `--boot-dir`: the launcher's own HTTP server serves netboot.ipxe to the guest.

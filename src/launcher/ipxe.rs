@@ -80,12 +80,13 @@ pub fn script(spec: &ScriptSpec) -> String {
     line("goto ec_net0_up");
     line(":ec_net0_fixed");
     // The user-mode network's fixed addresses (what slirp's DHCP would hand out), without DHCP's waits.
-    line(&format!("set net0/ip {}", usernet::GUEST));
-    line(&format!("set net0/netmask {}", usernet::NETMASK));
-    line(&format!("set net0/gateway {}", usernet::HOST));
-    line(&format!("set net0/dns {}", usernet::DNS));
+    // Each step falls back to DHCP with its retry loop (e.g. no net0 when iPXE lacks a driver for the model).
+    line(&format!("set net0/ip {} || goto ec_dhcp", usernet::GUEST));
+    line(&format!("set net0/netmask {} || goto ec_dhcp", usernet::NETMASK));
+    line(&format!("set net0/gateway {} || goto ec_dhcp", usernet::HOST));
+    line(&format!("set net0/dns {} || goto ec_dhcp", usernet::DNS));
     if let Some(h) = &spec.hostname {
-        line(&format!("set net0/hostname {h}"));
+        line(&format!("set net0/hostname {h} || goto ec_dhcp"));
     }
     line("ifopen net0 || goto ec_dhcp");
     line("goto ec_net0_up");
@@ -168,11 +169,11 @@ echo ec-ipxe-qemu: boot NIC net0 (${net0/mac}) on the user-mode network
 isset ${net0/ip} || goto ec_net0_fixed
 goto ec_net0_up
 :ec_net0_fixed
-set net0/ip 10.0.2.15
-set net0/netmask 255.255.255.0
-set net0/gateway 10.0.2.2
-set net0/dns 10.0.2.3
-set net0/hostname pub1
+set net0/ip 10.0.2.15 || goto ec_dhcp
+set net0/netmask 255.255.255.0 || goto ec_dhcp
+set net0/gateway 10.0.2.2 || goto ec_dhcp
+set net0/dns 10.0.2.3 || goto ec_dhcp
+set net0/hostname pub1 || goto ec_dhcp
 ifopen net0 || goto ec_dhcp
 goto ec_net0_up
 :ec_dhcp

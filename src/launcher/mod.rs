@@ -3,6 +3,7 @@
 //! link watch, supervision).
 
 pub mod accel;
+pub mod banner;
 pub mod config;
 pub mod httpd;
 pub mod ipxe;

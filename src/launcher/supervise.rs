@@ -32,6 +32,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::launcher::accel::{self, Accel};
+use crate::launcher::banner;
 use crate::launcher::config::{BOOT_SCRIPT, BootTarget, HostForward, LaunchConfig, Proto};
 use crate::launcher::httpd::BootServer;
 use crate::launcher::ipxe::{self, ScriptSpec};
@@ -464,6 +465,10 @@ async fn start(
             .into());
         }
     };
+    if cfg.ipxe.is_none() {
+        // The NIC option ROM's Ctrl-B banner would hold the boot for 2-3 s: answer it (ends by itself).
+        tokio::spawn(banner::answer(cfg.serial_log.clone(), qmp.clone()));
+    }
     tracing::info!(
         "QEMU started (pid {pid}, accel {}, guest {}); serial console in {}",
         accel.as_str(),
