@@ -9,8 +9,8 @@
 //!   LAN NIC gets the macvtap's fd through `ec-macvtap exec`, `romfile=` empty);
 //! - `default`: `ec-ipxe-qemu run --boot-url URL --lan-interface NAME` (the NIC option ROM path);
 //! - `ipxe`: the same with `--ipxe /usr/lib/ipxe/ipxe.lkrn`;
-//! - `bare-lkrn` (reference): plain QEMU booting `ipxe.lkrn` with a two-line script (`dhcp net0`, `chain URL`)
-//!   as its initrd.
+//! - `bare-lkrn` (reference): plain QEMU booting `ipxe.lkrn` with a short script (`dhcp net0`, print the
+//!   address, `chain URL`) as its initrd.
 //!
 //! Stages, in seconds from the spawn of the variant's first process, taken from the serial console (polled
 //! every few milliseconds) and dnsmasq's log: `firmware` (SeaBIOS prints), `ipxe` (iPXE has initialised its
@@ -236,10 +236,14 @@ fn run_once(w: &World, v: &Variant, n: usize) -> Timeline {
     }
     stop(child, v.kind);
     if times.iter().any(Option::is_none) {
+        let console = console.replace('\r', "");
+        let tail: Vec<&str> = console.lines().rev().take(12).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
         eprintln!(
-            "  {} run {n}: stages missing; console:\n{}\n  stderr:\n{}",
+            "  {} run {n}: stage(s) {} not seen; console ends:\n{}\n  stderr:\n{}",
             v.label,
-            console.replace('\r', ""),
+            STAGES.iter().zip(times).filter(|(_, t)| t.is_none()).map(|(s, _)| *s).collect::<Vec<_>>().join(", "),
+            tail.join("\n"),
             std::fs::read_to_string(&stderr_path).unwrap_or_default()
         );
     }
@@ -310,7 +314,11 @@ fn main() {
     );
     let url = format!("http://10.0.2.2:{}/chain.ipxe", server.port);
     let tmp = tempfile::tempdir().expect("temp dir");
-    std::fs::write(tmp.path().join("bare-lkrn.ipxe"), format!("#!ipxe\ndhcp net0\nchain {url}\n")).expect("script");
+    std::fs::write(
+        tmp.path().join("bare-lkrn.ipxe"),
+        format!("#!ipxe\ndhcp net0\necho net0 ${{net0/ip}}\nchain {url}\n"),
+    )
+    .expect("script");
     let world = World { lab, name, mac, url, dir: tmp.path().to_owned() };
 
     let mut variants = vec![

@@ -13,6 +13,7 @@ pub mod qemu_args;
 pub mod qmp;
 pub mod state;
 pub mod supervise;
+pub mod vhost;
 
 use crate::error::{Error, Result};
 use crate::link::{self, LinkView, Netlink};
@@ -50,6 +51,7 @@ pub fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
         Some(l) => Some(LanNic {
             mac: lan_mac(&l.interface)?,
             fds: (0..l.queues as i32).map(|i| supervise::FIRST_TAP_FD + i).collect(),
+            vhost_fds: Vec::new(),
         }),
         None => None,
     };

@@ -30,11 +30,13 @@ pub const BOOT_NIC_ADDR: &str = "0x3";
 pub const LAN_NIC_ADDR: &str = "0x4";
 pub const DISK_ADDR: &str = "0x5";
 
-/// The LAN NIC as QEMU sees it: the macvtap's MAC and the fd numbers the tap queues will have in QEMU.
+/// The LAN NIC as QEMU sees it: the macvtap's MAC, the fd numbers the tap queues will have in QEMU and,
+/// with vhost-net, those of the `/dev/vhost-net` fds (one per queue; empty without vhost).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LanNic {
     pub mac: MacAddr,
     pub fds: Vec<i32>,
+    pub vhost_fds: Vec<i32>,
 }
 
 /// QEMU option values are comma-separated: a literal comma is written twice.
@@ -102,11 +104,18 @@ pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32
     // LAN NIC: the macvtap's queues, its MAC, no option ROM (iPXE never boots from the LAN).
     if let (Some(spec), Some(nic)) = (&cfg.lan, lan) {
         let fds: Vec<String> = nic.fds.iter().map(|f| f.to_string()).collect();
-        let netdev = if fds.len() == 1 {
+        let vhost: Vec<String> = nic.vhost_fds.iter().map(|f| f.to_string()).collect();
+        let mut netdev = if fds.len() == 1 {
             format!("tap,id=lan,fd={}", fds[0])
         } else {
             format!("tap,id=lan,fds={}", fds.join(":"))
         };
+        // QEMU pairs fd= with vhostfd= and fds= with vhostfds=.
+        match vhost.len() {
+            0 => {}
+            1 if fds.len() == 1 => netdev.push_str(&format!(",vhost=on,vhostfd={}", vhost[0])),
+            _ => netdev.push_str(&format!(",vhost=on,vhostfds={}", vhost.join(":"))),
+        }
         let mut dev = format!("{},netdev=lan,mac={},romfile=,addr={LAN_NIC_ADDR}", spec.model.as_str(), nic.mac);
         if fds.len() > 1 {
             dev.push_str(&format!(",mq=on,vectors={}", 2 * fds.len() + 2));
@@ -224,7 +233,7 @@ mod tests {
         let mac: MacAddr = "02:11:22:33:44:55".parse().unwrap();
         let (c, t) =
             cfg(&["--state-dir", "@T/s", "--qemu", "@T/qemu-system-x86_64", "--no-disk", "--lan-interface", "ec-lan0"]);
-        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3] }), 4), &t);
+        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3], vhost_fds: vec![] }), 4), &t);
         assert!(
             one.contains("-chardev socket,id=ec-launcher-qmp,fd=4 ")
                 && one.ends_with(
@@ -244,7 +253,7 @@ mod tests {
             "--lan-queues",
             "3",
         ]);
-        let three = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5] }), 6), &t);
+        let three = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5], vhost_fds: vec![] }), 6), &t);
         assert!(
             three.contains("-chardev socket,id=ec-launcher-qmp,fd=6 ")
                 && three.ends_with(
@@ -252,6 +261,45 @@ mod tests {
                  -device virtio-net-pci,netdev=lan,mac=02:11:22:33:44:55,romfile=,addr=0x4,mq=on,vectors=8"
                 ),
             "{three}"
+        );
+    }
+
+    /// vhost-net: one `/dev/vhost-net` fd per queue after the tap fds, paired the way QEMU wants
+    /// (`fd=` with `vhostfd=`, `fds=` with `vhostfds=`); the launcher's QMP fd comes after them.
+    #[test]
+    fn lan_nic_with_vhost_fds() {
+        let mac: MacAddr = "02:11:22:33:44:55".parse().unwrap();
+        let (c, t) =
+            cfg(&["--state-dir", "@T/s", "--qemu", "@T/qemu-system-x86_64", "--no-disk", "--lan-interface", "ec-lan0"]);
+        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3], vhost_fds: vec![4] }), 5), &t);
+        assert!(
+            one.contains("-chardev socket,id=ec-launcher-qmp,fd=5 ")
+                && one.ends_with(
+                    "-netdev tap,id=lan,fd=3,vhost=on,vhostfd=4 \
+                     -device virtio-net-pci,netdev=lan,mac=02:11:22:33:44:55,romfile=,addr=0x4"
+                ),
+            "{one}"
+        );
+        let (c, t) = cfg(&[
+            "--state-dir",
+            "@T/s",
+            "--qemu",
+            "@T/qemu-system-x86_64",
+            "--no-disk",
+            "--lan-interface",
+            "ec-lan0",
+            "--lan-queues",
+            "2",
+        ]);
+        let nic = LanNic { mac, fds: vec![3, 4], vhost_fds: vec![5, 6] };
+        let two = golden(build(&c, Accel::Tcg, Some(&nic), 7), &t);
+        assert!(
+            two.contains("-chardev socket,id=ec-launcher-qmp,fd=7 ")
+                && two.ends_with(
+                    "-netdev tap,id=lan,fds=3:4,vhost=on,vhostfds=5:6 \
+                     -device virtio-net-pci,netdev=lan,mac=02:11:22:33:44:55,romfile=,addr=0x4,mq=on,vectors=6"
+                ),
+            "{two}"
         );
     }
 

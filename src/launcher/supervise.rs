@@ -233,6 +233,7 @@ fn name_option(e: Error, option: &str) -> Error {
         Error::Io { op, source } => Error::Io { op: format!("{option}: {op}"), source },
         Error::Netlink { op, errno } => Error::Netlink { op: format!("{option}: {op}"), errno },
         Error::Runtime(m) => Error::Runtime(format!("{option}: {m}")),
+        Error::Unusable { kind, what, reason } => Error::Unusable { kind, what: format!("{option}: {what}"), reason },
     }
 }
 
@@ -274,7 +275,11 @@ fn prepare(cfg: &LaunchConfig, accel: Accel, tap: Option<&OpenedTap>) -> Result<
     }
     remove_if_exists(&cfg.qmp_socket());
     let queues = tap.map_or(0, |t| t.fds.len() as u32);
-    let lan = tap.map(|t| LanNic { mac: t.mac, fds: (0..queues as i32).map(|i| FIRST_TAP_FD + i).collect() });
+    let lan = tap.map(|t| LanNic {
+        mac: t.mac,
+        fds: (0..queues as i32).map(|i| FIRST_TAP_FD + i).collect(),
+        vhost_fds: Vec::new(),
+    });
     let qmp_fd = qmp_fd(queues);
     let argv = qemu_args::build(cfg, accel, lan.as_ref(), qmp_fd);
     Ok(Prepared { argv, qmp_fd, _http: http })
