@@ -106,6 +106,25 @@ impl LinkView {
         v
     }
 
+    /// One line for logs: `#INDEX KIND [MODE] on #PARENT MAC up|down [ours]`.
+    pub fn summary(&self) -> String {
+        let mut s = format!("#{} {}", self.ifindex, self.kind.as_deref().unwrap_or("device"));
+        if let Some(m) = self.mode {
+            s.push_str(&format!(" {m}"));
+        }
+        if let Some(p) = self.parent_ifindex {
+            s.push_str(&format!(" on #{p}"));
+        }
+        if let Some(mac) = self.mac {
+            s.push_str(&format!(" {mac}"));
+        }
+        s.push_str(if self.up { " up" } else { " down" });
+        if self.owned() {
+            s.push_str(" ours");
+        }
+        s
+    }
+
     pub fn is_macvtap(&self) -> bool {
         self.kind.as_deref() == Some("macvtap")
     }
@@ -201,11 +220,34 @@ pub fn up_message(ifindex: u32) -> LinkMessage {
 
 /// Look a link up by name; a missing link (ENODEV) is `Ok(None)`.
 pub async fn get_by_name(handle: &Handle, name: &IfName) -> Result<Option<LinkView>> {
-    first_link(handle.link().get().match_name(name.as_str()), || format!("look up link \"{name}\"")).await
+    let found = first_link(handle.link().get().match_name(name.as_str()), || format!("look up link \"{name}\"")).await;
+    log_lookup(&format!("\"{name}\""), &found);
+    found
 }
 
 pub async fn get_by_index(handle: &Handle, ifindex: u32) -> Result<Option<LinkView>> {
-    first_link(handle.link().get().match_index(ifindex), || format!("look up link #{ifindex}")).await
+    let found = first_link(handle.link().get().match_index(ifindex), || format!("look up link #{ifindex}")).await;
+    log_lookup(&format!("#{ifindex}"), &found);
+    found
+}
+
+fn log_lookup(what: &str, found: &Result<Option<LinkView>>) {
+    match found {
+        Ok(Some(v)) => {
+            tracing::debug!("netlink: get link {what}: \"{}\" {}", v.name, v.summary());
+            tracing::trace!(
+                "netlink: link {what}: mtu {:?}, carrier {}, alias {:?}, controller {:?}, link-netnsid {:?}, {:?}",
+                v.mtu,
+                v.carrier,
+                v.alias,
+                v.controller,
+                v.link_netnsid,
+                v.link_layer
+            );
+        }
+        Ok(None) => tracing::debug!("netlink: get link {what}: absent"),
+        Err(e) => tracing::debug!("netlink: get link {what}: {e}"),
+    }
 }
 
 /// rtnetlink answers a lookup of a missing link with ENODEV, not an empty stream: map that to `None`.
@@ -228,11 +270,22 @@ pub async fn dump_kind(handle: &Handle, kind: InfoKind) -> Result<Vec<LinkView>>
     attrs.push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
     // Each message is turned into a view and dropped as it arrives: holding a thousand parsed messages
     // (stats, per-family attributes) at once costs more in page faults than the kernel spends on the dump.
-    req.execute().map_ok(|m| LinkView::from_message(&m)).try_collect().await.map_err(|e| Error::netlink(what, e))
+    let views: Vec<LinkView> = req
+        .execute()
+        .map_ok(|m| LinkView::from_message(&m))
+        .try_collect()
+        .await
+        .map_err(|e| Error::netlink(what.clone(), e))?;
+    tracing::debug!("netlink: {what}: {}", views.len());
+    for v in &views {
+        tracing::trace!("netlink: \"{}\" {}", v.name, v.summary());
+    }
+    Ok(views)
 }
 
 /// Delete by name (for rollback, when the index may not be known); a missing link is fine.
 pub async fn delete_by_name(handle: &Handle, name: &IfName) -> Result<()> {
+    tracing::debug!("netlink: delete link \"{name}\" by name");
     match handle.link().del_with_message(LinkUnspec::new_with_name(name.as_str()).build()).execute().await {
         Ok(()) => Ok(()),
         Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == nix::errno::Errno::ENODEV as i32 => Ok(()),
@@ -241,6 +294,7 @@ pub async fn delete_by_name(handle: &Handle, name: &IfName) -> Result<()> {
 }
 
 pub async fn delete(handle: &Handle, ifindex: u32, name: &str) -> Result<()> {
+    tracing::debug!("netlink: delete link \"{name}\" (#{ifindex})");
     handle.link().del(ifindex).execute().await.map_err(|e| Error::netlink(format!("delete link \"{name}\""), e))
 }
 

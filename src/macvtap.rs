@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::link::{self, LinkView, MacvtapSpec, Netlink};
-use crate::names::{IfName, MacAddr, MachineId, MacvtapMode, OwnerSpec};
+use crate::names::{IfName, MacAddr, MachineId, MacvtapMode, OWNER_MARKER, OwnerSpec};
 use crate::netns::{self, NetnsSpec};
 use crate::nodedir::{self, NodeDir};
 use crate::tap::{self, DevNum};
@@ -160,6 +160,7 @@ async fn create_here(nl: &Netlink, ns: Option<&NetnsSpec>, req: &CreateRequest) 
     if let Some(reason) = link::parent_problem(&parent, link::sysfs_is_wireless(&parent.name)) {
         return Err(Error::invalid(what, reason));
     }
+    tracing::debug!("parent \"{}\" can carry a macvtap (wired, not a bridge or bond port)", parent.name);
     if let (Some(mtu), Some(limit)) = (spec.mtu, parent.mtu)
         && mtu > limit
     {
@@ -183,6 +184,7 @@ async fn create_here(nl: &Netlink, ns: Option<&NetnsSpec>, req: &CreateRequest) 
         let diff = link::differences(old, spec, parent.ifindex);
         if diff.is_empty() {
             // Ours and as asked (perhaps left down by a killed run): make sure it is up and usable.
+            tracing::debug!("\"{}\" is ours and as asked: bringing it up and checking its node only", spec.name);
             bring_up(h, &parent, old.ifindex, spec, &what).await?;
             let dev = tap::sysfs_devnum(&spec.name, old.ifindex)?;
             let node = ensure_node(&spec.name, old.ifindex, dev, req.owner)?;
@@ -205,7 +207,18 @@ async fn create_here(nl: &Netlink, ns: Option<&NetnsSpec>, req: &CreateRequest) 
     }
 
     let temp_spec = MacvtapSpec { name: tmp.clone(), ..spec.clone() };
-    if let Err(e) = h.link().add(link::new_macvtap_message(&temp_spec, parent.ifindex)).execute().await {
+    tracing::debug!(
+        "netlink: add macvtap \"{tmp}\" (down, renamed to \"{}\" once complete) on \"{}\" #{}, mode {}, MAC {}, MTU {}",
+        spec.name,
+        parent.name,
+        parent.ifindex,
+        spec.mode,
+        spec.mac,
+        spec.mtu.map_or_else(|| "the parent's".to_owned(), |m| m.to_string())
+    );
+    let msg = link::new_macvtap_message(&temp_spec, parent.ifindex);
+    tracing::trace!("netlink: RTM_NEWLINK {:?}", msg.attributes);
+    if let Err(e) = h.link().add(msg).execute().await {
         return Err(add_error(h, &what, &parent, e).await);
     }
     let mut created = None;
@@ -218,8 +231,16 @@ async fn create_here(nl: &Netlink, ns: Option<&NetnsSpec>, req: &CreateRequest) 
             link::delete(h, old.ifindex, spec.name.as_str()).await?;
         }
         let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
+        tracing::debug!(
+            "netlink: set link #{}: name \"{}\", alias {OWNER_MARKER}{}",
+            new.ifindex,
+            spec.name,
+            if ipv6 { ", no IPv6 link-local address" } else { "" }
+        );
+        let msg = link::finish_message(new.ifindex, &spec.name, ipv6);
+        tracing::trace!("netlink: RTM_SETLINK #{} {:?}", new.ifindex, msg.attributes);
         h.link()
-            .set(link::finish_message(new.ifindex, &spec.name, ipv6))
+            .set(msg)
             .execute()
             .await
             .map_err(|e| Error::netlink(format!("{what}: name, mark and addrgenmode"), e))?;
@@ -235,6 +256,7 @@ async fn create_here(nl: &Netlink, ns: Option<&NetnsSpec>, req: &CreateRequest) 
     if result.is_err() {
         // Rollback: the link this run made must not outlive a failed create, nor may a node of a link that no
         // longer exists. Nothing else is touched: the lock guarantees no other run made anything meanwhile.
+        tracing::debug!("{what} failed: rolling back");
         let undo = match created {
             Some(ifindex) => link::delete(h, ifindex, spec.name.as_str()).await,
             None => link::delete_by_name(h, &tmp).await,
@@ -274,6 +296,7 @@ async fn bring_up(
     spec: &MacvtapSpec,
     what: &str,
 ) -> Result<()> {
+    tracing::debug!("netlink: set link #{ifindex} up, allmulticast");
     match h.link().set(link::up_message(ifindex)).execute().await {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -472,6 +495,7 @@ pub fn open(ns: Option<&NetnsSpec>, name: &IfName, queues: u32) -> Result<Opened
         let mac = l.mac.ok_or_else(|| Error::Runtime(format!("macvtap \"{name}\" has no MAC address")))?;
         let dev = tap::sysfs_devnum(name, l.ifindex)?;
         let ns_inode = netns::current_netns_inode()?;
+        tracing::debug!("tap of \"{name}\" is char {dev}; opening {queues} queue(s)");
         let (node, fds) = match nodedir::find_node(name, l.ifindex, dev, ns_inode) {
             Ok(p) => {
                 let fds = tap::open_queues(&p, name, dev, queues)?;

@@ -1,7 +1,7 @@
 //! Validated newtypes for what users type: interface names, MAC addresses, macvtap modes and owners.
 //!
-//! Everything here is pure and parses once, in clap's `value_parser`, so bad input is a usage error
-//! before anything touches the kernel.
+//! Everything here is pure and parses once (`FromStr`; the CLI parses arguments with it), so bad input is a
+//! usage error before anything touches the kernel.
 
 use std::fmt;
 use std::str::FromStr;
@@ -196,9 +196,10 @@ impl Serialize for MacAddr {
 }
 
 /// Macvtap modes, as `ip link` names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MacvtapMode {
+    #[default]
     Bridge,
     Vepa,
     Private,
@@ -206,6 +207,9 @@ pub enum MacvtapMode {
 }
 
 impl MacvtapMode {
+    pub const ALL: [MacvtapMode; 4] =
+        [MacvtapMode::Bridge, MacvtapMode::Vepa, MacvtapMode::Private, MacvtapMode::Passthru];
+
     pub fn as_str(self) -> &'static str {
         match self {
             MacvtapMode::Bridge => "bridge",
@@ -213,6 +217,16 @@ impl MacvtapMode {
             MacvtapMode::Private => "private",
             MacvtapMode::Passthru => "passthru",
         }
+    }
+}
+
+impl FromStr for MacvtapMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| {
+            format!("macvtap mode \"{}\" is not one of bridge, vepa, private, passthru", s.escape_default())
+        })
     }
 }
 
@@ -257,6 +271,14 @@ impl fmt::Display for OwnerSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modes_round_trip() {
+        for m in MacvtapMode::ALL {
+            assert_eq!(m.as_str().parse::<MacvtapMode>(), Ok(m));
+        }
+        assert!("passthrough".parse::<MacvtapMode>().unwrap_err().contains("\"passthrough\""));
+    }
 
     fn n(s: &str) -> IfName {
         s.parse().unwrap()

@@ -73,6 +73,7 @@ where
 {
     let Some(ns) = ns else { return f() };
     let what = format!("network namespace \"{ns}\"");
+    tracing::debug!("entering {what} ({}) on a thread of its own", ns.path.display());
     let file = File::open(&ns.path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::not_found(what.clone()),
         _ => Error::io(format!("open {what}"), e),

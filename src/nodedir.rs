@@ -73,11 +73,19 @@ pub fn node_matches(path: &Path, dev: DevNum) -> bool {
 pub fn find_node(name: &IfName, ifindex: u32, dev: DevNum, netns_inode: u64) -> Result<PathBuf> {
     let public = public_node_path(ifindex);
     if node_matches(&public, dev) {
+        tracing::debug!("tap node of \"{name}\": {} (public)", public.display());
         return Ok(public);
     }
     let private = private_node_path(netns_inode, name);
     match nix::sys::stat::stat(&private) {
-        Ok(st) if is_node_of(&st, dev) => return Ok(private),
+        Ok(st) if is_node_of(&st, dev) => {
+            tracing::debug!(
+                "tap node of \"{name}\": {} (private; {} is not char {dev})",
+                private.display(),
+                public.display()
+            );
+            return Ok(private);
+        }
         Err(nix::errno::Errno::EACCES) => {
             return Err(Error::errno(
                 format!("tap device of \"{name}\": stat {}", private.display()),
@@ -269,12 +277,15 @@ pub fn ensure_node(
 ) -> Result<PathBuf> {
     let public = public_node_path(ifindex);
     if node_matches(&public, dev) {
+        tracing::debug!("tap node: {} is char {dev}, the right device", public.display());
         if let Some(owner) = owner {
+            tracing::debug!("tap node: {} to uid {} gid {}, mode 0600", public.display(), owner.0, owner.1);
             let fd = open_node_path(None, &public, dev)?;
             set_owner_and_mode(&fd, &public, owner)?;
         }
         return Ok(public);
     }
+    tracing::debug!("tap node: {} is missing or not char {dev}; using a private node", public.display());
     NodeDir::create(netns_inode)?.ensure_private(name, dev, owner)
 }
 

@@ -112,6 +112,11 @@ pub fn verify_fd(fd: &OwnedFd, name: &IfName, dev: DevNum, path: &Path) -> Resul
         ));
     }
     let (ifname, flags) = get_iff(fd).map_err(|e| Error::errno(format!("TUNGETIFF on {}", path.display()), e))?;
+    tracing::trace!(
+        "fd {} on {}: char {dev}, TUNGETIFF says \"{ifname}\" flags {flags:#06x}",
+        fd.as_raw_fd(),
+        path.display()
+    );
     if ifname != name.as_str() || flags & IFF_TAP == 0 {
         return Err(Error::conflict(
             format!("tap device {}", path.display()),

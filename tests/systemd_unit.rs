@@ -306,6 +306,35 @@ impl SystemdLab {
         format!("--- journal of {UNIT}:\n{}", String::from_utf8_lossy(&out.stdout))
     }
 
+    /// The unit's journal entries as (PRIORITY, MESSAGE), from journald itself.
+    fn journal_entries(&self) -> Vec<(String, String)> {
+        let out = run(self.nsenter().args(["journalctl", "--no-pager", "-o", "json", "-u", UNIT]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["_PID"].as_str() != Some("1"))
+            .filter_map(|e| Some((e["PRIORITY"].as_str()?.to_owned(), e["MESSAGE"].as_str()?.to_owned())))
+            .collect()
+    }
+
+    /// Our lines reach journald with their own priority: no `<N>` left in the text, no level word, no stray
+    /// space; `want` = (priority, message prefix) that must be there.
+    fn check_priorities(&self, what: &str, want: &[(&str, &str)]) {
+        let entries = self.journal_entries();
+        for (p, m) in &entries {
+            assert!(
+                !m.starts_with('<') && !m.starts_with(' ') && !m.contains(" INFO ") && !m.contains(" WARN "),
+                "{what}: journal line not parsed as a priority-prefixed line: PRIORITY={p} {m:?}"
+            );
+        }
+        for (p, prefix) in want {
+            assert!(
+                entries.iter().any(|(ep, m)| ep == p && m.starts_with(prefix)),
+                "{what}: no PRIORITY={p} line starting {prefix:?} in the journal:\n{entries:#?}"
+            );
+        }
+    }
+
     /// The processes in the unit's cgroup, read inside the lab.
     fn unit_procs(&self) -> Vec<Proc> {
         let script = format!(
@@ -504,6 +533,7 @@ fn exercise(test: &str, dev: &'static str) {
     figure(&format!("{dev} /dev: systemctl start returned"), secs(start_returned));
     figure(&format!("{dev} /dev: start → lease"), secs(lease));
     lab.check_unprivileged("after start");
+    lab.check_priorities("after start", &[("6", "QEMU started")]);
     let link = lab.link().expect("the macvtap exists while the unit runs");
     assert_eq!(link["ifalias"].as_str(), Some("ec-macvtap:v1"), "the link carries our marker: {link}");
     let node = lab.tap_node();
@@ -534,6 +564,8 @@ fn exercise(test: &str, dev: &'static str) {
     let relased = lab.wait_lease(before, t0, "after kill -9 of QEMU");
     figure(&format!("{dev} /dev: kill -9 of QEMU → new lease"), secs(relased));
     assert!(lab.show("NRestarts").parse::<u32>().unwrap_or(0) > restarts, "Restart= did not restart the unit");
+    // The run that lost its QEMU ended with an error line, filed as an error.
+    lab.check_priorities("after kill -9 of QEMU", &[("3", "ec-ipxe-qemu: ")]);
     assert_eq!(lab.macvtaps(), 1, "exactly one macvtap after the restart");
     lab.check_unprivileged("after the kill -9 restart");
 

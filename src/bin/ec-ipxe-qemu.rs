@@ -1,17 +1,17 @@
 use std::process::ExitCode;
 
-use ec_ipxe_qemu::cli::launcher::{LauncherCli, LauncherCommand};
-use ec_ipxe_qemu::commands::{self, print_args, run};
+use clap::Parser;
+use ec_ipxe_qemu::cli::{self, launcher::LauncherCli};
+use ec_ipxe_qemu::commands;
 
 fn main() -> ExitCode {
-    let cli: LauncherCli = commands::parse_or_exit("ec-ipxe-qemu");
-    ec_ipxe_qemu::logging::init(cli.verbose, cli.quiet);
-    let result = match &cli.command {
-        LauncherCommand::Run(a) => run::run(a),
-        LauncherCommand::PrintArgs(a) => print_args::run(a),
+    let cli = match LauncherCli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::parse_failed("ec-ipxe-qemu", &e),
     };
-    match result {
+    ec_ipxe_qemu::logging::init(cli.verbose, cli.quiet);
+    match commands::launcher::dispatch(&cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => commands::fail("ec-ipxe-qemu", &e, false),
+        Err(e) => commands::fail("ec-ipxe-qemu", &e, cli.command.json()),
     }
 }

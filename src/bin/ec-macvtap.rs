@@ -1,20 +1,17 @@
 use std::process::ExitCode;
 
-use ec_ipxe_qemu::cli::macvtap::{MacvtapCli, MacvtapCommand};
-use ec_ipxe_qemu::commands::{self, create, delete, exec, show};
+use clap::Parser;
+use ec_ipxe_qemu::cli::{self, macvtap::MacvtapCli};
+use ec_ipxe_qemu::commands;
 
 fn main() -> ExitCode {
-    let cli: MacvtapCli = commands::parse_or_exit("ec-macvtap");
-    ec_ipxe_qemu::logging::init(cli.global.verbose, cli.global.quiet);
-    let g = &cli.global;
-    let result = match &cli.command {
-        MacvtapCommand::Create(a) => create::run(g, a),
-        MacvtapCommand::Delete(a) => delete::run(g, a),
-        MacvtapCommand::Show(a) => show::run(g, a),
-        MacvtapCommand::Exec(a) => exec::run(g, a),
+    let cli = match MacvtapCli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::parse_failed("ec-macvtap", &e),
     };
-    match result {
+    ec_ipxe_qemu::logging::init(cli.global.verbose, cli.global.quiet);
+    match commands::macvtap::dispatch(&cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => commands::fail("ec-macvtap", &e, g.json),
+        Err(e) => commands::fail("ec-macvtap", &e, cli.global.json),
     }
 }

@@ -1,11 +1,17 @@
 //! `ec-ipxe-qemu`: run (or print the argv of) a QEMU guest that netboots with iPXE.
+//!
+//! The arguments convert into the library's [`LaunchOptions`] ([`LaunchArgs::to_options`]); values parse with
+//! the library types' `FromStr`, so clap reports a malformed one as a usage error naming the option.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::launcher::config::{BootUrl, ByteSize, HostForward, Hostname, MemSize, NicModel};
+use crate::launcher::accel::AccelChoice;
+use crate::launcher::options::{LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_SHUTDOWN_TIMEOUT_SECS};
+use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, MemSize, NicModel};
 use crate::names::IfName;
 
 #[derive(Debug, Parser)]
@@ -23,7 +29,8 @@ use crate::names::IfName;
                   directory or the macvtap is in use by another run, a port is taken), 5 permission denied."
 )]
 pub struct LauncherCli {
-    /// More logs on stderr (repeatable).
+    /// More logs on stderr: -v our debug lines (each netlink request, each decision), -vv our trace, -vvv the
+    /// libraries' too. RUST_LOG, when set, wins.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
     /// Only errors on stderr.
@@ -38,16 +45,45 @@ pub enum LauncherCommand {
     /// Prepare the state directory, start QEMU and supervise it until it exits or a stop signal arrives.
     Run(LaunchArgs),
     /// Print the exact QEMU argv `run` would use, as a JSON array, and exit. No side effects.
-    PrintArgs(LaunchArgs),
+    PrintArgs(PrintArgsArgs),
+}
+
+impl LauncherCommand {
+    /// Whether machine output (and JSON errors) was asked for.
+    pub fn json(&self) -> bool {
+        match self {
+            LauncherCommand::Run(_) => false,
+            LauncherCommand::PrintArgs(a) => a.json,
+        }
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct PrintArgsArgs {
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+    /// Machine output: the argv is JSON either way; errors become a JSON object on stdout too.
+    #[arg(short, long)]
+    pub json: bool,
 }
 
 /// `--accel`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AccelChoice {
+pub enum AccelArg {
     /// KVM when /dev/kvm can be opened read-write, else TCG.
     Auto,
     Kvm,
     Tcg,
+}
+
+impl From<AccelArg> for AccelChoice {
+    fn from(a: AccelArg) -> Self {
+        match a {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -94,7 +130,7 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "SIZE", default_value = "2048", allow_hyphen_values = true, help_heading = "Guest")]
     pub memory: MemSize,
     /// Virtual CPUs (1 to 255).
-    #[arg(long, value_name = "N", default_value_t = 2, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=255),
+    #[arg(long, value_name = "N", default_value_t = 2, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CPUS)),
           help_heading = "Guest")]
     pub cpus: u32,
     /// Persistent disk image (qcow2), created with qemu-img only when missing and never overwritten.
@@ -115,8 +151,8 @@ pub struct LaunchArgs {
     #[arg(long, help_heading = "Guest")]
     pub no_disk: bool,
     /// Accelerator.
-    #[arg(long, value_enum, default_value_t = AccelChoice::Auto, help_heading = "Guest")]
-    pub accel: AccelChoice,
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto, help_heading = "Guest")]
+    pub accel: AccelArg,
     /// QEMU binary (a path, or a name looked up on PATH).
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64", help_heading = "Guest")]
     pub qemu: PathBuf,
@@ -141,16 +177,168 @@ pub struct LaunchArgs {
     )]
     pub lan_nic_model: NicModel,
     /// Queues of the LAN NIC, 1 to 16 (more than one needs a virtio model).
-    #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=16),
+    #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_LAN_QUEUES)),
           requires = "lan_interface", help_heading = "LAN")]
     pub lan_queues: u32,
 
     /// Seconds between asking the guest to power off (SIGTERM/SIGINT) and quitting QEMU (0 to 3600).
-    #[arg(long, value_name = "SECS", default_value_t = 30, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(0..=3600),
+    #[arg(long, value_name = "SECS", default_value_t = 30, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_TIMEOUT_SECS),
           help_heading = "Lifecycle")]
     pub shutdown_timeout: u64,
 
     /// Extra arguments appended to QEMU's command line as they are.
     #[arg(last = true, value_name = "EXTRA_QEMU_ARGS")]
     pub extra: Vec<String>,
+}
+
+impl LaunchArgs {
+    /// The library's options: one field per option, nothing checked beyond what parsing did.
+    pub fn to_options(&self) -> LaunchOptions {
+        LaunchOptions {
+            state_dir: self.state_dir.clone(),
+            boot_url: self.boot_url.clone(),
+            boot_dir: self.boot_dir.clone(),
+            boot_http_bind: self.boot_http_bind,
+            boot_http_port: self.boot_http_port,
+            ipxe: self.ipxe.clone(),
+            dns: self.dns.clone(),
+            hostname: self.hostname.clone(),
+            boot_nic_model: self.boot_nic_model.clone(),
+            host_forwards: self.host_forward.clone(),
+            memory: self.memory,
+            cpus: self.cpus,
+            disk: self.disk.clone(),
+            disk_size: self.disk_size,
+            no_disk: self.no_disk,
+            accel: self.accel.into(),
+            qemu: self.qemu.clone(),
+            qemu_img: self.qemu_img.clone(),
+            serial_log: self.serial_log.clone(),
+            lan_interface: self.lan_interface.clone(),
+            lan_nic_model: self.lan_nic_model.clone(),
+            lan_queues: self.lan_queues,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            extra: self.extra.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<LauncherCli, clap::Error> {
+        LauncherCli::try_parse_from(["ec-ipxe-qemu"].iter().chain(argv))
+    }
+
+    fn args(extra: &[&str]) -> Result<LaunchArgs, clap::Error> {
+        let mut v = vec!["run"];
+        v.extend_from_slice(extra);
+        parse(&v).map(|c| match c.command {
+            LauncherCommand::Run(a) => a,
+            LauncherCommand::PrintArgs(a) => a.launch,
+        })
+    }
+
+    #[test]
+    fn clap_rejects_bad_values_naming_the_option() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--state-dir", "/x", "--memory", "0"], "--memory"),
+            (&["--state-dir", "/x", "--memory", "-5"], "--memory"),
+            (&["--state-dir", "/x", "--memory", "99999999"], "--memory"),
+            (&["--state-dir", "/x", "--cpus", "0"], "--cpus"),
+            (&["--state-dir", "/x", "--cpus", "256"], "--cpus"),
+            (&["--state-dir", "/x", "--disk-size", "0"], "--disk-size"),
+            (&["--state-dir", "/x", "--disk-size", "-8G"], "--disk-size"),
+            (&["--state-dir", "/x", "--cpus", "-1"], "--cpus"),
+            (&["--state-dir", "/x", "--shutdown-timeout", "-1"], "--shutdown-timeout"),
+            (&["--state-dir", "/x", "--shutdown-timeout", "3601"], "--shutdown-timeout"),
+            (&["--state-dir", "/x", "--boot-url", "gopher://x/"], "--boot-url"),
+            (&["--state-dir", "/x", "--host-forward", "bad"], "--host-forward"),
+            (&["--state-dir", "/x", "--boot-url", "http://a/", "--boot-dir", "/tmp"], "--boot-dir"),
+            (&["--state-dir", "/x", "--no-disk", "--disk", "/a.qcow2"], "--disk"),
+            (&["--state-dir", "/x", "--lan-queues", "2"], "--lan-interface"),
+            (&["--state-dir", "/x", "--lan-interface", "x", "--lan-queues", "17"], "--lan-queues"),
+            (&["--state-dir", "/x", "--boot-http-port", "8080"], "--boot-dir"),
+            (&["--state-dir", "/x", "--lan-interface", "a/b"], "--lan-interface"),
+            (&["--state-dir", "/x", "--accel", "hvf"], "--accel"),
+            (&["--memory", "512"], "--state-dir"),
+        ];
+        for (argv, needle) in cases {
+            let err = args(argv).unwrap_err().to_string();
+            assert!(err.contains(needle), "{argv:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_librarys() {
+        assert_eq!(args(&["--state-dir", "/x"]).unwrap().to_options(), LaunchOptions::new("/x"));
+    }
+
+    #[test]
+    fn every_option_reaches_the_options() {
+        let a = args(&[
+            "--state-dir=/s",
+            "--boot-dir=/b",
+            "--boot-http-bind=0.0.0.0",
+            "--boot-http-port=8080",
+            "--ipxe=/i.lkrn",
+            "--dns=1.1.1.1",
+            "--dns=9.9.9.9",
+            "--hostname=pub",
+            "--boot-nic-model=e1000",
+            "--host-forward=tcp::2222-:22",
+            "--memory=1G",
+            "--cpus=4",
+            "--disk=/d.qcow2",
+            "--disk-size=1G",
+            "--accel=tcg",
+            "--qemu=/q",
+            "--qemu-img=/qi",
+            "--serial-log=/l",
+            "--lan-interface=ec-lan0",
+            "--lan-nic-model=virtio-net-pci",
+            "--lan-queues=2",
+            "--shutdown-timeout=5",
+            "--",
+            "-S",
+        ])
+        .unwrap()
+        .to_options();
+        let want = LaunchOptions {
+            boot_dir: Some("/b".into()),
+            boot_http_bind: "0.0.0.0".parse().unwrap(),
+            boot_http_port: 8080,
+            ipxe: Some("/i.lkrn".into()),
+            dns: vec!["1.1.1.1".parse().unwrap(), "9.9.9.9".parse().unwrap()],
+            hostname: Some("pub".parse().unwrap()),
+            boot_nic_model: "e1000".parse().unwrap(),
+            host_forwards: vec!["tcp::2222-:22".parse().unwrap()],
+            memory: "1024".parse().unwrap(),
+            cpus: 4,
+            disk: Some("/d.qcow2".into()),
+            disk_size: "1G".parse().unwrap(),
+            accel: AccelChoice::Tcg,
+            qemu: "/q".into(),
+            qemu_img: "/qi".into(),
+            serial_log: Some("/l".into()),
+            lan_interface: Some("ec-lan0".parse().unwrap()),
+            lan_queues: 2,
+            shutdown_timeout: Duration::from_secs(5),
+            extra: vec!["-S".into()],
+            ..LaunchOptions::new("/s")
+        };
+        assert_eq!(a, want);
+        let u = args(&["--state-dir=/s", "--boot-url=http://a/b", "--no-disk"]).unwrap().to_options();
+        assert_eq!((u.boot_url.map(|u| u.to_string()), u.no_disk), (Some("http://a/b".into()), true));
+    }
+
+    #[test]
+    fn json_is_j_on_print_args() {
+        for flag in ["-j", "--json"] {
+            let cli = parse(&["print-args", flag, "--state-dir", "/x"]).unwrap();
+            assert!(cli.command.json(), "{flag}");
+        }
+        assert!(!parse(&["print-args", "--state-dir", "/x"]).unwrap().command.json());
+    }
 }

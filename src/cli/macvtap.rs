@@ -1,6 +1,6 @@
 //! `ec-macvtap`: create, delete, show and hand on macvtap links.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::names::{IfName, MacAddr, MacvtapMode, OwnerSpec};
 use crate::netns::NetnsSpec;
@@ -28,9 +28,10 @@ pub struct Global {
     #[arg(long, global = true, value_name = "NAME|PATH")]
     pub netns: Option<NetnsSpec>,
     /// Machine output on stdout (errors too).
-    #[arg(long, global = true)]
+    #[arg(short, long, global = true)]
     pub json: bool,
-    /// More logs on stderr (repeatable).
+    /// More logs on stderr: -v our debug lines (each netlink request, each decision), -vv our trace, -vvv the
+    /// libraries' too. RUST_LOG, when set, wins.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
     /// Only errors on stderr.
@@ -59,8 +60,8 @@ pub struct CreateArgs {
     #[arg(long, default_value = "ec-lan0")]
     pub name: IfName,
     /// Macvtap mode.
-    #[arg(long, value_enum, default_value_t = MacvtapMode::Bridge)]
-    pub mode: MacvtapMode,
+    #[arg(long, value_enum, default_value_t = ModeArg::Bridge)]
+    pub mode: ModeArg,
     /// Unicast MAC; default: derived from the app-specific machine id (HMAC-SHA256), the name and the parent
     /// (stable across restarts).
     #[arg(long)]
@@ -74,6 +75,26 @@ pub struct CreateArgs {
     /// Recreate our own link when it exists with a different configuration.
     #[arg(long)]
     pub replace: bool,
+}
+
+/// `--mode`, as `ip link` names the macvtap modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Bridge,
+    Vepa,
+    Private,
+    Passthru,
+}
+
+impl From<ModeArg> for MacvtapMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Bridge => MacvtapMode::Bridge,
+            ModeArg::Vepa => MacvtapMode::Vepa,
+            ModeArg::Private => MacvtapMode::Private,
+            ModeArg::Passthru => MacvtapMode::Passthru,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -99,4 +120,50 @@ pub struct ExecArgs {
     /// The program and its arguments; {fd} becomes the first fd, {fds} the colon-separated list.
     #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
     pub program: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<MacvtapCli, clap::Error> {
+        MacvtapCli::try_parse_from(["ec-macvtap"].iter().chain(argv))
+    }
+
+    #[test]
+    fn modes_are_the_librarys() {
+        for m in MacvtapMode::ALL {
+            let cli = parse(&["create", "--link", "eth0", "--mode", m.as_str()]).unwrap();
+            let MacvtapCommand::Create(a) = cli.command else { panic!("not create") };
+            assert_eq!(MacvtapMode::from(a.mode), m);
+        }
+        let cli = parse(&["create", "--link", "eth0"]).unwrap();
+        let MacvtapCommand::Create(a) = cli.command else { panic!("not create") };
+        assert_eq!(MacvtapMode::from(a.mode), MacvtapMode::default());
+        assert!(
+            parse(&["create", "--link", "eth0", "--mode", "passthrough"]).unwrap_err().to_string().contains("--mode")
+        );
+    }
+
+    #[test]
+    fn j_is_json_anywhere() {
+        for argv in [&["-j", "show"][..], &["show", "-j"], &["show", "--json"], &["-vj", "delete", "x"]] {
+            assert!(parse(argv).unwrap().global.json, "{argv:?}");
+        }
+        assert!(!parse(&["show"]).unwrap().global.json);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_naming_the_option() {
+        for (argv, needle) in [
+            (&["create", "--link", "a/b"][..], "--link"),
+            (&["create", "--link", "eth0", "--mac", "01:00:00:00:00:01"], "--mac"),
+            (&["create", "--link", "eth0", "--mtu", "67"], "--mtu"),
+            (&["exec", "--name", "x", "--queues", "17", "--", "true"], "--queues"),
+            (&["--netns", "", "show"], "--netns"),
+        ] {
+            let err = parse(argv).unwrap_err().to_string();
+            assert!(err.contains(needle), "{argv:?}: {err}");
+        }
+    }
 }

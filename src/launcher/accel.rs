@@ -3,8 +3,17 @@
 use std::fs::OpenOptions;
 use std::path::Path;
 
-use crate::cli::launcher::AccelChoice;
 use crate::error::{Error, Result};
+
+/// What `--accel` asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccelChoice {
+    /// KVM when /dev/kvm can be opened read-write, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
 
 /// The accelerator QEMU gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,18 +1,22 @@
-//! The launcher behind `ec-ipxe-qemu`: validated configuration ([`config`]), the pure parts (the QEMU argv in
-//! [`qemu_args`], the iPXE script in [`ipxe`]) and the I/O (state directory, `--boot-dir` HTTP server, QMP,
-//! link watch, supervision).
+//! The launcher behind `ec-ipxe-qemu`: plain options ([`options`], made of the value types in [`values`]),
+//! validated into a configuration ([`config`], with the file-system checks in [`fscheck`]), the pure parts
+//! (the QEMU argv in [`qemu_args`], the iPXE script in [`ipxe`]) and the I/O (state directory, `--boot-dir`
+//! HTTP server, QMP, link watch, supervision).
 
 pub mod accel;
 pub mod banner;
 pub mod config;
+pub mod fscheck;
 pub mod httpd;
 pub mod ipxe;
 pub mod lanlock;
 pub mod linkwatch;
+pub mod options;
 pub mod qemu_args;
 pub mod qmp;
 pub mod state;
 pub mod supervise;
+pub mod values;
 pub mod vhost;
 
 use crate::error::{Error, Result};

@@ -138,24 +138,21 @@ pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::launcher::{LauncherCli, LauncherCommand};
-    use crate::launcher::config::LaunchConfig;
-    use clap::Parser;
+    use std::path::PathBuf;
 
-    /// A config from argv, with the file-system checks of `from_args` satisfied by a temp dir.
-    fn cfg(extra: &[&str]) -> (LaunchConfig, tempfile::TempDir) {
+    use crate::launcher::options::LaunchOptions;
+
+    /// A config from options (state dir `@T/s`, QEMU `@T/qemu-system-x86_64`, no disk unless `edit` says
+    /// otherwise), with the file-system checks of `from_options` satisfied by a temp dir `@T`.
+    fn cfg(edit: impl FnOnce(&Path, &mut LaunchOptions)) -> (LaunchConfig, tempfile::TempDir) {
         let tmp = tempfile::tempdir().unwrap();
         let qemu = tmp.path().join("qemu-system-x86_64");
         std::fs::write(&qemu, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::write(tmp.path().join("ipxe.lkrn"), b"x").unwrap();
-        let mut argv = vec!["ec-ipxe-qemu".to_string(), "print-args".into()];
-        for x in extra {
-            argv.push(x.replace("@T", tmp.path().to_str().unwrap()));
-        }
-        let cli = LauncherCli::try_parse_from(argv).unwrap();
-        let LauncherCommand::PrintArgs(a) = cli.command else { panic!() };
-        (LaunchConfig::from_args(&a).unwrap(), tmp)
+        let mut o = LaunchOptions { qemu: qemu.clone(), no_disk: true, ..LaunchOptions::new(tmp.path().join("s")) };
+        edit(tmp.path(), &mut o);
+        (LaunchConfig::from_options(&o).unwrap(), tmp)
     }
 
     fn golden(args: Vec<String>, tmp: &tempfile::TempDir) -> String {
@@ -164,8 +161,11 @@ mod tests {
 
     #[test]
     fn default_rom_tftp_boot_with_disk() {
-        let (c, t) =
-            cfg(&["--state-dir", "@T/state", "--qemu", "@T/qemu-system-x86_64", "--qemu-img", "@T/qemu-system-x86_64"]);
+        let (c, t) = cfg(|t, o| {
+            o.state_dir = t.join("state");
+            o.qemu_img = o.qemu.clone();
+            o.no_disk = false;
+        });
         assert_eq!(
             golden(build(&c, Accel::Kvm, None, 3), &t),
             "@T/qemu-system-x86_64 -name ec-ipxe-qemu -nodefaults -no-user-config -display none \
@@ -185,33 +185,16 @@ mod tests {
 
     #[test]
     fn ipxe_image_hostfwd_hostname_no_disk_tcg_extra() {
-        let (c, t) = cfg(&[
-            "--state-dir",
-            "@T/s",
-            "--qemu",
-            "@T/qemu-system-x86_64",
-            "--no-disk",
-            "--ipxe",
-            "@T/ipxe.lkrn",
-            "--hostname",
-            "pub1",
-            "--host-forward",
-            "tcp:127.0.0.1:2222-:22",
-            "--host-forward",
-            "udp::5353-:53",
-            "--memory",
-            "512",
-            "--cpus",
-            "1",
-            "--boot-nic-model",
-            "e1000",
-            "--serial-log",
-            "@T/console.log",
-            "--",
-            "-S",
-            "-device",
-            "virtio-rng-pci",
-        ]);
+        let (c, t) = cfg(|t, o| {
+            o.ipxe = Some(t.join("ipxe.lkrn"));
+            o.hostname = Some("pub1".parse().unwrap());
+            o.host_forwards = vec!["tcp:127.0.0.1:2222-:22".parse().unwrap(), "udp::5353-:53".parse().unwrap()];
+            o.memory = "512".parse().unwrap();
+            o.cpus = 1;
+            o.boot_nic_model = "e1000".parse().unwrap();
+            o.serial_log = Some(t.join("console.log"));
+            o.extra = ["-S", "-device", "virtio-rng-pci"].map(String::from).into();
+        });
         assert_eq!(
             golden(build(&c, Accel::Tcg, None, 3), &t),
             "@T/qemu-system-x86_64 -name ec-ipxe-qemu -nodefaults -no-user-config -display none \
@@ -231,8 +214,7 @@ mod tests {
     #[test]
     fn lan_nic_single_and_multi_queue() {
         let mac: MacAddr = "02:11:22:33:44:55".parse().unwrap();
-        let (c, t) =
-            cfg(&["--state-dir", "@T/s", "--qemu", "@T/qemu-system-x86_64", "--no-disk", "--lan-interface", "ec-lan0"]);
+        let (c, t) = cfg(|_, o| o.lan_interface = Some("ec-lan0".parse().unwrap()));
         let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3], vhost_fds: vec![] }), 4), &t);
         assert!(
             one.contains("-chardev socket,id=ec-launcher-qmp,fd=4 ")
@@ -242,18 +224,12 @@ mod tests {
                 ),
             "{one}"
         );
-        let (c, t) = cfg(&[
-            "--state-dir",
-            "@T/s",
-            "--qemu",
-            "@T/qemu-system-x86_64",
-            "--no-disk",
-            "--lan-interface",
-            "ec-lan0",
-            "--lan-queues",
-            "3",
-        ]);
-        let three = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5], vhost_fds: vec![] }), 6), &t);
+        let (c, t) = cfg(|_, o| {
+            o.lan_interface = Some("ec-lan0".parse().unwrap());
+            o.lan_queues = 3;
+        });
+        let three =
+            golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5], vhost_fds: vec![] }), 6), &t);
         assert!(
             three.contains("-chardev socket,id=ec-launcher-qmp,fd=6 ")
                 && three.ends_with(
@@ -269,8 +245,7 @@ mod tests {
     #[test]
     fn lan_nic_with_vhost_fds() {
         let mac: MacAddr = "02:11:22:33:44:55".parse().unwrap();
-        let (c, t) =
-            cfg(&["--state-dir", "@T/s", "--qemu", "@T/qemu-system-x86_64", "--no-disk", "--lan-interface", "ec-lan0"]);
+        let (c, t) = cfg(|_, o| o.lan_interface = Some("ec-lan0".parse().unwrap()));
         let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3], vhost_fds: vec![4] }), 5), &t);
         assert!(
             one.contains("-chardev socket,id=ec-launcher-qmp,fd=5 ")
@@ -280,17 +255,10 @@ mod tests {
                 ),
             "{one}"
         );
-        let (c, t) = cfg(&[
-            "--state-dir",
-            "@T/s",
-            "--qemu",
-            "@T/qemu-system-x86_64",
-            "--no-disk",
-            "--lan-interface",
-            "ec-lan0",
-            "--lan-queues",
-            "2",
-        ]);
+        let (c, t) = cfg(|_, o| {
+            o.lan_interface = Some("ec-lan0".parse().unwrap());
+            o.lan_queues = 2;
+        });
         let nic = LanNic { mac, fds: vec![3, 4], vhost_fds: vec![5, 6] };
         let two = golden(build(&c, Accel::Tcg, Some(&nic), 7), &t);
         assert!(
@@ -305,7 +273,7 @@ mod tests {
 
     #[test]
     fn commas_in_paths_are_escaped() {
-        let (c, t) = cfg(&["--state-dir", "@T/a,b", "--qemu", "@T/qemu-system-x86_64", "--no-disk"]);
+        let (c, t) = cfg(|t, o| o.state_dir = PathBuf::from(format!("{}/a,b", t.display())));
         let args = build(&c, Accel::Tcg, None, 3);
         let g = golden(args, &t);
         assert!(g.contains("-qmp unix:@T/a,,b/qmp.sock,server=on,wait=off"), "{g}");

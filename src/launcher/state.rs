@@ -11,7 +11,8 @@ use std::process::{Command, Stdio};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::{Error, Result};
-use crate::launcher::config::{ByteSize, LOCK_FILE};
+use crate::launcher::config::LOCK_FILE;
+use crate::launcher::values::ByteSize;
 
 /// A locked state directory. The lock is released when this is dropped; [`StateDir::abandon`] also removes
 /// what this run created (for failures before the guest ran).
@@ -231,7 +232,7 @@ mod tests {
 
     #[test]
     fn disk_is_created_once_and_never_overwritten() {
-        let Some(img) = crate::launcher::config::find_program("--qemu-img", Path::new("qemu-img")).ok() else {
+        let Some(img) = crate::launcher::fscheck::find_program("--qemu-img", Path::new("qemu-img")).ok() else {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
                 "disk_is_created_once_and_never_overwritten needs qemu-img (CI=true: a failure, not a skip)"

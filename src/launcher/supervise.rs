@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::launcher::accel::{self, Accel};
 use crate::launcher::banner;
-use crate::launcher::config::{BOOT_SCRIPT, BootTarget, HostForward, LaunchConfig, Proto};
+use crate::launcher::config::{BOOT_SCRIPT, BootTarget, LaunchConfig};
 use crate::launcher::httpd::BootServer;
 use crate::launcher::ipxe::{self, ScriptSpec};
 use crate::launcher::lanlock::{self, LanLock};
@@ -41,6 +41,7 @@ use crate::launcher::linkwatch::{LinkEnd, LinkWatch};
 use crate::launcher::qemu_args::{self, LanNic};
 use crate::launcher::qmp::{Qmp, QmpClient, QmpEvent};
 use crate::launcher::state::{self, StateDir};
+use crate::launcher::values::{HostForward, Proto};
 use crate::macvtap::{self, OpenedTap};
 use crate::tap;
 

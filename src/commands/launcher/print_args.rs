@@ -2,12 +2,13 @@
 
 use std::io::Write;
 
-use crate::cli::launcher::LaunchArgs;
+use crate::cli::launcher::PrintArgsArgs;
 use crate::error::{Error, Result};
 use crate::launcher::{self, config::LaunchConfig};
 
-pub fn run(args: &LaunchArgs) -> Result<()> {
-    let cfg = LaunchConfig::from_args(args)?;
+/// The argv is a JSON array with or without `--json`; `--json` only makes errors JSON too.
+pub fn run(args: &PrintArgsArgs) -> Result<()> {
+    let cfg = LaunchConfig::from_options(&args.launch.to_options())?;
     let argv = launcher::print_args(&cfg)?;
     let text = serde_json::to_string_pretty(&argv).map_err(|e| Error::Runtime(format!("encode JSON: {e}")))?;
     write_stdout(&text)

@@ -6,6 +6,6 @@ use crate::launcher::config::LaunchConfig;
 use crate::launcher::supervise;
 
 pub fn run(args: &LaunchArgs) -> Result<()> {
-    let cfg = LaunchConfig::from_args(args)?;
+    let cfg = LaunchConfig::from_options(&args.to_options())?;
     supervise::run(&cfg)
 }

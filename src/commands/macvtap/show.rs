@@ -5,8 +5,8 @@ use crate::macvtap;
 pub fn run(global: &Global, args: &ShowArgs) -> Result<()> {
     let list = macvtap::show(global.netns.as_ref(), args.name.as_ref())?;
     match (global.json, &args.name) {
-        (true, Some(_)) => super::print_json(&list.first()),
-        (true, None) => super::print_json(&list),
+        (true, Some(_)) => crate::commands::print_json(&list.first()),
+        (true, None) => crate::commands::print_json(&list),
         (false, _) => {
             for info in &list {
                 println!("{}", info.human_line());

@@ -8,11 +8,21 @@ pub fn run(global: &Global, args: &CreateArgs) -> Result<()> {
     // Everything that can be checked without the kernel is checked first.
     let mac = match args.mac {
         Some(m) => m,
-        None => MacAddr::derived(&macvtap::machine_id()?, &args.name, &args.link),
+        None => {
+            let mac = MacAddr::derived(&macvtap::machine_id()?, &args.name, &args.link);
+            tracing::debug!("MAC {mac}: derived from the machine id, \"{}\" and \"{}\"", args.name, args.link);
+            mac
+        }
     };
     let owner = args.owner.as_ref().map(macvtap::resolve_owner).transpose()?;
     let req = CreateRequest {
-        spec: MacvtapSpec { name: args.name.clone(), parent: args.link.clone(), mode: args.mode, mac, mtu: args.mtu },
+        spec: MacvtapSpec {
+            name: args.name.clone(),
+            parent: args.link.clone(),
+            mode: args.mode.into(),
+            mac,
+            mtu: args.mtu,
+        },
         owner,
         replace: args.replace,
     };
@@ -21,7 +31,7 @@ pub fn run(global: &Global, args: &CreateArgs) -> Result<()> {
         tracing::info!(link = %info.name, "already present as asked; nothing changed");
     }
     if global.json {
-        super::print_json(&info)
+        crate::commands::print_json(&info)
     } else {
         println!("{}", info.human_line());
         Ok(())

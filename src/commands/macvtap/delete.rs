@@ -5,7 +5,7 @@ use crate::macvtap;
 pub fn run(global: &Global, args: &DeleteArgs) -> Result<()> {
     let out = macvtap::delete(global.netns.as_ref(), &args.name)?;
     if global.json {
-        super::print_json(&out)
+        crate::commands::print_json(&out)
     } else {
         match out.result {
             "deleted" => println!("{}: deleted", out.name),
