@@ -228,8 +228,7 @@ mod tests {
             o.lan_interface = Some("ec-lan0".parse().unwrap());
             o.lan_queues = 3;
         });
-        let three =
-            golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5], vhost_fds: vec![] }), 6), &t);
+        let three = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5], vhost_fds: vec![] }), 6), &t);
         assert!(
             three.contains("-chardev socket,id=ec-launcher-qmp,fd=6 ")
                 && three.ends_with(

@@ -42,15 +42,31 @@ use crate::launcher::qemu_args::{self, LanNic};
 use crate::launcher::qmp::{Qmp, QmpClient, QmpEvent};
 use crate::launcher::state::{self, StateDir};
 use crate::launcher::values::{HostForward, Proto};
+use crate::launcher::vhost::{self, Vhost};
 use crate::macvtap::{self, OpenedTap};
 use crate::tap;
 
 /// The first fd number the LAN tap queues get in QEMU; the launcher's QMP socket follows them.
 pub const FIRST_TAP_FD: i32 = 3;
 
-/// The fd number of the launcher's QMP connection in QEMU, after `lan_queues` tap fds.
-pub fn qmp_fd(lan_queues: u32) -> i32 {
-    FIRST_TAP_FD + lan_queues as i32
+/// The fd number of the launcher's QMP connection in QEMU, after the LAN NIC's `lan_fds` fds (its tap
+/// queues, then its vhost-net fds).
+pub fn qmp_fd(lan_fds: u32) -> i32 {
+    FIRST_TAP_FD + lan_fds as i32
+}
+
+/// The fd numbers QEMU gets for the LAN NIC: `queues` tap fds from [`FIRST_TAP_FD`], then `vhost` vhost-net
+/// fds.
+pub fn lan_nic(mac: crate::names::MacAddr, queues: u32, vhost: u32) -> LanNic {
+    let fd = |i: u32| FIRST_TAP_FD + i as i32;
+    LanNic { mac, fds: (0..queues).map(fd).collect(), vhost_fds: (queues..queues + vhost).map(fd).collect() }
+}
+
+/// The LAN NIC's kernel side: the macvtap's tap queues and, with vhost-net, one `/dev/vhost-net` fd per
+/// queue. `vhost.as_str()` ("on"/"off") is what status and doctor report.
+pub struct Lan {
+    pub tap: OpenedTap,
+    pub vhost: Vhost,
 }
 
 /// How long `quit` gets before SIGTERM, and SIGTERM before SIGKILL.
@@ -211,18 +227,20 @@ fn lock_lan(cfg: &LaunchConfig) -> Result<Option<LanLock>> {
     Ok(Some(lock))
 }
 
-fn open_lan(cfg: &LaunchConfig, lock: Option<&LanLock>) -> Result<Option<OpenedTap>> {
+fn open_lan(cfg: &LaunchConfig, lock: Option<&LanLock>) -> Result<Option<Lan>> {
     let (Some(l), Some(_)) = (&cfg.lan, lock) else { return Ok(None) };
     let t = macvtap::open(None, &l.interface, l.queues).map_err(|e| name_option(e, "--lan-interface"))?;
+    let vhost = vhost::open(l.vhost, l.queues, l.model.is_virtio())?;
     tracing::info!(
-        "LAN NIC on macvtap \"{}\" (ifindex {}, mac {}, {} queue(s) from {})",
+        "LAN NIC on macvtap \"{}\" (ifindex {}, mac {}, {} queue(s) from {}, vhost-net {})",
         t.name,
         t.ifindex,
         t.mac,
         l.queues,
-        t.node.display()
+        t.node.display(),
+        vhost.as_str()
     );
-    Ok(Some(t))
+    Ok(Some(Lan { tap: t, vhost }))
 }
 
 /// Say which option an error is about.
@@ -246,7 +264,7 @@ struct Prepared {
 }
 
 /// Call inside the runtime's context (the boot HTTP server is a task on it).
-fn prepare(cfg: &LaunchConfig, accel: Accel, tap: Option<&OpenedTap>) -> Result<Prepared> {
+fn prepare(cfg: &LaunchConfig, accel: Accel, lan: Option<&Lan>) -> Result<Prepared> {
     let http = match &cfg.boot {
         BootTarget::Dir { dir, bind, port } => Some(BootServer::start(dir, *bind, *port)?),
         _ => None,
@@ -275,14 +293,9 @@ fn prepare(cfg: &LaunchConfig, accel: Accel, tap: Option<&OpenedTap>) -> Result<
         state::ensure_disk(img, &d.path, d.size)?;
     }
     remove_if_exists(&cfg.qmp_socket());
-    let queues = tap.map_or(0, |t| t.fds.len() as u32);
-    let lan = tap.map(|t| LanNic {
-        mac: t.mac,
-        fds: (0..queues as i32).map(|i| FIRST_TAP_FD + i).collect(),
-        vhost_fds: Vec::new(),
-    });
-    let qmp_fd = qmp_fd(queues);
-    let argv = qemu_args::build(cfg, accel, lan.as_ref(), qmp_fd);
+    let nic = lan.map(|l| lan_nic(l.tap.mac, l.tap.fds.len() as u32, l.vhost.fds.len() as u32));
+    let qmp_fd = qmp_fd(nic.as_ref().map_or(0, |n| (n.fds.len() + n.vhost_fds.len()) as u32));
+    let argv = qemu_args::build(cfg, accel, nic.as_ref(), qmp_fd);
     Ok(Prepared { argv, qmp_fd, _http: http })
 }
 
@@ -354,12 +367,13 @@ fn tail_text(tail: &Tail) -> String {
     tail.lock().map(|t| t.iter().map(String::as_str).collect::<Vec<_>>().join("; ")).unwrap_or_default()
 }
 
-fn spawn(argv: &[String], tap: Option<OpenedTap>, qmp: OwnedFd, first_qmp_fd: i32) -> Result<Child> {
+fn spawn(argv: &[String], lan: Option<Lan>, qmp: OwnedFd, first_qmp_fd: i32) -> Result<Child> {
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).stdin(Stdio::null()).stderr(Stdio::piped());
     // Its own process group: a terminal's Ctrl-C reaches only the launcher, which then stops QEMU in order.
     cmd.process_group(0);
-    let mut fds: Vec<OwnedFd> = tap.map(|t| t.fds).unwrap_or_default();
+    // In the order of the argv's fd numbers: tap queues, vhost-net fds, QMP.
+    let mut fds: Vec<OwnedFd> = lan.map(|l| l.tap.fds.into_iter().chain(l.vhost.fds).collect()).unwrap_or_default();
     let n = fds.len() as i32;
     fds.push(qmp);
     let (kept, placed) = tap::pass_fds_to_child(&mut cmd, fds, FIRST_TAP_FD)?;
@@ -369,7 +383,7 @@ fn spawn(argv: &[String], tap: Option<OpenedTap>, qmp: OwnedFd, first_qmp_fd: i3
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);
     let child = cmd.spawn().map_err(|e| Error::io(format!("start QEMU {}", argv[0]), e))?;
-    // QEMU has its copies of the tap fds and of its end of the QMP pair now.
+    // QEMU has its copies of the tap and vhost-net fds and of its end of the QMP pair now.
     drop(kept);
     Ok(child)
 }
@@ -402,10 +416,10 @@ async fn start(
     cfg: &LaunchConfig,
     accel: Accel,
     prepared: &Prepared,
-    tap: Option<OpenedTap>,
+    tap: Option<Lan>,
     signals: &mut StopSignals,
 ) -> Result<Option<Guest>, Failure> {
-    let lan = tap.as_ref().map(|t| (t.name.to_string(), t.ifindex));
+    let lan = tap.as_ref().map(|l| (l.tap.name.to_string(), l.tap.ifindex));
     let watch = match &lan {
         Some((_, ifindex)) => Some(LinkWatch::subscribe(*ifindex).await?),
         None => None,

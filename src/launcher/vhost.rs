@@ -89,14 +89,17 @@ fn open_one(dev: &std::path::Path) -> std::result::Result<OwnedFd, Unusable> {
         use nix::errno::Errno;
         let errno = e.raw_os_error().map(Errno::from_raw);
         match errno {
-            Some(Errno::ENOENT) => Unusable { missing: true, reason: format!("{} does not exist", dev.display()) },
+            Some(Errno::ENOENT) => Unusable {
+                missing: true,
+                reason: format!("{} does not exist (load the vhost_net module)", dev.display()),
+            },
             Some(Errno::ENODEV | Errno::ENXIO) => Unusable {
                 missing: true,
-                reason: format!("{} has no driver behind it (is the vhost_net module loaded?)", dev.display()),
+                reason: format!("{} has no driver behind it (load the vhost_net module)", dev.display()),
             },
             Some(Errno::EACCES) => Unusable {
                 missing: false,
-                reason: format!("permission denied opening {} (its owner and mode)", dev.display()),
+                reason: format!("permission denied opening {} (its owner and mode keep this user out)", dev.display()),
             },
             Some(Errno::EPERM) => Unusable {
                 missing: false,
@@ -160,15 +163,10 @@ fn open_at(dev: &std::path::Path, mode: VhostMode, queues: u32, virtio: bool) ->
             Err(u) => {
                 // The fds opened so far close on return.
                 if mode == VhostMode::On {
-                    let what = format!("--lan-vhost on: {}", dev.display());
                     let kind = if u.missing { Kind::NotFound } else { Kind::Permission };
-                    return Err(Error::unusable(kind, what, u.reason));
+                    return Err(Error::unusable(kind, "--lan-vhost on", u.reason));
                 }
-                tracing::warn!(
-                    "vhost-net: off: {}; the LAN NIC's traffic goes through QEMU's userspace ({})",
-                    u.reason,
-                    hint()
-                );
+                tracing::warn!("vhost-net: off: {}; the LAN NIC's packets go through QEMU's userspace", u.reason);
                 return Ok(Vhost::off(u.reason));
             }
         }
@@ -206,7 +204,7 @@ mod tests {
         assert_eq!(e.exit_code(), 3, "{e}");
         assert_eq!(
             e.to_string(),
-            format!("--lan-vhost on: {}: {} does not exist", missing.display(), missing.display())
+            format!("--lan-vhost on: {} does not exist (load the vhost_net module)", missing.display())
         );
     }
 
