@@ -13,7 +13,7 @@
 //!
 //! Also measured: variants of the delete path (down before delete, IPv6 off) and the cost of closing a tap
 //! fd, and the peak RSS of one `ec-macvtap create`. Run as root: `cargo bench --bench macvtap`
-//! (`EC_BENCH_CYCLES` sets N, default 50). It prints mean figures; it asserts nothing about time.
+//! (`EC_BENCH_CYCLES` sets N, default 50; `EC_BENCH_ONLY=1000` runs only the 1,000-link rows). It prints mean figures; it asserts nothing about time.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -156,6 +156,10 @@ fn main() {
     }
     let n: usize = std::env::var("EC_BENCH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
     let bin = env!("CARGO_BIN_EXE_ec-macvtap");
+    if std::env::var("EC_BENCH_ONLY").is_ok_and(|v| v == "1000") {
+        thousand_links(bin, n);
+        return;
+    }
     let ns = Ns(format!("ecb{}", std::process::id()));
     must(Command::new("ip").args(["netns", "add", &ns.0]));
     ip(&ns.0, &["link", "add", "bup0", "type", "veth", "peer", "name", "bup1"]);

@@ -260,27 +260,69 @@ async fn first_link(req: rtnetlink::LinkGetRequest, what: impl FnOnce() -> Strin
 }
 
 /// Every link of one kind, filtered by the kernel (as `ip link show type KIND` asks): the cost follows the
-/// number of such links, not of all links.
-pub async fn dump_kind(handle: &Handle, kind: InfoKind) -> Result<Vec<LinkView>> {
+/// number of such links, not of all links. Read with a blocking dump on a socket of its own.
+///
+/// Not through the [`Netlink`] connection: its reader decodes every message of a receive into the request's
+/// queue before the caller sees the first, so a thousand fully parsed messages (about 13 KiB each) are alive
+/// at once, and the worker thread's heap grows by that much, page fault by page fault. Here one receive
+/// buffer is reused and each message becomes a [`LinkView`] and is dropped before the next is parsed.
+pub fn dump_kind(kind: InfoKind) -> Result<Vec<LinkView>> {
+    use rtnetlink::packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
     let what = format!("list {kind} links");
-    let mut req = handle.link().get();
-    let attrs = &mut req.message_mut().attributes;
-    attrs.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind)]));
+    let io = |e: std::io::Error| Error::io(what.clone(), e);
+    let mut req = LinkMessage::default();
+    req.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind.clone())]));
     // Counters are not needed here: without them each message is about a third shorter to fill and parse.
-    attrs.push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
-    // Each message is turned into a view and dropped as it arrives: holding a thousand parsed messages
-    // (stats, per-family attributes) at once costs more in page faults than the kernel spends on the dump.
-    let views: Vec<LinkView> = req
-        .execute()
-        .map_ok(|m| LinkView::from_message(&m))
-        .try_collect()
-        .await
-        .map_err(|e| Error::netlink(what.clone(), e))?;
-    tracing::debug!("netlink: {what}: {}", views.len());
-    for v in &views {
-        tracing::trace!("netlink: \"{}\" {}", v.name, v.summary());
+    req.attributes.push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::GetLink(req)));
+    msg.finalize();
+    let mut out = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut out);
+
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(io)?;
+    socket.bind_auto().map_err(io)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(io)?;
+    socket.send(&out, 0).map_err(io)?;
+
+    let mut links = Vec::new();
+    // The kernel fills a dump receive up to the buffer's size (32 KiB at least), so this takes it whole.
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    loop {
+        buf.clear();
+        socket.recv(&mut buf, 0).map_err(io)?;
+        let mut offset = 0;
+        while offset < buf.len() {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..])
+                .map_err(|e| Error::Runtime(format!("{what}: undecodable reply: {e}")))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                    let v = LinkView::from_message(&m);
+                    tracing::trace!("netlink: \"{}\" {}", v.name, v.summary());
+                    links.push(v);
+                }
+                NetlinkPayload::Done(_) => {
+                    tracing::debug!("netlink: {what}: {}", links.len());
+                    return Ok(links);
+                }
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    return Err(Error::Netlink { op: what, errno: -e.raw_code() });
+                }
+                _ => {}
+            }
+            if len == 0 {
+                return Err(Error::Runtime(format!("{what}: zero-length reply")));
+            }
+            // Messages start on 4-byte boundaries.
+            offset += (len + 3) & !3;
+        }
     }
-    Ok(views)
 }
 
 /// Delete by name (for rollback, when the index may not be known); a missing link is fine.

@@ -200,7 +200,7 @@ async fn create_here(nl: &Netlink, ns: Option<&NetnsSpec>, req: &CreateRequest) 
             ));
         }
         // Every refusal comes before the first change: a refused --replace keeps the old link.
-        if let Some(user) = mac_clash(h, &parent, spec).await? {
+        if let Some(user) = mac_clash(&parent, spec)? {
             return Err(mac_in_use(&what, spec, &user));
         }
         tracing::info!(link = %spec.name, "replacing: {}", diff.join(", "));
@@ -302,7 +302,7 @@ async fn bring_up(
         Err(e) => {
             let err = Error::netlink(format!("{what}: bring it up"), e);
             if err.netlink_errno() == Some(nix::errno::Errno::EADDRINUSE as i32)
-                && let Ok(Some(user)) = mac_clash(h, parent, spec).await
+                && let Ok(Some(user)) = mac_clash(parent, spec)
             {
                 return Err(mac_in_use(what, spec, &user));
             }
@@ -312,9 +312,9 @@ async fn bring_up(
 }
 
 /// Who uses `spec.mac` on the parent the way the kernel counts it (the error path and `--replace` only).
-async fn mac_clash(h: &rtnetlink::Handle, parent: &LinkView, spec: &MacvtapSpec) -> Result<Option<LinkView>> {
-    let mut candidates = link::dump_kind(h, InfoKind::MacVtap).await?;
-    candidates.extend(link::dump_kind(h, InfoKind::MacVlan).await?);
+fn mac_clash(parent: &LinkView, spec: &MacvtapSpec) -> Result<Option<LinkView>> {
+    let mut candidates = link::dump_kind(InfoKind::MacVtap)?;
+    candidates.extend(link::dump_kind(InfoKind::MacVlan)?);
     Ok(link::mac_user(&candidates, parent, &spec.name, spec.mac).cloned())
 }
 
@@ -438,10 +438,10 @@ pub fn show(ns: Option<&NetnsSpec>, name: Option<&IfName>) -> Result<Vec<TapInfo
                     }
                     vec![l]
                 }
-                None => link::dump_kind(h, InfoKind::MacVtap).await?,
+                None => link::dump_kind(InfoKind::MacVtap)?,
             };
             let mut parents: HashMap<u32, Option<String>> = HashMap::new();
-            let mut out = Vec::with_capacity(links.len());
+            let mut named = Vec::with_capacity(links.len());
             for l in &links {
                 let parent = match l.parent_ifindex.filter(|_| l.link_netnsid.is_none()) {
                     Some(p) => match parents.get(&p) {
@@ -454,18 +454,36 @@ pub fn show(ns: Option<&NetnsSpec>, name: Option<&IfName>) -> Result<Vec<TapInfo
                     },
                     None => None,
                 };
-                let (dev, node) = match l.name.parse::<IfName>() {
-                    Ok(n) => match tap::sysfs_devnum(&n, l.ifindex) {
-                        Ok(dev) => (Some(dev), nodedir::usable_node(&n, l.ifindex, dev, ns_inode)),
-                        Err(_) => (None, None),
-                    },
-                    Err(_) => (None, None),
-                };
-                out.push(info_of(l, parent, dev, node));
+                named.push((l, parent));
             }
-            Ok(out)
+            Ok(tap_infos(named, ns_inode))
         })
     })
+}
+
+/// Links from which `show` reads device numbers from one `/sys/dev/char` listing instead of link by link.
+const DEV_INDEX_FROM: usize = 16;
+
+/// The tap device number and usable node of each link, in order.
+fn tap_infos(named: Vec<(&LinkView, Option<String>)>, ns_inode: u64) -> Vec<TapInfo> {
+    let index = if named.len() >= DEV_INDEX_FROM { tap::DevIndex::read(named.len()) } else { None };
+    named
+        .into_iter()
+        .map(|(l, parent)| {
+            let (dev, node) = match l.name.parse::<IfName>() {
+                Ok(n) => match index
+                    .as_ref()
+                    .and_then(|i| i.get(&n, l.ifindex))
+                    .map_or_else(|| tap::sysfs_devnum(&n, l.ifindex), Ok)
+                {
+                    Ok(dev) => (Some(dev), nodedir::usable_node(&n, l.ifindex, dev, ns_inode)),
+                    Err(_) => (None, None),
+                },
+                Err(_) => (None, None),
+            };
+            info_of(l, parent, dev, node)
+        })
+        .collect()
 }
 
 /// An opened, verified macvtap: what `exec` and the launcher hand to QEMU.

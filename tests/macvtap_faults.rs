@@ -476,6 +476,24 @@ fn a_thousand_links() {
     let all = all.as_array().unwrap();
     assert_eq!(all.len(), 1000);
     assert!(all.iter().all(|v| v["parent"] == bp.as_str() && v["mode"] == "bridge" && v["owned"] == false));
+    // `show` takes device numbers from the machine-wide /sys/dev/char listing: each must be what the
+    // namespace's own sysfs says, also for a (name, ifindex) pair that another namespace has too.
+    let twin = Netns::new("tw");
+    let (tp, tq) = (unique("tp"), unique("tq"));
+    twin.veth(&tp, &tq);
+    twin.ip(&["link", "add", "link", &tp, "name", "k7", "index", &(base + 7).to_string(), "type", "macvtap"]);
+    for (ns, count) in [(&ns, 1000), (&twin, 1)] {
+        let own = own_sysfs_devnums(ns);
+        let shown = json(&run(Some(rt.path()), ns, &["--json", "show"]));
+        let shown = shown.as_array().unwrap();
+        assert_eq!(shown.len(), count);
+        for v in shown {
+            let key = (v["name"].as_str().unwrap().to_owned(), v["ifindex"].as_u64().unwrap());
+            assert_eq!(v["tap_devnum"].as_str(), own.get(&key).map(String::as_str), "{key:?} in {}", ns.name);
+        }
+    }
+    let k7 = |ns: &Netns| json(&run(Some(rt.path()), ns, &["--json", "show", "k7"]))["tap_devnum"].clone();
+    assert_ne!(k7(&ns), k7(&twin), "two namespaces' k7 at one index are two devices");
     let name = unique("mv");
     let v = json(&run(Some(rt.path()), &ns, &["--json", "create", "--link", &parent, "--name", &name]));
     assert_eq!(v["changed"], true);
@@ -487,6 +505,23 @@ fn a_thousand_links() {
     assert_eq!(k500["ifindex"], base + 500);
     assert_eq!(json(&run(Some(rt.path()), &ns, &["--json", "show"])).as_array().unwrap().len(), 1001);
     assert!(run(Some(rt.path()), &ns, &["delete", &name]).status.success());
+}
+
+/// (name, ifindex) → "major:minor" of every macvtap, as the namespace's own sysfs lists them.
+fn own_sysfs_devnums(ns: &Netns) -> std::collections::HashMap<(String, u64), String> {
+    let out = ns.cmd("sh").args(["-c", "grep -H . /sys/class/net/*/macvtap/tap*/dev"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            // /sys/class/net/NAME/macvtap/tapN/dev:MAJ:MIN
+            let (path, dev) = l.split_once("/dev:").unwrap();
+            let mut parts = path.rsplit('/');
+            let index = parts.next().unwrap().strip_prefix("tap").unwrap().parse().unwrap();
+            parts.next();
+            ((parts.next().unwrap().to_owned(), index), dev.to_owned())
+        })
+        .collect()
 }
 
 /// Kernel refusals come with what to do: a parent that is a bridge port, an MTU above the parent's, and a
