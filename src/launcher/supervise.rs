@@ -46,7 +46,8 @@ use crate::launcher::vhost::{self, Vhost};
 use crate::macvtap::{self, OpenedTap};
 use crate::tap;
 
-/// The first fd number the LAN tap queues get in QEMU; the launcher's QMP socket follows them.
+/// The first fd number the LAN tap queues get in QEMU; the vhost-net fds and then the launcher's QMP socket
+/// follow them.
 pub const FIRST_TAP_FD: i32 = 3;
 
 /// The fd number of the launcher's QMP connection in QEMU, after the LAN NIC's `lan_fds` fds (its tap
@@ -82,6 +83,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const STATUS_POLL: Duration = Duration::from_secs(1);
 /// QEMU's last stderr lines kept for error messages.
 const STDERR_TAIL: usize = 8;
+/// Driver passes [`StopSignals::pending`] allows for a signal that already arrived.
+const PENDING_POLLS: usize = 3;
 /// Threads for tokio's blocking pool (file reads of the boot HTTP server).
 const BLOCKING_THREADS: usize = 2;
 
@@ -99,10 +102,20 @@ impl StopSignals {
         }
     }
 
-    /// A signal that already arrived (while the runtime was not running), waiting only for the runtime's
-    /// driver to pass it on.
+    /// A signal that already arrived (while the runtime was not running). Its handler has written to the
+    /// runtime's signal pipe; a yield lets the driver read it (a yielded task is woken only after the driver
+    /// ran), so this costs microseconds, not a fixed wait, on every start.
     fn pending(&mut self, rt: &tokio::runtime::Runtime) -> Option<&'static str> {
-        rt.block_on(async { tokio::time::timeout(Duration::from_millis(20), self.recv()).await.ok() })
+        rt.block_on(async {
+            for _ in 0..PENDING_POLLS {
+                tokio::select! {
+                    biased;
+                    sig = self.recv() => return Some(sig),
+                    () = tokio::task::yield_now() => {}
+                }
+            }
+            None
+        })
     }
 }
 
@@ -416,10 +429,10 @@ async fn start(
     cfg: &LaunchConfig,
     accel: Accel,
     prepared: &Prepared,
-    tap: Option<Lan>,
+    lan_fds: Option<Lan>,
     signals: &mut StopSignals,
 ) -> Result<Option<Guest>, Failure> {
-    let lan = tap.as_ref().map(|l| (l.tap.name.to_string(), l.tap.ifindex));
+    let lan = lan_fds.as_ref().map(|l| (l.tap.name.to_string(), l.tap.ifindex));
     let watch = match &lan {
         Some((_, ifindex)) => Some(LinkWatch::subscribe(*ifindex).await?),
         None => None,
@@ -427,7 +440,7 @@ async fn start(
     let (ours, theirs) =
         std::os::unix::net::UnixStream::pair().map_err(|e| Error::io("create the QMP socket pair", e))?;
     tracing::debug!("QEMU argv: {:?}", prepared.argv);
-    let mut child = spawn(&prepared.argv, tap, OwnedFd::from(theirs), prepared.qmp_fd)?;
+    let mut child = spawn(&prepared.argv, lan_fds, OwnedFd::from(theirs), prepared.qmp_fd)?;
     let pid = child.id().unwrap_or_default();
     let stderr = child.stderr.take().ok_or_else(|| Error::Runtime("QEMU's stderr is not a pipe".into()))?;
     let (tail, stderr_task) = forward_stderr(stderr);
