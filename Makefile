@@ -13,6 +13,7 @@ test:
 bench:
 	cargo bench --bench macvtap
 	cargo bench --bench launcher
+	cargo bench --bench boot
 
 build:
 	cargo build --release

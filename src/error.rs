@@ -89,6 +89,11 @@ pub enum Error {
     /// Anything else that failed at run time (exit 1).
     #[error("{0}")]
     Runtime(String),
+
+    /// Something that cannot be used, with a reason in plain words and the kind the caller needs (e.g. a
+    /// device that is missing, exit 3, or refused, exit 5, where errno alone would mislead).
+    #[error("{what}: {reason}")]
+    Unusable { kind: Kind, what: String, reason: String },
 }
 
 fn io_hint(e: &io::Error) -> &'static str {
@@ -106,6 +111,10 @@ impl Error {
 
     pub fn conflict(what: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Conflict { what: what.into(), reason: reason.into() }
+    }
+
+    pub fn unusable(kind: Kind, what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Unusable { kind, what: what.into(), reason: reason.into() }
     }
 
     pub fn io(op: impl Into<String>, source: io::Error) -> Self {
@@ -140,6 +149,7 @@ impl Error {
                 None => Kind::Runtime,
             },
             Error::Runtime(_) => Kind::Runtime,
+            Error::Unusable { kind, .. } => *kind,
         }
     }
 

@@ -361,6 +361,29 @@ fn a_good_lab_setup_has_no_fail() {
     assert!(find(&list, "disk")["detail"].as_str().unwrap().contains("qemu-img"), "{list:#?}");
     assert!(!Path::new(&sd).exists(), "doctor created the state directory");
 
+    // vhost-net as run decides it: with a device that is missing or not vhost-net, auto warns (run falls back)
+    // and on fails (run exits 3).
+    let missing_dev = tmp.path().join("no-vhost-net");
+    for (dev, mode, status) in [
+        (missing_dev.to_str().unwrap(), "auto", "warn"),
+        (missing_dev.to_str().unwrap(), "on", "fail"),
+        ("/dev/null", "on", "fail"),
+        ("/dev/null", "off", "ok"),
+    ] {
+        let env = format!("EC_VHOST_NET_DEVICE={dev}");
+        let prefix = ["ip", "netns", "exec", s.lab.host.name.as_str(), "env", env.as_str()];
+        let out = doctor(&prefix, &[&args[..], &["--lan-vhost", mode]].concat());
+        let list = checks(&out);
+        let v = find(&list, "vhost-net");
+        assert_eq!(v["status"], status, "{dev} {mode}: {v}");
+        let want_fails: Vec<String> = if status == "fail" { vec!["vhost-net".into()] } else { vec![] };
+        assert_eq!(fails(&list), want_fails, "{list:#?}");
+        assert_eq!(out.status.code(), Some(if status == "fail" { 1 } else { 0 }), "{list:#?}");
+        if status == "fail" {
+            assert!(v["hint"].as_str().unwrap().contains("run would exit 3"), "{v}");
+        }
+    }
+
     // The same server, a missing file: a 404 fail, as iPXE would meet.
     let missing = format!("http://127.0.0.1:{port}/nope.ipxe");
     let out = s.doctor(false, &["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--boot-url", &missing]);

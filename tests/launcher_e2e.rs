@@ -266,13 +266,20 @@ struct LanGuest {
 
 impl LanGuest {
     fn new(test: &str) -> Option<LanGuest> {
+        LanGuest::with_create_args(test, &[])
+    }
+
+    /// The same, with more `ec-macvtap create` arguments (e.g. `--owner nobody`).
+    fn with_create_args(test: &str, extra: &[&str]) -> Option<LanGuest> {
         require_root(test);
         if !require_qemu(test) || !require_programs(test, &["dnsmasq", "ip"]) {
             return None;
         }
         let lab = Lab::new();
         let name = unique("lv");
-        let out = macvtap(Some(&lab.host), &["--json", "create", "--link", &lab.uplink, "--name", &name]);
+        let mut args = vec!["--json", "create", "--link", &lab.uplink, "--name", &name];
+        args.extend_from_slice(extra);
+        let out = macvtap(Some(&lab.host), &args);
         assert!(out.status.success(), "ec-macvtap create: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let tmp = tempfile::tempdir().unwrap();
@@ -323,6 +330,38 @@ fn user_mode_chain_to_loopback_http() {
     assert!(seen.iter().any(|r| r == "GET /chain.ipxe?from=52%3A54%3A00%3A12%3A34%3A56"), "server saw {seen:?}");
     // The boot path never touches a LAN NIC.
     assert!(!std::fs::read_to_string(state.join("tftp/boot.ipxe")).unwrap().contains("net1"));
+    // One DHCP on the boot NIC (the ROM's autoboot): the script keeps the address it got.
+    assert_eq!(s.matches("Configuring (net0").count(), 1, "{s}");
+    assert!(s.contains("ec-ipxe-qemu: boot net0 52:54:00:12:34:56 ip 10.0.2.15"), "{s}");
+    // The ROM's Ctrl-B banner was shown and answered at once.
+    assert!(s.contains("Press Ctrl-B for the iPXE command line..."), "{s}");
+    let log = run.stderr();
+    assert!(log.contains("iPXE banner \"Press Ctrl-B for the iPXE command line...\": pressed Enter"), "{log}");
+}
+
+/// `--ipxe ipxe.lkrn` with a chain URL: the script gives the boot NIC the user-mode network's fixed addresses
+/// (no DHCP at all, so none of its waits) and the chain sees them, with `--hostname` as `${hostname}`.
+#[test]
+fn ipxe_lkrn_chains_with_the_fixed_user_mode_addresses() {
+    let t = "ipxe_lkrn_chains_with_the_fixed_user_mode_addresses";
+    if !require_qemu(t) || !require_programs(t, &[LKRN]) {
+        return;
+    }
+    let marker = format!("E2E-FIXED-{}", unique("m"));
+    let server = TestServer::start(format!("#!ipxe\necho {marker}\nsleep 3600\n"));
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let url = format!("http://10.0.2.2:{}/c.ipxe?h=${{hostname}}&ip=${{net0/ip}}&gw=${{net0/gateway}}", server.port);
+    let _slot = Slot::take();
+    let mut run = Run::start(None, &state, &["--no-disk", "--ipxe", LKRN, "--hostname", "pub1", "--boot-url", &url]);
+    let s = run.wait_serial(&marker);
+    assert!(!s.contains("Configuring (net0"), "no DHCP on the boot NIC:\n{s}");
+    assert!(!s.contains("no DHCP answer"), "{s}");
+    assert!(s.contains("ec-ipxe-qemu: boot net0 52:54:00:12:34:56 ip 10.0.2.15"), "{s}");
+    assert!(s.contains("ec-ipxe-qemu: gateway 10.0.2.2 dns 10.0.2.3"), "{s}");
+    let seen = server.seen();
+    assert!(seen.iter().any(|r| r == "GET /c.ipxe?h=pub1&ip=10.0.2.15&gw=10.0.2.2"), "server saw {seen:?}");
+    assert!(!run.stderr().contains("iPXE banner"), "no ROM banner on the --ipxe path:\n{}", run.stderr());
 }
 
 /// `--boot-dir`: the launcher's own HTTP server serves netboot.ipxe to the guest.
@@ -494,6 +533,177 @@ fn lan_dhcp_through_the_macvtap() {
     })
     .unwrap_or_default();
     assert_eq!(leases, vec![(g.mac.clone(), ip)], "dnsmasq leased to exactly the macvtap's MAC");
+    // --lan-vhost auto with the real /dev/vhost-net: used when it opens, otherwise one line saying why.
+    let log = run.stderr();
+    if Path::new("/dev/vhost-net").exists() {
+        assert!(log.contains("vhost-net: on (1 fd(s) from /dev/vhost-net)"), "{log}");
+    } else {
+        assert_eq!(log.matches("vhost-net: off: /dev/vhost-net does not exist").count(), 1, "{log}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// vhost-net (issue 12). This machine has no /dev/vhost-net: the tests point EC_VHOST_NET_DEVICE (a test-only
+// override) at paths that make the real open(2) fail the ways it fails in the field, and use the real
+// /dev/vhost-net where it exists.
+
+/// `print-args` for the LAN guest with `--lan-vhost MODE`, the device at `device` (None: the real one).
+fn vhost_print_args(g: &LanGuest, mode: &str, device: Option<&Path>) -> std::process::Output {
+    let mut c = g.lab.host.cmd(BIN);
+    c.args(["print-args", "--state-dir", g.state.to_str().unwrap(), "--accel", "tcg", "--no-disk"]);
+    c.args(["--lan-interface", &g.name, "--lan-vhost", mode]);
+    if let Some(d) = device {
+        c.env("EC_VHOST_NET_DEVICE", d);
+    }
+    common::run(&mut c)
+}
+
+/// auto: a missing device is one log line and no vhost in the argv, and the guest boots and leases on the
+/// LAN; off: not even the line; on: exit 3 (missing, or not the vhost-net device) with nothing left behind.
+#[test]
+#[ignore = "needs root"]
+fn lan_vhost_auto_falls_back_on_refuses_a_missing_device() {
+    let Some(g) = LanGuest::new("lan_vhost_auto_falls_back_on_refuses_a_missing_device") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("vhost-net");
+    let fallback = format!("vhost-net: off: {} does not exist", missing.display());
+
+    let out = vhost_print_args(&g, "auto", Some(&missing));
+    let argv: Vec<String> = common::json(&out).as_array().unwrap().iter().map(|a| a.as_str().unwrap().into()).collect();
+    assert!(argv.contains(&"tap,id=lan,fd=3".to_string()), "{argv:?}");
+    assert!(!argv.iter().any(|a| a.contains("vhost")), "{argv:?}");
+    assert_eq!(common::stderr(&out).matches(&fallback).count(), 1, "{}", common::stderr(&out));
+    let out = vhost_print_args(&g, "off", Some(&missing));
+    assert!(out.status.success() && !common::stderr(&out).contains("vhost-net"), "{}", common::stderr(&out));
+    for (device, says) in [
+        (missing.clone(), format!("--lan-vhost on: {} does not exist (load the vhost_net module)", missing.display())),
+        ("/dev/null".into(), "is not the vhost-net device (character device 10:238)".to_string()),
+    ] {
+        let out = vhost_print_args(&g, "on", Some(&device));
+        assert_eq!(out.status.code(), Some(3), "{}", common::stderr(&out));
+        assert!(common::stderr(&out).contains(&says), "{}", common::stderr(&out));
+        assert_eq!(common::stderr(&out).trim().lines().count(), 1, "one line: {}", common::stderr(&out));
+    }
+    assert!(!g.state.exists(), "print-args has no side effects");
+
+    // run --lan-vhost on: refused before QEMU, and the state directory it created is gone again.
+    let mut c = g.lab.host.cmd(BIN);
+    c.args(["run", "--state-dir", g.state.to_str().unwrap(), "--accel", "tcg", "--no-disk"]);
+    c.args(["--lan-interface", &g.name, "--lan-vhost", "on"]).env("EC_VHOST_NET_DEVICE", &missing);
+    let out = common::run(&mut c);
+    assert_eq!(out.status.code(), Some(3), "{}", common::stderr(&out));
+    assert!(!g.state.exists(), "run left {} behind", g.state.display());
+    assert!(no_qemu_left(&g.state));
+
+    // run --lan-vhost auto: the guest boots without vhost and leases on the LAN.
+    let _slot = Slot::take();
+    let mut cmd = g.lab.host.cmd(BIN);
+    cmd.args(["run", "--state-dir", g.state.to_str().unwrap(), "--accel", "tcg", "--memory", "256", "--no-disk"]);
+    cmd.args(["--lan-interface", &g.name, "--shutdown-timeout", "0"]).env("EC_VHOST_NET_DEVICE", &missing);
+    let log = g.state.with_extension("stderr");
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    let mut run = Run { child: Some(cmd.spawn().unwrap()), state: g.state.clone(), log, status: None };
+    let s = run.wait_serial(OK_LINE);
+    assert!(s.contains("ec-ipxe-qemu: LAN net1 192.168.77."), "{s}");
+    assert_eq!(run.stderr().matches(&fallback).count(), 1, "{}", run.stderr());
+    let pids = qemu_pids(&g.state);
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", pids[0])).unwrap();
+    assert!(cmdline.contains("tap,id=lan,fd=3\0") && !cmdline.contains("vhost"), "{cmdline:?}");
+}
+
+/// `--lan-vhost on` with the real /dev/vhost-net: in use where the device exists (the fd is in QEMU), exit 3
+/// where it does not.
+#[test]
+#[ignore = "needs root"]
+fn lan_vhost_on_with_the_real_device() {
+    let Some(g) = LanGuest::new("lan_vhost_on_with_the_real_device") else { return };
+    let out = vhost_print_args(&g, "on", None);
+    if !Path::new("/dev/vhost-net").exists() {
+        assert_eq!(out.status.code(), Some(3), "{}", common::stderr(&out));
+        assert!(
+            common::stderr(&out).contains("--lan-vhost on: /dev/vhost-net does not exist"),
+            "{}",
+            common::stderr(&out)
+        );
+        return;
+    }
+    let argv: Vec<String> = common::json(&out).as_array().unwrap().iter().map(|a| a.as_str().unwrap().into()).collect();
+    assert!(argv.contains(&"tap,id=lan,fd=3,vhost=on,vhostfd=4".to_string()), "{argv:?}");
+    let _slot = Slot::take();
+    let mut cmd = g.lab.host.cmd(BIN);
+    cmd.args(["run", "--state-dir", g.state.to_str().unwrap(), "--accel", "tcg", "--memory", "256", "--no-disk"]);
+    cmd.args(["--lan-interface", &g.name, "--lan-vhost", "on", "--shutdown-timeout", "0"]);
+    let log = g.state.with_extension("stderr");
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    let mut run = Run { child: Some(cmd.spawn().unwrap()), state: g.state.clone(), log, status: None };
+    let s = run.wait_serial(OK_LINE);
+    assert!(s.contains("ec-ipxe-qemu: LAN net1 192.168.77."), "{s}");
+    let pid = qemu_pids(&g.state)[0];
+    let held = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .any(|l| l == Path::new("/dev/vhost-net"));
+    assert!(held, "QEMU holds no /dev/vhost-net fd");
+}
+
+/// `--lan-vhost on` refused by the device's owner and mode: exit 5, nothing left behind. The launcher runs as
+/// `nobody` (as the unit's static user would) on a macvtap given to `nobody`, and the device is a real
+/// vhost-net node (10:238, root's, 0600) made with mknod, so the kernel's own permission check refuses it.
+/// The same node opened by root reaches the driver: exit 3 without the vhost_net module.
+#[test]
+#[ignore = "needs root"]
+fn lan_vhost_on_refused_is_exit_5() {
+    let t = "lan_vhost_on_refused_is_exit_5";
+    let Some(g) = LanGuest::with_create_args(t, &["--owner", "nobody"]) else { return };
+    if !require_programs(t, &["setpriv"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    let node = tmp.path().join("vhost-net");
+    nix::sys::stat::mknod(
+        &node,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(10, 238),
+    )
+    .unwrap();
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    nix::unistd::chown(&home, Some(nobody.uid), Some(nobody.gid)).unwrap();
+    let state = home.join("state");
+    let as_nobody = |sub: &str, mode: &str| {
+        let mut c = g.lab.host.cmd("setpriv");
+        c.args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--", BIN, sub, "--state-dir"]);
+        c.arg(&state).args(["--accel", "tcg", "--no-disk", "--lan-interface", &g.name, "--lan-vhost", mode]);
+        common::run(c.env("EC_VHOST_NET_DEVICE", &node))
+    };
+    let says =
+        format!("--lan-vhost on: permission denied opening {} (its owner and mode keep this user out)", node.display());
+    for sub in ["print-args", "run"] {
+        let out = as_nobody(sub, "on");
+        assert_eq!(out.status.code(), Some(5), "{sub}: {}", common::stderr(&out));
+        assert!(common::stderr(&out).contains(&says), "{sub}: {}", common::stderr(&out));
+        assert!(!state.exists(), "{sub} left {} behind", state.display());
+    }
+    assert!(no_qemu_left(&state));
+    let out = as_nobody("print-args", "auto");
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let fallback = format!("vhost-net: off: permission denied opening {}", node.display());
+    assert_eq!(common::stderr(&out).matches(&fallback).count(), 1, "{}", common::stderr(&out));
+    // The same node as root: the kernel lets root open it, and then it is up to the driver. Without the
+    // vhost_net module (no vhost-net in /proc/misc) that is "no driver" (exit 3); with it, vhost is on.
+    let loaded = std::fs::read_to_string("/proc/misc").unwrap_or_default().contains("vhost-net");
+    let out = vhost_print_args(&g, "on", Some(&node));
+    if loaded {
+        let argv = common::json(&out).to_string();
+        assert!(argv.contains("vhost=on,vhostfd=4"), "{argv}");
+    } else {
+        assert_eq!(out.status.code(), Some(3), "{}", common::stderr(&out));
+        let says = format!("--lan-vhost on: {} has no driver behind it (load the vhost_net module)", node.display());
+        assert!(common::stderr(&out).contains(&says), "{}", common::stderr(&out));
+    }
 }
 
 /// QEMU killed with SIGKILL: `run` exits non-zero, and `ec-macvtap delete` afterwards leaves no link or node.

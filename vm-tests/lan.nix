@@ -117,6 +117,16 @@ in
           text = host.succeed(f"systemctl show -P StatusText {unit}").strip()
           assert text.startswith("ready:"), text
 
+      with subtest("the LAN NIC's packets go through vhost-net (lan.vhost = auto, the device exists)"):
+          # The module loads vhost_net and allows /dev/vhost-net; the launcher opened it and QEMU holds it.
+          host.succeed("test -c /dev/vhost-net")
+          qemu_pid = host.succeed("pgrep -u every-channel-ipxe-qemu -f qemu-system-x86_64").split()[0]
+          fds = host.succeed(f"ls -l /proc/{qemu_pid}/fd")
+          assert "/dev/vhost-net" in fds, f"QEMU holds no vhost-net fd:\n{fds}"
+          argv = host.succeed(f"tr '\\0' ' ' < /proc/{qemu_pid}/cmdline")
+          assert "vhost=on,vhostfd=" in argv, argv
+          host.succeed(f"journalctl -u {unit} -o cat | grep -q 'vhost-net: on'")
+
       with subtest("the host configured nothing on the macvtap"):
           # dhcpcd, networkd and NetworkManager are told to leave it alone; ec-macvtap turned
           # off IPv6 address generation, so not even a link-local address may appear.

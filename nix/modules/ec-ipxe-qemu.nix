@@ -455,6 +455,8 @@ let
     ++ [
       "--lan-queues"
       (toString cfg.lan.macvtap.queues)
+      "--lan-vhost"
+      cfg.lan.vhost
     ]
   )
   ++ optionalFlag "--ready-pattern" cfg.boot.readyPattern
@@ -723,6 +725,22 @@ in
         description = "QEMU device model of the LAN NIC (`--lan-nic-model`); `null` keeps the launcher's default.";
       };
 
+      vhost = mkOption {
+        type = types.enum [
+          "auto"
+          "on"
+          "off"
+        ];
+        default = "auto";
+        example = "on";
+        description = ''
+          vhost-net for the LAN NIC (`--lan-vhost`): the kernel moves its packets instead of
+          QEMU's userspace. `auto` uses it when /dev/vhost-net opens (the module loads
+          `vhost_net` and allows the device) and logs one line when it does not; `on` makes the
+          unit fail when it cannot (exit 3 missing, 5 refused); `off` never uses it.
+        '';
+      };
+
       macvtap = {
         interface = mkOption {
           type = types.nullOr types.str;
@@ -894,6 +912,13 @@ in
           message = ''
             ${opt}.lan.macvtap.queues = ${toString cfg.lan.macvtap.queues} needs a virtio-net LAN NIC,
             not "${lanModel}". Set lan.macvtap.queues = 1 or lan.model = "virtio-net-pci".
+          '';
+        }
+        {
+          assertion = !cfg.lan.enable || cfg.lan.vhost != "on" || lib.hasPrefix "virtio-net" lanModel;
+          message = ''
+            ${opt}.lan.vhost = "on" needs a virtio-net LAN NIC (vhost-net serves virtio only), not
+            "${lanModel}". Set lan.vhost = "auto" or lan.model = "virtio-net-pci".
           '';
         }
       ]

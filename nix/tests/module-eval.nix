@@ -89,6 +89,7 @@ let
         "boot.http.port" = null;
         "lan.enable" = false;
         "lan.model" = null;
+        "lan.vhost" = "auto";
         "lan.macvtap.interface" = null;
         "lan.macvtap.name" = "ec-lan0";
         "lan.macvtap.mode" = "bridge";
@@ -338,6 +339,18 @@ let
       };
       says = "the console socket";
     };
+    "lan.vhost on with a LAN NIC that is not virtio" = {
+      def = with' {
+        enable = true;
+        lan = {
+          enable = true;
+          macvtap.interface = "eth0";
+          vhost = "on";
+          model = "e1000";
+        };
+      };
+      says = ''lan.vhost = "on" needs a virtio-net LAN NIC'';
+    };
     "boot.url and boot.http together" = {
       def = with' {
         enable = true;
@@ -466,6 +479,14 @@ let
     [
       "lan.macvtap.queues"
       0
+    ]
+    [
+      "lan.vhost"
+      "yes"
+    ]
+    [
+      "lan.vhost"
+      true
     ]
     [
       "extraArgs"
@@ -714,6 +735,7 @@ let
         queues = 2;
       };
       lan.model = "virtio-net-pci";
+      lan.vhost = "on";
       disk.path = "/srv/ec/publisher.qcow2";
       boot.url = "https://boot.example.org/ec/netboot.ipxe?mac=\${net0/mac}&x=100%";
     })
@@ -771,6 +793,12 @@ let
         ''"600"''
       ]
     )) (unitOf forge).serviceConfig.ExecStart)
+    # The default (nixpkgs' HTTPS ipxe.lkrn) is the launcher's fast boot path: --ipxe, whose script gives
+    # the boot NIC the user-mode network's fixed addresses instead of waiting for DHCP.
+    (expect "the default unit boots boot.ipxePackage's ipxe.lkrn (--ipxe, the fast path)"
+      (lib.hasInfix ''"--ipxe" "${ipxe}/ipxe.lkrn"'' sc.ExecStart)
+      "the default ExecStart has no --ipxe: ${sc.ExecStart}"
+    )
     (expect "forge has no ExecStartPre" (
       !((unitOf forge).serviceConfig ? ExecStartPre)
     ) "user-mode only must not touch host links")
@@ -811,6 +839,8 @@ let
         ''"ec-lan0"''
         ''"--lan-queues"''
         ''"1"''
+        ''"--lan-vhost"''
+        ''"auto"''
         ''"--ready-timeout"''
         ''"600"''
       ]
@@ -887,6 +917,8 @@ let
         ''"virtio-net-pci"''
         ''"--lan-queues"''
         ''"2"''
+        ''"--lan-vhost"''
+        ''"on"''
         ''"--ready-timeout"''
         ''"600"''
       ]

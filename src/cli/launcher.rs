@@ -14,6 +14,7 @@ use crate::launcher::options::{
     LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_READY_TIMEOUT_SECS, MAX_SHUTDOWN_TIMEOUT_SECS,
 };
 use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
+use crate::launcher::vhost::VhostMode;
 use crate::names::IfName;
 
 #[derive(Debug, Parser)]
@@ -132,6 +133,26 @@ impl From<AccelArg> for AccelChoice {
     }
 }
 
+/// `--lan-vhost`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum VhostArg {
+    /// vhost-net when /dev/vhost-net opens; otherwise one log line and the LAN NIC works without it.
+    Auto,
+    /// vhost-net or fail (exit 3 when the device is missing, 5 when it is refused).
+    On,
+    Off,
+}
+
+impl From<VhostArg> for VhostMode {
+    fn from(a: VhostArg) -> Self {
+        match a {
+            VhostArg::Auto => VhostMode::Auto,
+            VhostArg::On => VhostMode::On,
+            VhostArg::Off => VhostMode::Off,
+        }
+    }
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct LaunchArgs {
     /// Holds disk.qcow2, the generated boot.ipxe, the QMP and console sockets, the lock, status.json and the
@@ -231,6 +252,11 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_LAN_QUEUES)),
           requires = "lan_interface", help_heading = "LAN")]
     pub lan_queues: u32,
+    /// vhost-net for the LAN NIC: the kernel moves its packets instead of QEMU's userspace. One /dev/vhost-net
+    /// fd per queue is opened and handed to QEMU (virtio-net models only).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = VhostArg::Auto, requires = "lan_interface",
+          help_heading = "LAN")]
+    pub lan_vhost: VhostArg,
 
     /// Regular expression for the guest console line that means the guest is ready (READY=1 to systemd).
     /// Default: the diagnostics' "ec-ipxe-qemu: boot path OK" or the publisher guest's "ec-publisher: ready".
@@ -281,6 +307,7 @@ impl LaunchArgs {
             lan_interface: self.lan_interface.clone(),
             lan_nic_model: self.lan_nic_model.clone(),
             lan_queues: self.lan_queues,
+            lan_vhost: self.lan_vhost.into(),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             extra: self.extra.clone(),
         }
@@ -327,6 +354,8 @@ mod tests {
             (&["--state-dir", "/x", "--boot-url", "http://a/", "--boot-dir", "/tmp"], "--boot-dir"),
             (&["--state-dir", "/x", "--no-disk", "--disk", "/a.qcow2"], "--disk"),
             (&["--state-dir", "/x", "--lan-queues", "2"], "--lan-interface"),
+            (&["--state-dir", "/x", "--lan-vhost", "on"], "--lan-interface"),
+            (&["--state-dir", "/x", "--lan-interface", "x", "--lan-vhost", "yes"], "--lan-vhost"),
             (&["--state-dir", "/x", "--lan-interface", "x", "--lan-queues", "17"], "--lan-queues"),
             (&["--state-dir", "/x", "--boot-http-port", "8080"], "--boot-dir"),
             (&["--state-dir", "/x", "--lan-interface", "a/b"], "--lan-interface"),
@@ -368,6 +397,7 @@ mod tests {
             "--lan-interface=ec-lan0",
             "--lan-nic-model=virtio-net-pci",
             "--lan-queues=2",
+            "--lan-vhost=off",
             "--shutdown-timeout=5",
             "--",
             "-S",
@@ -393,6 +423,7 @@ mod tests {
             serial_log: Some("/l".into()),
             lan_interface: Some("ec-lan0".parse().unwrap()),
             lan_queues: 2,
+            lan_vhost: VhostMode::Off,
             shutdown_timeout: Duration::from_secs(5),
             extra: vec!["-S".into()],
             ..LaunchOptions::new("/s")

@@ -17,6 +17,7 @@ use crate::launcher::options::{
     LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_READY_TIMEOUT_SECS, MAX_SHUTDOWN_TIMEOUT_SECS,
 };
 use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, NicModel};
+use crate::launcher::vhost::VhostMode;
 use crate::names::IfName;
 
 /// Where the boot script chains to.
@@ -39,6 +40,7 @@ pub struct LanSpec {
     pub interface: IfName,
     pub model: NicModel,
     pub queues: u32,
+    pub vhost: VhostMode,
 }
 
 /// The persistent disk.
@@ -210,6 +212,7 @@ impl LaunchConfig {
             interface: i.clone(),
             model: a.lan_nic_model.clone(),
             queues: a.lan_queues,
+            vhost: a.lan_vhost,
         });
         if let Some(l) = &lan
             && l.queues > 1
@@ -218,6 +221,15 @@ impl LaunchConfig {
             return Err(Error::invalid(
                 format!("--lan-queues {}", l.queues),
                 format!("more than one queue needs a virtio-net model, not \"{}\"", l.model.as_str()),
+            ));
+        }
+        if let Some(l) = &lan
+            && l.vhost == VhostMode::On
+            && !l.model.is_virtio()
+        {
+            return Err(Error::invalid(
+                "--lan-vhost on",
+                format!("vhost-net serves virtio-net NICs only, not \"{}\"", l.model.as_str()),
             ));
         }
         for (i, x) in a.extra.iter().enumerate() {
@@ -325,6 +337,15 @@ mod tests {
                     ..nd()
                 },
                 "--lan-queues 2",
+            ),
+            (
+                LaunchOptions {
+                    lan_interface: Some("x".parse().unwrap()),
+                    lan_nic_model: "e1000".parse().unwrap(),
+                    lan_vhost: VhostMode::On,
+                    ..nd()
+                },
+                "--lan-vhost on: vhost-net serves virtio-net NICs only, not \"e1000\"",
             ),
             (LaunchOptions { state_dir: format!("/{}", "x".repeat(120)).into(), ..base() }, "path too long"),
             (

@@ -12,6 +12,7 @@ use crate::error::{Error, Kind};
 use crate::launcher::accel::{self, AccelChoice};
 use crate::launcher::config::{DISK_IMAGE, LOCK_FILE, LaunchConfig};
 use crate::launcher::options::LaunchOptions;
+use crate::launcher::vhost::{self, VhostMode};
 use crate::launcher::{fscheck, ipxe_image, lanlock};
 use crate::link::{self, Netlink};
 use crate::macvtap;
@@ -230,18 +231,36 @@ pub fn check_accel(choice: AccelChoice, qemu: Option<&Path>, kvm_dev: &Path) -> 
     }
 }
 
-/// `/dev/vhost-net`: the LAN NIC's fast path. Missing or closed, the LAN NIC still works, slower.
-pub fn check_vhost(lan: bool, dev: &Path) -> Check {
+/// `vhost-net`: the LAN NIC's fast path, decided as `run` decides it (`--lan-vhost`, the NIC model, the device
+/// opening for this user and being the real 10:238). With `auto` a device that does not open is a warning (the
+/// LAN NIC works, slower); with `on` it is a fail, as `run` then exits 3 or 5.
+pub fn check_vhost(o: &LaunchOptions, dev: &Path) -> Check {
     const NAME: &str = "vhost-net";
-    if !lan {
+    if o.lan_interface.is_none() {
         return Check::ok(NAME, "not needed (no --lan-interface)");
     }
-    match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
-        Ok(_) => Check::ok(NAME, format!("{} opens read-write", dev.display())),
-        Err(e) => Check::warn(
+    if o.lan_vhost == VhostMode::Off {
+        return Check::ok(NAME, "off (--lan-vhost off): the LAN NIC's packets go through QEMU's userspace");
+    }
+    if !o.lan_nic_model.is_virtio() {
+        let why =
+            format!("--lan-nic-model {} is not virtio-net (vhost-net serves virtio only)", o.lan_nic_model.as_str());
+        return match o.lan_vhost {
+            VhostMode::On => Check::fail(NAME, why, "use a virtio-net LAN model, or --lan-vhost auto or off"),
+            _ => Check::ok(NAME, format!("off: {why}")),
+        };
+    }
+    match (vhost::availability(dev), o.lan_vhost) {
+        (Ok(()), _) => Check::ok(NAME, format!("on: {} opens read-write for this user", dev.display())),
+        (Err(u), VhostMode::On) => Check::fail(
             NAME,
-            format!("{} cannot be opened by this user: {e}", dev.display()),
-            "the LAN NIC runs without vhost (more CPU per packet): load vhost_net and give the user the device",
+            format!("--lan-vhost on: {}", u.reason),
+            format!("run would exit {}: {}", if u.missing { 3 } else { 5 }, vhost::hint()),
+        ),
+        (Err(u), _) => Check::warn(
+            NAME,
+            format!("off: {}", u.reason),
+            format!("the LAN NIC runs without vhost (more CPU per packet): {}", vhost::hint()),
         ),
     }
 }
@@ -485,7 +504,7 @@ pub struct Devices {
 
 impl Default for Devices {
     fn default() -> Self {
-        Devices { kvm: PathBuf::from("/dev/kvm"), vhost_net: PathBuf::from("/dev/vhost-net") }
+        Devices { kvm: PathBuf::from("/dev/kvm"), vhost_net: vhost::device() }
     }
 }
 
@@ -509,7 +528,7 @@ pub fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
         Some(name) => out.extend(check_lan(name, o.lan_queues)),
         None => out.push(Check::ok("lan-link", "no --lan-interface: the guest gets the user-mode boot NIC only")),
     }
-    out.push(check_vhost(o.lan_interface.is_some(), &dev.vhost_net));
+    out.push(check_vhost(o, &dev.vhost_net));
     out
 }
 

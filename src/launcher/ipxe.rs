@@ -1,5 +1,13 @@
-//! The generated iPXE script (pure): DHCP on the boot NIC with a visible retry loop, DNS when given, then
-//! either a chain to the boot URL (retried with a message a person understands) or the built-in diagnostics.
+//! The generated iPXE script (pure): bring up the boot NIC, DNS when given, then either a chain to the boot
+//! URL (retried with a message a person understands) or the built-in diagnostics.
+//!
+//! The boot NIC comes up the fastest way that gives the same result as DHCP on the user-mode network:
+//! - already configured (the NIC option ROM's autoboot did DHCP before it fetched this script): kept as it is,
+//!   so the ROM path pays for one DHCP, not two;
+//! - otherwise (`--ipxe`): the addresses slirp's DHCP server hands out, which the launcher fixes in the argv
+//!   ([`usernet`](crate::launcher::qemu_args::usernet)), set directly. iPXE's DHCP waits 2 s for ProxyDHCP
+//!   offers after slirp's offer (3 s in all), which this skips;
+//! - `dhcp net0` with a visible retry loop when net0 cannot be opened that way.
 //!
 //! Every line the script prints starts with `ec-ipxe-qemu:` so it is easy to find in the serial log. The boot
 //! path never DHCPs on the LAN NIC; only the diagnostics do, to show that the LAN answers.
@@ -7,6 +15,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::launcher::config::{BootTarget, NETBOOT_SCRIPT};
+use crate::launcher::qemu_args::usernet;
 
 /// The line the diagnostics print when the user-mode boot path works.
 pub const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
@@ -20,11 +29,13 @@ pub struct ScriptSpec {
     pub dns: Option<Ipv4Addr>,
     /// Whether the guest has a LAN NIC (net1).
     pub lan: bool,
+    /// The host name slirp's DHCP would give (`--hostname`), set with the fixed addresses.
+    pub hostname: Option<String>,
 }
 
 impl ScriptSpec {
     /// `http_port` is the port of the `--boot-dir` server, when there is one.
-    pub fn new(boot: &BootTarget, http_port: Option<u16>, dns: &[IpAddr], lan: bool) -> Self {
+    pub fn new(boot: &BootTarget, http_port: Option<u16>, dns: &[IpAddr], lan: bool, hostname: Option<&str>) -> Self {
         let chain = match boot {
             BootTarget::Diagnostics => None,
             BootTarget::Url(u) => Some(u.to_string()),
@@ -34,7 +45,7 @@ impl ScriptSpec {
             IpAddr::V4(v4) => Some(*v4),
             IpAddr::V6(_) => None,
         });
-        ScriptSpec { chain, dns, lan }
+        ScriptSpec { chain, dns, lan, hostname: hostname.map(str::to_owned) }
     }
 }
 
@@ -42,7 +53,7 @@ impl ScriptSpec {
 /// loopback or on every address is reached there; one bound to a specific address is reached at that address.
 pub fn dir_url(bind: IpAddr, port: u16) -> String {
     let host = match bind {
-        b if b.is_loopback() || b.is_unspecified() => "10.0.2.2".to_string(),
+        b if b.is_loopback() || b.is_unspecified() => usernet::HOST.to_string(),
         IpAddr::V4(v4) => v4.to_string(),
         // Refused by the configuration (the guest's user-mode network is IPv4); kept total for print-args.
         IpAddr::V6(v6) => format!("[{v6}]"),
@@ -63,15 +74,31 @@ pub fn script(spec: &ScriptSpec) -> String {
         Some(_) => line("echo ec-ipxe-qemu: boot NIC net0 (${net0/mac}) on the user-mode network"),
         None => line("echo ec-ipxe-qemu: built-in diagnostics (no --boot-url or --boot-dir was given)"),
     }
+    // Configured by the NIC ROM's DHCP: no second DHCP. (A failing command ends an iPXE script unless `||`
+    // handles it, so every test here is `cmd || goto`.)
+    line("isset ${net0/ip} || goto ec_net0_fixed");
+    line("goto ec_net0_up");
+    line(":ec_net0_fixed");
+    // The user-mode network's fixed addresses (what slirp's DHCP would hand out), without DHCP's waits.
+    // Each step falls back to DHCP with its retry loop (e.g. no net0 when iPXE lacks a driver for the model).
+    line(&format!("set net0/ip {} || goto ec_dhcp", usernet::GUEST));
+    line(&format!("set net0/netmask {} || goto ec_dhcp", usernet::NETMASK));
+    line(&format!("set net0/gateway {} || goto ec_dhcp", usernet::HOST));
+    line(&format!("set net0/dns {} || goto ec_dhcp", usernet::DNS));
+    if let Some(h) = &spec.hostname {
+        line(&format!("set net0/hostname {h} || goto ec_dhcp"));
+    }
+    line("ifopen net0 || goto ec_dhcp");
+    line("goto ec_net0_up");
     line(":ec_dhcp");
     line("inc ec_try");
     line("dhcp net0 || goto ec_dhcp_failed");
-    line("goto ec_dhcp_ok");
+    line("goto ec_net0_up");
     line(":ec_dhcp_failed");
     line("echo ec-ipxe-qemu: no DHCP answer on net0 (the user-mode network), attempt ${ec_try}; retrying in 3 seconds");
     line("sleep 3");
     line("goto ec_dhcp");
-    line(":ec_dhcp_ok");
+    line(":ec_net0_up");
     if let Some(dns) = spec.dns {
         line(&format!("set dns {dns}"));
     }
@@ -129,6 +156,7 @@ mod tests {
             chain: Some("http://boot.example/netboot.ipxe".into()),
             dns: Some(Ipv4Addr::new(9, 9, 9, 9)),
             lan: true,
+            hostname: Some("pub1".into()),
         };
         let s = script(&spec);
         assert_eq!(
@@ -136,15 +164,25 @@ mod tests {
             "#!ipxe
 # Written by ec-ipxe-qemu on every start; changes here are lost.
 echo ec-ipxe-qemu: boot NIC net0 (${net0/mac}) on the user-mode network
+isset ${net0/ip} || goto ec_net0_fixed
+goto ec_net0_up
+:ec_net0_fixed
+set net0/ip 10.0.2.15 || goto ec_dhcp
+set net0/netmask 255.255.255.0 || goto ec_dhcp
+set net0/gateway 10.0.2.2 || goto ec_dhcp
+set net0/dns 10.0.2.3 || goto ec_dhcp
+set net0/hostname pub1 || goto ec_dhcp
+ifopen net0 || goto ec_dhcp
+goto ec_net0_up
 :ec_dhcp
 inc ec_try
 dhcp net0 || goto ec_dhcp_failed
-goto ec_dhcp_ok
+goto ec_net0_up
 :ec_dhcp_failed
 echo ec-ipxe-qemu: no DHCP answer on net0 (the user-mode network), attempt ${ec_try}; retrying in 3 seconds
 sleep 3
 goto ec_dhcp
-:ec_dhcp_ok
+:ec_net0_up
 set dns 9.9.9.9
 echo ec-ipxe-qemu: boot net0 ${net0/mac} ip ${net0/ip}
 echo ec-ipxe-qemu: gateway ${net0/gateway} dns ${dns}
@@ -166,16 +204,21 @@ goto ec_chain
 
     #[test]
     fn diagnostics_with_and_without_lan() {
-        let with = script(&ScriptSpec { chain: None, dns: None, lan: true });
+        let with = script(&ScriptSpec { chain: None, dns: None, lan: true, hostname: None });
         assert!(with.starts_with("#!ipxe\n"));
         assert!(!with.contains("set dns"));
         assert!(!with.contains("chain"));
         let lan_dhcp = with.find("dhcp net1").unwrap();
         let ok = with.find(&format!("echo {OK_LINE}")).unwrap();
         assert!(with.find("dhcp net0").unwrap() < lan_dhcp && lan_dhcp < ok, "{with}");
+        // net0 comes up before anything touches net1, and no net1 setting is ever written.
+        assert!(with.find(":ec_net0_up").unwrap() < with.find("net1").unwrap(), "{with}");
+        assert!(!with.contains("set net1") && !with.contains("ifopen net1") && !with.contains("hostname"), "{with}");
+        // A failing command ends an iPXE script: no `&&` whose left side may fail.
+        assert!(!with.contains("&&"), "{with}");
         assert!(with.contains("echo ec-ipxe-qemu: LAN net1 ${net1/ip}\n"));
         assert!(with.contains("ifstat\n"));
-        let without = script(&ScriptSpec { chain: None, dns: None, lan: false });
+        let without = script(&ScriptSpec { chain: None, dns: None, lan: false, hostname: None });
         assert!(!without.contains("net1"));
         assert!(without.contains(&format!("echo {OK_LINE}\n")));
     }
@@ -184,10 +227,14 @@ goto ec_chain
     fn spec_from_target() {
         use crate::launcher::config::BootTarget;
         let dns = ["2001:db8::1".parse().unwrap(), "1.1.1.1".parse().unwrap(), "8.8.8.8".parse().unwrap()];
-        let s = ScriptSpec::new(&BootTarget::Diagnostics, None, &dns, false);
+        let s = ScriptSpec::new(&BootTarget::Diagnostics, None, &dns, false, Some("pub1"));
         assert_eq!(s.dns, Some(Ipv4Addr::new(1, 1, 1, 1)));
+        assert_eq!(s.hostname.as_deref(), Some("pub1"));
         let d = BootTarget::Dir { dir: "/srv".into(), bind: "127.0.0.1".parse().unwrap(), port: 0 };
-        assert_eq!(ScriptSpec::new(&d, Some(4242), &[], false).chain.unwrap(), "http://10.0.2.2:4242/netboot.ipxe");
+        assert_eq!(
+            ScriptSpec::new(&d, Some(4242), &[], false, None).chain.unwrap(),
+            "http://10.0.2.2:4242/netboot.ipxe"
+        );
         assert_eq!(dir_url("0.0.0.0".parse().unwrap(), 80), "http://10.0.2.2:80/netboot.ipxe");
         assert_eq!(dir_url("192.168.1.5".parse().unwrap(), 80), "http://192.168.1.5:80/netboot.ipxe");
     }

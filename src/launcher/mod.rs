@@ -5,6 +5,7 @@
 
 pub mod accel;
 pub mod attach;
+pub mod banner;
 pub mod bootwatch;
 pub mod config;
 pub mod console;
@@ -26,13 +27,13 @@ pub mod state;
 pub mod status;
 pub mod supervise;
 pub mod values;
+pub mod vhost;
 
 use crate::error::{Error, Result};
 use crate::link::{self, LinkView, Netlink};
 use crate::names::{IfName, MacAddr};
 use config::LaunchConfig;
 use ipxe_image::Https;
-use qemu_args::LanNic;
 
 /// The MAC of the macvtap `name`, read over netlink without opening anything.
 pub fn lan_mac(name: &IfName) -> Result<MacAddr> {
@@ -81,13 +82,15 @@ pub fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
         warn_without_https(cfg, u.as_str());
     }
     let accel = accel::resolve(cfg.accel)?;
-    let queues = cfg.lan.as_ref().map_or(0, |l| l.queues);
     let lan = match &cfg.lan {
-        Some(l) => Some(LanNic {
-            mac: lan_mac(&l.interface)?,
-            fds: (0..l.queues as i32).map(|i| supervise::FIRST_TAP_FD + i).collect(),
-        }),
+        Some(l) => {
+            let mac = lan_mac(&l.interface)?;
+            // Decided as `run` decides it: the device is opened (and closed again, which changes nothing).
+            let vhost = vhost::open(l.vhost, l.queues, l.model.is_virtio())?;
+            Some(supervise::lan_nic(mac, l.queues, vhost.fds.len() as u32))
+        }
         None => None,
     };
-    Ok(qemu_args::build(cfg, accel, lan.as_ref(), supervise::qmp_fd(queues)))
+    let lan_fds = lan.as_ref().map_or(0, |n| (n.fds.len() + n.vhost_fds.len()) as u32);
+    Ok(qemu_args::build(cfg, accel, lan.as_ref(), supervise::qmp_fd(lan_fds)))
 }

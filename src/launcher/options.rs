@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::launcher::accel::AccelChoice;
 use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
+use crate::launcher::vhost::VhostMode;
 use crate::names::IfName;
 
 /// Virtual CPUs: 1 to this.
@@ -75,6 +76,8 @@ pub struct LaunchOptions {
     pub lan_nic_model: NicModel,
     /// `--lan-queues`, 1 to [`MAX_LAN_QUEUES`].
     pub lan_queues: u32,
+    /// `--lan-vhost`: vhost-net for the LAN NIC.
+    pub lan_vhost: VhostMode,
     /// `--shutdown-timeout`, at most [`MAX_SHUTDOWN_TIMEOUT_SECS`].
     pub shutdown_timeout: Duration,
     /// Extra arguments appended to QEMU's command line.
@@ -110,6 +113,7 @@ impl LaunchOptions {
             lan_interface: None,
             lan_nic_model: NicModel::default(),
             lan_queues: 1,
+            lan_vhost: VhostMode::Auto,
             shutdown_timeout: Duration::from_secs(30),
             extra: Vec::new(),
         }

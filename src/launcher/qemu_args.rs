@@ -10,15 +10,33 @@ use crate::launcher::accel::Accel;
 use crate::launcher::config::{BOOT_SCRIPT, LaunchConfig};
 use crate::names::MacAddr;
 
+/// The user-mode network (slirp), fixed in the argv so that the boot script can configure the boot NIC
+/// without DHCP and still match what slirp's DHCP server would hand out. These are QEMU's defaults.
+pub mod usernet {
+    use std::net::Ipv4Addr;
+
+    /// The network, as `-netdev user,net=` takes it.
+    pub const NET: &str = "10.0.2.0/24";
+    pub const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+    /// The host as the guest sees it (gateway; slirp maps it to the host's loopback).
+    pub const HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+    /// slirp's DNS forwarder.
+    pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+    /// The first (and, with one guest NIC, only) address slirp's DHCP hands out.
+    pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+}
+
 pub const BOOT_NIC_ADDR: &str = "0x3";
 pub const LAN_NIC_ADDR: &str = "0x4";
 pub const DISK_ADDR: &str = "0x5";
 
-/// The LAN NIC as QEMU sees it: the macvtap's MAC and the fd numbers the tap queues will have in QEMU.
+/// The LAN NIC as QEMU sees it: the macvtap's MAC, the fd numbers the tap queues will have in QEMU and,
+/// with vhost-net, those of the `/dev/vhost-net` fds (one per queue; empty without vhost).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LanNic {
     pub mac: MacAddr,
     pub fds: Vec<i32>,
+    pub vhost_fds: Vec<i32>,
 }
 
 /// QEMU option values are comma-separated: a literal comma is written twice.
@@ -63,7 +81,13 @@ pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32
     push(&["-chardev", &format!("socket,id=serial0,fd={}", serial_fd(qmp_fd)), "-serial", "chardev:serial0"]);
 
     // Boot NIC: user-mode networking. Without --ipxe its option ROM fetches boot.ipxe over slirp TFTP.
-    let mut user = String::from("user,id=boot");
+    let mut user = format!(
+        "user,id=boot,net={},host={},dns={},dhcpstart={}",
+        usernet::NET,
+        usernet::HOST,
+        usernet::DNS,
+        usernet::GUEST
+    );
     if cfg.ipxe.is_none() {
         user.push_str(&format!(",tftp={},bootfile={BOOT_SCRIPT}", path(&cfg.tftp_dir())));
     }
@@ -86,11 +110,18 @@ pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32
     // LAN NIC: the macvtap's queues, its MAC, no option ROM (iPXE never boots from the LAN).
     if let (Some(spec), Some(nic)) = (&cfg.lan, lan) {
         let fds: Vec<String> = nic.fds.iter().map(|f| f.to_string()).collect();
-        let netdev = if fds.len() == 1 {
+        let vhost: Vec<String> = nic.vhost_fds.iter().map(|f| f.to_string()).collect();
+        let mut netdev = if fds.len() == 1 {
             format!("tap,id=lan,fd={}", fds[0])
         } else {
             format!("tap,id=lan,fds={}", fds.join(":"))
         };
+        // QEMU pairs fd= with vhostfd= and fds= with vhostfds=.
+        match vhost.len() {
+            0 => {}
+            1 if fds.len() == 1 => netdev.push_str(&format!(",vhost=on,vhostfd={}", vhost[0])),
+            _ => netdev.push_str(&format!(",vhost=on,vhostfds={}", vhost.join(":"))),
+        }
         let mut dev = format!("{},netdev=lan,mac={},romfile=,addr={LAN_NIC_ADDR}", spec.model.as_str(), nic.mac);
         if fds.len() > 1 {
             dev.push_str(&format!(",mq=on,vectors={}", 2 * fds.len() + 2));
@@ -150,7 +181,8 @@ mod tests {
              -chardev socket,id=ec-launcher-qmp,fd=3 -mon chardev=ec-launcher-qmp,mode=control \
              -qmp unix:@T/state/qmp.sock,server=on,wait=off \
              -chardev socket,id=serial0,fd=4 -serial chardev:serial0 \
-             -netdev user,id=boot,tftp=@T/state/tftp,bootfile=boot.ipxe \
+             -netdev user,id=boot,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,dhcpstart=10.0.2.15,\
+             tftp=@T/state/tftp,bootfile=boot.ipxe \
              -device virtio-net-pci,netdev=boot,addr=0x3,bootindex=1 \
              -drive if=none,id=disk0,file=@T/state/disk.qcow2,format=qcow2,discard=unmap \
              -device virtio-blk-pci,drive=disk0,addr=0x5"
@@ -178,7 +210,8 @@ mod tests {
              -chardev socket,id=ec-launcher-qmp,fd=3 -mon chardev=ec-launcher-qmp,mode=control \
              -qmp unix:@T/s/qmp.sock,server=on,wait=off \
              -chardev socket,id=serial0,fd=4 -serial chardev:serial0 \
-             -netdev user,id=boot,hostname=pub1,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53 \
+             -netdev user,id=boot,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,dhcpstart=10.0.2.15,\
+             hostname=pub1,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53 \
              -device e1000,netdev=boot,addr=0x3,romfile= \
              -kernel @T/ipxe.lkrn -initrd @T/s/tftp/boot.ipxe -S -device virtio-rng-pci"
         );
@@ -188,7 +221,7 @@ mod tests {
     fn lan_nic_single_and_multi_queue() {
         let mac: MacAddr = "02:11:22:33:44:55".parse().unwrap();
         let (c, t) = cfg(|_, o| o.lan_interface = Some("ec-lan0".parse().unwrap()));
-        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3] }), 4), &t);
+        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3], vhost_fds: vec![] }), 4), &t);
         assert!(
             one.contains("-chardev socket,id=ec-launcher-qmp,fd=4 ")
                 && one.ends_with(
@@ -201,7 +234,7 @@ mod tests {
             o.lan_interface = Some("ec-lan0".parse().unwrap());
             o.lan_queues = 3;
         });
-        let three = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5] }), 6), &t);
+        let three = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5], vhost_fds: vec![] }), 6), &t);
         assert!(
             three.contains("-chardev socket,id=ec-launcher-qmp,fd=6 ")
                 && three.ends_with(
@@ -209,6 +242,37 @@ mod tests {
                  -device virtio-net-pci,netdev=lan,mac=02:11:22:33:44:55,romfile=,addr=0x4,mq=on,vectors=8"
                 ),
             "{three}"
+        );
+    }
+
+    /// vhost-net: one `/dev/vhost-net` fd per queue after the tap fds, paired the way QEMU wants
+    /// (`fd=` with `vhostfd=`, `fds=` with `vhostfds=`); the launcher's QMP fd comes after them.
+    #[test]
+    fn lan_nic_with_vhost_fds() {
+        let mac: MacAddr = "02:11:22:33:44:55".parse().unwrap();
+        let (c, t) = cfg(|_, o| o.lan_interface = Some("ec-lan0".parse().unwrap()));
+        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3], vhost_fds: vec![4] }), 5), &t);
+        assert!(
+            one.contains("-chardev socket,id=ec-launcher-qmp,fd=5 ")
+                && one.ends_with(
+                    "-netdev tap,id=lan,fd=3,vhost=on,vhostfd=4 \
+                     -device virtio-net-pci,netdev=lan,mac=02:11:22:33:44:55,romfile=,addr=0x4"
+                ),
+            "{one}"
+        );
+        let (c, t) = cfg(|_, o| {
+            o.lan_interface = Some("ec-lan0".parse().unwrap());
+            o.lan_queues = 2;
+        });
+        let nic = LanNic { mac, fds: vec![3, 4], vhost_fds: vec![5, 6] };
+        let two = golden(build(&c, Accel::Tcg, Some(&nic), 7), &t);
+        assert!(
+            two.contains("-chardev socket,id=ec-launcher-qmp,fd=7 ")
+                && two.ends_with(
+                    "-netdev tap,id=lan,fds=3:4,vhost=on,vhostfds=5:6 \
+                     -device virtio-net-pci,netdev=lan,mac=02:11:22:33:44:55,romfile=,addr=0x4,mq=on,vectors=6"
+                ),
+            "{two}"
         );
     }
 

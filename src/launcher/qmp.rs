@@ -36,10 +36,13 @@ impl QmpEvent {
 
 type Reply = oneshot::Sender<Result<Value>>;
 
+/// A command for the connection task: its name (for messages), the JSON line to send, where the reply goes.
+type Request = (String, String, Reply);
+
 /// Sends commands to a connection served by [`Qmp::into_client`]'s task.
 #[derive(Clone)]
 pub struct QmpClient {
-    tx: mpsc::UnboundedSender<(String, Reply)>,
+    tx: mpsc::UnboundedSender<Request>,
 }
 
 impl QmpClient {
@@ -50,9 +53,18 @@ impl QmpClient {
 
     /// Run a command without arguments; fails when the connection is gone. Bound it with a timeout.
     pub async fn execute(&self, command: &str) -> Result<Value> {
+        self.send(command, serde_json::json!({ "execute": command })).await
+    }
+
+    /// Run a command with arguments (a JSON object), e.g. `send-key`.
+    pub async fn execute_with(&self, command: &str, arguments: Value) -> Result<Value> {
+        self.send(command, serde_json::json!({ "execute": command, "arguments": arguments })).await
+    }
+
+    async fn send(&self, command: &str, message: Value) -> Result<Value> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send((command.to_owned(), reply))
+            .send((command.to_owned(), message.to_string() + "\n", reply))
             .map_err(|_| Error::Runtime(format!("QMP {command}: the connection to QEMU is closed")))?;
         rx.await.map_err(|_| Error::Runtime(format!("QMP {command}: QEMU closed the connection")))?
     }
@@ -90,7 +102,7 @@ impl Qmp {
     /// Hand the connection to a task: commands through the returned client (replies in order), events on the
     /// receiver. Both end when QEMU closes the connection.
     pub fn into_client(self) -> (QmpClient, mpsc::UnboundedReceiver<QmpEvent>) {
-        let (tx, mut commands) = mpsc::unbounded_channel::<(String, Reply)>();
+        let (tx, mut commands) = mpsc::unbounded_channel::<Request>();
         let (events_tx, events) = mpsc::unbounded_channel();
         let Qmp { mut lines, mut writer } = self;
         tokio::spawn(async move {
@@ -99,8 +111,7 @@ impl Qmp {
             loop {
                 tokio::select! {
                     cmd = commands.recv(), if commands_open => match cmd {
-                        Some((command, reply)) => {
-                            let msg = serde_json::json!({ "execute": command }).to_string() + "\n";
+                        Some((command, msg, reply)) => {
                             if let Err(e) = writer.write_all(msg.as_bytes()).await {
                                 let _ = reply.send(Err(Error::io(format!("QMP {command}"), e)));
                                 return;
@@ -271,6 +282,9 @@ mod tests {
                 .await
                 .unwrap();
                 w.write_all(b"{\"return\": {\"status\": \"internal-error\", \"running\": false}}\n").await.unwrap();
+                let with_args = lines.next_line().await.unwrap().unwrap();
+                w.write_all(b"{\"return\": {}}\n").await.unwrap();
+                with_args
             });
             let (client, mut events) = Qmp::from_stream(ours, Path::new("pair")).await.unwrap().into_client();
             let st = client.execute("query-status").await.unwrap();
@@ -278,7 +292,10 @@ mod tests {
             let ev = events.recv().await.unwrap();
             assert_eq!(ev.name, "STOP");
             assert_eq!(ev.timestamp, Some(1_700_000_000.5));
-            server.await.unwrap();
+            let keys = serde_json::json!({ "keys": [{ "type": "qcode", "data": "ret" }] });
+            assert_eq!(client.execute_with("send-key", keys.clone()).await.unwrap(), serde_json::json!({}));
+            let sent: Value = serde_json::from_str(&server.await.unwrap()).unwrap();
+            assert_eq!(sent, serde_json::json!({ "execute": "send-key", "arguments": keys }));
             assert!(events.recv().await.is_none(), "events end with the connection");
             assert!(client.execute("quit").await.is_err());
         });

@@ -39,6 +39,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::launcher::accel::{self, Accel};
+use crate::launcher::banner;
 use crate::launcher::bootwatch::{self, BootWatch};
 use crate::launcher::config::{BOOT_SCRIPT, BootTarget, LaunchConfig};
 use crate::launcher::console::{self, Console};
@@ -54,16 +55,32 @@ use crate::launcher::seriallog::SerialLog;
 use crate::launcher::state::{self, StateDir};
 use crate::launcher::status::{Status, StatusFile};
 use crate::launcher::values::{HostForward, Proto};
+use crate::launcher::vhost::{self, Vhost};
 use crate::macvtap::{self, OpenedTap};
 use crate::tap;
 
-/// The first fd number the LAN tap queues get in QEMU; the launcher's QMP socket follows them.
+/// The first fd number the LAN tap queues get in QEMU; the vhost-net fds and then the launcher's QMP socket
+/// follow them.
 pub const FIRST_TAP_FD: i32 = 3;
 
-/// The fd number of the launcher's QMP connection in QEMU, after `lan_queues` tap fds. QEMU's serial port (the
-/// console socket pair) follows it.
-pub fn qmp_fd(lan_queues: u32) -> i32 {
-    FIRST_TAP_FD + lan_queues as i32
+/// The fd number of the launcher's QMP connection in QEMU, after the LAN NIC's `lan_fds` fds (its tap
+/// queues, then its vhost-net fds). QEMU's serial port (the console socket pair) follows it.
+pub fn qmp_fd(lan_fds: u32) -> i32 {
+    FIRST_TAP_FD + lan_fds as i32
+}
+
+/// The fd numbers QEMU gets for the LAN NIC: `queues` tap fds from [`FIRST_TAP_FD`], then `vhost` vhost-net
+/// fds.
+pub fn lan_nic(mac: crate::names::MacAddr, queues: u32, vhost: u32) -> LanNic {
+    let fd = |i: u32| FIRST_TAP_FD + i as i32;
+    LanNic { mac, fds: (0..queues).map(fd).collect(), vhost_fds: (queues..queues + vhost).map(fd).collect() }
+}
+
+/// The LAN NIC's kernel side: the macvtap's tap queues and, with vhost-net, one `/dev/vhost-net` fd per
+/// queue. `vhost.as_str()` ("on"/"off") is what status and doctor report.
+pub struct Lan {
+    pub tap: OpenedTap,
+    pub vhost: Vhost,
 }
 
 /// How long `quit` gets before SIGTERM, and SIGTERM before SIGKILL.
@@ -79,6 +96,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const STATUS_POLL: Duration = Duration::from_secs(1);
 /// QEMU's last stderr lines kept for error messages.
 const STDERR_TAIL: usize = 8;
+/// Driver passes [`StopSignals::pending`] allows for a signal that already arrived.
+const PENDING_POLLS: usize = 3;
 /// Threads for tokio's blocking pool (file reads of the boot HTTP server).
 const BLOCKING_THREADS: usize = 2;
 
@@ -96,10 +115,20 @@ impl StopSignals {
         }
     }
 
-    /// A signal that already arrived (while the runtime was not running), waiting only for the runtime's
-    /// driver to pass it on.
+    /// A signal that already arrived (while the runtime was not running). Its handler has written to the
+    /// runtime's signal pipe; a yield lets the driver read it (a yielded task is woken only after the driver
+    /// ran), so this costs microseconds, not a fixed wait, on every start.
     fn pending(&mut self, rt: &tokio::runtime::Runtime) -> Option<&'static str> {
-        rt.block_on(async { tokio::time::timeout(Duration::from_millis(20), self.recv()).await.ok() })
+        rt.block_on(async {
+            for _ in 0..PENDING_POLLS {
+                tokio::select! {
+                    biased;
+                    sig = self.recv() => return Some(sig),
+                    () = tokio::task::yield_now() => {}
+                }
+            }
+            None
+        })
     }
 }
 
@@ -148,10 +177,10 @@ pub fn run(cfg: &LaunchConfig) -> Result<()> {
     let status = Status {
         pid: std::process::id(),
         boot_url: prepared.chain.clone(),
-        lan_interface: tap.as_ref().map(|t| t.name.to_string()),
-        lan_mac: tap.as_ref().map(|t| t.mac.to_string()),
+        lan_interface: tap.as_ref().map(|l| l.tap.name.to_string()),
+        lan_mac: tap.as_ref().map(|l| l.tap.mac.to_string()),
         accel: accel.as_str().to_owned(),
-        vhost: "off".to_owned(),
+        vhost: tap.as_ref().map_or("off", |l| l.vhost.as_str()).to_owned(),
         ..Status::default()
     };
     let mut tracker = Tracker::new(StatusFile::new(&cfg.state_dir, status), notify);
@@ -239,18 +268,20 @@ fn lock_lan(cfg: &LaunchConfig) -> Result<Option<LanLock>> {
     Ok(Some(lock))
 }
 
-fn open_lan(cfg: &LaunchConfig, lock: Option<&LanLock>) -> Result<Option<OpenedTap>> {
+fn open_lan(cfg: &LaunchConfig, lock: Option<&LanLock>) -> Result<Option<Lan>> {
     let (Some(l), Some(_)) = (&cfg.lan, lock) else { return Ok(None) };
     let t = macvtap::open(None, &l.interface, l.queues).map_err(|e| name_option(e, "--lan-interface"))?;
+    let vhost = vhost::open(l.vhost, l.queues, l.model.is_virtio())?;
     tracing::info!(
-        "LAN NIC on macvtap \"{}\" (ifindex {}, mac {}, {} queue(s) from {})",
+        "LAN NIC on macvtap \"{}\" (ifindex {}, mac {}, {} queue(s) from {}, vhost-net {})",
         t.name,
         t.ifindex,
         t.mac,
         l.queues,
-        t.node.display()
+        t.node.display(),
+        vhost.as_str()
     );
-    Ok(Some(t))
+    Ok(Some(Lan { tap: t, vhost }))
 }
 
 /// Say which option an error is about.
@@ -262,6 +293,7 @@ fn name_option(e: Error, option: &str) -> Error {
         Error::Io { op, source } => Error::Io { op: format!("{option}: {op}"), source },
         Error::Netlink { op, errno } => Error::Netlink { op: format!("{option}: {op}"), errno },
         Error::Runtime(m) => Error::Runtime(format!("{option}: {m}")),
+        Error::Unusable { kind, what, reason } => Error::Unusable { kind, what: format!("{option}: {what}"), reason },
     }
 }
 
@@ -284,12 +316,18 @@ struct ConsoleParts {
 }
 
 /// Call inside the runtime's context (the boot HTTP server is a task on it).
-fn prepare(cfg: &LaunchConfig, accel: Accel, tap: Option<&OpenedTap>) -> Result<Prepared> {
+fn prepare(cfg: &LaunchConfig, accel: Accel, lan: Option<&Lan>) -> Result<Prepared> {
     let http = match &cfg.boot {
         BootTarget::Dir { dir, bind, port } => Some(BootServer::start(dir, *bind, *port)?),
         _ => None,
     };
-    let spec = ScriptSpec::new(&cfg.boot, http.as_ref().map(|h| h.addr().port()), &cfg.dns, cfg.lan.is_some());
+    let spec = ScriptSpec::new(
+        &cfg.boot,
+        http.as_ref().map(|h| h.addr().port()),
+        &cfg.dns,
+        cfg.lan.is_some(),
+        cfg.hostname.as_ref().map(|h| h.as_str()),
+    );
     match (cfg.dns.len(), spec.dns) {
         (0, _) => {}
         (_, None) => tracing::warn!("--dns: iPXE takes one IPv4 DNS server and none was given; using the DHCP one"),
@@ -314,10 +352,9 @@ fn prepare(cfg: &LaunchConfig, accel: Accel, tap: Option<&OpenedTap>) -> Result<
     let listener = console::bind(&cfg.console_socket())?;
     let (ours, theirs) =
         std::os::unix::net::UnixStream::pair().map_err(|e| Error::io("create the serial socket pair", e))?;
-    let queues = tap.map_or(0, |t| t.fds.len() as u32);
-    let lan = tap.map(|t| LanNic { mac: t.mac, fds: (0..queues as i32).map(|i| FIRST_TAP_FD + i).collect() });
-    let qmp_fd = qmp_fd(queues);
-    let argv = qemu_args::build(cfg, accel, lan.as_ref(), qmp_fd);
+    let nic = lan.map(|l| lan_nic(l.tap.mac, l.tap.fds.len() as u32, l.vhost.fds.len() as u32));
+    let qmp_fd = qmp_fd(nic.as_ref().map_or(0, |n| (n.fds.len() + n.vhost_fds.len()) as u32));
+    let argv = qemu_args::build(cfg, accel, nic.as_ref(), qmp_fd);
     Ok(Prepared {
         argv,
         qmp_fd,
@@ -395,8 +432,9 @@ fn tail_text(tail: &Tail) -> String {
     tail.lock().map(|t| t.iter().map(String::as_str).collect::<Vec<_>>().join("; ")).unwrap_or_default()
 }
 
-/// Start QEMU with the tap fds, then its QMP end, then its serial end, from fd [`FIRST_TAP_FD`] on.
-fn spawn(argv: &[String], tap: Option<OpenedTap>, qmp: OwnedFd, serial: OwnedFd, first_qmp_fd: i32) -> Result<Child> {
+/// Start QEMU with the tap fds, the vhost-net fds, then its QMP end, then its serial end, from fd
+/// [`FIRST_TAP_FD`] on.
+fn spawn(argv: &[String], lan: Option<Lan>, qmp: OwnedFd, serial: OwnedFd, first_qmp_fd: i32) -> Result<Child> {
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).stdin(Stdio::null()).stderr(Stdio::piped());
     // The unit's main process is the launcher: QEMU must not talk to the service manager.
@@ -405,7 +443,8 @@ fn spawn(argv: &[String], tap: Option<OpenedTap>, qmp: OwnedFd, serial: OwnedFd,
     }
     // Its own process group: a terminal's Ctrl-C reaches only the launcher, which then stops QEMU in order.
     cmd.process_group(0);
-    let mut fds: Vec<OwnedFd> = tap.map(|t| t.fds).unwrap_or_default();
+    // In the order of the argv's fd numbers: tap queues, vhost-net fds, QMP.
+    let mut fds: Vec<OwnedFd> = lan.map(|l| l.tap.fds.into_iter().chain(l.vhost.fds).collect()).unwrap_or_default();
     let n = fds.len() as i32;
     fds.push(qmp);
     fds.push(serial);
@@ -416,7 +455,7 @@ fn spawn(argv: &[String], tap: Option<OpenedTap>, qmp: OwnedFd, serial: OwnedFd,
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);
     let child = cmd.spawn().map_err(|e| Error::io(format!("start QEMU {}", argv[0]), e))?;
-    // QEMU has its copies of the tap fds and of its end of the QMP pair now.
+    // QEMU has its copies of the tap and vhost-net fds and of its end of the QMP pair now.
     drop(kept);
     Ok(child)
 }
@@ -453,11 +492,11 @@ async fn start(
     cfg: &LaunchConfig,
     accel: Accel,
     prepared: &mut Prepared,
-    tap: Option<OpenedTap>,
+    lan_fds: Option<Lan>,
     signals: &mut StopSignals,
     tracker: &mut Tracker,
 ) -> Result<Option<Guest>, Failure> {
-    let lan = tap.as_ref().map(|t| (t.name.to_string(), t.ifindex));
+    let lan = lan_fds.as_ref().map(|l| (l.tap.name.to_string(), l.tap.ifindex));
     let watch = match &lan {
         Some((_, ifindex)) => Some(LinkWatch::subscribe(*ifindex).await?),
         None => None,
@@ -466,7 +505,7 @@ async fn start(
         std::os::unix::net::UnixStream::pair().map_err(|e| Error::io("create the QMP socket pair", e))?;
     let parts = prepared.console.take().ok_or_else(|| Error::Runtime("the guest console is gone".into()))?;
     tracing::debug!("QEMU argv: {:?}", prepared.argv);
-    let mut child = spawn(&prepared.argv, tap, OwnedFd::from(theirs), parts.theirs, prepared.qmp_fd)?;
+    let mut child = spawn(&prepared.argv, lan_fds, OwnedFd::from(theirs), parts.theirs, prepared.qmp_fd)?;
     let pid = child.id().unwrap_or_default();
     let stderr = child.stderr.take().ok_or_else(|| Error::Runtime("QEMU's stderr is not a pipe".into()))?;
     let (tail, stderr_task) = forward_stderr(stderr);
@@ -528,6 +567,10 @@ async fn start(
             .into());
         }
     };
+    if cfg.ipxe.is_none() {
+        // The NIC option ROM's Ctrl-B banner would hold the boot for 2-3 s: answer it (ends by itself).
+        tokio::spawn(banner::answer(cfg.serial_log.clone(), qmp.clone()));
+    }
     tracing::info!(
         "QEMU started (pid {pid}, accel {}, guest {}); console: {} (log {})",
         accel.as_str(),
