@@ -8,6 +8,7 @@ use netlink_packet_route::link::{
     AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoMacVtap, LinkAttribute, LinkExtentMask,
     LinkFlags, LinkInfo, LinkLayerType, LinkMessage, MacVtapMode,
 };
+use rtnetlink::packet_core::DecodeError;
 use rtnetlink::{Handle, LinkMacVtap, LinkUnspec};
 
 use crate::error::{Error, Result};
@@ -267,7 +268,10 @@ async fn first_link(req: rtnetlink::LinkGetRequest, what: impl FnOnce() -> Strin
 /// at once, and the worker thread's heap grows by that much, page fault by page fault. Here one receive
 /// buffer is reused and each message becomes a [`LinkView`] and is dropped before the next is parsed.
 pub fn dump_kind(kind: InfoKind) -> Result<Vec<LinkView>> {
-    use rtnetlink::packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use rtnetlink::packet_core::{
+        NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+        NetlinkPayload,
+    };
     use rtnetlink::packet_route::RouteNetlinkMessage;
     use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -293,26 +297,29 @@ pub fn dump_kind(kind: InfoKind) -> Result<Vec<LinkView>> {
     let mut links = Vec::new();
     // The kernel fills a dump receive up to the buffer's size (32 KiB at least), so this takes it whole.
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let undecodable = |e: DecodeError| Error::Runtime(format!("{what}: undecodable reply: {e}"));
     loop {
         buf.clear();
         socket.recv(&mut buf, 0).map_err(io)?;
         let mut offset = 0;
         while offset < buf.len() {
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..])
-                .map_err(|e| Error::Runtime(format!("{what}: undecodable reply: {e}")))?;
-            let len = msg.header.length as usize;
-            match msg.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
-                    let v = LinkView::from_message(&m);
+            let msg = NetlinkBuffer::new_checked(&buf[offset..]).map_err(undecodable)?;
+            let len = msg.length() as usize;
+            match msg.message_type() {
+                RTM_NEWLINK => {
+                    let v = LinkView::from_message(&parse_link_view_attributes(msg.payload()).map_err(undecodable)?);
                     tracing::trace!("netlink: \"{}\" {}", v.name, v.summary());
                     links.push(v);
                 }
-                NetlinkPayload::Done(_) => {
+                NLMSG_DONE => {
                     tracing::debug!("netlink: {what}: {}", links.len());
                     return Ok(links);
                 }
-                NetlinkPayload::Error(e) if e.code.is_some() => {
-                    return Err(Error::Netlink { op: what, errno: -e.raw_code() });
+                NLMSG_ERROR => {
+                    let code = msg.payload().first_chunk::<4>().map_or(0, |b| i32::from_ne_bytes(*b));
+                    if code != 0 {
+                        return Err(Error::Netlink { op: what, errno: -code });
+                    }
                 }
                 _ => {}
             }
@@ -323,6 +330,33 @@ pub fn dump_kind(kind: InfoKind) -> Result<Vec<LinkView>> {
             offset += (len + 3) & !3;
         }
     }
+}
+
+/// `RTM_NEWLINK`'s message type (linux/rtnetlink.h).
+const RTM_NEWLINK: u16 = 16;
+
+/// The attributes [`LinkView::from_message`] reads (linux/if_link.h): address, name, MTU, link, master, link
+/// info, alias, carrier, link netnsid.
+const LINK_VIEW_ATTRIBUTES: [u16; 9] = [1, 3, 4, 5, 10, 18, 20, 33, 37];
+
+/// A link message with only the attributes a [`LinkView`] reads. A dump's messages carry some forty
+/// attributes (per-family configuration tables, queue and XDP details) that would be parsed into owned values
+/// only to be dropped; skipping them halves the parse.
+fn parse_link_view_attributes(payload: &[u8]) -> std::result::Result<LinkMessage, DecodeError> {
+    use netlink_packet_route::link::LinkHeader;
+    use rtnetlink::packet_core::{NlasIterator, ParseableParametrized};
+    // The header is 16 bytes (struct ifinfomsg); its attributes follow.
+    const LINK_HEADER_LEN: usize = 16;
+    let header = LinkHeader::parse(payload)?;
+    let mut msg = LinkMessage::default();
+    for nla in NlasIterator::new(payload.get(LINK_HEADER_LEN..).unwrap_or_default()) {
+        let nla = nla?;
+        if LINK_VIEW_ATTRIBUTES.contains(&nla.kind()) {
+            msg.attributes.push(LinkAttribute::parse_with_param(&nla, header.interface_family)?);
+        }
+    }
+    msg.header = header;
+    Ok(msg)
 }
 
 /// Delete by name (for rollback, when the index may not be known); a missing link is fine.
