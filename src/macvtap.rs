@@ -423,7 +423,8 @@ pub fn delete(ns: Option<&NetnsSpec>, name: &IfName) -> Result<DeleteOutcome> {
 /// `show`: one macvtap looked up by name, or every macvtap (a dump filtered by kind in the kernel). Parent
 /// names cost one lookup per distinct parent. `tap_device` is null when no node is this link's device.
 pub fn show(ns: Option<&NetnsSpec>, name: Option<&IfName>) -> Result<Vec<TapInfo>> {
-    netns::run_in(ns, || {
+    // The namespace's own sysfs is mounted only when a device number is read link by link (see `tap_infos`).
+    netns::run_in_without_sysfs(ns, || {
         let nl = Netlink::new()?;
         let h = &nl.handle;
         let ns_inode = netns::current_netns_inode()?;
@@ -456,7 +457,7 @@ pub fn show(ns: Option<&NetnsSpec>, name: Option<&IfName>) -> Result<Vec<TapInfo
                 };
                 named.push((l, parent));
             }
-            Ok(tap_infos(named, ns_inode))
+            tap_infos(named, ns_inode, ns)
         })
     })
 }
@@ -465,25 +466,35 @@ pub fn show(ns: Option<&NetnsSpec>, name: Option<&IfName>) -> Result<Vec<TapInfo
 const DEV_INDEX_FROM: usize = 16;
 
 /// The tap device number and usable node of each link, in order.
-fn tap_infos(named: Vec<(&LinkView, Option<String>)>, ns_inode: u64) -> Vec<TapInfo> {
+fn tap_infos(named: Vec<(&LinkView, Option<String>)>, ns_inode: u64, ns: Option<&NetnsSpec>) -> Result<Vec<TapInfo>> {
     let index = if named.len() >= DEV_INDEX_FROM { tap::DevIndex::read(named.len()) } else { None };
-    named
-        .into_iter()
-        .map(|(l, parent)| {
-            let (dev, node) = match l.name.parse::<IfName>() {
-                Ok(n) => match index
-                    .as_ref()
-                    .and_then(|i| i.get(&n, l.ifindex))
-                    .map_or_else(|| tap::sysfs_devnum(&n, l.ifindex), Ok)
-                {
+    // With `--netns`, reading a link's own sysfs entry needs a sysfs of that namespace: mounted once, on the
+    // first link the index does not name (a mount namespace of its own costs about as much as 20 links).
+    let mut sysfs_ready = ns.is_none();
+    let mut out = Vec::with_capacity(named.len());
+    for (l, parent) in named {
+        let (dev, node) = match l.name.parse::<IfName>() {
+            Ok(n) => {
+                let dev = match index.as_ref().and_then(|i| i.get(&n, l.ifindex)) {
+                    Some(dev) => Ok(dev),
+                    None => {
+                        if !sysfs_ready {
+                            netns::sysfs_of_current(ns)?;
+                            sysfs_ready = true;
+                        }
+                        tap::sysfs_devnum(&n, l.ifindex)
+                    }
+                };
+                match dev {
                     Ok(dev) => (Some(dev), nodedir::usable_node(&n, l.ifindex, dev, ns_inode)),
                     Err(_) => (None, None),
-                },
-                Err(_) => (None, None),
-            };
-            info_of(l, parent, dev, node)
-        })
-        .collect()
+                }
+            }
+            Err(_) => (None, None),
+        };
+        out.push(info_of(l, parent, dev, node));
+    }
+    Ok(out)
 }
 
 /// An opened, verified macvtap: what `exec` and the launcher hand to QEMU.

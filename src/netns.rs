@@ -98,6 +98,15 @@ where
     })
 }
 
+/// For work started with [`run_in_without_sysfs`] that turns out to need sysfs: give the calling thread (the
+/// worker, already in `ns`) a sysfs of that namespace. Nothing to do without `ns`. Call at most once.
+pub fn sysfs_of_current(ns: Option<&NetnsSpec>) -> Result<()> {
+    match ns {
+        Some(ns) => private_sysfs().map_err(|e| Error::errno(format!("mount sysfs for network namespace \"{ns}\""), e)),
+        None => Ok(()),
+    }
+}
+
 /// Give this thread its own mount namespace with a sysfs of the network namespace it is in.
 fn private_sysfs() -> nix::Result<()> {
     unshare(CloneFlags::CLONE_NEWNS)?;
