@@ -43,7 +43,7 @@ impl LanLock {
                 Ok(LanLock { listener })
             }
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                let who = holder_pid(&key).map(|pid| format!(" (pid {pid})")).unwrap_or_default();
+                let who = held_by(ifindex).flatten().map(|pid| format!(" (pid {pid})")).unwrap_or_default();
                 Err(Error::conflict(
                     format!("--lan-interface \"{name}\""),
                     format!(
@@ -66,19 +66,6 @@ impl LanLock {
         });
     }
 }
-
-/// The pid of the process listening on the abstract socket `key`, from SO_PEERCRED (never blocks).
-fn holder_pid(key: &str) -> Option<i32> {
-    let fd: OwnedFd =
-        socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)
-            .ok()?;
-    let addr = UnixAddr::new_abstract(key.as_bytes()).ok()?;
-    socket::connect(fd.as_raw_fd(), &addr).ok()?;
-    let cred = socket::getsockopt(&fd, sockopt::PeerCredentials).ok()?;
-    Some(cred.pid())
-}
-
-pub use crate::tap::holders as tap_holders;
 
 /// The pid of the ec-ipxe-qemu run holding the lock of link `ifindex` in the calling thread's namespace
 /// (`Some(None)` when held but the pid is unknown), or `None` when no run holds it. Nothing is bound.
@@ -131,7 +118,7 @@ mod tests {
             .stdin(std::fs::File::open("/dev/null").unwrap())
             .spawn()
             .unwrap();
-        let found = tap_holders(dev).iter().any(|(pid, comm)| *pid == child.id() as i32 && comm == "sleep");
+        let found = crate::tap::holders(dev).iter().any(|(pid, comm)| *pid == child.id() as i32 && comm == "sleep");
         let _ = child.kill();
         let _ = child.wait();
         assert!(found);

@@ -46,7 +46,7 @@ use crate::launcher::console::{self, Console};
 use crate::launcher::guest::{GuestSink, Tracker};
 use crate::launcher::httpd::BootServer;
 use crate::launcher::ipxe::{self, ScriptSpec};
-use crate::launcher::lanlock::{self, LanLock};
+use crate::launcher::lanlock::LanLock;
 use crate::launcher::linkwatch::{LinkEnd, LinkWatch};
 use crate::launcher::notify::{self, Notifier};
 use crate::launcher::qemu_args::{self, LanNic};
@@ -256,12 +256,14 @@ fn lock_lan(cfg: &LaunchConfig) -> Result<Option<LanLock>> {
     let link = crate::launcher::lan_link(&l.interface)?;
     let lock = LanLock::acquire(&l.interface, link.ifindex)?;
     if let Ok(dev) = tap::sysfs_devnum(&l.interface, link.ifindex) {
-        let holders = lanlock::tap_holders(dev);
+        let holders = tap::holders(dev);
         if !holders.is_empty() {
-            let who: Vec<String> = holders.iter().map(|(pid, comm)| format!("pid {pid} ({comm})")).collect();
             return Err(Error::conflict(
                 format!("--lan-interface \"{}\"", l.interface),
-                format!("its tap device {dev} is held by {}; refusing to start a second guest on it", who.join(", ")),
+                format!(
+                    "its tap device {dev} is held by {}; refusing to start a second guest on it",
+                    tap::describe_holders(&holders)
+                ),
             ));
         }
     }

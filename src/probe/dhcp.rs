@@ -68,8 +68,8 @@ pub fn release(xid: u32, mac: MacAddr, address: Ipv4Addr, server: Ipv4Addr) -> V
     encode(&m)
 }
 
-/// What an OFFER or ACK says.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What an OFFER or ACK says; `probe --json`'s `dhcp` object as it is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Offer {
     /// The server identifier (option 54), else the IP source of the reply.
     pub server: Ipv4Addr,

@@ -15,7 +15,7 @@ use crate::names::MacAddr;
 pub struct ProbeReport {
     pub name: String,
     pub mac: MacAddr,
-    pub dhcp: Option<DhcpReport>,
+    pub dhcp: Option<Offer>,
     pub tuners: Vec<TunerReport>,
     pub frames: FrameCounts,
     pub ok: bool,
@@ -23,29 +23,6 @@ pub struct ProbeReport {
     /// For the human output only.
     #[serde(skip)]
     pub extra: Extra,
-}
-
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct DhcpReport {
-    pub server: Ipv4Addr,
-    pub address: Ipv4Addr,
-    pub prefix_len: Option<u8>,
-    pub router: Option<Ipv4Addr>,
-    pub dns: Vec<Ipv4Addr>,
-    pub lease_secs: Option<u32>,
-}
-
-impl From<&Offer> for DhcpReport {
-    fn from(o: &Offer) -> Self {
-        DhcpReport {
-            server: o.server,
-            address: o.address,
-            prefix_len: o.prefix_len,
-            router: o.router,
-            dns: o.dns.clone(),
-            lease_secs: o.lease_secs,
-        }
-    }
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -246,7 +223,7 @@ impl ProbeReport {
         ProbeReport {
             name: name.to_owned(),
             mac,
-            dhcp: o.offer.as_ref().map(DhcpReport::from),
+            dhcp: o.offer.clone(),
             tuners: o.tuners.clone(),
             frames: o.frames,
             ok: problems.is_empty(),
