@@ -411,16 +411,8 @@ fn a_tap_held_by_another_process_is_in_use() {
     let t = "a_tap_held_by_another_process_is_in_use";
     let Some(s) = LanSetup::new(t) else { return };
     // A stand-in guest holding a queue of the tap, as QEMU would.
-    let holder = Command::new(common::macvtap_bin())
-        .args(["--netns", &s.lab.host.name, "exec", "--name", &s.name, "--", "sleep", "60"])
-        .spawn()
-        .unwrap();
-    let pid = holder.id();
-    let _holder = KillOnDrop(holder);
-    let held = wait_for(Duration::from_secs(5), || {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().filter(|c| c.trim() == "sleep")
-    });
-    assert!(held.is_some(), "the holder did not start");
+    let holder = common::tap_holder(&s.lab.host, &s.name);
+    let pid = holder.0.id();
     let tmp = tempfile::tempdir().unwrap();
     let sd = state_dir(tmp.path());
     let out =

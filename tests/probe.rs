@@ -307,16 +307,8 @@ fn a_held_tap_is_refused_unless_forced() {
     let t = "a_held_tap_is_refused_unless_forced";
     let Some(lab) = ProbeLab::new(t, true) else { return };
     // A stand-in guest: a process holding a queue of the tap, as QEMU would.
-    let holder = Command::new(macvtap_bin())
-        .args(["--netns", &lab.lab.host.name, "exec", "--name", &lab.name, "--", "sleep", "60"])
-        .spawn()
-        .unwrap();
-    let pid = holder.id();
-    let _holder = KillOnDrop(holder);
-    let held = wait_for(Duration::from_secs(5), || {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().filter(|c| c.trim() == "sleep")
-    });
-    assert!(held.is_some(), "the holder did not start");
+    let holder = common::tap_holder(&lab.lab.host, &lab.name);
+    let pid = holder.0.id();
 
     let (out, _) = lab.probe(&["probe", "--name", &lab.name]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));

@@ -336,3 +336,19 @@ pub fn with_stdout_closed(cmd: &mut Command) -> std::process::Output {
     drop(child.stdout.take());
     child.wait_with_output().unwrap()
 }
+
+/// A stand-in guest: `ec-macvtap exec --name NAME -- sleep 60` in `ns`, a process holding a queue of the tap
+/// as QEMU would; returns once it runs (`sleep`), killed on drop.
+pub fn tap_holder(ns: &Netns, name: &str) -> KillOnDrop {
+    let holder = Command::new(macvtap_bin())
+        .args(["--netns", &ns.name, "exec", "--name", name, "--", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let pid = holder.id();
+    let holder = KillOnDrop(holder);
+    let held = wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().filter(|c| c.trim() == "sleep")
+    });
+    assert!(held.is_some(), "the holder did not start");
+    holder
+}
