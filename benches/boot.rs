@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::http::{read_request_line, respond};
 use common::{Lab, macvtap, unique};
 
 const LAUNCHER: &str = env!("CARGO_BIN_EXE_ec-ipxe-qemu");
@@ -73,17 +74,8 @@ impl ChainServer {
                     break;
                 }
                 let Ok(mut s) = conn else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ =
-                    write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                read_request_line(&mut s);
+                respond(&mut s, 200, &body);
                 let _ = s.shutdown(Shutdown::Both);
             }
         });

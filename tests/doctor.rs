@@ -10,7 +10,10 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{DeleteOnDrop, KillOnDrop, Lab, macvtap, require_programs, require_root, stderr, unique, wait_for};
+use common::{
+    DeleteOnDrop, KillOnDrop, Lab, macvtap, require_programs, require_root, stderr, unique, wait_for,
+    with_stdout_closed,
+};
 
 fn launcher_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ec-ipxe-qemu")
@@ -88,14 +91,16 @@ fn missing_qemu_is_a_fail_line_and_exit_1() {
     assert!(text.lines().any(|l| l.trim_start().starts_with("hint: install QEMU")), "{text}");
 
     // A reader that went away (`doctor | head -1`): the same exit status, no panic.
-    let mut child = Command::new(launcher_bin())
-        .args(["doctor", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--qemu", "/nonexistent"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = with_stdout_closed(Command::new(launcher_bin()).args([
+        "doctor",
+        "--state-dir",
+        &sd,
+        "--no-disk",
+        "--accel",
+        "tcg",
+        "--qemu",
+        "/nonexistent",
+    ]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
@@ -406,16 +411,8 @@ fn a_tap_held_by_another_process_is_in_use() {
     let t = "a_tap_held_by_another_process_is_in_use";
     let Some(s) = LanSetup::new(t) else { return };
     // A stand-in guest holding a queue of the tap, as QEMU would.
-    let holder = Command::new(common::macvtap_bin())
-        .args(["--netns", &s.lab.host.name, "exec", "--name", &s.name, "--", "sleep", "60"])
-        .spawn()
-        .unwrap();
-    let pid = holder.id();
-    let _holder = KillOnDrop(holder);
-    let held = wait_for(Duration::from_secs(5), || {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().filter(|c| c.trim() == "sleep")
-    });
-    assert!(held.is_some(), "the holder did not start");
+    let holder = common::tap_holder(&s.lab.host, &s.name);
+    let pid = holder.0.id();
     let tmp = tempfile::tempdir().unwrap();
     let sd = state_dir(tmp.path());
     let out =

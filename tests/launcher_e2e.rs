@@ -8,15 +8,15 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Lab, Netns, macvtap, require_programs, require_root, unique, wait_for};
+use common::http::Http;
+use common::launcher::{Run, Slot, assert_exit, no_qemu_left, qemu_pids, require_qemu, serial};
+use common::{Lab, macvtap, require_programs, require_root, unique, wait_for};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ec-ipxe-qemu");
+use common::launcher::BIN;
 const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
 const LKRN: &str = "/usr/lib/ipxe/ipxe.lkrn";
 /// How long an iPXE boot may take under TCG with another QEMU beside it.
@@ -24,233 +24,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------------------------------------------------
 // Fixtures
-
-/// At most this many QEMUs at once.
-const MAX_QEMUS: u32 = 2;
-static SLOTS: Mutex<u32> = Mutex::new(0);
-static SLOT_FREED: Condvar = Condvar::new();
-
-/// A QEMU slot, held for the life of a test.
-struct Slot;
-
-impl Slot {
-    fn take() -> Slot {
-        let mut n = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
-        while *n >= MAX_QEMUS {
-            n = SLOT_FREED.wait(n).unwrap_or_else(|e| e.into_inner());
-        }
-        *n += 1;
-        Slot
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut n = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
-        *n -= 1;
-        SLOT_FREED.notify_one();
-    }
-}
-
-/// QEMU, its option ROM and qemu-img must be there.
-fn require_qemu(test: &str) -> bool {
-    if !require_programs(test, &["qemu-system-x86_64", "qemu-img"]) {
-        return false;
-    }
-    let rom = ["/usr/lib/ipxe/qemu/efi-virtio.rom", "/usr/share/qemu/efi-virtio.rom"];
-    if !rom.iter().any(|p| Path::new(p).exists()) {
-        return common::skip_or_fail(test, "needs the iPXE option ROMs (Debian package ipxe-qemu)");
-    }
-    true
-}
-
-/// Processes whose command line is QEMU with `needle` (a unique state path) in it.
-fn qemu_pids(needle: &Path) -> Vec<i32> {
-    let needle = needle.to_string_lossy();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.first().is_some_and(|a| a.ends_with("qemu-system-x86_64")) && args.iter().any(|a| a.contains(&*needle))
-        {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn no_qemu_left(state: &Path) -> bool {
-    wait_for(Duration::from_secs(5), || qemu_pids(state).is_empty().then_some(())).is_some()
-}
-
-/// One `ec-ipxe-qemu run`, killed on drop (QEMU follows through its parent-death signal).
-struct Run {
-    child: Option<Child>,
-    state: PathBuf,
-    log: PathBuf,
-    status: Option<ExitStatus>,
-}
-
-impl Run {
-    /// Start `run --state-dir STATE --accel tcg --memory 256 ARGS...`, optionally inside a namespace.
-    fn start(ns: Option<&Netns>, state: &Path, args: &[&str]) -> Run {
-        let log = state.with_extension("stderr");
-        let mut cmd = match ns {
-            Some(ns) => ns.cmd(BIN),
-            None => Command::new(BIN),
-        };
-        cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", "256"]).args(args);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
-        let child = cmd.spawn().expect("start ec-ipxe-qemu");
-        Run { child: Some(child), state: state.to_owned(), log, status: None }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn serial(&self) -> String {
-        serial(&self.state.join("serial.log"))
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
-    }
-
-    /// Wait for the launcher to exit.
-    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        if self.status.is_some() {
-            return self.status;
-        }
-        let child = self.child.as_mut()?;
-        self.status = wait_for(timeout, || child.try_wait().ok().flatten());
-        self.status
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
-    }
-
-    /// Wait until the serial log contains `needle`; panic with the logs when it does not.
-    fn wait_serial(&mut self, needle: &str) -> String {
-        let start = Instant::now();
-        loop {
-            let s = self.serial();
-            if s.contains(needle) {
-                return s;
-            }
-            if start.elapsed() > BOOT_TIMEOUT || !self.running() {
-                panic!(
-                    "serial log never showed {needle:?} (launcher running: {})\n--- serial ---\n{s}\n--- stderr ---\n{}",
-                    self.running(),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Wait until the launcher says QEMU started.
-    fn wait_started(&mut self) {
-        let ok = wait_for(Duration::from_secs(30), || self.stderr().contains("QEMU started").then_some(()));
-        assert!(ok.is_some(), "QEMU did not start:\n{}", self.stderr());
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // Stop in order (a second signal skips the shutdown timeout), so the launcher reaps its QEMU;
-            // SIGKILL only if that does not work.
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            for _ in 0..2 {
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if wait_for(Duration::from_secs(10), || c.try_wait().ok().flatten()).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        // Belt and braces: nothing of ours may outlive the test.
-        for pid in qemu_pids(&self.state) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
-fn serial(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default().replace('\r', "")
-}
-
-/// A small HTTP server of the test's own on 127.0.0.1 that serves `body` at every path and records the
-/// request lines it saw (HTTP/1.0 style: one request per connection).
-struct TestServer {
-    port: u16,
-    seen: Arc<Mutex<Vec<String>>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl TestServer {
-    fn start(body: String) -> TestServer {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (log, halt) = (Arc::clone(&seen), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok((mut s, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let line = String::from_utf8_lossy(&req).lines().next().unwrap_or("").to_owned();
-                let mut parts = line.split(' ');
-                let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                log.lock().unwrap().push(format!("{method} {target}"));
-                let _ =
-                    write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-            }
-        });
-        TestServer { port, seen, stop, thread: Some(thread) }
-    }
-
-    fn seen(&self) -> Vec<String> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn assert_exit(status: Option<ExitStatus>, code: i32, run: &Run) {
-    let Some(s) = status else { panic!("ec-ipxe-qemu did not exit in time\n{}", run.stderr()) };
-    assert_eq!(s.code(), Some(code), "exit {s:?} (signal {:?})\n{}", s.signal(), run.stderr());
-}
 
 /// A LAN test's world: the lab (host and LAN namespaces, dnsmasq), a macvtap made by ec-macvtap on the
 /// lab's uplink (deleted again on drop, before the lab goes), and a state dir. None (after the skip-or-fail
@@ -316,13 +89,13 @@ fn user_mode_chain_to_loopback_http() {
         return;
     }
     let marker = format!("E2E-CHAIN-{}", unique("m"));
-    let server = TestServer::start(format!("#!ipxe\necho {marker}\nsleep 3600\n"));
+    let server = Http::any(format!("#!ipxe\necho {marker}\nsleep 3600\n"));
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let url = format!("http://10.0.2.2:{}/chain.ipxe?from=${{net0/mac}}", server.port);
     let _slot = Slot::take();
     let mut run = Run::start(None, &state, &["--no-disk", "--boot-url", &url]);
-    let s = run.wait_serial(&marker);
+    let s = run.wait_serial(&marker, BOOT_TIMEOUT);
     assert!(s.contains("tftp://10.0.2.2/boot.ipxe"), "the ROM fetched the script over TFTP:\n{s}");
     assert!(s.contains("ec-ipxe-qemu: chaining http://10.0.2.2:"), "{s}");
     let seen = server.seen();
@@ -348,13 +121,13 @@ fn ipxe_lkrn_chains_with_the_fixed_user_mode_addresses() {
         return;
     }
     let marker = format!("E2E-FIXED-{}", unique("m"));
-    let server = TestServer::start(format!("#!ipxe\necho {marker}\nsleep 3600\n"));
+    let server = Http::any(format!("#!ipxe\necho {marker}\nsleep 3600\n"));
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let url = format!("http://10.0.2.2:{}/c.ipxe?h=${{hostname}}&ip=${{net0/ip}}&gw=${{net0/gateway}}", server.port);
     let _slot = Slot::take();
     let mut run = Run::start(None, &state, &["--no-disk", "--ipxe", LKRN, "--hostname", "pub1", "--boot-url", &url]);
-    let s = run.wait_serial(&marker);
+    let s = run.wait_serial(&marker, BOOT_TIMEOUT);
     assert!(!s.contains("Configuring (net0"), "no DHCP on the boot NIC:\n{s}");
     assert!(!s.contains("no DHCP answer"), "{s}");
     assert!(s.contains("ec-ipxe-qemu: boot net0 52:54:00:12:34:56 ip 10.0.2.15"), "{s}");
@@ -379,7 +152,7 @@ fn boot_dir_through_builtin_server() {
     let state = tmp.path().join("state");
     let _slot = Slot::take();
     let mut run = Run::start(None, &state, &["--no-disk", "--boot-dir", www.to_str().unwrap()]);
-    run.wait_serial(&marker);
+    run.wait_serial(&marker, BOOT_TIMEOUT);
     let log = run.stderr();
     assert!(log.contains("boot HTTP: GET /netboot.ipxe from 127.0.0.1"), "{log}");
     assert!(log.contains(": 200 ("), "{log}");
@@ -396,7 +169,7 @@ fn ipxe_lkrn_runs_the_generated_script() {
     let state = tmp.path().join("state");
     let _slot = Slot::take();
     let mut run = Run::start(None, &state, &["--no-disk", "--ipxe", LKRN]);
-    let s = run.wait_serial(OK_LINE);
+    let s = run.wait_serial(OK_LINE, BOOT_TIMEOUT);
     assert!(!s.contains("tftp://10.0.2.2/boot.ipxe"), "the ROM must not have booted:\n{s}");
     assert!(!s.contains("Press Ctrl-B to configure iPXE (PCI 00:03.0)"), "the boot NIC ROM is off:\n{s}");
 }
@@ -412,7 +185,7 @@ fn diagnostics_ok_line_then_graceful_stop() {
     let state = tmp.path().join("state");
     let _slot = Slot::take();
     let mut run = Run::start(None, &state, &["--no-disk", "--shutdown-timeout", "2", "--dns", "9.9.9.9"]);
-    let s = run.wait_serial(OK_LINE);
+    let s = run.wait_serial(OK_LINE, BOOT_TIMEOUT);
     assert!(s.contains("ec-ipxe-qemu: boot net0 52:54:00:12:34:56 ip 10.0.2.15"), "{s}");
     assert!(s.contains("dns 9.9.9.9"), "{s}");
     assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
@@ -519,7 +292,7 @@ fn lan_dhcp_through_the_macvtap() {
 
     let _slot = Slot::take();
     let mut run = g.run();
-    let s = run.wait_serial(OK_LINE);
+    let s = run.wait_serial(OK_LINE, BOOT_TIMEOUT);
     let line = s.lines().find(|l| l.starts_with("ec-ipxe-qemu: LAN net1 192.168.77.")).unwrap_or_else(|| {
         panic!(
             "no LAN address in the serial log:\n{s}\n--- dnsmasq ---\n{}",
@@ -597,13 +370,13 @@ fn lan_vhost_auto_falls_back_on_refuses_a_missing_device() {
 
     // run --lan-vhost auto: the guest boots without vhost and leases on the LAN.
     let _slot = Slot::take();
-    let mut cmd = g.lab.host.cmd(BIN);
-    cmd.args(["run", "--state-dir", g.state.to_str().unwrap(), "--accel", "tcg", "--memory", "256", "--no-disk"]);
-    cmd.args(["--lan-interface", &g.name, "--shutdown-timeout", "0"]).env("EC_VHOST_NET_DEVICE", &missing);
-    let log = g.state.with_extension("stderr");
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
-    let mut run = Run { child: Some(cmd.spawn().unwrap()), state: g.state.clone(), log, status: None };
-    let s = run.wait_serial(OK_LINE);
+    let mut run = Run::start_in(
+        Some(&g.lab.host),
+        &g.state,
+        &["--no-disk", "--lan-interface", &g.name, "--shutdown-timeout", "0"],
+        &[("EC_VHOST_NET_DEVICE", missing.as_ref())],
+    );
+    let s = run.wait_serial(OK_LINE, BOOT_TIMEOUT);
     assert!(s.contains("ec-ipxe-qemu: LAN net1 192.168.77."), "{s}");
     assert_eq!(run.stderr().matches(&fallback).count(), 1, "{}", run.stderr());
     let pids = qemu_pids(&g.state);
@@ -630,13 +403,12 @@ fn lan_vhost_on_with_the_real_device() {
     let argv: Vec<String> = common::json(&out).as_array().unwrap().iter().map(|a| a.as_str().unwrap().into()).collect();
     assert!(argv.contains(&"tap,id=lan,fd=3,vhost=on,vhostfd=4".to_string()), "{argv:?}");
     let _slot = Slot::take();
-    let mut cmd = g.lab.host.cmd(BIN);
-    cmd.args(["run", "--state-dir", g.state.to_str().unwrap(), "--accel", "tcg", "--memory", "256", "--no-disk"]);
-    cmd.args(["--lan-interface", &g.name, "--lan-vhost", "on", "--shutdown-timeout", "0"]);
-    let log = g.state.with_extension("stderr");
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
-    let mut run = Run { child: Some(cmd.spawn().unwrap()), state: g.state.clone(), log, status: None };
-    let s = run.wait_serial(OK_LINE);
+    let mut run = Run::start(
+        Some(&g.lab.host),
+        &g.state,
+        &["--no-disk", "--lan-interface", &g.name, "--lan-vhost", "on", "--shutdown-timeout", "0"],
+    );
+    let s = run.wait_serial(OK_LINE, BOOT_TIMEOUT);
     assert!(s.contains("ec-ipxe-qemu: LAN net1 192.168.77."), "{s}");
     let pid = qemu_pids(&g.state)[0];
     let held = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -1240,7 +1012,7 @@ fn tftp_serves_only_the_boot_script() {
     let state = tmp.path().join("state");
     let _slot = Slot::take();
     let mut run = Run::start(None, &state, &["--no-disk", "--boot-url", "tftp://10.0.2.2/lock"]);
-    let s = run.wait_serial("could not boot from tftp://10.0.2.2/lock");
+    let s = run.wait_serial("could not boot from tftp://10.0.2.2/lock", BOOT_TIMEOUT);
     assert!(s.contains("tftp://10.0.2.2/boot.ipxe"), "the ROM loaded the script over TFTP:\n{s}");
     let names: Vec<String> = std::fs::read_dir(state.join("tftp"))
         .unwrap()

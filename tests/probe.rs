@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, Lab, macvtap_bin, random_index, require_programs, require_root, stderr, unique, wait_for};
+use common::{
+    KillOnDrop, Lab, macvtap_bin, random_index, require_programs, require_root, stderr, unique, wait_for,
+    with_stdout_closed,
+};
 
 const DNSMASQ_ARGS: &[&str] = &["--no-ping", "--dhcp-option=option:dns-server,192.168.77.1"];
 
@@ -234,10 +237,7 @@ fn no_dhcp_server_is_a_problem_line_not_a_hang() {
     eprintln!("README sample:\n$ ec-macvtap probe --name {} --timeout 2\n{text}", lab.name);
 
     // A reader that went away (`probe | head -1`) changes nothing: same exit status, no panic.
-    let mut child = lab.probe_cmd(&["probe", "--name", &lab.name, "--timeout", "1"]);
-    let mut child = child.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = with_stdout_closed(&mut lab.probe_cmd(&["probe", "--name", &lab.name, "--timeout", "1"]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
@@ -307,16 +307,8 @@ fn a_held_tap_is_refused_unless_forced() {
     let t = "a_held_tap_is_refused_unless_forced";
     let Some(lab) = ProbeLab::new(t, true) else { return };
     // A stand-in guest: a process holding a queue of the tap, as QEMU would.
-    let holder = Command::new(macvtap_bin())
-        .args(["--netns", &lab.lab.host.name, "exec", "--name", &lab.name, "--", "sleep", "60"])
-        .spawn()
-        .unwrap();
-    let pid = holder.id();
-    let _holder = KillOnDrop(holder);
-    let held = wait_for(Duration::from_secs(5), || {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().filter(|c| c.trim() == "sleep")
-    });
-    assert!(held.is_some(), "the holder did not start");
+    let holder = common::tap_holder(&lab.lab.host, &lab.name);
+    let pid = holder.0.id();
 
     let (out, _) = lab.probe(&["probe", "--name", &lab.name]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));

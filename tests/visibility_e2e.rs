@@ -15,241 +15,19 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http::Http;
+use common::launcher::{BIN, Run, Slot, assert_exit, qemu_pids, require_qemu};
 use common::{Lab, macvtap, require_programs, require_root, unique, wait_for};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ec-ipxe-qemu");
 /// How long an iPXE boot may take under TCG with another QEMU beside it.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
 
 // ---------------------------------------------------------------------------------------------------------
 // Fixtures
-
-/// At most two QEMUs at once (two cores; TCG is CPU-bound).
-static SLOTS: Mutex<u32> = Mutex::new(0);
-static SLOT_FREED: Condvar = Condvar::new();
-
-struct Slot;
-
-impl Slot {
-    fn take() -> Slot {
-        let mut n = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
-        while *n >= 2 {
-            n = SLOT_FREED.wait(n).unwrap_or_else(|e| e.into_inner());
-        }
-        *n += 1;
-        Slot
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        *SLOTS.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        SLOT_FREED.notify_one();
-    }
-}
-
-fn require_qemu(test: &str) -> bool {
-    if !require_programs(test, &["qemu-system-x86_64", "qemu-img"]) {
-        return false;
-    }
-    let rom = ["/usr/lib/ipxe/qemu/efi-virtio.rom", "/usr/share/qemu/efi-virtio.rom"];
-    rom.iter().any(|p| Path::new(p).exists())
-        || common::skip_or_fail(test, "needs the iPXE option ROMs (Debian package ipxe-qemu)")
-}
-
-fn qemu_pids(needle: &Path) -> Vec<i32> {
-    let needle = needle.to_string_lossy();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.first().is_some_and(|a| a.ends_with("qemu-system-x86_64")) && args.iter().any(|a| a.contains(&*needle))
-        {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// One `ec-ipxe-qemu run`, stopped (then killed) on drop.
-struct Run {
-    child: Option<Child>,
-    state: PathBuf,
-    log: PathBuf,
-    status: Option<ExitStatus>,
-    started: Instant,
-}
-
-impl Run {
-    fn start(state: &Path, args: &[&str]) -> Run {
-        Run::start_in(None, state, args, &[])
-    }
-
-    /// `run --state-dir STATE --accel tcg --memory 256 --no-disk ARGS...`, optionally in a namespace, with
-    /// extra environment.
-    fn start_in(ns: Option<&common::Netns>, state: &Path, args: &[&str], env: &[(&str, &Path)]) -> Run {
-        let log = state.with_extension("stderr");
-        let mut cmd = match ns {
-            Some(ns) => ns.cmd(BIN),
-            None => Command::new(BIN),
-        };
-        cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", "256", "--no-disk"]);
-        cmd.args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
-        let started = Instant::now();
-        let child = cmd.spawn().expect("start ec-ipxe-qemu");
-        Run { child: Some(child), state: state.to_owned(), log, status: None, started }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn serial(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(self.state.join("serial.log")).unwrap_or_default()).replace('\r', "")
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1);
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
-    }
-
-    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        if self.status.is_some() {
-            return self.status;
-        }
-        let child = self.child.as_mut()?;
-        self.status = wait_for(timeout, || child.try_wait().ok().flatten());
-        self.status
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
-    }
-
-    /// Wait until stderr contains `needle`; panic with the logs when it does not.
-    fn wait_stderr(&mut self, needle: &str, timeout: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            let s = self.stderr();
-            if s.contains(needle) {
-                return s;
-            }
-            if start.elapsed() > timeout || !self.running() {
-                panic!(
-                    "stderr never showed {needle:?} (running: {})\n--- stderr ---\n{s}\n--- serial ---\n{}",
-                    self.running(),
-                    self.serial()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// `ec-ipxe-qemu status --state-dir STATE --json`: (exit code, JSON).
-    fn status_json(&self) -> (Option<i32>, serde_json::Value) {
-        let out = Command::new(BIN).args(["status", "-j", "--state-dir"]).arg(&self.state).output().unwrap();
-        let v = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
-        (out.status.code(), v)
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            for _ in 0..2 {
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if wait_for(Duration::from_secs(10), || c.try_wait().ok().flatten()).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        for pid in qemu_pids(&self.state) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
-fn assert_exit(status: Option<ExitStatus>, code: i32, run: &Run) {
-    let Some(s) = status else { panic!("ec-ipxe-qemu did not exit in time\n{}", run.stderr()) };
-    assert_eq!(s.code(), Some(code), "exit {s:?}\n{}", run.stderr());
-}
-
-/// A small HTTP server on 127.0.0.1: each path is (status, body); unknown paths are 404. HTTP/1.0, one
-/// request per connection.
-struct Http {
-    port: u16,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Http {
-    fn start(routes: Vec<(&str, u16, String)>) -> Http {
-        let routes: Vec<(String, u16, String)> = routes.into_iter().map(|(p, s, b)| (p.to_owned(), s, b)).collect();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let halt = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok((mut s, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let line = String::from_utf8_lossy(&req).lines().next().unwrap_or("").to_owned();
-                let path = line.split(' ').nth(1).unwrap_or("").split('?').next().unwrap_or("").to_owned();
-                let (code, body) = routes
-                    .iter()
-                    .find(|(p, _, _)| *p == path)
-                    .map(|(_, c, b)| (*c, b.clone()))
-                    .unwrap_or((404, "not found\n".into()));
-                let reason = if code == 200 { "OK" } else { "Not Found" };
-                let _ = write!(
-                    s,
-                    "HTTP/1.0 {code} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        Http { port, stop, thread: Some(thread) }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://10.0.2.2:{}{path}", self.port)
-    }
-}
-
-impl Drop for Http {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// A chained script that acts like the publisher guest: its LAN line and its ready line, then `tick` lines.
 fn publisher_script(lan: &str, tick_secs: u32) -> String {
@@ -361,7 +139,7 @@ fn ready_only_after_the_ready_line_with_stages_and_status() {
     let mut run = Run::start_in(
         None,
         &state,
-        &["--boot-url", &url, "--shutdown-timeout", "2"],
+        &["--no-disk", "--boot-url", &url, "--shutdown-timeout", "2"],
         &[("NOTIFY_SOCKET", notify.path.as_path()), ("WATCHDOG_USEC", Path::new("2000000"))],
     );
     let ready = wait_for(BOOT_TIMEOUT, || notify.ready_at()).unwrap_or_else(|| {
@@ -473,7 +251,8 @@ fn status_shows_the_lan_address_from_the_lab() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let _slot = Slot::take();
-    let mut run = Run::start_in(Some(&lab.host), &state, &["--lan-interface", &name, "--shutdown-timeout", "0"], &[]);
+    let mut run =
+        Run::start(Some(&lab.host), &state, &["--no-disk", "--lan-interface", &name, "--shutdown-timeout", "0"]);
     let v = wait_for(BOOT_TIMEOUT, || {
         let (_, v) = run.status_json();
         (v["ready"] == true).then_some(v)
@@ -509,7 +288,7 @@ fn boot_404_is_an_error_with_its_hint_and_a_stop_is_quick() {
     let state = tmp.path().join("state");
     let _slot = Slot::take();
     let url = http.url("/missing.ipxe");
-    let mut run = Run::start(&state, &["--boot-url", &url]);
+    let mut run = Run::start(None, &state, &["--no-disk", "--boot-url", &url]);
     let err = run.wait_stderr("boot failure:", BOOT_TIMEOUT);
     let line = err.lines().find(|l| l.contains("boot failure:")).unwrap();
     assert!(line.contains("ERROR"), "{line}");
@@ -541,7 +320,7 @@ fn ready_timeout_ends_the_run_with_1() {
     let state = tmp.path().join("state");
     let _slot = Slot::take();
     let url = http.url("/missing.ipxe");
-    let mut run = Run::start(&state, &["--boot-url", &url, "--ready-timeout", "25"]);
+    let mut run = Run::start(None, &state, &["--no-disk", "--boot-url", &url, "--ready-timeout", "25"]);
     let status = run.wait(Duration::from_secs(60));
     assert_exit(status, 1, &run);
     let took = run.started.elapsed();
@@ -564,11 +343,11 @@ fn https_without_https_in_ipxe_is_warned_before_start() {
     let _slot = Slot::take();
     for ipxe in [None, Some("/usr/lib/ipxe/ipxe.lkrn")] {
         let state = tmp.path().join(if ipxe.is_some() { "lkrn" } else { "rom" });
-        let mut args = vec!["--boot-url", "https://10.0.2.2:9/netboot.ipxe"];
+        let mut args = vec!["--no-disk", "--boot-url", "https://10.0.2.2:9/netboot.ipxe"];
         if let Some(i) = ipxe {
             args.extend(["--ipxe", i]);
         }
-        let mut run = Run::start(&state, &args);
+        let mut run = Run::start(None, &state, &args);
         let err = run.wait_stderr("boot failure:", BOOT_TIMEOUT);
         let warn = err.lines().find(|l| l.contains("has no HTTPS support")).unwrap_or_else(|| panic!("{err}"));
         assert!(warn.contains("WARN") && warn.contains("read from the image"), "{warn}");
@@ -601,7 +380,11 @@ fn serial_log_stays_under_its_cap_and_the_previous_boot_survives() {
     let cap: u64 = 32 << 10;
     let _slot = Slot::take();
     let url = http.url("/chatty.ipxe");
-    let mut run = Run::start(&state, &["--boot-url", &url, "--serial-log-max", "32K", "--shutdown-timeout", "0"]);
+    let mut run = Run::start(
+        None,
+        &state,
+        &["--no-disk", "--boot-url", &url, "--serial-log-max", "32K", "--shutdown-timeout", "0"],
+    );
     let mut max = 0u64;
     let mut cuts_seen = 0;
     let start = Instant::now();
@@ -634,7 +417,7 @@ fn serial_log_stays_under_its_cap_and_the_previous_boot_survives() {
     let first_boot = std::fs::read(&log).unwrap();
     drop(run);
     // The restart keeps it as serial.log.1.
-    let mut again = Run::start(&state, &["--boot-url", &url, "--shutdown-timeout", "0"]);
+    let mut again = Run::start(None, &state, &["--no-disk", "--boot-url", &url, "--shutdown-timeout", "0"]);
     again.wait_stderr("QEMU started", Duration::from_secs(30));
     assert_eq!(std::fs::read(state.join("serial.log.1")).unwrap(), first_boot, "the previous boot's log");
     let fresh = std::fs::read(&log).unwrap();
@@ -656,7 +439,7 @@ fn console_attaches_under_a_pty_and_detaches_on_ctrl_bracket() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let _slot = Slot::take();
-    let mut run = Run::start(&state, &["--boot-url", &http.url("/publisher.ipxe")]);
+    let mut run = Run::start(None, &state, &["--no-disk", "--boot-url", &http.url("/publisher.ipxe")]);
     run.wait_stderr("boot stage ready", BOOT_TIMEOUT);
 
     let pty = nix::pty::openpty(None, None).unwrap();
@@ -726,7 +509,8 @@ fn hostile_console_clients_do_not_stall_the_guest() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let _slot = Slot::take();
-    let mut run = Run::start(&state, &["--boot-url", &http.url("/chatty.ipxe"), "--shutdown-timeout", "0"]);
+    let mut run =
+        Run::start(None, &state, &["--no-disk", "--boot-url", &http.url("/chatty.ipxe"), "--shutdown-timeout", "0"]);
     run.wait_stderr("boot stage ready", BOOT_TIMEOUT);
     let rate = |secs: u64| {
         let a = chatty_count(&run.serial());
@@ -734,6 +518,8 @@ fn hostile_console_clients_do_not_stall_the_guest() {
         (chatty_count(&run.serial()) - a) as f64 / secs as f64
     };
     let alone = rate(8);
+    // Without this, a guest that printed nothing would pass the comparison below (0 >= 0).
+    assert!(alone > 0.0, "the chatty guest printed no ec-chatty line in 8 s\n{}", run.stderr());
     let sock = state.join("console.sock");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The flooder first: it holds the keyboard.

@@ -3,6 +3,9 @@
 //! dnsmasq, and helpers to read the kernel's own view with `ip -j`.
 #![allow(dead_code)]
 
+pub mod http;
+pub mod launcher;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -323,4 +326,29 @@ impl Drop for DeleteOnDrop<'_> {
         }
         let _ = c.args(["-q", "--netns", &self.ns.name, "delete", &self.name]).output();
     }
+}
+
+/// Spawn `cmd` with its stdout a pipe that is closed at once (a reader that went away, like `| head -1`) and
+/// wait for it: its output, stderr included.
+pub fn with_stdout_closed(cmd: &mut Command) -> std::process::Output {
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+/// A stand-in guest: `ec-macvtap exec --name NAME -- sleep 60` in `ns`, a process holding a queue of the tap
+/// as QEMU would; returns once it runs (`sleep`), killed on drop.
+pub fn tap_holder(ns: &Netns, name: &str) -> KillOnDrop {
+    let holder = Command::new(macvtap_bin())
+        .args(["--netns", &ns.name, "exec", "--name", name, "--", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let pid = holder.id();
+    let holder = KillOnDrop(holder);
+    let held = wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().filter(|c| c.trim() == "sleep")
+    });
+    assert!(held.is_some(), "the holder did not start");
+    holder
 }

@@ -1,0 +1,219 @@
+//! The `ec-ipxe-qemu run` harness of the end-to-end tests: QEMU requirement checks, a cap on QEMUs at once,
+//! a `Run` that is stopped (then killed) on drop with everything of its QEMU, and readers for its stderr,
+//! serial log and `status --json`.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Netns, require_programs, skip_or_fail, wait_for};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ec-ipxe-qemu");
+
+/// At most this many QEMUs at once in one test binary (two cores; TCG is CPU-bound).
+const MAX_QEMUS: u32 = 2;
+static SLOTS: Mutex<u32> = Mutex::new(0);
+static SLOT_FREED: Condvar = Condvar::new();
+
+/// A QEMU slot, held for the life of a test.
+pub struct Slot;
+
+impl Slot {
+    pub fn take() -> Slot {
+        let mut n = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= MAX_QEMUS {
+            n = SLOT_FREED.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *SLOTS.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        SLOT_FREED.notify_one();
+    }
+}
+
+/// QEMU, its iPXE option ROM and qemu-img must be there (skip with the reason, or fail under CI=true).
+pub fn require_qemu(test: &str) -> bool {
+    if !require_programs(test, &["qemu-system-x86_64", "qemu-img"]) {
+        return false;
+    }
+    let rom = ["/usr/lib/ipxe/qemu/efi-virtio.rom", "/usr/share/qemu/efi-virtio.rom"];
+    rom.iter().any(|p| Path::new(p).exists())
+        || skip_or_fail(test, "needs the iPXE option ROMs (Debian package ipxe-qemu)")
+}
+
+/// Processes whose command line is QEMU with `needle` (a unique state path) in it.
+pub fn qemu_pids(needle: &Path) -> Vec<i32> {
+    let needle = needle.to_string_lossy();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.first().is_some_and(|a| a.ends_with("qemu-system-x86_64")) && args.iter().any(|a| a.contains(&*needle))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// No QEMU with `state` in its command line within 5 s.
+pub fn no_qemu_left(state: &Path) -> bool {
+    wait_for(Duration::from_secs(5), || qemu_pids(state).is_empty().then_some(())).is_some()
+}
+
+/// A serial log with carriage returns removed; bytes that are not UTF-8 are replaced, not the whole log
+/// lost (so a `!contains` check never passes on an unreadable log).
+pub fn serial(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).replace('\r', "")
+}
+
+/// One `ec-ipxe-qemu run`, stopped (then killed) on drop with its QEMU.
+pub struct Run {
+    pub child: Option<Child>,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    pub status: Option<ExitStatus>,
+    pub started: Instant,
+}
+
+impl Run {
+    /// `run --state-dir STATE --accel tcg --memory 256 ARGS...`, optionally inside a namespace.
+    pub fn start(ns: Option<&Netns>, state: &Path, args: &[&str]) -> Run {
+        Run::start_in(ns, state, args, &[])
+    }
+
+    /// The same, with extra environment.
+    pub fn start_in(ns: Option<&Netns>, state: &Path, args: &[&str], env: &[(&str, &Path)]) -> Run {
+        let log = state.with_extension("stderr");
+        let mut cmd = match ns {
+            Some(ns) => ns.cmd(BIN),
+            None => Command::new(BIN),
+        };
+        cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", "256"]).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        let started = Instant::now();
+        let child = cmd.spawn().expect("start ec-ipxe-qemu");
+        Run { child: Some(child), state: state.to_owned(), log, status: None, started }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn serial(&self) -> String {
+        serial(&self.state.join("serial.log"))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Wait for the launcher to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.is_some() {
+            return self.status;
+        }
+        let child = self.child.as_mut()?;
+        self.status = wait_for(timeout, || child.try_wait().ok().flatten());
+        self.status
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Wait until the serial log contains `needle`; panic with the logs when it does not.
+    pub fn wait_serial(&mut self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.serial();
+            if s.contains(needle) {
+                return s;
+            }
+            if start.elapsed() > timeout || !self.running() {
+                panic!(
+                    "serial log never showed {needle:?} (launcher running: {})\n--- serial ---\n{s}\n--- stderr ---\n{}",
+                    self.running(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Wait until stderr contains `needle`; panic with the logs when it does not.
+    pub fn wait_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.stderr();
+            if s.contains(needle) {
+                return s;
+            }
+            if start.elapsed() > timeout || !self.running() {
+                panic!(
+                    "stderr never showed {needle:?} (running: {})\n--- stderr ---\n{s}\n--- serial ---\n{}",
+                    self.running(),
+                    self.serial()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until the launcher says QEMU started.
+    pub fn wait_started(&mut self) {
+        let ok = wait_for(Duration::from_secs(30), || self.stderr().contains("QEMU started").then_some(()));
+        assert!(ok.is_some(), "QEMU did not start:\n{}", self.stderr());
+    }
+
+    /// `ec-ipxe-qemu status --state-dir STATE --json`: (exit code, JSON).
+    pub fn status_json(&self) -> (Option<i32>, serde_json::Value) {
+        let out = Command::new(BIN).args(["status", "-j", "--state-dir"]).arg(&self.state).output().unwrap();
+        let v = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), v)
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Stop in order (a second signal skips the shutdown timeout), so the launcher reaps its QEMU;
+            // SIGKILL only if that does not work.
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            for _ in 0..2 {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if wait_for(Duration::from_secs(10), || c.try_wait().ok().flatten()).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // Belt and braces: nothing of ours may outlive the test.
+        for pid in qemu_pids(&self.state) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// The launcher exited in time with `code`; otherwise fail with its stderr.
+pub fn assert_exit(status: Option<ExitStatus>, code: i32, run: &Run) {
+    let Some(s) = status else { panic!("ec-ipxe-qemu did not exit in time\n{}", run.stderr()) };
+    assert_eq!(s.code(), Some(code), "exit {s:?} (signal {:?})\n{}", s.signal(), run.stderr());
+}
