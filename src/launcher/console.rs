@@ -47,6 +47,8 @@ const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 /// Where clean console lines go.
 pub trait LineSink: Send + 'static {
+    /// Every byte the guest prints, as read (before it is cut into lines).
+    fn bytes(&mut self, _chunk: &[u8]) {}
     fn line(&mut self, line: String);
     /// About once a second.
     fn tick(&mut self) {}
@@ -242,6 +244,7 @@ async fn broker(mut rd: OwnedReadHalf, mut log: SerialLog, hub: Arc<Mutex<Hub>>,
                     }
                 };
                 let chunk = &buf[..n];
+                sink.bytes(chunk);
                 asm.join_wrapped = sink.join_wrapped();
                 asm.push(chunk, &mut |l| sink.line(l));
                 log.write(chunk);
