@@ -179,7 +179,8 @@ impl Console {
     ) -> Result<Console> {
         serial.set_nonblocking(true).map_err(|e| Error::io("serial socket pair", e))?;
         let serial = UnixStream::from_std(serial).map_err(|e| Error::io("serial socket pair", e))?;
-        let listener = UnixListener::from_std(listener).map_err(|e| Error::io("console socket", e))?;
+        let listener = UnixListener::from_std(listener)
+            .map_err(|e| Error::io(format!("console socket {}", socket.display()), e))?;
         let (rd, wr) = serial.into_split();
         let hub = Arc::new(Mutex::new(Hub::default()));
         let (input_tx, input_rx) = mpsc::channel::<Bytes>(INPUT_QUEUE);
