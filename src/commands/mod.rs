@@ -9,11 +9,14 @@ use std::process::ExitCode;
 
 use crate::error::Error;
 
-/// Print `value` as one JSON document on stdout.
+/// `value` as one pretty-printed JSON document.
+pub fn json_text<T: serde::Serialize>(value: &T) -> Result<String, Error> {
+    serde_json::to_string_pretty(value).map_err(|e| Error::Runtime(format!("encode JSON: {e}")))
+}
+
+/// Print `value` as one JSON document on stdout (see [`write_stdout`]).
 pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Runtime(format!("encode JSON: {e}")))?;
-    println!("{text}");
-    Ok(())
+    write_stdout(&json_text(value)?)
 }
 
 /// Write text (a JSON document, report lines) and a newline to stdout. A reader that went away

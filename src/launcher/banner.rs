@@ -3,16 +3,17 @@
 //! On the default boot path (no `--ipxe`) the ROM's iPXE shows that banner and waits for a key before it
 //! autoboots: 2 s in Debian's ROMs, 3 s in iPXE's own QEMU build, on every start. Any key other than Ctrl-B
 //! ends the wait and autoboot goes on as it would have (DHCP on the boot NIC only, then the boot script). The
-//! launcher watches the serial console for the banner and presses Enter once, through its own QMP connection
+//! launcher watches the guest console for the banner and presses Enter once, through its own QMP connection
 //! (`send-key` on the PS/2 keyboard, which SeaBIOS hands to iPXE). Nothing else changes: the banner is still
 //! printed, a key that arrives late lands in autoboot (which ignores it) and no key is sent after the boot
 //! script has started. The price: nobody can press Ctrl-B there to reach the ROM's shell.
 //!
-//! [`BannerWatch`] is the pure part (it reads console bytes in any chunking); [`answer`] polls the serial log.
+//! [`BannerWatch`] is the pure part (it reads console bytes in any chunking); the console broker feeds every
+//! byte the guest prints to a [`Spotter`] (see [`super::guest::GuestSink`]), which tells [`answer`] once.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 use crate::launcher::qmp::QmpClient;
 
@@ -24,8 +25,7 @@ const BANNER_END: &[u8] = b" command line...";
 const SCRIPT_MARK: &[u8] = b"ec-ipxe-qemu:";
 /// How much console output is kept between chunks (a banner split across reads is still found).
 const KEEP: usize = 256;
-/// How often the serial log is read, and for how long at most.
-const POLL: Duration = Duration::from_millis(10);
+/// How long [`answer`] waits for the banner at most.
 const WATCH_LIMIT: Duration = Duration::from_secs(180);
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -68,48 +68,52 @@ impl BannerWatch {
     }
 }
 
-/// New bytes of the file at `path` since `offset` (from the start again when the file was truncated).
-fn read_new(path: &std::path::Path, offset: &mut u64) -> Vec<u8> {
-    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
-    if f.metadata().is_ok_and(|m| m.len() < *offset) {
-        *offset = 0;
-    }
-    let mut buf = Vec::new();
-    if f.seek(SeekFrom::Start(*offset)).is_ok() && f.read_to_end(&mut buf).is_ok() {
-        *offset += buf.len() as u64;
-    }
-    buf
+/// The console side of the watch: fed every console byte, it signals [`answer`] once when the banner shows,
+/// and lets it go (drops the signal) once the boot script has started.
+pub struct Spotter {
+    watch: BannerWatch,
+    tx: Option<oneshot::Sender<()>>,
 }
 
-/// Watch the serial log at `serial` for the banner and answer it with Enter through `qmp`; returns when that
-/// is done, when the boot script has started, when QMP is gone or after a few minutes. Only a regular file is
-/// read (a FIFO given as `--serial-log` belongs to its reader).
-pub async fn answer(serial: PathBuf, qmp: QmpClient) {
-    if !std::fs::metadata(&serial).is_ok_and(|m| m.is_file()) {
-        tracing::debug!("{} is not a regular file: not watching for iPXE's banner", serial.display());
-        return;
-    }
-    let start = Instant::now();
-    let mut offset = 0;
-    let mut watch = BannerWatch::default();
-    while start.elapsed() < WATCH_LIMIT {
-        match watch.feed(&read_new(&serial, &mut offset)) {
-            Seen::Nothing => {}
-            Seen::ScriptStarted => return,
-            Seen::Banner => {
-                let keys = serde_json::json!({ "keys": [{ "type": "qcode", "data": "ret" }] });
-                match tokio::time::timeout(QMP_TIMEOUT, qmp.execute_with("send-key", keys)).await {
-                    Ok(Ok(_)) => tracing::info!(
-                        "iPXE banner \"Press Ctrl-B for the iPXE command line...\": pressed Enter, so the NIC option \
-                         ROM boots without waiting"
-                    ),
-                    Ok(Err(e)) => tracing::debug!("answering iPXE's banner: {e}"),
-                    Err(_) => tracing::debug!("answering iPXE's banner: no QMP answer"),
-                }
-                return;
-            }
+impl Spotter {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.tx.is_none() {
+            return;
         }
-        tokio::time::sleep(POLL).await;
+        match self.watch.feed(bytes) {
+            Seen::Nothing => {}
+            Seen::Banner => {
+                if let Some(tx) = self.tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Seen::ScriptStarted => self.tx = None,
+        }
+    }
+}
+
+/// A [`Spotter`] for the console broker and the receiver [`answer`] waits on.
+pub fn spotter() -> (Spotter, oneshot::Receiver<()>) {
+    let (tx, rx) = oneshot::channel();
+    (Spotter { watch: BannerWatch::default(), tx: Some(tx) }, rx)
+}
+
+/// Wait for the [`Spotter`] to see the banner, then answer it with Enter through `qmp`; returns when that is
+/// done, when the boot script has started (or the console is gone) or after a few minutes.
+pub async fn answer(seen: oneshot::Receiver<()>, qmp: QmpClient) {
+    match tokio::time::timeout(WATCH_LIMIT, seen).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return tracing::debug!("the boot script started: no iPXE banner to answer"),
+        Err(_) => return tracing::debug!("no iPXE banner within {} s", WATCH_LIMIT.as_secs()),
+    }
+    let keys = serde_json::json!({ "keys": [{ "type": "qcode", "data": "ret" }] });
+    match tokio::time::timeout(QMP_TIMEOUT, qmp.execute_with("send-key", keys)).await {
+        Ok(Ok(_)) => tracing::info!(
+            "iPXE banner \"Press Ctrl-B for the iPXE command line...\": pressed Enter, so the NIC option ROM boots \
+             without waiting"
+        ),
+        Ok(Err(e)) => tracing::debug!("answering iPXE's banner: {e}"),
+        Err(_) => tracing::debug!("answering iPXE's banner: no QMP answer"),
     }
 }
 
@@ -164,15 +168,19 @@ mod tests {
     }
 
     #[test]
-    fn reads_only_what_is_new_and_restarts_after_truncation() {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = tmp.path().join("serial.log");
-        let mut off = 0;
-        assert!(read_new(&p, &mut off).is_empty(), "a missing file reads as nothing");
-        std::fs::write(&p, b"abc").unwrap();
-        assert_eq!(read_new(&p, &mut off), b"abc");
-        assert!(read_new(&p, &mut off).is_empty());
-        std::fs::write(&p, b"x").unwrap();
-        assert_eq!(read_new(&p, &mut off), b"x", "a truncated file is read from the start");
+    fn the_spotter_signals_once_and_lets_go_after_the_script_starts() {
+        let (mut sp, mut rx) = spotter();
+        sp.feed(&ROM[..ROM.len() - 3]);
+        assert!(rx.try_recv().is_err(), "no banner yet");
+        sp.feed(&ROM[ROM.len() - 3..]);
+        assert_eq!(rx.try_recv(), Ok(()));
+        sp.feed(ROM);
+        assert!(sp.tx.is_none());
+
+        let (mut sp, mut rx) = spotter();
+        sp.feed(b"ec-ipxe-qemu: boot NIC net0\r\n");
+        assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed), "the script started: let go");
+        sp.feed(ROM);
+        assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed));
     }
 }

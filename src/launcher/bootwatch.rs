@@ -143,7 +143,10 @@ impl Patterns {
             script_dhcp: re(r"^ec-ipxe-qemu: boot net0 \S+ ip (\d+\.\d+\.\d+\.\d+)"),
             chain: re(r"^ec-ipxe-qemu: chaining (\S+)"),
             kernel: re(r"Linux version \d|Decompressing Linux|Booting the kernel|^\[ *\d+\.\d{6}\] "),
-            lan: re(r"(?:^ec-ipxe-qemu: LAN net1 |ec-publisher: lan )([0-9a-fA-F.:]+)(?:/\d+)?\s*$"),
+            lan: re(&format!(
+                r"(?:^ec-ipxe-qemu: LAN net1 |{})([0-9a-fA-F.:]+)(?:/\d+)?\s*$",
+                regex::escape(PUBLISHER_LAN)
+            )),
             lan_none: re(r"^ec-ipxe-qemu: LAN net1 got no DHCP answer"),
             ipxe_error: re(r"^(?:(.*?)\.\.\. ?)?(?:Could not [a-z ]+: )?(.*?) ?\(https?://ipxe\.org/([0-9a-f]{8})\)"),
             script_failed: re(r"^ec-ipxe-qemu: could not boot from (\S+) \(error 0x([0-9a-f]+)\)"),

@@ -104,10 +104,6 @@ impl LaunchConfig {
         self.state_dir.join(QMP_SOCKET)
     }
 
-    pub fn lock_file(&self) -> PathBuf {
-        self.state_dir.join(LOCK_FILE)
-    }
-
     pub fn console_socket(&self) -> PathBuf {
         self.state_dir.join(CONSOLE_SOCKET)
     }

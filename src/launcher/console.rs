@@ -47,6 +47,8 @@ const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 /// Where clean console lines go.
 pub trait LineSink: Send + 'static {
+    /// Every byte the guest prints, as read (before it is cut into lines).
+    fn bytes(&mut self, _chunk: &[u8]) {}
     fn line(&mut self, line: String);
     /// About once a second.
     fn tick(&mut self) {}
@@ -177,7 +179,8 @@ impl Console {
     ) -> Result<Console> {
         serial.set_nonblocking(true).map_err(|e| Error::io("serial socket pair", e))?;
         let serial = UnixStream::from_std(serial).map_err(|e| Error::io("serial socket pair", e))?;
-        let listener = UnixListener::from_std(listener).map_err(|e| Error::io("console socket", e))?;
+        let listener = UnixListener::from_std(listener)
+            .map_err(|e| Error::io(format!("console socket {}", socket.display()), e))?;
         let (rd, wr) = serial.into_split();
         let hub = Arc::new(Mutex::new(Hub::default()));
         let (input_tx, input_rx) = mpsc::channel::<Bytes>(INPUT_QUEUE);
@@ -242,6 +245,7 @@ async fn broker(mut rd: OwnedReadHalf, mut log: SerialLog, hub: Arc<Mutex<Hub>>,
                     }
                 };
                 let chunk = &buf[..n];
+                sink.bytes(chunk);
                 asm.join_wrapped = sink.join_wrapped();
                 asm.push(chunk, &mut |l| sink.line(l));
                 log.write(chunk);

@@ -13,7 +13,7 @@ use crate::launcher::accel::{self, AccelChoice};
 use crate::launcher::config::{DISK_IMAGE, LOCK_FILE, LaunchConfig};
 use crate::launcher::options::LaunchOptions;
 use crate::launcher::vhost::{self, VhostMode};
-use crate::launcher::{fscheck, ipxe_image, lanlock};
+use crate::launcher::{fscheck, ipxe_image, lanlock, status};
 use crate::link::{self, Netlink};
 use crate::macvtap;
 use crate::names::IfName;
@@ -342,18 +342,6 @@ pub fn fail_from(check: &'static str, e: &Error, hint: impl Into<String>) -> Che
     Check::fail(check, e.to_string(), format!("{} (run would exit {})", hint.into(), e.exit_code()))
 }
 
-/// Whether a file's inode carries an flock (from /proc/locks), without taking it: a lock doctor takes, even
-/// briefly, could make a run starting at that instant refuse.
-pub fn flock_held(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::metadata(path) else { return false };
-    let key = format!("{:02x}:{:02x}:{}", nix::sys::stat::major(m.dev()), nix::sys::stat::minor(m.dev()), m.ino());
-    std::fs::read_to_string("/proc/locks")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains("FLOCK") && l.split_whitespace().any(|w| w == key))
-}
-
 /// The LAN checks: the macvtap (exists, a macvtap, ours, up, carrier), its tap (not in use, openable by this
 /// user with `queues` queues: the very opening `run` does), and its parent (wired, up, carrier).
 pub fn check_lan(name: &IfName, queues: u32) -> Vec<Check> {
@@ -596,7 +584,9 @@ fn check_state(o: &LaunchOptions) -> Check {
         return fail_from(NAME, &e, "give the user a directory of its own (the unit's StateDirectory= does)");
     }
     let lock = dir.join(LOCK_FILE);
-    if flock_held(&lock) {
+    // Read from /proc/locks, never taken: a lock doctor takes, even briefly, could make a run starting at that
+    // instant refuse.
+    if matches!(status::held(&lock), Ok(true)) {
         let pid = std::fs::read_to_string(&lock).unwrap_or_default();
         let pid = pid.trim();
         let who = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
@@ -677,17 +667,5 @@ mod tests {
         assert_eq!(c.status, Status::Warn, "{c:?}");
         let c = check_accel(AccelChoice::Kvm, None, Path::new("/nonexistent/kvm"));
         assert_eq!(c.status, Status::Fail, "{c:?}");
-    }
-
-    #[test]
-    fn flocks_are_seen_without_taking_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("lock");
-        let f = std::fs::File::create(&p).unwrap();
-        assert!(!flock_held(&p));
-        let held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
-        assert!(flock_held(&p));
-        drop(held);
-        assert!(!flock_held(&p));
     }
 }

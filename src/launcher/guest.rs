@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::launcher::banner::Spotter;
 use crate::launcher::bootwatch::{BootWatch, Event, Failure, Stage};
 use crate::launcher::console::LineSink;
 use crate::launcher::lines::{RateLimit, Verdict};
@@ -21,11 +22,13 @@ pub struct GuestSink {
     watch: BootWatch,
     rate: RateLimit,
     events: UnboundedSender<Event>,
+    banner: Option<Spotter>,
 }
 
 impl GuestSink {
-    pub fn new(watch: BootWatch, events: UnboundedSender<Event>) -> GuestSink {
-        GuestSink { watch, rate: RateLimit::new(LOG_BURST, LOG_PER_SEC), events }
+    /// `banner`: on the default boot path, the watch for the NIC ROM's Ctrl-B banner (see [`super::banner`]).
+    pub fn new(watch: BootWatch, events: UnboundedSender<Event>, banner: Option<Spotter>) -> GuestSink {
+        GuestSink { watch, rate: RateLimit::new(LOG_BURST, LOG_PER_SEC), events, banner }
     }
 
     fn suppressed(n: u64) {
@@ -37,6 +40,12 @@ impl GuestSink {
 }
 
 impl LineSink for GuestSink {
+    fn bytes(&mut self, chunk: &[u8]) {
+        if let Some(b) = &mut self.banner {
+            b.feed(chunk);
+        }
+    }
+
     fn line(&mut self, line: String) {
         if !line.is_empty() {
             match self.rate.check(Instant::now()) {

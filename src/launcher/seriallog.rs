@@ -17,11 +17,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::launcher::values::LogCap;
 
-/// The smallest cap: a few screens of boot output.
-pub const MIN_CAP: u64 = 16 << 10;
-/// The default cap (`--serial-log-max`).
-pub const DEFAULT_CAP: u64 = 16 << 20;
+/// The smallest cap: a few screens of boot output (the least `--serial-log-max` takes).
+const MIN_CAP: u64 = LogCap::MIN;
 
 pub struct SerialLog {
     path: PathBuf,

@@ -295,4 +295,16 @@ mod tests {
         let text = render(dir, &read(dir).unwrap());
         assert!(text.contains("not running") && text.contains("192.168.77.53"), "{text}");
     }
+
+    #[test]
+    fn flocks_are_seen_without_taking_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let f = std::fs::File::create(&p).unwrap();
+        assert!(!held(&p).unwrap());
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+        assert!(held(&p).unwrap());
+        drop(lock);
+        assert!(!held(&p).unwrap());
+    }
 }

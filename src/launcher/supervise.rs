@@ -513,7 +513,9 @@ async fn start(
     let (tail, stderr_task) = forward_stderr(stderr);
     // The console is read from the first byte on, so QEMU never waits on its serial port.
     let (boot_tx, boot) = tokio::sync::mpsc::unbounded_channel();
-    let sink = GuestSink::new(BootWatch::new(cfg.ready_pattern.clone(), cfg.memory_mib), boot_tx);
+    // The NIC option ROM's Ctrl-B banner would hold the boot for 2-3 s: watch for it on the default path.
+    let (spotter, banner_seen) = cfg.ipxe.is_none().then(banner::spotter).unzip();
+    let sink = GuestSink::new(BootWatch::new(cfg.ready_pattern.clone(), cfg.memory_mib), boot_tx, spotter);
     let console = Console::start(parts.ours, parts.log, parts.listener, &cfg.console_socket(), sink)?;
     let handshake = async {
         ours.set_nonblocking(true).map_err(|e| Error::io("QMP socket pair", e))?;
@@ -569,9 +571,9 @@ async fn start(
             .into());
         }
     };
-    if cfg.ipxe.is_none() {
-        // The NIC option ROM's Ctrl-B banner would hold the boot for 2-3 s: answer it (ends by itself).
-        tokio::spawn(banner::answer(cfg.serial_log.clone(), qmp.clone()));
+    if let Some(seen) = banner_seen {
+        // Answer the banner when the console shows it (ends by itself).
+        tokio::spawn(banner::answer(seen, qmp.clone()));
     }
     tracing::info!(
         "QEMU started (pid {pid}, accel {}, guest {}); console: {} (log {})",

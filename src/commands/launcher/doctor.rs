@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 
 use crate::cli::launcher::DoctorArgs;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::launcher::doctor::{self, Devices};
 
 pub fn run(args: &DoctorArgs) -> Result<ExitCode> {
     let checks = doctor::run_checks(&args.launch.to_options(), &Devices::default());
     let text = if args.json {
-        serde_json::to_string_pretty(&checks).map_err(|e| Error::Runtime(format!("encode JSON: {e}")))?
+        crate::commands::json_text(&checks)?
     } else {
         checks.iter().map(|c| c.human()).collect::<Vec<_>>().join("\n")
     };

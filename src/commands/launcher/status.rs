@@ -1,7 +1,7 @@
 //! `ec-ipxe-qemu status`: what the launcher in a state directory knows about its guest.
 
 use crate::cli::launcher::StatusArgs;
-use crate::commands::print_json;
+use crate::commands::{print_json, write_stdout};
 use crate::error::{Kind, Result};
 use crate::launcher::status;
 
@@ -12,7 +12,7 @@ pub fn run(args: &StatusArgs) -> Result<u8> {
     if args.json {
         print_json(&report)?;
     } else {
-        print!("{}", status::render(&args.state_dir, &report));
+        write_stdout(status::render(&args.state_dir, &report).trim_end_matches('\n'))?;
     }
     if report.running {
         return Ok(0);

@@ -30,10 +30,5 @@ pub fn run(global: &Global, args: &CreateArgs) -> Result<()> {
     if info.changed == Some(false) {
         tracing::info!(link = %info.name, "already present as asked; nothing changed");
     }
-    if global.json {
-        crate::commands::print_json(&info)
-    } else {
-        println!("{}", info.human_line());
-        Ok(())
-    }
+    if global.json { crate::commands::print_json(&info) } else { crate::commands::write_stdout(&info.human_line()) }
 }

@@ -7,10 +7,9 @@ pub fn run(global: &Global, args: &DeleteArgs) -> Result<()> {
     if global.json {
         crate::commands::print_json(&out)
     } else {
-        match out.result {
-            "deleted" => println!("{}: deleted", out.name),
-            _ => println!("{}: already absent (no such link in {})", out.name, out.netns),
-        }
-        Ok(())
+        crate::commands::write_stdout(&match out.result {
+            "deleted" => format!("{}: deleted", out.name),
+            _ => format!("{}: already absent (no such link in {})", out.name, out.netns),
+        })
     }
 }

@@ -3,16 +3,12 @@
 use std::process::ExitCode;
 
 use crate::cli::macvtap::{Global, ProbeArgs};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::probe;
 
 pub fn run(global: &Global, args: &ProbeArgs) -> Result<ExitCode> {
     let report = probe::probe(global.netns.as_ref(), &args.to_options())?;
-    let text = if global.json {
-        serde_json::to_string_pretty(&report).map_err(|e| Error::Runtime(format!("encode JSON: {e}")))?
-    } else {
-        report.human_lines().join("\n")
-    };
+    let text = if global.json { crate::commands::json_text(&report)? } else { report.human_lines().join("\n") };
     crate::commands::write_stdout(&text)?;
     Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

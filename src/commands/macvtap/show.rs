@@ -7,11 +7,9 @@ pub fn run(global: &Global, args: &ShowArgs) -> Result<()> {
     match (global.json, &args.name) {
         (true, Some(_)) => crate::commands::print_json(&list.first()),
         (true, None) => crate::commands::print_json(&list),
+        (false, _) if list.is_empty() => Ok(()),
         (false, _) => {
-            for info in &list {
-                println!("{}", info.human_line());
-            }
-            Ok(())
+            crate::commands::write_stdout(&list.iter().map(|i| i.human_line()).collect::<Vec<_>>().join("\n"))
         }
     }
 }
