@@ -7,6 +7,7 @@
 //! launcher behind `ec-ipxe-qemu` ([`launcher`]).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod bootcache;
 pub mod cli;
 pub mod commands;
 pub mod error;
