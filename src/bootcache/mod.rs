@@ -565,6 +565,8 @@ impl Request<'_> {
                 Err(err) => {
                     let msg = format!("{}: cut off after {got} bytes: {err}", f.url);
                     tracing::warn!("boot cache: {key}: {msg}; nothing admitted");
+                    // The partial file goes before the guest learns of the failure.
+                    drop(tmp.take());
                     self.origin_failed_midway(&msg);
                     self.done();
                     return self.cut(msg);

@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod launcher;
+pub mod origin;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
