@@ -452,6 +452,8 @@ fn fetch_time(netns: &str, dir: &Path, url: &str) -> Option<f64> {
         "exec",
         netns,
         QEMU,
+        "-machine",
+        "pc,graphics=off",
         "-accel",
         "tcg",
         "-m",
