@@ -7,8 +7,8 @@
 //! leases on the lab LAN through the macvtap; `systemctl stop` → no link, node or QEMU left; kill -9 of QEMU
 //! → `Restart=` brings a new lease; three `systemctl restart`s are clean. Once with the machine's `/dev`
 //! (public `/dev/tapN`), once with a container-like `/dev` without `/dev/tapN` (private node path). The
-//! README's hand-written unit runs through the same harness. Figures (start → lease, stop, kill → new lease)
-//! are printed and appended to `$CARGO_TARGET_TMPDIR/systemd-figures.txt`.
+//! hand-written unit of docs/systemd.md ("the README unit") runs through the same harness. Figures (start →
+//! lease, stop, kill → new lease) are printed and appended to `$CARGO_TARGET_TMPDIR/systemd-figures.txt`.
 //!
 //! One QEMU at a time: the tests take a lock. Everything (systemd, its cgroups, the namespaces, dnsmasq) is
 //! removed by drop guards, also when a check fails.
@@ -89,13 +89,13 @@ fn module_unit(test: &str, uplink: &str) -> Option<String> {
     Some(with_lab_netns(&text))
 }
 
-/// The README's hand-written unit (the ```ini block of its systemd section), adapted to the lab: the built
-/// binaries, the lab's uplink and network namespace, TCG and a small guest.
+/// The documented hand-written unit (the ```ini block of "The unit" in docs/systemd.md), adapted to the lab:
+/// the built binaries, the lab's uplink and network namespace, TCG and a small guest.
 fn readme_unit_text() -> String {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let start = readme.find("### systemd").expect("README has a systemd section");
-    let block = &readme[start..];
-    let body = block.split("```ini\n").nth(1).expect("an ```ini block in the systemd section");
+    let doc = std::fs::read_to_string(repo().join("docs/systemd.md")).unwrap();
+    let start = doc.find("\n## The unit\n").expect("docs/systemd.md has a section \"The unit\"");
+    let block = &doc[start..];
+    let body = block.split("```ini\n").nth(1).expect("an ```ini block in docs/systemd.md's section \"The unit\"");
     body.split("\n```").next().unwrap().to_owned()
 }
 
