@@ -11,7 +11,7 @@
 #      systemd-analyze security exposure is at most 3.0, and the guest's .network/.link
 #      files parse cleanly in systemd-networkd and udev.
 # Missing tools are installed (apt-get for nix-bin, cargo install for nixfmt and deadnix).
-# VM tests and `nix flake check` need nixpkgs, KVM and network: see the NixOS section of README.md.
+# VM tests and `nix flake check` need nixpkgs, KVM and network: see docs/nixos.md ("Checks").
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
