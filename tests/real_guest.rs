@@ -106,7 +106,7 @@ fn boot_to_ready(t: &str, g: &GuestLab, cmdline: &str, extra: &[&str]) -> Run {
 
     let at = |n| stage_at(&st, n).unwrap_or(f64::NAN);
     // When the kernel took over: iPXE's last download finished (it boots at once after `initrd ... ok`).
-    let loaded = log.lines().filter(|l| l.contains("guest: initrd.img... ok")).next_back().and_then(timestamp);
+    let loaded = log.lines().rfind(|l| l.contains("guest: initrd.img... ok")).and_then(timestamp);
     let kernel_stage = log.lines().find(|l| l.contains("boot stage kernel")).and_then(timestamp);
     let lag = match (loaded, kernel_stage) {
         (Some(a), Some(b)) => format!("{:.1} s", b - a),
