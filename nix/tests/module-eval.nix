@@ -369,9 +369,14 @@ let
       let
         failed = failedAssertions (evalConfig [ case.def ]);
       in
-      expect "assertion fires: ${name}" (
-        builtins.length failed == 1 && lib.hasInfix case.says (builtins.head failed)
-      ) "expected exactly one failed assertion mentioning '${case.says}', got ${builtins.toJSON failed}"
+      expect "assertion fires: ${name}"
+        (
+          builtins.length failed == 1
+          && lib.hasInfix case.says (builtins.head failed)
+          # every message starts with the full option path (the `opt` prefix)
+          && lib.hasPrefix "services.every-channel.ipxe-qemu." (builtins.head failed)
+        )
+        "expected exactly one failed assertion naming the option and mentioning '${case.says}', got ${builtins.toJSON failed}"
     ) assertionCases
     ++ [
       # 'f' and 'v' are letters, not the escapes "\f" and "\v" (which Nix does not have)
@@ -1094,19 +1099,69 @@ let
         acc: path: lib.recursiveUpdate acc (lib.setAttrByPath (lib.splitString "." path) settings.${path})
       ) { enable = true; } (lib.attrNames settings);
       config = evalConfig [ (with' def) ];
-      r = builtins.tryEval (builtins.deepSeq (textOf config) (failedAssertions config == [ ]));
+      r = builtins.tryEval (builtins.deepSeq (textOf config) (failedAssertions config));
     in
-    !(r.success && r.value);
+    {
+      refused = !(r.success && r.value == [ ]);
+      # the failed assertions' messages (none when a type refused the value)
+      messages = if r.success then r.value else [ ];
+    };
   refusalChecks = map (
     case:
     let
       got = refusedByModule case;
     in
-    expect "refusal table: ${case.option} = ${builtins.toJSON case.value} is ${
-      if case.refused then "refused" else "accepted"
-    }" (got == case.refused) "the module ${if got then "refused" else "accepted"} it"
+    expect
+      "refusal table: ${case.option} = ${builtins.toJSON case.value} is ${
+        if case.refused then "refused" else "accepted"
+      }"
+      (
+        got.refused == case.refused
+        && lib.all (lib.hasPrefix "services.every-channel.ipxe-qemu.") got.messages
+      )
+      "the module ${
+        if got.refused then "refused" else "accepted"
+      } it, with ${builtins.toJSON got.messages}"
   ) refusalTable.cases;
   refusedBadValues = lib.filter (c: c.refused) refusalTable.cases;
+
+  # The same table against nix/lib/validate.nix directly, without the module: for each
+  # option a validator covers, the value is accepted exactly when the table says so. The
+  # other options (ranges, enums, rules across options) are the module's types and
+  # assertions, checked above.
+  validate = import ../lib/validate.nix { inherit lib; };
+  noProblem = problemOf: v: problemOf v == null;
+  absolute = v: builtins.match validate.absolutePathRegex v != null;
+  validatorOf = {
+    "stateDir" = v: absolute v && validate.stateDirProblem v == null;
+    "disk.path" = v: absolute v && validate.diskPathProblem v == null;
+    "disk.size" = validate.isDiskSize;
+    "boot.url" = noProblem validate.bootUrlProblem;
+    "boot.readyPattern" = noProblem validate.readyPatternProblem;
+    "boot.http.bindAddress" = validate.isIPv4;
+    "boot.userNet.dnsServers" = lib.all validate.isIPAddress;
+    "boot.userNet.hostForwards" = lib.all validate.isHostForward;
+    "boot.userNet.hostname" = validate.isHostname;
+    "boot.userNet.model" = validate.isNicModel;
+    "lan.model" = validate.isNicModel;
+    "lan.macvtap.name" = noProblem validate.ifNameProblem;
+  };
+  coveredCases = lib.filter (c: validatorOf ? ${c.option}) refusalTable.cases;
+  validatorChecks =
+    map (
+      case:
+      let
+        accepted = validatorOf.${case.option} case.value;
+      in
+      expect "validate.nix: ${case.option} = ${builtins.toJSON case.value} is ${
+        if case.refused then "refused" else "accepted"
+      }" (accepted != case.refused) "validate.nix ${if accepted then "accepted" else "refused"} it"
+    ) coveredCases
+    ++ [
+      (expect "validate.nix covers every option of the table it can" (lib.all (
+        o: lib.any (c: c.option == o) refusalTable.cases
+      ) (lib.attrNames validatorOf)) "an option of validatorOf has no case in tests/data/refusals.json")
+    ];
 
   # ---------------------------------------------------------------- the guest module
   guestEval =
@@ -1249,9 +1304,7 @@ let
     (expect "guest without data disk has no format unit" (
       !(guestMinimal.systemd.units ? "every-channel-data-disk-format.service")
     ) "unit present")
-    (expect "guest without ssh keys leaves openssh alone" (
-      !(guestMinimal.services ? openssh)
-    ) "openssh configured")
+    (expectEq "guest without ssh keys leaves openssh alone" { } guestMinimal.services.openssh)
     (expect "guest disabled: no units, links or networks" (
       !(guestOff.systemd.units ? "every-channel-tuner-discovery.service")
       && guestOff.systemd.network.units == { }
@@ -1365,6 +1418,7 @@ let
     ++ warningChecks
     ++ renderedChecks
     ++ refusalChecks
+    ++ validatorChecks
     ++ doctorChecks
     ++ guestChecks;
 in
@@ -1383,6 +1437,7 @@ builtins.deepSeq all {
   refusalTable = "${toString (builtins.length refusalTable.cases)} values: ${toString (builtins.length refusedBadValues)} bad ones refused at evaluation, ${
     toString (builtins.length refusalTable.cases - builtins.length refusedBadValues)
   } good ones accepted";
+  validateNix = "${toString (builtins.length coveredCases)} values of the table checked against nix/lib/validate.nix directly";
   checks = all;
   inherit units scripts;
 }

@@ -112,7 +112,14 @@ let
         };
         default = { };
       };
-      services = untyped;
+      # One untyped option per service the modules and systemd.nix set, not one `services`
+      # option: as in NixOS, `options.services.every-channel.ipxe-qemu` must be the module's
+      # own option set (its assertions name options through it).
+      services = lib.genAttrs [
+        "dbus"
+        "logrotate"
+        "openssh"
+      ] (_: untyped);
       system = untyped;
       ids = untyped;
       security = untyped;
