@@ -53,6 +53,11 @@ let
   lanParentOk = lanParent != null && validate.ifNameProblem lanParent == null;
   mac = cfg.lan.macvtap.macAddress;
 
+  # RestartSteps= and RestartMaxDelaySec= came with systemd 254; older versions ignore them
+  # with an "Unknown key" warning at every daemon-reload, so they are rendered only for the
+  # systemd this configuration runs.
+  restartBackoff = lib.versionAtLeast (lib.getVersion config.systemd.package) "254";
+
   stateUnderVarLib = lib.hasPrefix "/var/lib/" cfg.stateDir;
   diskOutsideState = cfg.disk.enable && !(lib.hasPrefix "${cfg.stateDir}/" cfg.disk.path);
 
@@ -315,7 +320,7 @@ in
 
       readyTimeout = mkOption {
         type = types.ints.between 0 86400;
-        default = 600;
+        default = 900;
         example = 180;
         description = ''
           Seconds the guest has, from QEMU's start, to print its ready line
@@ -323,6 +328,11 @@ in
           boot stage it hung in, and `Restart=` tries again. The unit's `TimeoutStartSec=` is
           this plus 60 s (for `ExecStartPre` and QEMU's own start), so the launcher's message
           comes first. 0: no limit (`TimeoutStartSec=infinity`).
+
+          The default, 15 minutes, covers a NixOS netboot image on a slow link: an ~800 MB
+          initrd at 10 Mbit/s takes 800 MB × 8 / 10 Mbit/s ≈ 640 s (11 min) to download, which
+          leaves 4 minutes for the firmware, iPXE, the kernel and the guest's services. Lower
+          it for a small image or a fast link, so a hung boot is retried sooner.
         '';
       };
 
@@ -578,6 +588,8 @@ in
 
         ExecStart = utils.escapeSystemdExecArgs runArgs;
 
+        # A crash restarts within 5 s; with systemd >= 254 repeated failures (an origin that
+        # is down) back off to one attempt every 5 minutes (see restartBackoff).
         Restart = "always";
         RestartSec = "5s";
         # Exit 2 is a usage error: restarting cannot fix it (evaluation refuses every value
@@ -632,6 +644,13 @@ in
           "AF_NETLINK"
         ];
         # No MemoryDenyWriteExecute=: QEMU's TCG needs writable+executable memory.
+      }
+      // lib.optionalAttrs restartBackoff {
+        # The delay grows from RestartSec= by the same factor at each failed start: 5, 11, 26,
+        # 58, 132 s, then 5 min. systemd keeps counting until a manual start, `systemctl
+        # reset-failed` or (systemd >= 258) RESTART_RESET=1 from the service.
+        RestartSteps = 5;
+        RestartMaxDelaySec = "5min";
       }
       // lib.optionalAttrs (cfg.watchdogSec != null) { WatchdogSec = cfg.watchdogSec; }
       // lib.optionalAttrs cfg.lan.enable {

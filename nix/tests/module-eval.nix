@@ -9,11 +9,19 @@
 # rendered units (`units`, `scripts`), which scripts/nix-checks.sh hands to
 # `systemd-analyze verify` and `systemd-analyze security`.
 #
+# `systemdVersion` (default: NixOS 25.11's 258): the systemd the units are rendered for.
+# scripts/nix-checks.sh passes the local systemd's version, so `units` are what NixOS would
+# install for the systemd-analyze that verifies them; checks that depend on the version pin
+# it themselves.
+#
 #   nix-instantiate --eval --strict -E 'import nix/tests/module-eval.nix { nixpkgs = /path/to/kit; }'
-{ nixpkgs }:
+{
+  nixpkgs,
+  systemdVersion ? "258",
+}:
 
 let
-  nixos = import ./nixos.nix { inherit nixpkgs; };
+  nixos = import ./nixos.nix { inherit nixpkgs systemdVersion; };
   inherit (nixos) lib;
 
   fakePkgs = nixos.pkgs;
@@ -96,7 +104,7 @@ let
         "lan.macvtap.macAddress" = null;
         "lan.macvtap.queues" = 1;
         "boot.readyPattern" = null;
-        "boot.readyTimeout" = 600;
+        "boot.readyTimeout" = 900;
         "watchdogSec" = null;
         "extraArgs" = [ ];
       };
@@ -131,7 +139,7 @@ let
   unitChecks = [
     (expectEq "unit Type: the launcher says READY=1 when the guest is up" "notify" sc.Type)
     (expectEq "unit NotifyAccess" "main" sc.NotifyAccess)
-    (expectEq "unit TimeoutStartSec: readyTimeout + 60" 660 sc.TimeoutStartSec)
+    (expectEq "unit TimeoutStartSec: readyTimeout + 60" 960 sc.TimeoutStartSec)
     (expect "unit without watchdogSec has no WatchdogSec" (!(sc ? WatchdogSec)) "WatchdogSec is set")
     (expectEq "unit with watchdogSec" 30 readyUnit.serviceConfig.WatchdogSec)
     (expectEq "unit readyTimeout = 0: no start timeout" "infinity"
@@ -795,7 +803,7 @@ let
         ''"--host-forward"''
         ''"tcp:127.0.0.1:2222-:22"''
         ''"--ready-timeout"''
-        ''"600"''
+        ''"900"''
       ]
     )) (unitOf forge).serviceConfig.ExecStart)
     # The default (nixpkgs' HTTPS ipxe.lkrn) is the launcher's fast boot path: --ipxe, whose script gives
@@ -847,7 +855,7 @@ let
         ''"--lan-vhost"''
         ''"auto"''
         ''"--ready-timeout"''
-        ''"600"''
+        ''"900"''
       ]
     )) (unitOf lanDerived).serviceConfig.ExecStart)
     (expectEq "lan (derived MAC) ExecStopPost" (
@@ -925,7 +933,7 @@ let
         ''"--lan-vhost"''
         ''"on"''
         ''"--ready-timeout"''
-        ''"600"''
+        ''"900"''
       ]
     )) (unitOf lanExplicit).serviceConfig.ExecStart)
     (expectEq "lan (explicit MAC) ExecStopPost" (
@@ -987,7 +995,7 @@ let
         ''"--host-forward"''
         ''"udp:127.0.0.1:5353-:53"''
         ''"--ready-timeout"''
-        ''"600"''
+        ''"900"''
         ''"--"''
         ''"-smbios"''
         ''"type=11,value=io.systemd.credential:motd=it's \"quoted\", 100%% $$HOME $''${HOME} back\\slash; semi"''
@@ -1050,12 +1058,30 @@ let
     expect "${name}: [${section}] has ${line}" (lib.elem line (
       sectionOf section (textOf config)
     )) "missing in:\n${textOf config}";
+  # The host unit rendered for a given systemd version (config.systemd.package).
+  withSystemd =
+    version:
+    evalConfig [
+      enabled
+      { systemd.package = lib.mkForce (nixos.fakeSystemd version); }
+    ];
   renderedChecks = [
     (hasLine "user-mode" "Service" "RestartPreventExitStatus=2" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "Type=notify" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "NotifyAccess=main" (evalConfig [ enabled ]))
-    (hasLine "user-mode" "Service" "TimeoutStartSec=660" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "TimeoutStartSec=960" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "Restart=always" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "RestartSec=5s" (evalConfig [ enabled ]))
+    (hasLine "systemd 254" "Service" "RestartSteps=5" (withSystemd "254"))
+    (hasLine "systemd 254" "Service" "RestartMaxDelaySec=5min" (withSystemd "254"))
+    (hasLine "systemd 258" "Service" "RestartSteps=5" (withSystemd "258"))
+    (hasLine "systemd 258" "Service" "RestartMaxDelaySec=5min" (withSystemd "258"))
+    (hasLine "systemd 252" "Service" "RestartSec=5s" (withSystemd "252"))
+    (expect "systemd 253: no RestartSteps= or RestartMaxDelaySec= (it would warn about unknown keys)" (
+      !(lib.any (l: lib.hasPrefix "RestartSteps=" l || lib.hasPrefix "RestartMaxDelaySec=" l) (
+        linesOf (textOf (withSystemd "253"))
+      ))
+    ) (textOf (withSystemd "253")))
     (hasLine "user-mode" "Service" "User=every-channel-ipxe-qemu" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "CapabilityBoundingSet=" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "DeviceAllow=char-macvtap rwm" (evalConfig [ enabled ]))
