@@ -1,7 +1,7 @@
 # NixOS module: run the every-channel publisher guest in QEMU, booted by iPXE,
 # as the always-running unit `every-channel-ipxe-qemu`.
 #
-# Interface contract: DESIGN.md (section "Nix"). The unit runs
+# The unit runs
 #   ExecStartPre=+ec-macvtap create ...   (root, only with lan.enable)
 #   ExecStart=ec-ipxe-qemu run ...        (static user in group kvm, no capabilities)
 #   ExecStopPost=+ec-macvtap delete ...   (root, only with lan.enable)
@@ -9,8 +9,9 @@
 # utils.escapeSystemdExecArgs; user strings are never spliced into shell text.
 #
 # Layout: the interface (options) and the implementation (the unit and what it needs)
-# here; the evaluation-time checks in ./ec-ipxe-qemu/asserts.nix; the launcher's value
-# rules, mirrored in Nix, in ../lib/validate.nix.
+# here; the evaluation-time checks in ./ec-ipxe-qemu/asserts.nix, the doctor wrapper in
+# ./ec-ipxe-qemu/doctor.nix; the launcher's value rules, mirrored in Nix, in
+# ../lib/validate.nix.
 {
   config,
   lib,
@@ -53,9 +54,8 @@ let
   lanParentOk = lanParent != null && validate.ifNameProblem lanParent == null;
   mac = cfg.lan.macvtap.macAddress;
 
-  # RestartSteps= and RestartMaxDelaySec= came with systemd 254; older versions ignore them
-  # with an "Unknown key" warning at every daemon-reload, so they are rendered only for the
-  # systemd this configuration runs.
+  # RestartSteps= and RestartMaxDelaySec= (systemd 254): older versions would warn about
+  # unknown keys at every daemon-reload.
   restartBackoff = lib.versionAtLeast (lib.getVersion config.systemd.package) "254";
 
   stateUnderVarLib = lib.hasPrefix "/var/lib/" cfg.stateDir;
@@ -166,28 +166,13 @@ let
   ]
   ++ lib.optionals (cfg.extraArgs != [ ]) ([ "--" ] ++ cfg.extraArgs);
 
-  # `every-channel-ipxe-qemu-doctor [--json]`: the unit's own command line (runArgs, with
-  # `doctor` for `run`) run as the unit's user, so it predicts what the unit will meet
-  # without starting it. Root drops to that user with setpriv; the user runs it directly.
-  # The caller's arguments go before the unit's, which may end in `-- EXTRA_QEMU_ARGS`.
-  doctorWrapper = pkgs.writeShellScriptBin "every-channel-ipxe-qemu-doctor" ''
-    set -eu
-    doctor=(${
-      lib.escapeShellArgs [
-        "${cfg.package}/bin/ec-ipxe-qemu"
-        "doctor"
-      ]
-    } "$@" ${lib.escapeShellArgs (lib.drop 2 runArgs)})
-    if [ "$(${pkgs.coreutils}/bin/id -u)" -eq 0 ]; then
-      exec ${pkgs.util-linux}/bin/setpriv --reuid=${serviceUser} --regid=${serviceGroup} \
-        --init-groups --reset-env -- "''${doctor[@]}"
-    fi
-    if [ "$(${pkgs.coreutils}/bin/id -un)" = ${serviceUser} ]; then
-      exec "''${doctor[@]}"
-    fi
-    echo "every-channel-ipxe-qemu-doctor: run it as root (or as ${serviceUser}): it checks as the unit's user ${serviceUser}" >&2
-    exit 5
-  '';
+  # `every-channel-ipxe-qemu-doctor`: the unit's command line with `doctor` for `run`.
+  doctorWrapper = import ./ec-ipxe-qemu/doctor.nix {
+    inherit lib pkgs runArgs;
+    inherit (cfg) package;
+    user = serviceUser;
+    group = serviceGroup;
+  };
 
   parentDevice = lib.optional (
     cfg.lan.enable && lanParentOk
@@ -521,6 +506,36 @@ in
       ];
       description = "Extra QEMU arguments, passed after `--`; each element is one argument.";
     };
+
+    credentials = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options.file = mkOption {
+            type = absolutePath;
+            example = "/run/keys/ec-mesh-key";
+            description = ''
+              Absolute path of the file, as a string (a Nix path such as `./key` would be copied
+              into the world-readable store). systemd reads it as root, so it may be root-only.
+            '';
+          };
+          options.secret = mkOption {
+            type = types.bool;
+            default = true;
+            description = "Whether the value is secret: only a non-secret file (e.g. a `pkgs.writeText` tuner list) may be in the Nix store.";
+          };
+        }
+      );
+      default = { };
+      example = literalExpression ''{ mesh-key.file = "/run/keys/ec-mesh-key"; }'';
+      description = ''
+        systemd credentials for the guest. Each becomes `LoadCredential=NAME:FILE` on the unit;
+        the launcher passes every file of `$CREDENTIALS_DIRECTORY` to the guest as the fw_cfg
+        file `opt/io.systemd.credentials/NAME`, which a systemd guest imports as a system
+        credential, never through a command line, a log or `status.json`. NAME: printable
+        ASCII without `/`, `:`, `%` or a backslash, not `.` or `..`, at most
+        ${toString validate.credentialNameMax} bytes (QEMU's fw_cfg names have at most 55).
+      '';
+    };
   };
 
   ###### implementation
@@ -588,8 +603,7 @@ in
 
         ExecStart = utils.escapeSystemdExecArgs runArgs;
 
-        # A crash restarts within 5 s; with systemd >= 254 repeated failures (an origin that
-        # is down) back off to one attempt every 5 minutes (see restartBackoff).
+        # A crash restarts within 5 s; repeated failures back off (restartBackoff).
         Restart = "always";
         RestartSec = "5s";
         # Exit 2 is a usage error: restarting cannot fix it (evaluation refuses every value
@@ -646,13 +660,17 @@ in
         # No MemoryDenyWriteExecute=: QEMU's TCG needs writable+executable memory.
       }
       // lib.optionalAttrs restartBackoff {
-        # The delay grows from RestartSec= by the same factor at each failed start: 5, 11, 26,
-        # 58, 132 s, then 5 min. systemd keeps counting until a manual start, `systemctl
-        # reset-failed` or (systemd >= 258) RESTART_RESET=1 from the service.
+        # Delays of 5, 11, 26, 58, 132 s, then 5 min; the count is reset by a manual start,
+        # `systemctl reset-failed` or (systemd >= 258) RESTART_RESET=1 from the launcher.
         RestartSteps = 5;
         RestartMaxDelaySec = "5min";
       }
       // lib.optionalAttrs (cfg.watchdogSec != null) { WatchdogSec = cfg.watchdogSec; }
+      // lib.optionalAttrs (cfg.credentials != { }) {
+        # systemd copies each file, as root, into the unit's private $CREDENTIALS_DIRECTORY,
+        # where the launcher (an unprivileged user) finds it.
+        LoadCredential = lib.mapAttrsToList (name: c: "${name}:${c.file}") cfg.credentials;
+      }
       // lib.optionalAttrs cfg.lan.enable {
         # `+`: runs as root with full privileges (CAP_NET_ADMIN for netlink, mknod of a
         # private tap node under /dev/ec-macvtap). DeviceAllow still applies to it

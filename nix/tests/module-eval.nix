@@ -212,6 +212,12 @@ let
   # ---------------------------------------------------------------- assertions
   # A one-character string from a Unicode code point (Nix has no \v, \f or \u escapes).
   fromCodePoint = cp: builtins.fromJSON ''"\u${lib.fixedWidthString 4 "0" (lib.toHexString cp)}"'';
+  withCredentials =
+    credentials:
+    with' {
+      enable = true;
+      inherit credentials;
+    };
   lanOn =
     extra:
     with' (
@@ -370,7 +376,40 @@ let
       };
       says = "are both set";
     };
-  };
+    "a secret credential in the Nix store" = {
+      def = withCredentials { mesh-key.file = "${netbootDir}/key"; };
+      says = ''credentials.mesh-key.file = "${netbootDir}/key" is in the Nix store'';
+    };
+    "a secret credential that is the store itself" = {
+      def = withCredentials { mesh-key.file = "/nix/store"; };
+      says = "is in the Nix store";
+    };
+  }
+  //
+    lib.mapAttrs'
+      (
+        name: says:
+        lib.nameValuePair "credential name ${builtins.toJSON name}" {
+          def = withCredentials { ${name}.file = "/run/keys/x"; };
+          says = "credentials.${lib.strings.escapeNixIdentifier name}: the credential name ${says}";
+        }
+      )
+      {
+        "" = "is empty";
+        "." = "is '.' or '..'";
+        ".." = "is '.' or '..'";
+        "ec/tuners" = "contains '/'";
+        "ec:tuners" = "contains ':'";
+        "ec\ttuners" = "contains a character that is not printable ASCII";
+        "ec${fromCodePoint 127}" = "contains a character that is not printable ASCII";
+        "tuners-é" = "contains a character that is not printable ASCII";
+        "${lib.fixedWidthString 29 "x" ""}" =
+          "is 29 bytes long; QEMU's fw_cfg name opt/io.systemd.credentials/NAME allows a NAME of at most 28";
+        "ec%n" = "contains '%' or a backslash";
+        "ec\\n" = "contains '%' or a backslash";
+        " ec" = "begins or ends with a space";
+        "ec " = "begins or ends with a space";
+      };
   assertionChecks =
     lib.mapAttrsToList (
       name: case:
@@ -504,6 +543,26 @@ let
     [
       "extraArgs"
       "-snapshot"
+    ]
+    [
+      "credentials.key.file"
+      ./module-eval.nix
+    ]
+    [
+      "credentials.key.file"
+      "run/keys/key"
+    ]
+    [
+      "credentials.key.file"
+      "/run/keys/a key"
+    ]
+    [
+      "credentials.key.file"
+      "/run/keys/%n"
+    ]
+    [
+      "credentials.key.secret"
+      "no"
     ]
     [
       "memory"
@@ -1065,6 +1124,64 @@ let
       enabled
       { systemd.package = lib.mkForce (nixos.fakeSystemd version); }
     ];
+  # Credentials: one secret outside the store, one non-secret store file, and the longest
+  # name QEMU's fw_cfg takes (28 bytes).
+  tunersFile = "/nix/store/55555555555555555555555555555555-ec-tuners";
+  longName = lib.fixedWidthString 28 "x" "";
+  credentialsConfig = evalConfig [
+    (withCredentials {
+      "ec.tuners" = {
+        file = tunersFile;
+        secret = false;
+      };
+      mesh-key.file = "/run/keys/ec-mesh-key";
+      ${longName}.file = "/run/keys/long";
+    })
+  ];
+  credentialChecks = [
+    (expectEq "credentials: no failed assertions" [ ] (failedAssertions credentialsConfig))
+    (expectEq "credentials: LoadCredential=NAME:FILE, one line each" [
+      "LoadCredential=ec.tuners:${tunersFile}"
+      "LoadCredential=mesh-key:/run/keys/ec-mesh-key"
+      "LoadCredential=${longName}:/run/keys/long"
+    ] (lib.filter (lib.hasPrefix "LoadCredential=") (sectionOf "Service" (textOf credentialsConfig))))
+    (expectEq "credentials: the launcher's command line is unchanged (it reads $CREDENTIALS_DIRECTORY)"
+      sc.ExecStart
+      (unitOf credentialsConfig).serviceConfig.ExecStart
+    )
+    (expect "no credentials: no LoadCredential= line" (
+      !(lib.any (lib.hasPrefix "LoadCredential") (linesOf (textOf (evalConfig [ enabled ]))))
+    ) (textOf (evalConfig [ enabled ])))
+    (expectEq "credentials default to secret" true
+      (lib.getAttrFromPath opt credentialsConfig).credentials.mesh-key.secret
+    )
+    # the rule the launcher shares, checked directly
+    (expectEq "validate.nix: credential names" [ null null null "is empty" "is '.' or '..'" ] (
+      map validate.credentialNameProblem [
+        "ec.tuners"
+        longName
+        "a b"
+        ""
+        ".."
+      ]
+    ))
+    (expectEq "validate.nix: a 29-byte credential name is too long for fw_cfg"
+      "is 29 bytes long; QEMU's fw_cfg name opt/io.systemd.credentials/NAME allows a NAME of at most 28"
+      (validate.credentialNameProblem "${longName}x")
+    )
+    (expectEq "validate.nix: a space inside a name is systemd's, outside it is the unit file's"
+      [
+        null
+        "begins or ends with a space, which the unit file would drop"
+      ]
+      (
+        map validate.loadCredentialNameProblem [
+          "a b"
+          "ab "
+        ]
+      )
+    )
+  ];
   renderedChecks = [
     (hasLine "user-mode" "Service" "RestartPreventExitStatus=2" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "Type=notify" (evalConfig [ enabled ]))
@@ -1413,6 +1530,7 @@ let
     lan = hostUnits lanDerived;
     lan-explicit = hostUnits lanExplicit;
     http-extra = hostUnits httpExtra;
+    credentials = hostUnits credentialsConfig;
     example-forge-host = hostUnits forge;
     example-lan-host = hostUnits lanDerived;
     guest = guestUnits;
@@ -1445,6 +1563,7 @@ let
     ++ renderedChecks
     ++ refusalChecks
     ++ validatorChecks
+    ++ credentialChecks
     ++ doctorChecks
     ++ guestChecks;
 in
@@ -1458,6 +1577,7 @@ builtins.deepSeq all {
   commandLines = builtins.length execChecks;
   warnings = builtins.length warningChecks;
   renderedUnits = builtins.length renderedChecks;
+  credentials = builtins.length credentialChecks;
   guest = builtins.length guestChecks;
   doctorWrapper = builtins.length doctorChecks;
   refusalTable = "${toString (builtins.length refusalTable.cases)} values: ${toString (builtins.length refusedBadValues)} bad ones refused at evaluation, ${
