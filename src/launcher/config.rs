@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::launcher::accel::AccelChoice;
-use crate::launcher::bootwatch;
-use crate::launcher::console::CONSOLE_SOCKET;
+use crate::launcher::console::bootwatch;
 use crate::launcher::fscheck::{
     absolute, check_boot_dir, check_disk, check_output_file, check_readable_file, check_state_dir, find_program,
 };
+use crate::launcher::layout::{BOOT_SCRIPT, CONSOLE_SOCKET, DISK_IMAGE, QMP_SOCKET, SERIAL_LOG, TFTP_DIR};
 use crate::launcher::options::{
     LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_READY_TIMEOUT_SECS, MAX_SHUTDOWN_TIMEOUT_SECS,
 };
@@ -51,17 +51,6 @@ pub struct DiskSpec {
     /// Whether the image exists already (then it is used as it is).
     pub exists: bool,
 }
-
-/// Fixed file names inside the state directory.
-pub const BOOT_SCRIPT: &str = "boot.ipxe";
-/// The slirp TFTP root: a directory of its own that holds only the boot script (the guest can read all of it).
-pub const TFTP_DIR: &str = "tftp";
-pub const QMP_SOCKET: &str = "qmp.sock";
-pub const LOCK_FILE: &str = "lock";
-pub const SERIAL_LOG: &str = "serial.log";
-pub const DISK_IMAGE: &str = "disk.qcow2";
-/// The file `--boot-dir` chains to.
-pub const NETBOOT_SCRIPT: &str = "netboot.ipxe";
 
 /// Everything `run` needs, validated.
 #[derive(Clone, Debug)]

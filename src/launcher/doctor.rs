@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Kind};
 use crate::launcher::accel::{self, AccelChoice};
-use crate::launcher::config::{DISK_IMAGE, LOCK_FILE, LaunchConfig};
+use crate::launcher::config::LaunchConfig;
+use crate::launcher::layout::{DISK_IMAGE, LOCK_FILE};
 use crate::launcher::options::LaunchOptions;
 use crate::launcher::vhost::{self, VhostMode};
 use crate::launcher::{fscheck, ipxe_image, lanlock, status};
@@ -21,18 +22,18 @@ use crate::tap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Status {
+pub enum CheckStatus {
     Ok,
     Warn,
     Fail,
 }
 
-impl Status {
+impl CheckStatus {
     pub fn as_str(self) -> &'static str {
         match self {
-            Status::Ok => "ok",
-            Status::Warn => "warn",
-            Status::Fail => "fail",
+            CheckStatus::Ok => "ok",
+            CheckStatus::Warn => "warn",
+            CheckStatus::Fail => "fail",
         }
     }
 }
@@ -41,22 +42,22 @@ impl Status {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Check {
     pub check: &'static str,
-    pub status: Status,
+    pub status: CheckStatus,
     pub detail: String,
     pub hint: Option<String>,
 }
 
 impl Check {
     pub fn ok(check: &'static str, detail: impl Into<String>) -> Self {
-        Check { check, status: Status::Ok, detail: detail.into(), hint: None }
+        Check { check, status: CheckStatus::Ok, detail: detail.into(), hint: None }
     }
 
     pub fn warn(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
-        Check { check, status: Status::Warn, detail: detail.into(), hint: Some(hint.into()) }
+        Check { check, status: CheckStatus::Warn, detail: detail.into(), hint: Some(hint.into()) }
     }
 
     pub fn fail(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
-        Check { check, status: Status::Fail, detail: detail.into(), hint: Some(hint.into()) }
+        Check { check, status: CheckStatus::Fail, detail: detail.into(), hint: Some(hint.into()) }
     }
 
     /// `fail  qemu          --qemu "/nonexistent": no such file` and, indented below, the hint.
@@ -71,7 +72,7 @@ impl Check {
 
 /// Whether any check failed (doctor's exit status is 1 then).
 pub fn any_failed(checks: &[Check]) -> bool {
-    checks.iter().any(|c| c.status == Status::Fail)
+    checks.iter().any(|c| c.status == CheckStatus::Fail)
 }
 
 /// How a process ended, for messages: `exited 1`, `died of SIGABRT`.
@@ -662,10 +663,10 @@ mod tests {
 
     #[test]
     fn tcg_needs_no_kvm_and_auto_falls_back_with_a_warning() {
-        assert_eq!(check_accel(AccelChoice::Tcg, None, Path::new("/nonexistent")).status, Status::Ok);
+        assert_eq!(check_accel(AccelChoice::Tcg, None, Path::new("/nonexistent")).status, CheckStatus::Ok);
         let c = check_accel(AccelChoice::Auto, None, Path::new("/nonexistent/kvm"));
-        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert_eq!(c.status, CheckStatus::Warn, "{c:?}");
         let c = check_accel(AccelChoice::Kvm, None, Path::new("/nonexistent/kvm"));
-        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert_eq!(c.status, CheckStatus::Fail, "{c:?}");
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{AccessFlags, access};
 
 use crate::error::{Error, Result};
-use crate::launcher::config::NETBOOT_SCRIPT;
+use crate::launcher::layout::NETBOOT_SCRIPT;
 
 pub(crate) fn show(p: &Path) -> String {
     p.display().to_string()

@@ -5,7 +5,7 @@
 //! - already configured (the NIC option ROM's autoboot did DHCP before it fetched this script): kept as it is,
 //!   so the ROM path pays for one DHCP, not two;
 //! - otherwise (`--ipxe`): the addresses slirp's DHCP server hands out, which the launcher fixes in the argv
-//!   ([`usernet`](crate::launcher::qemu_args::usernet)), set directly. iPXE's DHCP waits 2 s for ProxyDHCP
+//!   ([`usernet`](crate::launcher::layout::usernet)), set directly. iPXE's DHCP waits 2 s for ProxyDHCP
 //!   offers after slirp's offer (3 s in all), which this skips;
 //! - `dhcp net0` with a visible retry loop when net0 cannot be opened that way.
 //!
@@ -14,11 +14,10 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::launcher::config::{BootTarget, NETBOOT_SCRIPT};
-use crate::launcher::qemu_args::usernet;
-
-/// The line the diagnostics print when the user-mode boot path works.
-pub const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
+use crate::launcher::config::BootTarget;
+use crate::launcher::console::bootwatch::OK_LINE;
+use crate::launcher::layout::NETBOOT_SCRIPT;
+use crate::launcher::layout::usernet;
 
 /// What the script needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,31 +3,28 @@
 //! (the QEMU argv in [`qemu_args`], the iPXE script in [`ipxe`]) and the I/O (state directory, `--boot-dir`
 //! HTTP server, QMP, link watch, supervision).
 
-pub mod accel;
-pub mod attach;
-pub mod banner;
-pub mod bootwatch;
-pub mod config;
-pub mod console;
-pub mod doctor;
-pub mod fscheck;
-pub mod guest;
-pub mod httpd;
-pub mod ipxe;
-pub mod ipxe_image;
-pub mod lanlock;
-pub mod lines;
-pub mod linkwatch;
-pub mod notify;
-pub mod options;
-pub mod qemu_args;
-pub mod qmp;
-pub mod seriallog;
-pub mod state;
-pub mod status;
-pub mod supervise;
-pub mod values;
-pub mod vhost;
+pub(crate) mod accel;
+pub(crate) mod config;
+pub(crate) mod console;
+pub(crate) mod doctor;
+mod fscheck;
+mod httpd;
+mod ipxe;
+mod ipxe_image;
+pub(crate) mod lanlock;
+mod layout;
+mod linkwatch;
+mod notify;
+pub(crate) mod options;
+mod qemu_args;
+mod qmp;
+pub(crate) mod run;
+mod statedir;
+pub(crate) mod status;
+pub(crate) mod values;
+pub(crate) mod vhost;
+
+pub use linkwatch::{LinkEnd, LinkWatch};
 
 use crate::error::{Error, Result};
 use crate::link::{self, LinkView, Netlink};
@@ -87,10 +84,9 @@ pub fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
             let mac = lan_mac(&l.interface)?;
             // Decided as `run` decides it: the device is opened (and closed again, which changes nothing).
             let vhost = vhost::open(l.vhost, l.queues, l.model.is_virtio())?;
-            Some(supervise::lan_nic(mac, l.queues, vhost.fds.len() as u32))
+            Some((mac, l.queues, vhost.fds.len() as u32))
         }
         None => None,
     };
-    let lan_fds = lan.as_ref().map_or(0, |n| (n.fds.len() + n.vhost_fds.len()) as u32);
-    Ok(qemu_args::build(cfg, accel, lan.as_ref(), supervise::qmp_fd(lan_fds)))
+    Ok(qemu_args::build(cfg, accel, &qemu_args::FdPlan::new(lan)))
 }

@@ -12,13 +12,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::launcher::bootwatch::Stage;
+use crate::launcher::console::bootwatch::Stage;
 
-pub const STATUS_FILE: &str = "status.json";
+use crate::launcher::layout::{LOCK_FILE, STATUS_FILE};
 
 /// The contents of `status.json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
+pub struct RunStatus {
     /// The launcher's pid.
     pub pid: u32,
     /// QEMU's pid while it runs.
@@ -78,17 +78,17 @@ pub fn rfc3339(secs: u64) -> String {
 /// The status the launcher keeps, written to disk at every change.
 pub struct StatusFile {
     path: PathBuf,
-    pub status: Status,
+    pub status: RunStatus,
     failed: bool,
 }
 
 impl StatusFile {
-    pub fn new(state_dir: &Path, status: Status) -> StatusFile {
+    pub fn new(state_dir: &Path, status: RunStatus) -> StatusFile {
         StatusFile { path: path(state_dir), status, failed: false }
     }
 
     /// Change the status and write it; nothing is written when nothing changed.
-    pub fn update(&mut self, f: impl FnOnce(&mut Status)) {
+    pub fn update(&mut self, f: impl FnOnce(&mut RunStatus)) {
         let before = self.status.clone();
         f(&mut self.status);
         if self.status != before {
@@ -103,7 +103,7 @@ impl StatusFile {
             .map_err(|e| Error::Runtime(format!("encode {}: {e}", self.path.display())))
             .and_then(|mut text| {
                 text.push(b'\n');
-                crate::launcher::state::write_atomically_mode(&self.path, &text, 0o640)
+                crate::launcher::statedir::write_atomically_mode(&self.path, &text, 0o640)
             });
         match r {
             Ok(()) => self.failed = false,
@@ -120,7 +120,7 @@ impl StatusFile {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     #[serde(flatten)]
-    pub status: Status,
+    pub status: RunStatus,
     /// Whether a launcher holds the state directory now.
     pub running: bool,
 }
@@ -138,9 +138,9 @@ pub fn read(state_dir: &Path) -> Result<Report> {
         }
         Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
     };
-    let status: Status = serde_json::from_slice(&text)
+    let status: RunStatus = serde_json::from_slice(&text)
         .map_err(|e| Error::Runtime(format!("{}: not a status file ({e})", p.display())))?;
-    let running = held(&state_dir.join(crate::launcher::config::LOCK_FILE))?;
+    let running = held(&state_dir.join(LOCK_FILE))?;
     Ok(Report { status, running })
 }
 
@@ -250,12 +250,12 @@ mod tests {
         assert_eq!(read(dir).unwrap_err().exit_code(), 3);
         let mut f = StatusFile::new(
             dir,
-            Status {
+            RunStatus {
                 pid: 7,
                 accel: "tcg".into(),
                 vhost: "off".into(),
                 stage: Some(Stage::Firmware),
-                ..Status::default()
+                ..RunStatus::default()
             },
         );
         f.write();

@@ -2,7 +2,7 @@
 
 use crate::cli::launcher::ConsoleArgs;
 use crate::error::Result;
-use crate::launcher::attach;
+use crate::launcher::console::attach;
 
 pub fn run(args: &ConsoleArgs) -> Result<()> {
     attach::attach(&args.state_dir).map(|_| ())

@@ -9,7 +9,7 @@
 //! script has started. The price: nobody can press Ctrl-B there to reach the ROM's shell.
 //!
 //! [`BannerWatch`] is the pure part (it reads console bytes in any chunking); the console broker feeds every
-//! byte the guest prints to a [`Spotter`] (see [`super::guest::GuestSink`]), which tells [`answer`] once.
+//! byte the guest prints to a [`Spotter`] (see [`GuestSink`](super::sink::GuestSink)), which tells [`answer`] once.
 
 use std::time::Duration;
 

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::{Error, Result};
-use crate::launcher::config::LOCK_FILE;
+use crate::launcher::layout::LOCK_FILE;
 use crate::launcher::values::ByteSize;
 
 /// A locked state directory. The lock is released when this is dropped; [`StateDir::abandon`] also removes

@@ -15,7 +15,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::termios::{self, SetArg, Termios};
 
 use crate::error::{Error, Result};
-use crate::launcher::console::{CONSOLE_SOCKET, DETACH_KEY};
+use crate::launcher::console::DETACH_KEY;
+use crate::launcher::layout::CONSOLE_SOCKET;
 
 /// How an attach ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,8 +4,9 @@
 //! Stages, in order: `firmware` (QEMU started, SeaBIOS), `ipxe` (iPXE's banner), `dhcp` (the boot NIC has an
 //! address: iPXE's `net0: A.B.C.D/...` line or the boot script's `boot net0 ... ip A.B.C.D`), `chain` (the
 //! boot script's `chaining URL`), `kernel` (a Linux kernel's first words), `ready` (the `--ready-pattern`).
-//! Stages only move forward, except that SeaBIOS's banner (or QEMU's RESET event) starts over at `firmware`:
-//! the guest rebooted.
+//! Stages only move forward, except that SeaBIOS's banner, or QEMU's RESET event (routed here by the
+//! supervisor through [`BootFeed::reset`](super::sink::BootFeed::reset)), starts over at `firmware`: the guest
+//! rebooted.
 //!
 //! Failures come from iPXE's own error lines (`URL... No such file or directory (http://ipxe.org/2d0c613b)`)
 //! and from the boot script's lines. iPXE error numbers carry the POSIX error in their top byte (iPXE's
@@ -19,8 +20,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::launcher::ipxe::OK_LINE;
-
+/// The line the diagnostics print when the user-mode boot path works.
+pub const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
 /// The line the publisher guest prints once it is up.
 pub const PUBLISHER_READY: &str = "ec-publisher: ready";
 /// The publisher guest's LAN address line: `ec-publisher: lan ADDRESS`.
@@ -79,7 +80,7 @@ pub enum FailureKind {
 
 /// A boot failure seen on the console.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
+pub struct BootFailure {
     pub kind: FailureKind,
     /// What failed: a URL, or the boot NIC.
     pub what: String,
@@ -90,7 +91,7 @@ pub struct Failure {
     pub hint: String,
 }
 
-impl fmt::Display for Failure {
+impl fmt::Display for BootFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.what)?;
         if let Some(m) = &self.message {
@@ -113,7 +114,7 @@ pub enum Event {
     BootAddress(Ipv4Addr),
     LanAddress(IpAddr),
     Chain(String),
-    Failure(Failure),
+    Failure(BootFailure),
     /// Something worth a warning that does not stop the boot (the diagnostics' LAN DHCP got no answer).
     Warning(String),
 }
@@ -274,7 +275,7 @@ impl BootWatch {
             return;
         }
         self.dhcp_reported = true;
-        ev.push(Event::Failure(Failure {
+        ev.push(Event::Failure(BootFailure {
             kind: FailureKind::NoDhcp,
             what: "DHCP on the boot NIC (net0, QEMU's user-mode network)".into(),
             message,
@@ -297,7 +298,7 @@ impl BootWatch {
         let scheme = url.as_deref().and_then(|u| u.split_once("://")).map(|(s, _)| s.to_ascii_lowercase());
         let http = matches!(scheme.as_deref(), Some("http" | "https"));
         let (kind, hint) = classify(code, scheme.as_deref(), http, self.memory_mib);
-        ev.push(Event::Failure(Failure { kind, what, message, code: Some(code), hint }));
+        ev.push(Event::Failure(BootFailure { kind, what, message, code: Some(code), hint }));
     }
 }
 
@@ -377,7 +378,7 @@ mod tests {
             .collect()
     }
 
-    fn failures(ev: &[Event]) -> Vec<Failure> {
+    fn failures(ev: &[Event]) -> Vec<BootFailure> {
         ev.iter()
             .filter_map(|e| match e {
                 Event::Failure(f) => Some(f.clone()),

@@ -12,6 +12,10 @@
 //!   dropped (they are told once). Input goes to QEMU through a bounded queue drained by a task of its own: when
 //!   the guest does not read its UART, only the typist waits.
 //! - A new client first gets the last [`REPLAY`] bytes of output, so it sees where the guest is.
+//!
+//! The pipeline, in flow order: QEMU's serial port → this broker → [`lines`] (clean lines out of the raw
+//! bytes) → [`sink`] (the `guest:` log lines, the Ctrl-B [`banner`] spotter and the [`bootwatch`]) and
+//! [`seriallog`] (`serial.log`) and the `console.sock` clients (the `console` command is [`attach`]).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -27,11 +31,17 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Error, Result};
-use crate::launcher::lines::LineAssembler;
-use crate::launcher::seriallog::SerialLog;
 
-/// The console socket in the state directory.
-pub const CONSOLE_SOCKET: &str = "console.sock";
+pub(crate) mod attach;
+pub(crate) mod banner;
+pub(crate) mod bootwatch;
+pub(crate) mod lines;
+pub(crate) mod seriallog;
+pub(crate) mod sink;
+
+use lines::LineAssembler;
+use seriallog::SerialLog;
+
 /// Clients at once.
 pub const MAX_CLIENTS: usize = 16;
 /// Output queued for one client before it counts as not reading.
@@ -52,7 +62,7 @@ pub trait LineSink: Send + 'static {
     fn line(&mut self, line: String);
     /// About once a second.
     fn tick(&mut self) {}
-    /// Whether lines wrapped at 80 columns are joined (firmware and iPXE output; see [`super::lines`]).
+    /// Whether lines wrapped at 80 columns are joined (firmware and iPXE output; see [`lines`]).
     fn join_wrapped(&self) -> bool {
         true
     }
@@ -375,7 +385,7 @@ mod tests {
     #[test]
     fn viewers_typist_and_a_client_that_never_reads() {
         let tmp = tempfile::tempdir().unwrap();
-        let sock = tmp.path().join(CONSOLE_SOCKET);
+        let sock = tmp.path().join(crate::launcher::layout::CONSOLE_SOCKET);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (ours, mut qemu) = std::os::unix::net::UnixStream::pair().unwrap();
         let log = SerialLog::open(&tmp.path().join("serial.log"), 16 << 20).unwrap();
