@@ -17,7 +17,7 @@ pub mod macvtap;
 pub mod names;
 pub mod netns;
 pub mod nodedir;
-pub mod probe;
+pub(crate) mod probe;
 pub mod tap;
 
 pub use error::{Error, Kind, Result};

@@ -4,6 +4,7 @@
 //! Each test makes what it needs with unique names and removes it on drop, even when it fails. Tests that need
 //! QEMU (or root, for the LAN lab) skip with a reason, and fail instead under `CI=true`. At most two QEMUs run
 //! at once (the CI machines have two cores; TCG is CPU-bound).
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The launcher's link watch against the real kernel: a link deleted while the notification socket has
 //! overflowed (its RTM_DELLINK lost) is still noticed, by re-checking the link after the overrun.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -12,6 +12,7 @@
 //!
 //! One QEMU at a time: the tests take a lock. Everything (systemd, its cgroups, the namespaces, dnsmasq) is
 //! removed by drop guards, also when a check fails.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -22,14 +22,14 @@ use crate::tap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum CheckStatus {
+pub(crate) enum CheckStatus {
     Ok,
     Warn,
     Fail,
 }
 
 impl CheckStatus {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CheckStatus::Ok => "ok",
             CheckStatus::Warn => "warn",
@@ -40,7 +40,7 @@ impl CheckStatus {
 
 /// One line of the report: `{"check", "status", "detail", "hint"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     pub check: &'static str,
     pub status: CheckStatus,
     pub detail: String,
@@ -48,20 +48,20 @@ pub struct Check {
 }
 
 impl Check {
-    pub fn ok(check: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn ok(check: &'static str, detail: impl Into<String>) -> Self {
         Check { check, status: CheckStatus::Ok, detail: detail.into(), hint: None }
     }
 
-    pub fn warn(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
+    pub(crate) fn warn(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
         Check { check, status: CheckStatus::Warn, detail: detail.into(), hint: Some(hint.into()) }
     }
 
-    pub fn fail(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
+    pub(crate) fn fail(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
         Check { check, status: CheckStatus::Fail, detail: detail.into(), hint: Some(hint.into()) }
     }
 
     /// `fail  qemu          --qemu "/nonexistent": no such file` and, indented below, the hint.
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = format!("{:<4}  {:<13} {}", self.status.as_str(), self.check, self.detail);
         if let Some(h) = &self.hint {
             s.push_str(&format!("\n      {:<13} hint: {h}", ""));
@@ -71,7 +71,7 @@ impl Check {
 }
 
 /// Whether any check failed (doctor's exit status is 1 then).
-pub fn any_failed(checks: &[Check]) -> bool {
+pub(crate) fn any_failed(checks: &[Check]) -> bool {
     checks.iter().any(|c| c.status == CheckStatus::Fail)
 }
 
@@ -119,7 +119,7 @@ fn run_briefly(program: &Path, args: &[&str], deadline: Duration) -> std::io::Re
 }
 
 /// `qemu`: found (a path, or on PATH) and it runs: `--version`.
-pub fn check_qemu(option_value: &Path) -> (Check, Option<PathBuf>) {
+pub(crate) fn check_qemu(option_value: &Path) -> (Check, Option<PathBuf>) {
     let path = match fscheck::find_program("--qemu", option_value) {
         Ok(p) => p,
         Err(e) => {
@@ -165,7 +165,7 @@ pub fn check_qemu(option_value: &Path) -> (Check, Option<PathBuf>) {
 /// `accelerator`: what `--accel` resolves to for this user, and, for KVM, a real one-second QEMU run with the
 /// launcher's own machine and CPU model (QEMU under broken nested virtualisation dies in KVM setup even while
 /// /dev/kvm opens fine).
-pub fn check_accel(choice: AccelChoice, qemu: Option<&Path>, kvm_dev: &Path) -> Check {
+pub(crate) fn check_accel(choice: AccelChoice, qemu: Option<&Path>, kvm_dev: &Path) -> Check {
     const NAME: &str = "accelerator";
     if choice == AccelChoice::Tcg {
         return Check::ok(NAME, "tcg (asked for; KVM not used)");
@@ -235,7 +235,7 @@ pub fn check_accel(choice: AccelChoice, qemu: Option<&Path>, kvm_dev: &Path) -> 
 /// `vhost-net`: the LAN NIC's fast path, decided as `run` decides it (`--lan-vhost`, the NIC model, the device
 /// opening for this user and being the real 10:238). With `auto` a device that does not open is a warning (the
 /// LAN NIC works, slower); with `on` it is a fail, as `run` then exits 3 or 5.
-pub fn check_vhost(o: &LaunchOptions, dev: &Path) -> Check {
+pub(crate) fn check_vhost(o: &LaunchOptions, dev: &Path) -> Check {
     const NAME: &str = "vhost-net";
     if o.lan_interface.is_none() {
         return Check::ok(NAME, "not needed (no --lan-interface)");
@@ -281,7 +281,7 @@ fn host_side_url(url: &str) -> String {
 }
 
 /// `boot-url`: reachable from the host: HEAD, then GET when the server refuses HEAD (405), with a timeout.
-pub fn check_boot_url(url: &str, timeout: Duration) -> Check {
+pub(crate) fn check_boot_url(url: &str, timeout: Duration) -> Check {
     const NAME: &str = "boot-url";
     let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
     if scheme == "tftp" {
@@ -339,13 +339,13 @@ pub fn check_boot_url(url: &str, timeout: Duration) -> Check {
 }
 
 /// An error of the launcher's own validation, as a failed check naming the exit status `run` would have.
-pub fn fail_from(check: &'static str, e: &Error, hint: impl Into<String>) -> Check {
+pub(crate) fn fail_from(check: &'static str, e: &Error, hint: impl Into<String>) -> Check {
     Check::fail(check, e.to_string(), format!("{} (run would exit {})", hint.into(), e.exit_code()))
 }
 
 /// The LAN checks: the macvtap (exists, a macvtap, ours, up, carrier), its tap (not in use, openable by this
 /// user with `queues` queues: the very opening `run` does), and its parent (wired, up, carrier).
-pub fn check_lan(name: &IfName, queues: u32) -> Vec<Check> {
+pub(crate) fn check_lan(name: &IfName, queues: u32) -> Vec<Check> {
     let nl = match Netlink::new() {
         Ok(nl) => nl,
         Err(e) => return vec![Check::fail("lan-link", e.to_string(), "netlink is not available to this user")],
@@ -486,7 +486,7 @@ pub fn check_lan(name: &IfName, queues: u32) -> Vec<Check> {
 
 /// Where the checks look for the devices (tests point them elsewhere).
 #[derive(Clone, Debug)]
-pub struct Devices {
+pub(crate) struct Devices {
     pub kvm: PathBuf,
     pub vhost_net: PathBuf,
 }
@@ -498,10 +498,10 @@ impl Default for Devices {
 }
 
 /// How long the boot URL check waits for the server.
-pub const URL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const URL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Every check `run` depends on, in the order `run` meets them, changing nothing.
-pub fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
+pub(crate) fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
     let mut out = vec![match LaunchConfig::from_options(o) {
         Ok(_) => Check::ok("configuration", "run accepts these options"),
         Err(e) => fail_from("configuration", &e, "run refuses these options before starting anything"),

@@ -11,9 +11,9 @@ use crate::launcher::config::LaunchConfig;
 use crate::launcher::layout::{BOOT_SCRIPT, usernet};
 use crate::names::MacAddr;
 
-pub const BOOT_NIC_ADDR: &str = "0x3";
-pub const LAN_NIC_ADDR: &str = "0x4";
-pub const DISK_ADDR: &str = "0x5";
+pub(super) const BOOT_NIC_ADDR: &str = "0x3";
+pub(super) const LAN_NIC_ADDR: &str = "0x4";
+pub(super) const DISK_ADDR: &str = "0x5";
 
 /// The first fd number QEMU inherits.
 pub(crate) const FIRST_FD: i32 = 3;
@@ -54,7 +54,7 @@ impl FdPlan {
 }
 
 /// QEMU option values are comma-separated: a literal comma is written twice.
-pub fn escape(value: &str) -> String {
+pub(super) fn escape(value: &str) -> String {
     value.replace(',', ",,")
 }
 
@@ -64,7 +64,7 @@ fn path(p: &Path) -> String {
 
 /// QEMU's seccomp sandbox: no obsolete syscalls, no privilege changes, no fork/exec, no scheduler or
 /// resource changes. The guest reaches slirp, so QEMU's own attack surface is kept small.
-pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+pub(super) const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// The argv (program first), with the fd numbers of `fds`.
 pub(crate) fn build(cfg: &LaunchConfig, accel: Accel, fds: &FdPlan) -> Vec<String> {

@@ -18,7 +18,7 @@ use crate::launcher::layout::{LOCK_FILE, STATUS_FILE};
 
 /// The contents of `status.json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunStatus {
+pub(crate) struct RunStatus {
     /// The launcher's pid.
     pub pid: u32,
     /// QEMU's pid while it runs.
@@ -49,18 +49,18 @@ pub struct RunStatus {
 }
 
 /// The status file of a state directory.
-pub fn path(state_dir: &Path) -> PathBuf {
+pub(crate) fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(STATUS_FILE)
 }
 
 /// The current time as RFC 3339 UTC with seconds (`2026-11-25T12:47:03Z`).
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     rfc3339(secs)
 }
 
 /// Seconds since the epoch as RFC 3339 UTC (civil-from-days, H. Hinnant's algorithm).
-pub fn rfc3339(secs: u64) -> String {
+pub(crate) fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let z = days + 719_468;
@@ -76,19 +76,19 @@ pub fn rfc3339(secs: u64) -> String {
 }
 
 /// The status the launcher keeps, written to disk at every change.
-pub struct StatusFile {
+pub(crate) struct StatusFile {
     path: PathBuf,
     pub status: RunStatus,
     failed: bool,
 }
 
 impl StatusFile {
-    pub fn new(state_dir: &Path, status: RunStatus) -> StatusFile {
+    pub(crate) fn new(state_dir: &Path, status: RunStatus) -> StatusFile {
         StatusFile { path: path(state_dir), status, failed: false }
     }
 
     /// Change the status and write it; nothing is written when nothing changed.
-    pub fn update(&mut self, f: impl FnOnce(&mut RunStatus)) {
+    pub(crate) fn update(&mut self, f: impl FnOnce(&mut RunStatus)) {
         let before = self.status.clone();
         f(&mut self.status);
         if self.status != before {
@@ -97,7 +97,7 @@ impl StatusFile {
     }
 
     /// Write it now. A failure is logged once; the guest goes on.
-    pub fn write(&mut self) {
+    pub(crate) fn write(&mut self) {
         self.status.updated_at = now_rfc3339();
         let r = serde_json::to_vec_pretty(&self.status)
             .map_err(|e| Error::Runtime(format!("encode {}: {e}", self.path.display())))
@@ -118,7 +118,7 @@ impl StatusFile {
 
 /// What `status` reads: the last status written, and whether a launcher holds the directory now.
 #[derive(Clone, Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     #[serde(flatten)]
     pub status: RunStatus,
     /// Whether a launcher holds the state directory now.
@@ -126,7 +126,7 @@ pub struct Report {
 }
 
 /// Read the status of `state_dir`. No status file: not found (exit 3).
-pub fn read(state_dir: &Path) -> Result<Report> {
+pub(crate) fn read(state_dir: &Path) -> Result<Report> {
     let p = path(state_dir);
     let text = match std::fs::read(&p) {
         Ok(t) => t,
@@ -145,7 +145,7 @@ pub fn read(state_dir: &Path) -> Result<Report> {
 }
 
 /// Whether some process holds an flock on `lock` (from `/proc/locks`, without touching the lock).
-pub fn held(lock: &Path) -> Result<bool> {
+pub(crate) fn held(lock: &Path) -> Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let m = match std::fs::metadata(lock) {
         Ok(m) => m,
@@ -157,7 +157,7 @@ pub fn held(lock: &Path) -> Result<bool> {
 }
 
 /// Whether `/proc/locks` text lists an flock on the file with device `dev` and inode `ino`.
-pub fn locks_hold(locks: &str, dev: u64, ino: u64) -> bool {
+pub(crate) fn locks_hold(locks: &str, dev: u64, ino: u64) -> bool {
     let want = format!(
         "{:02x}:{:02x}:{ino}",
         nix::sys::stat::major(dev as nix::libc::dev_t),
@@ -172,7 +172,7 @@ pub fn locks_hold(locks: &str, dev: u64, ino: u64) -> bool {
 }
 
 /// The human form of a report.
-pub fn render(state_dir: &Path, r: &Report) -> String {
+pub(crate) fn render(state_dir: &Path, r: &Report) -> String {
     let s = &r.status;
     let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let mut out = String::new();

@@ -21,20 +21,20 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 /// The line the diagnostics print when the user-mode boot path works.
-pub const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
+pub(crate) const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
 /// The line the publisher guest prints once it is up.
-pub const PUBLISHER_READY: &str = "ec-publisher: ready";
+pub(crate) const PUBLISHER_READY: &str = "ec-publisher: ready";
 /// The publisher guest's LAN address line: `ec-publisher: lan ADDRESS`.
-pub const PUBLISHER_LAN: &str = "ec-publisher: lan ";
+pub(crate) const PUBLISHER_LAN: &str = "ec-publisher: lan ";
 
 /// The default `--ready-pattern`: the diagnostics' OK line or the publisher guest's ready line.
-pub fn default_ready_pattern() -> String {
+pub(crate) fn default_ready_pattern() -> String {
     format!("{}|{}", regex::escape(OK_LINE), regex::escape(PUBLISHER_READY))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Stage {
+pub(crate) enum Stage {
     Firmware,
     Ipxe,
     Dhcp,
@@ -44,7 +44,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Stage::Firmware => "firmware",
             Stage::Ipxe => "ipxe",
@@ -64,7 +64,7 @@ impl fmt::Display for Stage {
 
 /// What kind of boot failure, which decides the hint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FailureKind {
+pub(crate) enum FailureKind {
     NoDhcp,
     NotFound,
     AccessDenied,
@@ -80,7 +80,7 @@ pub enum FailureKind {
 
 /// A boot failure seen on the console.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BootFailure {
+pub(crate) struct BootFailure {
     pub kind: FailureKind,
     /// What failed: a URL, or the boot NIC.
     pub what: String,
@@ -106,7 +106,7 @@ impl fmt::Display for BootFailure {
 
 /// What a console line told.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// The boot reached this stage.
     Stage(Stage),
     /// The guest started over (SeaBIOS again): addresses and readiness are void.
@@ -157,7 +157,7 @@ impl Patterns {
 }
 
 /// Follows one boot.
-pub struct BootWatch {
+pub(crate) struct BootWatch {
     ready: Regex,
     memory_mib: u32,
     p: Patterns,
@@ -171,7 +171,7 @@ pub struct BootWatch {
 
 impl BootWatch {
     /// `ready` is the `--ready-pattern`; `memory_mib` goes into the out-of-memory hint.
-    pub fn new(ready: Regex, memory_mib: u32) -> BootWatch {
+    pub(crate) fn new(ready: Regex, memory_mib: u32) -> BootWatch {
         BootWatch {
             ready,
             memory_mib,
@@ -183,12 +183,12 @@ impl BootWatch {
         }
     }
 
-    pub fn stage(&self) -> Stage {
+    pub(crate) fn stage(&self) -> Stage {
         self.stage
     }
 
     /// QEMU reset the guest (its RESET event): start over.
-    pub fn reset(&mut self) -> Vec<Event> {
+    pub(crate) fn reset(&mut self) -> Vec<Event> {
         let was = self.stage;
         self.stage = Stage::Firmware;
         self.chain_url = None;
@@ -205,7 +205,7 @@ impl BootWatch {
     }
 
     /// One clean console line.
-    pub fn line(&mut self, line: &str) -> Vec<Event> {
+    pub(crate) fn line(&mut self, line: &str) -> Vec<Event> {
         let mut ev = Vec::new();
         let l = line.trim();
         if l.is_empty() {

@@ -2,7 +2,7 @@
 //! (`STATUS=`, `READY=1`, `STOPPING=1`) and log lines.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::launcher::console::bootwatch::{BootFailure, Event, Stage};
 use crate::launcher::notify::Notifier;
@@ -30,11 +30,6 @@ impl Tracker {
 
     pub(crate) fn stage(&self) -> Option<Stage> {
         self.file.status.stage
-    }
-
-    /// Seconds since QEMU started.
-    pub(crate) fn elapsed(&self) -> Duration {
-        self.started.elapsed()
     }
 
     /// QEMU runs (it answered on QMP): the firmware stage begins.
