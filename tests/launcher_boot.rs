@@ -185,4 +185,3 @@ fn tftp_serves_only_the_boot_script() {
     assert!(!s.contains("Exec format error"), "the guest got the lock file:\n{s}");
     assert!(s.contains("No such file") || s.contains("2d12603b") || s.contains("Not found"), "{fetch}\n---\n{s}");
 }
-

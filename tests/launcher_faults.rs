@@ -245,4 +245,3 @@ fn kvm_failure_ends_the_run_within_2s() {
     assert!(failed_at <= 2.0, "took {failed_at:.3} s\n{err}");
     assert!(no_qemu_left(&state));
 }
-

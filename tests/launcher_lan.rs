@@ -409,4 +409,3 @@ fn lan_link_deleted_during_a_link_event_flood() {
     assert!(run.stderr().contains("disappeared"), "{}", run.stderr());
     assert!(no_qemu_left(&g.state));
 }
-

@@ -305,4 +305,3 @@ fn print_args_to_a_closed_stdout_does_not_panic() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
 }
-

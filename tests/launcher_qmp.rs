@@ -92,7 +92,6 @@ fn stop_works_while_an_operator_holds_qmp_sock() {
     assert!(no_qemu_left(&state));
 }
 
-
 /// A guest reset (`system_reset` by an operator on qmp.sock, as a reboot would be) after the guest was ready:
 /// QEMU's RESET event reaches the boot watch, the stages start over at `firmware` and advance to `ready`
 /// again, and status.json shows the second boot; the run goes on and stops with exit 0.
