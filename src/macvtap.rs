@@ -137,7 +137,7 @@ fn foreign(l: &LinkView, doing: &str) -> Error {
     )
 }
 
-/// Create the macvtap as asked (see DESIGN.md). Crash-consistent: the link is made down under
+/// Create the macvtap as asked ([`CreateRequest`]). Crash-consistent: the link is made down under
 /// [`link::temporary_name`], then renamed and marked in one request, then brought up. Whenever a SIGKILL
 /// lands, what is left is either nothing, a link under the temporary name (which the next `create` or
 /// `delete` of that name removes), or our marked link (which the next `create` finishes). Runs on one

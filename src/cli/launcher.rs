@@ -10,10 +10,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::launcher::accel::AccelChoice;
+use crate::launcher::option_values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::launcher::options::{
     LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_READY_TIMEOUT_SECS, MAX_SHUTDOWN_TIMEOUT_SECS,
 };
-use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::launcher::vhost::VhostMode;
 use crate::names::IfName;
 

@@ -1,4 +1,4 @@
-//! The launcher behind `ec-ipxe-qemu`: plain options ([`options`], made of the value types in [`values`]),
+//! The launcher behind `ec-ipxe-qemu`: plain options ([`options`], made of the value types in [`option_values`]),
 //! validated into a configuration ([`config`], with the file-system checks in [`fscheck`]), the pure parts
 //! (the QEMU argv in [`qemu_args`], the iPXE script in [`ipxe`]) and the I/O (state directory, `--boot-dir`
 //! HTTP server, QMP, link watch, supervision).
@@ -15,13 +15,13 @@ pub(crate) mod lanlock;
 mod layout;
 mod linkwatch;
 mod notify;
+pub(crate) mod option_values;
 pub(crate) mod options;
 mod qemu_args;
 mod qmp;
 pub(crate) mod run;
 mod statedir;
 pub(crate) mod status;
-pub(crate) mod values;
 pub(crate) mod vhost;
 
 pub use linkwatch::{LinkEnd, LinkWatch};
@@ -33,13 +33,13 @@ use config::LaunchConfig;
 use ipxe_image::Https;
 
 /// The MAC of the macvtap `name`, read over netlink without opening anything.
-pub fn lan_mac(name: &IfName) -> Result<MacAddr> {
+pub(crate) fn lan_mac(name: &IfName) -> Result<MacAddr> {
     let l = lan_link(name)?;
     l.mac.ok_or_else(|| Error::Runtime(format!("macvtap \"{name}\" has no MAC address")))
 }
 
 /// The macvtap `name` as netlink shows it (not found: exit 3; not a macvtap: exit 2).
-pub fn lan_link(name: &IfName) -> Result<LinkView> {
+pub(crate) fn lan_link(name: &IfName) -> Result<LinkView> {
     let nl = Netlink::new()?;
     let l = nl
         .block_on(link::get_by_name(&nl.handle, name))?
@@ -55,7 +55,7 @@ pub fn lan_link(name: &IfName) -> Result<LinkView> {
 
 /// An https boot URL: warn before start when the iPXE that will fetch it has no HTTPS (told from the image:
 /// see [`ipxe_image`]).
-pub fn warn_without_https(cfg: &LaunchConfig, url: &str) {
+pub(crate) fn warn_without_https(cfg: &LaunchConfig, url: &str) {
     let (what, https) = ipxe_image::boot_ipxe_https(cfg.ipxe.as_deref(), &cfg.qemu, cfg.boot_nic_model.as_str());
     match https {
         Https::Yes => tracing::debug!("{what} has HTTPS (its \"https\" URI scheme is in the image)"),
@@ -72,7 +72,7 @@ pub fn warn_without_https(cfg: &LaunchConfig, url: &str) {
 
 /// The argv `run` would execute, with no side effects: the accelerator is resolved the same way, and the LAN
 /// NIC's MAC is read from the existing macvtap (so `print-args --lan-interface X` needs X to exist).
-pub fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
+pub(crate) fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
     if let config::BootTarget::Url(u) = &cfg.boot
         && u.scheme() == "https"
     {

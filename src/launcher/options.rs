@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::launcher::accel::AccelChoice;
-use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
+use crate::launcher::option_values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::launcher::vhost::VhostMode;
 use crate::names::IfName;
 

@@ -12,7 +12,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::{Error, Result};
 use crate::launcher::layout::LOCK_FILE;
-use crate::launcher::values::ByteSize;
+use crate::launcher::option_values::ByteSize;
 
 /// A locked state directory. The lock is released when this is dropped; [`StateDir::abandon`] also removes
 /// what this run created (for failures before the guest ran).

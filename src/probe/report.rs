@@ -1,4 +1,4 @@
-//! What `probe` found: the JSON document DESIGN.md fixes, the human lines, and the diagnosis that turns
+//! What `probe` found: the JSON document (its fields are the `--json` contract), the human lines, and the diagnosis that turns
 //! missing answers into one line per problem saying what that usually means. Pure.
 
 use std::collections::BTreeSet;

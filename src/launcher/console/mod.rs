@@ -15,7 +15,7 @@
 //!
 //! The pipeline, in flow order: QEMU's serial port → this broker → [`lines`] (clean lines out of the raw
 //! bytes) → [`sink`] (the `guest:` log lines, the Ctrl-B [`banner`] spotter and the [`bootwatch`]) and
-//! [`seriallog`] (`serial.log`) and the `console.sock` clients (the `console` command is [`attach`]).
+//! [`seriallog`] (`serial.log`) and the `console.sock` clients (the `console` command is [`client`]).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -32,9 +32,9 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Error, Result};
 
-pub(crate) mod attach;
 pub(crate) mod banner;
 pub(crate) mod bootwatch;
+pub(crate) mod client;
 pub(crate) mod lines;
 pub(crate) mod seriallog;
 pub(crate) mod sink;

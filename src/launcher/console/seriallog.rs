@@ -17,7 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::launcher::values::LogCap;
+use crate::launcher::option_values::LogCap;
 
 /// The smallest cap: a few screens of boot output (the least `--serial-log-max` takes).
 const MIN_CAP: u64 = LogCap::MIN;
