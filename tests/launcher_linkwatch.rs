@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Netns, require_root, unique};
-use ec_ipxe_qemu::launcher::{LinkEnd, LinkWatch};
+use ec_ipxe_qemu::{LinkEnd, LinkWatch};
 
 /// Run `f` on a thread that has entered network namespace `ns`.
 fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -5,7 +5,7 @@
 //! - already configured (the NIC option ROM's autoboot did DHCP before it fetched this script): kept as it is,
 //!   so the ROM path pays for one DHCP, not two;
 //! - otherwise (`--ipxe`): the addresses slirp's DHCP server hands out, which the launcher fixes in the argv
-//!   ([`usernet`](crate::launcher::layout::usernet)), set directly. iPXE's DHCP waits 2 s for ProxyDHCP
+//!   ([`layout::usernet`](crate::launcher::layout::usernet)), set directly. iPXE's DHCP waits 2 s for ProxyDHCP
 //!   offers after slirp's offer (3 s in all), which this skips;
 //! - `dhcp net0` with a visible retry loop when net0 cannot be opened that way.
 //!
