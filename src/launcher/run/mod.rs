@@ -27,10 +27,6 @@
 //! loop and [`StopReason`](watch::StopReason)), [`stop`] (the stop ladder) and [`tracker`] (events to
 //! `status.json` and the service manager).
 
-use std::path::Path;
-
-use tokio::signal::unix::{SignalKind, signal};
-
 use crate::error::{Error, Result};
 use crate::launcher::accel;
 use crate::launcher::config::LaunchConfig;
@@ -44,51 +40,13 @@ mod stop;
 mod tracker;
 mod watch;
 
+use prepare::remove_if_exists;
+use qemu::RunFailure;
+use stop::StopSignals;
 use tracker::Tracker;
 
-/// Driver passes [`StopSignals::pending`] allows for a signal that already arrived.
-const PENDING_POLLS: usize = 3;
 /// Threads for tokio's blocking pool (file reads of the boot HTTP server).
 const BLOCKING_THREADS: usize = 2;
-
-/// SIGTERM and SIGINT, registered before any preparation so a stop request during it is not lost (nor fatal).
-struct StopSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    /// Call inside the runtime.
-    fn new() -> Result<StopSignals> {
-        Ok(StopSignals {
-            term: signal(SignalKind::terminate()).map_err(|e| Error::io("handle SIGTERM", e))?,
-            int: signal(SignalKind::interrupt()).map_err(|e| Error::io("handle SIGINT", e))?,
-        })
-    }
-
-    async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-        }
-    }
-
-    /// A signal that already arrived (while the runtime was not running). Its handler has written to the
-    /// runtime's signal pipe; a yield lets the driver read it (a yielded task is woken only after the driver
-    /// ran), so this costs microseconds, not a fixed wait, on every start.
-    fn pending(&mut self, rt: &tokio::runtime::Runtime) -> Option<&'static str> {
-        rt.block_on(async {
-            for _ in 0..PENDING_POLLS {
-                tokio::select! {
-                    biased;
-                    sig = self.recv() => return Some(sig),
-                    () = tokio::task::yield_now() => {}
-                }
-            }
-            None
-        })
-    }
-}
 
 /// `ec-ipxe-qemu run`: the whole life of one guest.
 pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
@@ -160,26 +118,5 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
         }
         Err(RunFailure::Other(e)) => Err(e),
         Ok(()) => Ok(()),
-    }
-}
-
-/// How a run that got as far as spawning QEMU failed: `Rejected` (QEMU refused its command line, so nothing
-/// ran and the run's directories go) or anything else.
-enum RunFailure {
-    Rejected(Error),
-    Other(Error),
-}
-
-impl From<Error> for RunFailure {
-    fn from(e: Error) -> Self {
-        RunFailure::Other(e)
-    }
-}
-
-fn remove_if_exists(p: &Path) {
-    match std::fs::remove_file(p) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!("remove {}: {e}", p.display()),
     }
 }

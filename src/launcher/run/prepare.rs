@@ -160,7 +160,7 @@ pub(super) fn prepare(cfg: &LaunchConfig, accel: Accel, lan: Option<&OpenedLan>)
     if let (Some(d), Some(img)) = (&cfg.disk, &cfg.qemu_img) {
         statedir::ensure_disk(img, &d.path, d.size)?;
     }
-    super::remove_if_exists(&cfg.qmp_socket());
+    remove_if_exists(&cfg.qmp_socket());
     let log = SerialLog::open(&cfg.serial_log, cfg.serial_log_max)?;
     let listener = console::bind(&cfg.console_socket())?;
     let (ours, theirs) =
@@ -209,6 +209,15 @@ fn tftp_dir(dir: &Path) -> Result<()> {
         Err(e) => return Err(Error::io(format!("create {}", dir.display()), e)),
     }
     Ok(())
+}
+
+/// Remove a socket or file of a previous run (a missing one is fine).
+pub(super) fn remove_if_exists(p: &Path) {
+    match std::fs::remove_file(p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("remove {}: {e}", p.display()),
+    }
 }
 
 #[cfg(test)]

@@ -16,9 +16,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 
 use super::prepare::{OpenedLan, Prepared};
-use super::stop::{self, describe};
+use super::stop::{self, StopSignals, describe};
 use super::tracker::Tracker;
-use super::{RunFailure, StopSignals};
 use crate::error::{Error, Result};
 use crate::launcher::accel::Accel;
 use crate::launcher::config::LaunchConfig;
@@ -36,6 +35,19 @@ use crate::tap;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// QEMU's last stderr lines kept for error messages.
 const STDERR_TAIL: usize = 8;
+
+/// How a run that got as far as spawning QEMU failed: `Rejected` (QEMU refused its command line, so nothing
+/// ran and the run's directories go) or anything else.
+pub(super) enum RunFailure {
+    Rejected(Error),
+    Other(Error),
+}
+
+impl From<Error> for RunFailure {
+    fn from(e: Error) -> Self {
+        RunFailure::Other(e)
+    }
+}
 
 /// The running guest: QEMU, the launcher's QMP connection and events, the LAN link watch and the console.
 pub(super) struct Guest {

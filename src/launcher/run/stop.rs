@@ -14,10 +14,12 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::process::Child;
 
-use super::StopSignals;
 use crate::error::{Error, Result};
 use crate::launcher::qmp::QmpClient;
+use tokio::signal::unix::{SignalKind, signal};
 
+/// Driver passes [`StopSignals::pending`] allows for a signal that already arrived.
+const PENDING_POLLS: usize = 3;
 /// How long `quit` gets before SIGTERM, and SIGTERM before SIGKILL, in an ordered stop.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 const TERM_GRACE: Duration = Duration::from_secs(5);
@@ -25,6 +27,45 @@ const TERM_GRACE: Duration = Duration::from_secs(5);
 pub(super) const QUICK_GRACE: Duration = Duration::from_millis(600);
 /// How long one QMP exchange may take.
 pub(super) const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// SIGTERM and SIGINT, registered before any preparation so a stop request during it is not lost (nor fatal).
+pub(super) struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Call inside the runtime.
+    pub(super) fn new() -> Result<StopSignals> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).map_err(|e| Error::io("handle SIGTERM", e))?,
+            int: signal(SignalKind::interrupt()).map_err(|e| Error::io("handle SIGINT", e))?,
+        })
+    }
+
+    pub(super) async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+
+    /// A signal that already arrived (while the runtime was not running). Its handler has written to the
+    /// runtime's signal pipe; a yield lets the driver read it (a yielded task is woken only after the driver
+    /// ran), so this costs microseconds, not a fixed wait, on every start.
+    pub(super) fn pending(&mut self, rt: &tokio::runtime::Runtime) -> Option<&'static str> {
+        rt.block_on(async {
+            for _ in 0..PENDING_POLLS {
+                tokio::select! {
+                    biased;
+                    sig = self.recv() => return Some(sig),
+                    () = tokio::task::yield_now() => {}
+                }
+            }
+            None
+        })
+    }
+}
 
 /// QEMU's process, as the ladder sees it.
 pub(super) trait Process {

@@ -8,10 +8,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::qemu::Guest;
-use super::stop::{self, Control, Ladder, QMP_TIMEOUT};
+use super::qemu::{Guest, RunFailure};
+use super::stop::{self, Control, Ladder, QMP_TIMEOUT, StopSignals};
 use super::tracker::Tracker;
-use super::{RunFailure, StopSignals};
 use crate::error::{Error, Result};
 use crate::launcher::accel::Accel;
 use crate::launcher::config::LaunchConfig;
