@@ -1,9 +1,19 @@
-//! The launcher behind `ec-ipxe-qemu`: plain options ([`options`], made of the value types in [`option_values`]),
-//! validated into a configuration ([`config`], with the file-system checks in [`fscheck`]), the pure parts
-//! (the QEMU argv in [`qemu_args`], the iPXE script in [`ipxe`]) and the I/O (state directory, `--boot-dir`
-//! HTTP server, QMP, link watch, supervision).
+//! The launcher behind `ec-ipxe-qemu`, private to the crate (its map, one line per file, is
+//! `docs/architecture.md`). In the order a run meets it:
+//!
+//! ```text
+//! options, option_values  what a caller asks, as plain values      (the cli converts into these)
+//! config, fscheck         validated against each other and the disk, changing nothing
+//! layout                  the state directory's file names and the slirp addresses
+//! qemu_args, ipxe         the pure parts: the QEMU argv with its fd plan, the boot script
+//! run/                    the supervisor: prepare, qemu (start), watch (event loop), stop (ladder), tracker
+//! console/                the guest console: broker, lines, serial.log, sink, bootwatch, banner, client
+//! status, statedir        status.json (and `status`), the locked state directory
+//! doctor/                 every check `run` depends on
+//! accel, vhost, lanlock, linkwatch, httpd, qmp, notify, ipxe_image   one resource each
+//! ```
 
-pub(crate) mod accel;
+mod accel;
 pub(crate) mod config;
 pub(crate) mod console;
 pub(crate) mod doctor;

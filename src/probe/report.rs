@@ -1,5 +1,5 @@
-//! What `probe` found: the JSON document (its fields are the `--json` contract), the human lines, and the diagnosis that turns
-//! missing answers into one line per problem saying what that usually means. Pure.
+//! What `probe` found: the JSON document (its fields are the `--json` contract), the human lines, and the
+//! diagnosis that turns missing answers into one line per problem saying what that usually means. Pure.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
