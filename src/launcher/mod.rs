@@ -13,7 +13,7 @@
 //! accel, vhost, lanlock, linkwatch, httpd, qmp, notify, ipxe_image   one resource each
 //! ```
 
-mod accel;
+pub(crate) mod accel;
 pub(crate) mod config;
 pub(crate) mod console;
 pub(crate) mod doctor;
