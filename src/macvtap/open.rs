@@ -24,7 +24,7 @@ pub fn open(ns: Option<&NetnsSpec>, name: &IfName, queues: u32) -> Result<Opened
     netns::run_in(ns, || open_here(ns, name, queues))
 }
 
-/// [`open`] on a thread that is already in the link's namespace (`ns` only names it in messages).
+/// [`open()`] on a thread that is already in the link's namespace (`ns` only names it in messages).
 pub fn open_here(ns: Option<&NetnsSpec>, name: &IfName, queues: u32) -> Result<OpenedTap> {
     let nl = Netlink::new()?;
     let l = nl
