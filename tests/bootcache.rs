@@ -3,6 +3,8 @@
 //! a first boot with no cache, the TLS trust rule and the redirect rule. The cache runs on the test's own
 //! thread, moved into the client namespace.
 
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;
