@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
@@ -43,7 +43,7 @@ pub const MAX_IN_FLIGHT: usize = 16;
 const SCRIPT_SCAN_BYTES: usize = 256 * 1024;
 
 /// Where the guest's files come from (`status.json`'s `boot_source`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BootSource {
     /// Fetched or revalidated with the origin.
@@ -55,7 +55,7 @@ pub enum BootSource {
 }
 
 /// `status.json`'s `boot_cache`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Requests answered with a cached copy (after a 304, or from the last good set).
     pub hits: u64,
@@ -70,7 +70,7 @@ pub struct Counters {
 }
 
 /// `status.json`'s `download`: the file being sent to the guest.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Download {
     pub file: String,
     pub bytes: u64,

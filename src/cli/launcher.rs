@@ -172,6 +172,15 @@ pub struct LaunchArgs {
     /// 10.0.2.2).
     #[arg(long, value_name = "DIR", help_heading = "Boot")]
     pub boot_dir: Option<PathBuf>,
+    /// The verified boot cache: iPXE chains to the launcher's loopback server, which fetches every file under
+    /// the boot URL's directory with the host's TLS, keeps it in <state-dir>/boot-cache and serves the last good
+    /// set when the origin fails. Default: on for an http:// or https:// --boot-url, off otherwise.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off, help_heading = "Boot")]
+    pub boot_cache: Option<bool>,
+    /// A PEM file of CA certificates the boot cache trusts for the origin, besides the system's roots
+    /// (repeatable).
+    #[arg(long, value_name = "FILE", help_heading = "Boot")]
+    pub boot_ca: Vec<PathBuf>,
     /// Address the --boot-dir server listens on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1", requires = "boot_dir", help_heading = "Boot")]
     pub boot_http_bind: IpAddr,
@@ -282,6 +291,15 @@ pub struct LaunchArgs {
     pub extra: Vec<String>,
 }
 
+/// `on` or `off`.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("\"{s}\" is neither on nor off")),
+    }
+}
+
 impl LaunchArgs {
     /// The library's options: one field per option, nothing checked beyond what parsing did.
     pub fn to_options(&self) -> LaunchOptions {
@@ -289,6 +307,8 @@ impl LaunchArgs {
             state_dir: self.state_dir.clone(),
             boot_url: self.boot_url.clone(),
             boot_dir: self.boot_dir.clone(),
+            boot_cache: self.boot_cache,
+            boot_ca: self.boot_ca.clone(),
             boot_http_bind: self.boot_http_bind,
             boot_http_port: self.boot_http_port,
             ipxe: self.ipxe.clone(),

@@ -34,6 +34,15 @@ pub(crate) enum BootTarget {
     },
 }
 
+/// The boot cache (`--boot-cache on`): the launcher fetches the boot URL's files and serves them to iPXE.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CacheSpec {
+    /// The `--boot-url`.
+    pub url: String,
+    /// `--boot-ca` files (absolute, checked to hold PEM certificates).
+    pub extra_ca: Vec<PathBuf>,
+}
+
 /// The LAN NIC as configured (`--lan-*`), before its tap is opened (then it is an `OpenedLan`; QEMU sees it as
 /// a `LanNicFds`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +67,8 @@ pub(crate) struct DiskSpec {
 pub(crate) struct LaunchConfig {
     pub state_dir: PathBuf,
     pub boot: BootTarget,
+    /// `--boot-cache on` (only with an http/https `BootTarget::Url`).
+    pub boot_cache: Option<CacheSpec>,
     pub ipxe: Option<PathBuf>,
     pub dns: Vec<IpAddr>,
     pub hostname: Option<Hostname>,
@@ -157,6 +168,7 @@ impl LaunchConfig {
             }
             (None, None) => BootTarget::Diagnostics,
         };
+        let boot_cache = boot_cache(a, &boot)?;
         let ipxe = match &a.ipxe {
             Some(p) => {
                 let p = absolute("--ipxe", p)?;
@@ -226,6 +238,7 @@ impl LaunchConfig {
         let cfg = LaunchConfig {
             state_dir,
             boot,
+            boot_cache,
             ipxe,
             dns: a.dns.clone(),
             hostname: a.hostname.clone(),
@@ -248,6 +261,51 @@ impl LaunchConfig {
         tracing::trace!("configuration: {cfg:?}");
         Ok(cfg)
     }
+}
+
+/// `--boot-cache` and `--boot-ca`: on by default for an http/https boot URL the cache can serve.
+fn boot_cache(a: &LaunchOptions, boot: &BootTarget) -> Result<Option<CacheSpec>> {
+    let mut extra_ca = Vec::new();
+    for f in &a.boot_ca {
+        let p = absolute("--boot-ca", f)?;
+        match crate::bootcache::origin::read_pem_certs(&p) {
+            Ok(certs) if certs.is_empty() => {
+                return Err(Error::invalid(format!("--boot-ca \"{}\"", p.display()), "holds no PEM certificate"));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(Error::invalid("--boot-ca", e)),
+        }
+        extra_ca.push(p);
+    }
+    let url = match boot {
+        BootTarget::Url(u) if matches!(u.scheme(), "http" | "https") => u,
+        _ => {
+            if a.boot_cache == Some(true) {
+                return Err(Error::invalid("--boot-cache on", "needs an http:// or https:// --boot-url"));
+            }
+            if !extra_ca.is_empty() {
+                return Err(Error::invalid(
+                    "--boot-ca",
+                    "is for the boot cache, which needs an http:// or https:// --boot-url",
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    if a.boot_cache == Some(false) {
+        if !extra_ca.is_empty() {
+            return Err(Error::invalid("--boot-ca", "is for the boot cache, which --boot-cache off turns off"));
+        }
+        return Ok(None);
+    }
+    if let Err(e) = crate::bootcache::target::BootUrl::parse(url.as_str()) {
+        if a.boot_cache == Some(true) {
+            return Err(Error::invalid("--boot-cache on", e.0));
+        }
+        tracing::warn!("boot cache off: {}", e.0);
+        return Ok(None);
+    }
+    Ok(Some(CacheSpec { url: url.to_string(), extra_ca }))
 }
 
 /// `--ready-pattern` compiled (default: the diagnostics' OK line or the publisher guest's ready line). An

@@ -37,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::bootcache::BootCache;
 use crate::error::{Error, Result};
 
 /// Connections served at the same time; more are answered 503 and closed.
@@ -130,6 +131,12 @@ impl Default for Limits {
     }
 }
 
+/// What a server serves: a directory (`--boot-dir`) or the boot cache (`--boot-cache on`).
+enum Backend {
+    Dir(PathBuf),
+    Cache(BootCache),
+}
+
 /// The running server (a task on the current tokio runtime); stops, with all its connections, when dropped.
 pub(super) struct BootServer {
     addr: SocketAddr,
@@ -146,6 +153,17 @@ impl BootServer {
     /// [`BootServer::start`] with other limits (tests use short ones).
     pub(super) fn start_with(dir: &Path, bind: IpAddr, port: u16, limits: Limits) -> Result<Self> {
         let root = dir.canonicalize().map_err(|e| Error::io(format!("--boot-dir \"{}\"", dir.display()), e))?;
+        let shown = dir.display().to_string();
+        Self::listen(Backend::Dir(root), &shown, bind, port, limits)
+    }
+
+    /// Serve the boot cache on `127.0.0.1`, a free port: every path goes through [`BootCache::get`].
+    pub(super) fn start_cache(cache: BootCache) -> Result<Self> {
+        let shown = format!("the boot cache of {}", cache.boot_url().url);
+        Self::listen(Backend::Cache(cache), &shown, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0, Limits::default())
+    }
+
+    fn listen(backend: Backend, shown: &str, bind: IpAddr, port: u16, limits: Limits) -> Result<Self> {
         let std_listener = std::net::TcpListener::bind(SocketAddr::new(bind, port)).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 return Error::conflict(
@@ -160,8 +178,8 @@ impl BootServer {
             .and_then(|()| TcpListener::from_std(std_listener))
             .map_err(|e| Error::io("boot HTTP server: set up the listener", e))?;
         let addr = listener.local_addr().map_err(|e| Error::io("boot HTTP server: listen address", e))?;
-        let task = tokio::spawn(serve(listener, Arc::new(root), limits));
-        tracing::info!("serving {} on http://{addr}/", dir.display());
+        let task = tokio::spawn(serve(listener, Arc::new(backend), limits));
+        tracing::info!("serving {shown} on http://{addr}/");
         Ok(BootServer { addr, task })
     }
 
@@ -178,7 +196,7 @@ impl Drop for BootServer {
 }
 
 /// Accept connections until aborted; each is a task in one JoinSet, so the count is exact and bounded.
-async fn serve(listener: TcpListener, root: Arc<PathBuf>, limits: Limits) {
+async fn serve(listener: TcpListener, root: Arc<Backend>, limits: Limits) {
     let mut conns: JoinSet<()> = JoinSet::new();
     let mut refused: u64 = 0;
     let mut last_warning: Option<Instant> = None;
@@ -261,7 +279,7 @@ impl AsyncWrite for Watched {
 }
 
 /// Serve one connection until it ends, its headers are too slow, or it idles too long.
-async fn connection(stream: TcpStream, peer: SocketAddr, root: Arc<PathBuf>, limits: Limits) {
+async fn connection(stream: TcpStream, peer: SocketAddr, root: Arc<Backend>, limits: Limits) {
     let epoch = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(Watched { inner: stream, epoch, last: Arc::clone(&last) });
@@ -335,7 +353,7 @@ fn file_body(file: File, len: u64) -> Body {
     StreamBody::new(stream).boxed_unsync()
 }
 
-async fn handle(req: &Request<Incoming>, root: &Path, peer: SocketAddr) -> Response<Body> {
+async fn handle(req: &Request<Incoming>, backend: &Backend, peer: SocketAddr) -> Response<Body> {
     let method = req.method();
     let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     if method != Method::GET && method != Method::HEAD {
@@ -344,6 +362,23 @@ async fn handle(req: &Request<Incoming>, root: &Path, peer: SocketAddr) -> Respo
         r.headers_mut().insert(ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
         return r;
     }
+    let root = match backend {
+        Backend::Dir(root) => root,
+        Backend::Cache(cache) => {
+            let reply = cache.get(target).await;
+            let status = reply.status;
+            if status < 400 {
+                tracing::info!("boot cache: {method} {target} from {peer}: {status} ({:?} bytes)", reply.length);
+            } else {
+                tracing::warn!("boot cache: {method} {target} from {peer}: {status}");
+            }
+            let mut r = reply.into_response();
+            if method == Method::HEAD {
+                *r.body_mut() = empty();
+            }
+            return r;
+        }
+    };
     match resolve(root, target).and_then(|p| open_regular(&p)) {
         Ok((file, len)) => {
             tracing::info!("boot HTTP: {method} {target} from {peer}: 200 ({len} bytes)");

@@ -83,7 +83,12 @@ pub(crate) fn warn_without_https(cfg: &LaunchConfig, url: &str) {
 /// The argv `run` would execute, with no side effects: the accelerator is resolved the same way, and the LAN
 /// NIC's MAC is read from the existing macvtap (so `print-args --lan-interface X` needs X to exist).
 pub(crate) fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
-    if let config::BootTarget::Url(u) = &cfg.boot
+    if let Some(c) = &cfg.boot_cache {
+        tracing::info!(
+            "boot cache on: the boot script will chain to the launcher's loopback server, which fetches {}",
+            c.url
+        );
+    } else if let config::BootTarget::Url(u) = &cfg.boot
         && u.scheme() == "https"
     {
         warn_without_https(cfg, u.as_str());

@@ -30,6 +30,10 @@ pub struct LaunchOptions {
     pub boot_url: Option<BootUrl>,
     /// `--boot-dir`: serve this directory over HTTP and chain to `netboot.ipxe` in it.
     pub boot_dir: Option<PathBuf>,
+    /// `--boot-cache`: `None` is the default (on for an http/https `boot_url`, off otherwise).
+    pub boot_cache: Option<bool>,
+    /// `--boot-ca`: PEM files trusted, besides the system's roots, for the boot cache's origin.
+    pub boot_ca: Vec<PathBuf>,
     /// `--boot-http-bind` (IPv4: the guest reaches the host at 10.0.2.2).
     pub boot_http_bind: IpAddr,
     /// `--boot-http-port` (0: a free port).
@@ -91,6 +95,8 @@ impl LaunchOptions {
             state_dir: state_dir.into(),
             boot_url: None,
             boot_dir: None,
+            boot_cache: None,
+            boot_ca: Vec::new(),
             boot_http_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             boot_http_port: 0,
             ipxe: None,

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::bootcache::{BootSource, Counters, Download};
 use crate::error::{Error, Result};
 use crate::launcher::console::bootwatch::Stage;
 
@@ -41,6 +42,16 @@ pub(crate) struct RunStatus {
     pub accel: String,
     /// vhost-net on the LAN NIC: `on` or `off`.
     pub vhost: String,
+    /// Where the guest's boot files come from: `origin` or `cache` (`--boot-cache on`), `direct` (iPXE fetches
+    /// the http/https boot URL itself); `null` for `--boot-dir`, tftp and the diagnostics.
+    pub boot_source: Option<BootSource>,
+    /// The boot cache's counters for this boot (`--boot-cache on`).
+    pub boot_cache: Option<Counters>,
+    /// The file being sent to the guest, while one is.
+    pub download: Option<Download>,
+    /// Absolute URLs in the chained script: iPXE fetches them itself, not through the cache.
+    #[serde(default)]
+    pub not_cached: Vec<String>,
     /// The last boot failure seen on the console, with its hint.
     pub last_error: Option<String>,
     pub updated_at: String,

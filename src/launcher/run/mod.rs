@@ -27,9 +27,10 @@
 //! loop and [`StopReason`](watch::StopReason)), [`stop`] (the stop ladder) and [`tracker`] (events to
 //! `status.json` and the service manager).
 
+use crate::bootcache::BootSource;
 use crate::error::{Error, Result};
 use crate::launcher::accel;
-use crate::launcher::config::LaunchConfig;
+use crate::launcher::config::{BootTarget, LaunchConfig};
 use crate::launcher::notify::Notifier;
 use crate::launcher::statedir::StateDir;
 use crate::launcher::status::{RunStatus, StatusFile};
@@ -95,9 +96,14 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
         lan_mac: tap.as_ref().map(|l| l.tap.mac.to_string()),
         accel: accel.as_str().to_owned(),
         vhost: tap.as_ref().map_or("off", |l| l.vhost.as_str()).to_owned(),
+        boot_source: match (&cfg.boot, &prepared.cache) {
+            (_, Some(_)) => Some(BootSource::Origin),
+            (BootTarget::Url(u), None) if matches!(u.scheme(), "http" | "https") => Some(BootSource::Direct),
+            _ => None,
+        },
         ..RunStatus::default()
     };
-    let mut tracker = Tracker::new(StatusFile::new(&cfg.state_dir, status), notify);
+    let mut tracker = Tracker::new(StatusFile::new(&cfg.state_dir, status), notify).with_cache(prepared.cache.clone());
     let result = rt.block_on(async {
         let guest = match qemu::start(cfg, accel, &mut prepared, tap, &mut signals, &mut tracker).await {
             Ok(Some(g)) => g,

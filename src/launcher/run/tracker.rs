@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
+use crate::bootcache::{BootCache, BootSource, Counters};
 use crate::launcher::console::bootwatch::{BootFailure, Event, Stage};
 use crate::launcher::notify::Notifier;
 use crate::launcher::status::{RunStatus, StatusFile, now_rfc3339};
@@ -13,11 +14,61 @@ pub(crate) struct Tracker {
     pub(crate) file: StatusFile,
     pub(crate) notify: Notifier,
     started: Instant,
+    /// The boot cache (`--boot-cache on`).
+    cache: Option<BootCache>,
 }
 
 impl Tracker {
     pub(crate) fn new(file: StatusFile, notify: Notifier) -> Tracker {
-        Tracker { file, notify, started: Instant::now() }
+        Tracker { file, notify, started: Instant::now(), cache: None }
+    }
+
+    /// Report the boot cache's state in `status.json` and the stage line.
+    pub(crate) fn with_cache(mut self, cache: Option<BootCache>) -> Tracker {
+        self.cache = cache;
+        self
+    }
+
+    /// A new boot (QEMU started, or the guest started over): the cache's counters start from zero.
+    fn begin_boot(&mut self) {
+        if let Some(c) = &self.cache {
+            c.begin_boot();
+        }
+        self.refresh_cache();
+    }
+
+    /// Copy the cache's counters and the file being sent into `status.json` (written only when they changed;
+    /// called at most about once a second while a file is sent). When the boot turns to the last good set,
+    /// the stage line says so once, with the origin's error.
+    pub(crate) fn refresh_cache(&mut self) {
+        let Some(c) = &self.cache else { return };
+        let snap = c.snapshot();
+        let was = self.file.status.boot_source;
+        self.file.update(|s| {
+            s.boot_source = Some(snap.boot_source);
+            s.boot_cache = Some(snap.boot_cache.clone());
+            s.download = snap.download.clone();
+            s.not_cached = snap.not_cached.clone();
+        });
+        if snap.boot_source == BootSource::Cache && was != Some(BootSource::Cache) {
+            let stage = self.stage().map_or("boot", Stage::as_str);
+            self.notify.status(&format!("{stage}: booting from cache{}", from_cache_reason(&snap.boot_cache)));
+        }
+    }
+
+    /// ", from cache (origin: ERROR)" when the boot uses the last good set.
+    fn cache_note(&self) -> String {
+        match &self.cache {
+            Some(c) => {
+                let snap = c.snapshot();
+                if snap.boot_source == BootSource::Cache {
+                    format!(", from cache{}", from_cache_reason(&snap.boot_cache))
+                } else {
+                    String::new()
+                }
+            }
+            None => String::new(),
+        }
     }
 
     pub(crate) fn status(&self) -> &RunStatus {
@@ -43,6 +94,7 @@ impl Tracker {
             s.ready_at = None;
             s.ended_at = None;
         });
+        self.begin_boot();
         self.notify.status(&format!("firmware: QEMU started (pid {qemu_pid}), waiting for iPXE"));
     }
 
@@ -52,6 +104,7 @@ impl Tracker {
             Event::Stage(stage) => self.enter(stage),
             Event::Reset => {
                 tracing::warn!("the guest started over (its firmware is running again)");
+                self.begin_boot();
                 self.file.update(|s| {
                     s.ready = false;
                     s.ready_at = None;
@@ -100,6 +153,12 @@ impl Tracker {
                 None => "ready: the guest is up".to_owned(),
             },
         };
+        self.refresh_cache();
+        let text = if matches!(stage, Stage::Chain | Stage::Kernel | Stage::Ready) {
+            format!("{text}{}", self.cache_note())
+        } else {
+            text
+        };
         let secs = self.started.elapsed().as_secs_f64();
         tracing::info!("boot stage {text} ({secs:.1} s after QEMU started)");
         let ready = stage == Stage::Ready;
@@ -111,6 +170,15 @@ impl Tracker {
                 s.last_error = None;
             }
         });
+        if ready && let Some(c) = &self.cache {
+            let c = c.clone();
+            // The files of this boot become the last good set: disk work, on a blocking thread.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = c.mark_good("ready") {
+                    tracing::warn!("boot cache: cannot record the last good set: {e}");
+                }
+            });
+        }
         if ready {
             self.notify.ready(&text);
         } else {
@@ -130,4 +198,9 @@ impl Tracker {
             s.ended_at = Some(now_rfc3339());
         });
     }
+}
+
+/// " (the origin failed: ERROR)" for the stage line.
+fn from_cache_reason(c: &Counters) -> String {
+    c.origin_error.as_deref().map(|e| format!(" (the origin failed: {e})")).unwrap_or_default()
 }

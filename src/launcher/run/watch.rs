@@ -160,6 +160,7 @@ async fn watch_over(
                 None => events_open = false,
             },
             _ = poll.tick() => {
+                tracker.refresh_cache();
                 if let Some(st) = run_state(&g.qmp).await {
                     if !st.is_empty() && !state_is_fine(&st) {
                         break StopReason::GuestFailed { reason: failure_reason(&st, accel), at: None };
