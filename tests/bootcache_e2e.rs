@@ -1,0 +1,192 @@
+//! The boot cache end to end: `ec-ipxe-qemu run --boot-url https://ORIGIN/boot.ipxe --boot-ca CA` with a real
+//! QEMU under TCG and Debian's HTTP-only `ipxe.lkrn`, the launcher in the client namespace of
+//! tests/common/origin.rs (a Python HTTPS origin with a private CA behind a 50 Mbit/s veth). The guest is an
+//! iPXE script that `imgfetch`es a large file (relative: through the cache) and then prints the publisher
+//! guest's ready line. Cases: cold, warm (304s), the origin changed, the origin 503 then down (the last good
+//! set), a first boot with the origin down and no cache (the visible retry loop), and `--boot-cache off`.
+
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::launcher::{BOOT_TIMEOUT, LKRN, Run, Slot, require_qemu};
+use common::origin::{OriginLab, random_bytes};
+use common::{require_programs, require_root, unique, wait_for};
+
+const BIG: usize = 8 << 20;
+const READY: &str = "ec-publisher: ready";
+
+fn prepared(test: &str) -> bool {
+    require_root(test);
+    require_programs(test, &["python3", "openssl", "tc"]) && require_qemu(test)
+}
+
+/// The guest: fetch `big` through whatever served this script, say which generation it got, then be ready.
+fn guest_script(generation: &str) -> String {
+    format!(
+        "#!ipxe\nimgfetch big || goto failed\necho E2E-GOT {generation}\necho {READY}\nsleep 3600\n:failed\necho E2E-FETCH-FAILED\nsleep 3600\n"
+    )
+}
+
+/// One boot: start the launcher in the client namespace, wait for the ready line and for the good set to be
+/// recorded (when `marks`), read status.json, stop.
+fn boot(lab: &OriginLab, state: &Path, extra: &[&str], marks: bool) -> (String, serde_json::Value) {
+    let url = lab.url("boot.ipxe");
+    let ca = lab.ca();
+    let mut args = vec!["--no-disk", "--ipxe", LKRN, "--boot-url", &url, "--boot-ca", ca.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    // The previous boot's serial log must not answer for this one.
+    let _ = std::fs::remove_file(state.join("serial.log"));
+    let mut run = Run::start(Some(&lab.client), state, &args);
+    let s = run.wait_serial(READY, BOOT_TIMEOUT);
+    if marks {
+        run.wait_stderr("are the last good set (ready)", Duration::from_secs(30));
+    }
+    let st = wait_for(Duration::from_secs(10), || {
+        let (_, v) = run.status_json();
+        (v["ready"] == true).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("status.json never said ready:\n{}", run.stderr()));
+    drop(run);
+    (s, st)
+}
+
+fn objects(state: &Path) -> usize {
+    std::fs::read_dir(state.join("boot-cache/objects")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn cold_warm_changed_and_fallback_through_the_launcher() {
+    let t = "cold_warm_changed_and_fallback_through_the_launcher";
+    if !prepared(t) {
+        return;
+    }
+    let _slot = Slot::take();
+    let mut lab = OriginLab::new(true);
+    lab.write("big", &random_bytes(BIG));
+    lab.write("boot.ipxe", guest_script("one").as_bytes());
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join(unique("state"));
+
+    // Cold: everything fetched from the origin over HTTPS (which this iPXE cannot do itself).
+    let (s, st) = boot(&lab, &state, &[], true);
+    assert!(s.contains("E2E-GOT one"), "{s}");
+    assert!(s.contains("ec-ipxe-qemu: chaining http://10.0.2.2:"), "iPXE chained to the loopback server:\n{s}");
+    assert_eq!(st["boot_source"], "origin", "{st}");
+    let c = &st["boot_cache"];
+    assert!(c["fetched_bytes"].as_u64().unwrap() >= BIG as u64, "{st}");
+    assert!(c["served_bytes"].as_u64().unwrap() >= BIG as u64, "{st}");
+    assert_eq!(c["revalidated"], 0, "{st}");
+    assert!(state.join("boot-cache/good.json").is_file());
+    assert_eq!(objects(&state), 2, "the script and the big file");
+    let reqs = lab.requests();
+    assert!(reqs.iter().any(|(m, p, code)| m == "GET" && p == "/big" && *code == 200), "{reqs:?}");
+
+    // Warm: both files revalidated (304), nothing fetched.
+    lab.clear_log();
+    let (s, st) = boot(&lab, &state, &[], true);
+    assert!(s.contains("E2E-GOT one"), "{s}");
+    assert_eq!(st["boot_source"], "origin", "{st}");
+    let c = &st["boot_cache"];
+    assert_eq!(c["fetched_bytes"], 0, "{st}");
+    assert_eq!(c["revalidated"], 2, "{st}");
+    assert!(c["served_bytes"].as_u64().unwrap() >= BIG as u64, "{st}");
+    let reqs = lab.requests();
+    assert!(reqs.iter().all(|(_, _, code)| *code == 304), "{reqs:?}");
+
+    // The origin changed: the guest gets the new files; the old ones are removed once it is ready.
+    std::thread::sleep(Duration::from_millis(20));
+    lab.write("boot.ipxe", guest_script("two").as_bytes());
+    lab.write("big", &random_bytes(BIG));
+    let (s, st) = boot(&lab, &state, &[], true);
+    assert!(s.contains("E2E-GOT two"), "{s}\n{:?}\n{st}", lab.requests());
+    assert!(st["boot_cache"]["fetched_bytes"].as_u64().unwrap() >= BIG as u64, "{st}");
+    assert!(wait_for(Duration::from_secs(10), || (objects(&state) == 2).then_some(())).is_some(), "pruned");
+
+    // The origin answers 503: ready from the last good set, and status says so with the origin's error.
+    lab.set_mode("503");
+    let (s, st) = boot(&lab, &state, &[], false);
+    assert!(s.contains("E2E-GOT two"), "{s}");
+    assert_eq!(st["boot_source"], "cache", "{st}");
+    let err = st["boot_cache"]["origin_error"].as_str().unwrap_or_default().to_owned();
+    assert!(err.contains("503"), "{st}");
+    assert!(st["boot_cache"]["hits"].as_u64().unwrap() >= 2, "{st}");
+
+    // The origin is down: the same.
+    lab.set_mode("ok");
+    lab.stop();
+    let (s, st) = boot(&lab, &state, &[], false);
+    assert!(s.contains("E2E-GOT two"), "{s}");
+    assert_eq!(st["boot_source"], "cache", "{st}");
+    assert!(!st["boot_cache"]["origin_error"].is_null(), "{st}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn first_boot_with_the_origin_down_retries_visibly() {
+    let t = "first_boot_with_the_origin_down_retries_visibly";
+    if !prepared(t) {
+        return;
+    }
+    let _slot = Slot::take();
+    let mut lab = OriginLab::new(true);
+    lab.write("boot.ipxe", guest_script("one").as_bytes());
+    lab.stop();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join(unique("state"));
+    let url = lab.url("boot.ipxe");
+    let ca = lab.ca();
+    let mut run = Run::start(
+        Some(&lab.client),
+        &state,
+        &["--no-disk", "--ipxe", LKRN, "--boot-url", &url, "--boot-ca", ca.to_str().unwrap()],
+    );
+    let s = run.wait_serial("retrying in 10 seconds", BOOT_TIMEOUT);
+    assert!(s.contains("ec-ipxe-qemu: could not boot from http://10.0.2.2:"), "{s}");
+    assert!(run.running(), "the launcher goes on:\n{}", run.stderr());
+    let st = wait_for(Duration::from_secs(10), || {
+        let (_, v) = run.status_json();
+        (!v["boot_cache"]["origin_error"].is_null()).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("status.json never showed the origin's error:\n{}", run.stderr()));
+    assert_eq!(st["ready"], false, "{st}");
+    assert_eq!(st["boot_source"], "origin", "{st}");
+    // The origin comes back: the next attempt of the retry loop boots.
+    lab.start();
+    let s = run.wait_serial(READY, BOOT_TIMEOUT);
+    assert!(s.contains("E2E-GOT one"), "{s}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn boot_cache_off_chains_directly() {
+    let t = "boot_cache_off_chains_directly";
+    if !prepared(t) {
+        return;
+    }
+    let _slot = Slot::take();
+    let lab = OriginLab::new(false);
+    lab.write("big", &random_bytes(1 << 20));
+    lab.write("boot.ipxe", guest_script("direct").as_bytes());
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join(unique("state"));
+    let url = lab.url("boot.ipxe");
+    let mut run = Run::start(
+        Some(&lab.client),
+        &state,
+        &["--no-disk", "--ipxe", LKRN, "--boot-url", &url, "--boot-cache", "off"],
+    );
+    let s = run.wait_serial("E2E-GOT direct", BOOT_TIMEOUT);
+    assert!(s.contains(&format!("ec-ipxe-qemu: chaining {url}")), "{s}");
+    let reqs = lab.requests();
+    assert!(reqs.iter().any(|(m, p, code)| m == "GET" && p == "/boot.ipxe" && *code == 200), "{reqs:?}");
+    assert!(reqs.iter().any(|(m, p, code)| m == "GET" && p == "/big" && *code == 200), "{reqs:?}");
+    let (_, st) = run.status_json();
+    assert_eq!(st["boot_source"], "direct", "{st}");
+    assert!(st["boot_cache"].is_null(), "{st}");
+    assert!(!state.join("boot-cache").exists(), "no cache with --boot-cache off");
+}
