@@ -33,7 +33,7 @@ fn guest_script(generation: &str) -> String {
 
 /// One boot: start the launcher in the client namespace, wait for the ready line and for the good set to be
 /// recorded (when `marks`), read status.json, stop.
-fn boot(lab: &OriginLab, state: &Path, extra: &[&str], marks: bool) -> (String, serde_json::Value) {
+fn boot(lab: &OriginLab, state: &Path, extra: &[&str], marks: bool) -> (String, serde_json::Value, String) {
     let url = lab.url("boot.ipxe");
     let ca = lab.ca();
     let mut args = vec!["--no-disk", "--ipxe", LKRN, "--boot-url", &url, "--boot-ca", ca.to_str().unwrap()];
@@ -50,8 +50,9 @@ fn boot(lab: &OriginLab, state: &Path, extra: &[&str], marks: bool) -> (String, 
         (v["ready"] == true).then_some(v)
     })
     .unwrap_or_else(|| panic!("status.json never said ready:\n{}", run.stderr()));
+    let log = run.stderr();
     drop(run);
-    (s, st)
+    (s, st, log)
 }
 
 fn objects(state: &Path) -> usize {
@@ -73,7 +74,8 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
     let state = tmp.path().join(unique("state"));
 
     // Cold: everything fetched from the origin over HTTPS (which this iPXE cannot do itself).
-    let (s, st) = boot(&lab, &state, &[], true);
+    let (s, st, log) = boot(&lab, &state, &[], true);
+    assert!(log.contains("boot cache: no last good set yet"), "{log}");
     assert!(s.contains("E2E-GOT one"), "{s}");
     assert!(s.contains("ec-ipxe-qemu: chaining http://10.0.2.2:"), "iPXE chained to the loopback server:\n{s}");
     assert_eq!(st["boot_source"], "origin", "{st}");
@@ -88,7 +90,8 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
 
     // Warm: both files revalidated (304), nothing fetched.
     lab.clear_log();
-    let (s, st) = boot(&lab, &state, &[], true);
+    let (s, st, log) = boot(&lab, &state, &[], true);
+    assert!(log.contains("boot cache: a last good set of 2 files"), "{log}");
     assert!(s.contains("E2E-GOT one"), "{s}");
     assert_eq!(st["boot_source"], "origin", "{st}");
     let c = &st["boot_cache"];
@@ -102,24 +105,28 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
     std::thread::sleep(Duration::from_millis(20));
     lab.write("boot.ipxe", guest_script("two").as_bytes());
     lab.write("big", &random_bytes(BIG));
-    let (s, st) = boot(&lab, &state, &[], true);
+    let (s, st, log) = boot(&lab, &state, &[], true);
+    assert!(log.contains("boot cache: a last good set of 2 files"), "{log}");
     assert!(s.contains("E2E-GOT two"), "{s}\n{:?}\n{st}", lab.requests());
     assert!(st["boot_cache"]["fetched_bytes"].as_u64().unwrap() >= BIG as u64, "{st}");
     assert!(wait_for(Duration::from_secs(10), || (objects(&state) == 2).then_some(())).is_some(), "pruned");
 
     // The origin answers 503: ready from the last good set, and status says so with the origin's error.
     lab.set_mode("503");
-    let (s, st) = boot(&lab, &state, &[], false);
+    let (s, st, log) = boot(&lab, &state, &[], false);
     assert!(s.contains("E2E-GOT two"), "{s}");
     assert_eq!(st["boot_source"], "cache", "{st}");
     let err = st["boot_cache"]["origin_error"].as_str().unwrap_or_default().to_owned();
     assert!(err.contains("503"), "{st}");
+    assert!(log.contains("boot stage ready: the guest is up, from cache (the origin failed: "), "{log}");
+    assert_eq!(log.matches("booting from the last good set").count(), 1, "warned once:\n{log}");
     assert!(st["boot_cache"]["hits"].as_u64().unwrap() >= 2, "{st}");
 
     // The origin is down: the same.
     lab.set_mode("ok");
     lab.stop();
-    let (s, st) = boot(&lab, &state, &[], false);
+    let (s, st, log) = boot(&lab, &state, &[], false);
+    assert!(log.contains("from cache (the origin failed: "), "{log}");
     assert!(s.contains("E2E-GOT two"), "{s}");
     assert_eq!(st["boot_source"], "cache", "{st}");
     assert!(!st["boot_cache"]["origin_error"].is_null(), "{st}");
@@ -134,6 +141,7 @@ fn first_boot_with_the_origin_down_retries_visibly() {
     }
     let _slot = Slot::take();
     let mut lab = OriginLab::new(true);
+    lab.write("big", &random_bytes(1 << 20));
     lab.write("boot.ipxe", guest_script("one").as_bytes());
     lab.stop();
     let tmp = tempfile::tempdir().unwrap();

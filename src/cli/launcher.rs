@@ -384,12 +384,24 @@ mod tests {
             (&["--state-dir", "/x", "--boot-http-port", "8080"], "--boot-dir"),
             (&["--state-dir", "/x", "--lan-interface", "a/b"], "--lan-interface"),
             (&["--state-dir", "/x", "--accel", "hvf"], "--accel"),
+            (&["--state-dir", "/x", "--boot-cache", "yes"], "--boot-cache"),
             (&["--memory", "512"], "--state-dir"),
         ];
         for (argv, needle) in cases {
             let err = args(argv).unwrap_err().to_string();
             assert!(err.contains(needle), "{argv:?}: {err}");
         }
+    }
+
+    #[test]
+    fn boot_cache_flags() {
+        let o =
+            args(&["--state-dir=/s", "--boot-url=https://a/b", "--boot-cache=off", "--boot-ca=/c1", "--boot-ca=/c2"])
+                .unwrap()
+                .to_options();
+        assert_eq!(o.boot_cache, Some(false));
+        assert_eq!(o.boot_ca, [PathBuf::from("/c1"), PathBuf::from("/c2")]);
+        assert_eq!(args(&["--state-dir=/s", "--boot-cache", "on"]).unwrap().to_options().boot_cache, Some(true));
     }
 
     #[test]

@@ -407,6 +407,40 @@ mod tests {
             (LaunchOptions { shutdown_timeout: Duration::from_secs(3601), ..base() }, "--shutdown-timeout 3601"),
             (LaunchOptions { disk: Some(d.join("a.qcow2")), ..nd() }, "--disk and --no-disk"),
             (LaunchOptions { extra: vec!["-S".into(), "a\0b".into()], ..nd() }, "extra QEMU argument #2"),
+            (LaunchOptions { boot_cache: Some(true), ..nd() }, "--boot-cache on: needs an http:// or https://"),
+            (
+                LaunchOptions { boot_url: Some("tftp://10.0.2.2/x".parse().unwrap()), boot_cache: Some(true), ..nd() },
+                "--boot-cache on: needs an http://",
+            ),
+            (
+                LaunchOptions {
+                    boot_url: Some("https://a/b/c.ipxe".parse().unwrap()),
+                    boot_ca: vec![f.clone()],
+                    ..nd()
+                },
+                "holds no PEM certificate",
+            ),
+            (
+                LaunchOptions {
+                    boot_url: Some("https://a/b/c.ipxe".parse().unwrap()),
+                    boot_ca: vec![d.join("missing.pem")],
+                    ..nd()
+                },
+                "--boot-ca: ",
+            ),
+            (
+                LaunchOptions {
+                    boot_url: Some("https://a/b/c.ipxe".parse().unwrap()),
+                    boot_cache: Some(false),
+                    boot_ca: vec![f.clone()],
+                    ..nd()
+                },
+                "--boot-ca",
+            ),
+            (
+                LaunchOptions { boot_url: Some("https://a/b/".parse().unwrap()), boot_cache: Some(true), ..nd() },
+                "--boot-cache on: https://a/b/: the URL must name a file",
+            ),
         ];
         for (opts, needle) in cases {
             let err = LaunchConfig::from_options(&opts).unwrap_err();
@@ -414,5 +448,25 @@ mod tests {
             assert!(err.to_string().contains(needle), "{opts:?}: {err}");
         }
         assert!(!state.exists());
+    }
+
+    #[test]
+    fn the_boot_cache_is_on_by_default_for_http_and_https_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let qemu = sh_true();
+        let base = |url: &str, cache: Option<bool>| LaunchOptions {
+            qemu: qemu.clone(),
+            no_disk: true,
+            boot_url: Some(url.parse().unwrap()),
+            boot_cache: cache,
+            ..LaunchOptions::new(tmp.path().join("s"))
+        };
+        let on = |url: &str, cache| LaunchConfig::from_options(&base(url, cache)).unwrap().boot_cache;
+        assert_eq!(on("https://a/b/c.ipxe", None).unwrap().url, "https://a/b/c.ipxe");
+        assert!(on("http://a/c.ipxe", None).is_some());
+        assert!(on("http://a/c.ipxe", Some(false)).is_none());
+        assert!(on("tftp://a/c.ipxe", None).is_none());
+        // iPXE settings in the URL cannot be expanded on the host: the default falls back to a direct chain.
+        assert!(on("http://a/c.ipxe?mac=${net0/mac}", None).is_none());
     }
 }

@@ -368,7 +368,8 @@ async fn handle(req: &Request<Incoming>, backend: &Backend, peer: SocketAddr) ->
             let reply = cache.get(target).await;
             let status = reply.status;
             if status < 400 {
-                tracing::info!("boot cache: {method} {target} from {peer}: {status} ({:?} bytes)", reply.length);
+                let len = reply.length.map_or_else(|| "length unknown".to_owned(), |l| format!("{l} bytes"));
+                tracing::info!("boot cache: {method} {target} from {peer}: {status} ({len})");
             } else {
                 tracing::warn!("boot cache: {method} {target} from {peer}: {status}");
             }
