@@ -55,6 +55,20 @@ fn boot(lab: &OriginLab, state: &Path, extra: &[&str], marks: bool) -> (String, 
     (s, st, log)
 }
 
+/// `doctor --json` in the client namespace: check name → check.
+fn doctor(lab: &OriginLab, state: &Path, ca: bool) -> std::collections::HashMap<String, serde_json::Value> {
+    let url = lab.url("boot.ipxe");
+    let mut cmd = lab.client.cmd(common::launcher::BIN);
+    cmd.args(["doctor", "--json", "--accel", "tcg", "--no-disk", "--boot-url", &url, "--state-dir"]).arg(state);
+    if ca {
+        cmd.arg("--boot-ca").arg(lab.ca());
+    }
+    let out = cmd.output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    v.as_array().unwrap().iter().map(|c| (c["check"].as_str().unwrap().to_owned(), c.clone())).collect()
+}
+
 fn objects(state: &Path) -> usize {
     std::fs::read_dir(state.join("boot-cache/objects")).map(|d| d.count()).unwrap_or(0)
 }
@@ -100,6 +114,19 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
     assert!(c["served_bytes"].as_u64().unwrap() >= BIG as u64, "{st}");
     let reqs = lab.requests();
     assert!(reqs.iter().all(|(_, _, code)| *code == 304), "{reqs:?}");
+
+    // doctor: the origin through the host's TLS with --boot-ca (and not without), and the last good set.
+    let checks = doctor(&lab, &state, true);
+    assert_eq!(checks["boot-url"]["status"], "ok", "{checks:?}");
+    assert!(checks["boot-url"]["detail"].as_str().unwrap().contains("TLS verified"), "{checks:?}");
+    assert_eq!(checks["boot-cache"]["status"], "ok", "{checks:?}");
+    assert!(checks["boot-cache"]["detail"].as_str().unwrap().contains("a last good set of 2 files"), "{checks:?}");
+    let checks = doctor(&lab, &state, false);
+    assert_eq!(checks["boot-url"]["status"], "fail", "without --boot-ca the private CA is unknown: {checks:?}");
+    let fresh = tmp.path().join(unique("fresh"));
+    let checks = doctor(&lab, &fresh, true);
+    assert_eq!(checks["boot-cache"]["status"], "warn", "{checks:?}");
+    assert!(!fresh.exists(), "doctor changes nothing");
 
     // The origin changed: the guest gets the new files; the old ones are removed once it is ready.
     std::thread::sleep(Duration::from_millis(20));

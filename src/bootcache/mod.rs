@@ -267,6 +267,39 @@ impl BootCache {
     }
 }
 
+/// `doctor`: ask the origin for the boot URL with the host's TLS (system roots plus `extra_ca`), as the cache
+/// would, reading at most a little of the body. `Ok` describes the answer; `Err` is why the cache would fall
+/// back (or what the guest would be told).
+pub fn check_origin(url: &str, extra_ca: &[PathBuf], timeout: std::time::Duration) -> Result<String, String> {
+    let boot = BootUrl::parse(url).map_err(|e| e.0)?;
+    let roots = Roots::load(extra_ca)?;
+    let limits = Limits { connect_timeout: timeout, idle_timeout: timeout, ..Limits::default() };
+    let client = Client::new(&roots, limits);
+    let script = target::confine(&format!("/{}", boot.script)).map_err(|e| e.0)?;
+    let origin_url = boot.origin_url(&script);
+    let tls = if boot.origin.is_https() { "TLS verified with the host's roots; " } else { "" };
+    match client.get(&origin_url, None) {
+        Ok(Answer::Fresh(f)) => Ok(format!(
+            "{origin_url}: 200 ({tls}{})",
+            f.length.map_or_else(|| "length not announced".to_owned(), |l| format!("{l} bytes"))
+        )),
+        Ok(Answer::NotModified { .. }) => Ok(format!("{origin_url}: 304 ({tls}not modified)")),
+        Ok(Answer::Status(s)) => Err(format!("{origin_url}: the origin answered {s}")),
+        Err(e) => Err(e.0),
+    }
+}
+
+/// `doctor`: the last good set of `boot_url` in `state_dir`, read without creating or changing anything.
+pub fn read_good_set(state_dir: &Path, boot_url: &str) -> Option<GoodSet> {
+    let text = std::fs::read_to_string(state_dir.join(store::DIR).join("good.json")).ok()?;
+    let m: Manifest = serde_json::from_str(&text).ok()?;
+    generation::usable_good(Some(&m), boot_url).map(|g| GoodSet {
+        files: g.files.len(),
+        bytes: g.bytes(),
+        marked: g.marked.clone(),
+    })
+}
+
 /// The status line of a reply.
 struct Head {
     status: u16,

@@ -263,6 +263,14 @@ impl LaunchConfig {
     }
 }
 
+/// Whether `run` would use the boot cache with these options (for `doctor`, which must not stop at an error).
+pub(crate) fn cache_wanted(a: &LaunchOptions) -> bool {
+    a.boot_cache != Some(false)
+        && a.boot_url.as_ref().is_some_and(|u| {
+            matches!(u.scheme(), "http" | "https") && crate::bootcache::target::BootUrl::parse(u.as_str()).is_ok()
+        })
+}
+
 /// `--boot-cache` and `--boot-ca`: on by default for an http/https boot URL the cache can serve.
 fn boot_cache(a: &LaunchOptions, boot: &BootTarget) -> Result<Option<CacheSpec>> {
     let mut extra_ca = Vec::new();

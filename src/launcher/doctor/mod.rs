@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::bootcache;
 use crate::error::Error;
-use crate::launcher::config::LaunchConfig;
+use crate::launcher::config::{self, LaunchConfig};
 use crate::launcher::layout::{DISK_IMAGE, LOCK_FILE};
 use crate::launcher::options::LaunchOptions;
 use crate::launcher::vhost::{self, VhostMode};
@@ -213,6 +214,9 @@ pub(crate) fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
     out.push(check_accel(o.accel, qemu_path.as_deref(), &dev.kvm));
     out.push(check_ipxe(o));
     out.push(check_boot(o));
+    if let Some(c) = check_cache(o) {
+        out.push(c);
+    }
     out.push(check_state(o));
     out.push(check_disk(o));
     match &o.lan_interface {
@@ -227,7 +231,8 @@ pub(crate) fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
 /// boot URL needs it.
 fn check_ipxe(o: &LaunchOptions) -> Check {
     const NAME: &str = "ipxe";
-    let https = o.boot_url.as_ref().is_some_and(|u| u.scheme() == "https");
+    // With the boot cache, the host fetches the https URL: iPXE talks plain HTTP to the launcher.
+    let https = o.boot_url.as_ref().is_some_and(|u| u.scheme() == "https") && !config::cache_wanted(o);
     let image = match &o.ipxe {
         Some(p) => {
             match fscheck::absolute("--ipxe", p).and_then(|p| fscheck::check_readable_file("--ipxe", &p).map(|()| p)) {
@@ -265,6 +270,15 @@ fn check_ipxe(o: &LaunchOptions) -> Check {
 /// `boot-url` / `boot-dir`: where the boot script chains to, reachable from the host.
 fn check_boot(o: &LaunchOptions) -> Check {
     match (&o.boot_url, &o.boot_dir) {
+        (Some(u), _) if config::cache_wanted(o) => match bootcache::check_origin(u.as_str(), &o.boot_ca, URL_TIMEOUT) {
+            Ok(detail) => Check::ok("boot-url", format!("{detail}; fetched by the boot cache on the host")),
+            Err(why) => Check::fail(
+                "boot-url",
+                format!("the boot cache cannot fetch it: {why}"),
+                "check the URL, the host's network and its TLS roots (--boot-ca FILE for a private CA); with a \
+                 last good set the guest still boots from the cache",
+            ),
+        },
         (Some(u), _) => check_boot_url(u.as_str(), URL_TIMEOUT),
         (None, Some(d)) => {
             match fscheck::absolute("--boot-dir", d).and_then(|d| fscheck::check_boot_dir(&d).map(|()| d)) {
@@ -274,6 +288,29 @@ fn check_boot(o: &LaunchOptions) -> Check {
         }
         (None, None) => Check::ok("boot-url", "no --boot-url: the built-in diagnostics script runs"),
     }
+}
+
+/// `boot-cache` (with `--boot-cache on`): whether a last good set exists, the boot when the origin fails.
+fn check_cache(o: &LaunchOptions) -> Option<Check> {
+    const NAME: &str = "boot-cache";
+    let u = o.boot_url.as_ref().filter(|_| config::cache_wanted(o))?;
+    let state = fscheck::absolute("--state-dir", &o.state_dir).ok()?;
+    Some(match bootcache::read_good_set(&state, u.as_str()) {
+        Some(g) => Check::ok(
+            NAME,
+            format!(
+                "on: a last good set of {} files ({} bytes){}; the guest boots from it when the origin fails",
+                g.files,
+                g.bytes,
+                g.marked.map(|(stage, at)| format!(", marked at {stage} {}", status::rfc3339(at))).unwrap_or_default()
+            ),
+        ),
+        None => Check::warn(
+            NAME,
+            format!("on: no last good set for {u} yet in {}", state.join(bootcache::store::DIR).display()),
+            "until a boot reaches ready, an origin failure leaves the guest in iPXE's retry loop",
+        ),
+    })
 }
 
 /// `state-dir`: usable (or creatable) by this user, not locked by a running launcher, the serial log writable.
