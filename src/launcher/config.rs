@@ -266,9 +266,20 @@ impl LaunchConfig {
 /// Whether `run` would use the boot cache with these options (for `doctor`, which must not stop at an error).
 pub(crate) fn cache_wanted(a: &LaunchOptions) -> bool {
     a.boot_cache != Some(false)
-        && a.boot_url.as_ref().is_some_and(|u| {
-            matches!(u.scheme(), "http" | "https") && crate::bootcache::target::BootUrl::parse(u.as_str()).is_ok()
-        })
+        && a.boot_url.as_ref().is_some_and(|u| matches!(u.scheme(), "http" | "https") && cache_refusal(u).is_none())
+}
+
+/// Why the cache cannot serve an http/https URL: the host cannot expand iPXE settings in it, or it names this
+/// host as the guest sees it (10.0.2.2, the host's loopback through the user-mode network: the files are on
+/// this host already, and the host cannot reach that address).
+fn cache_refusal(u: &BootUrl) -> Option<String> {
+    match crate::bootcache::target::BootUrl::parse(u.as_str()) {
+        Err(e) => Some(e.0),
+        Ok(b) if b.origin.host == crate::launcher::layout::usernet::HOST.to_string() => Some(format!(
+            "{u}: 10.0.2.2 is this host as the guest sees it; nothing to cache (use --boot-dir for local files)"
+        )),
+        Ok(_) => None,
+    }
 }
 
 /// `--boot-cache` and `--boot-ca`: on by default for an http/https boot URL the cache can serve.
@@ -306,11 +317,11 @@ fn boot_cache(a: &LaunchOptions, boot: &BootTarget) -> Result<Option<CacheSpec>>
         }
         return Ok(None);
     }
-    if let Err(e) = crate::bootcache::target::BootUrl::parse(url.as_str()) {
+    if let Some(why) = cache_refusal(url) {
         if a.boot_cache == Some(true) {
-            return Err(Error::invalid("--boot-cache on", e.0));
+            return Err(Error::invalid("--boot-cache on", why));
         }
-        tracing::warn!("boot cache off: {}", e.0);
+        tracing::debug!("boot cache off: {why}");
         return Ok(None);
     }
     Ok(Some(CacheSpec { url: url.to_string(), extra_ca }))
@@ -476,5 +487,9 @@ mod tests {
         assert!(on("tftp://a/c.ipxe", None).is_none());
         // iPXE settings in the URL cannot be expanded on the host: the default falls back to a direct chain.
         assert!(on("http://a/c.ipxe?mac=${net0/mac}", None).is_none());
+        // The host as the guest sees it: the files are here already.
+        assert!(on("http://10.0.2.2:8080/c.ipxe", None).is_none());
+        let err = LaunchConfig::from_options(&base("http://10.0.2.2:8080/c.ipxe", Some(true))).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
     }
 }

@@ -272,12 +272,18 @@ fn check_boot(o: &LaunchOptions) -> Check {
     match (&o.boot_url, &o.boot_dir) {
         (Some(u), _) if config::cache_wanted(o) => match bootcache::check_origin(u.as_str(), &o.boot_ca, URL_TIMEOUT) {
             Ok(detail) => Check::ok("boot-url", format!("{detail}; fetched by the boot cache on the host")),
-            Err(why) => Check::fail(
-                "boot-url",
-                format!("the boot cache cannot fetch it: {why}"),
-                "check the URL, the host's network and its TLS roots (--boot-ca FILE for a private CA); with a \
-                 last good set the guest still boots from the cache",
-            ),
+            Err(why) => {
+                let hint = if why.ends_with("connection refused") {
+                    "nothing listens there: start the boot server or fix the port"
+                } else {
+                    "check the URL, the host's network and its TLS roots (--boot-ca FILE for a private CA)"
+                };
+                Check::fail(
+                    "boot-url",
+                    format!("the boot cache cannot fetch it: {why}"),
+                    format!("{hint}; with a last good set the guest still boots from the cache"),
+                )
+            }
         },
         (Some(u), _) => check_boot_url(u.as_str(), URL_TIMEOUT),
         (None, Some(d)) => {
