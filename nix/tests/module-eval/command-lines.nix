@@ -277,6 +277,54 @@ let
     (expectEq "http+extraArgs assertions" [ ] (failedAssertions httpExtra))
   ];
 
+  # The boot cache: on by default with boot.url (the launcher's own default, so nothing is passed), off
+  # as `--boot-cache off`, caFiles as repeated `--boot-ca`; boot.ipxePackage still goes to --ipxe.
+  cacheUnit =
+    extra:
+    (unitOf (evalConfig [
+      (with' (
+        lib.recursiveUpdate {
+          enable = true;
+          boot.url = "https://boot.example.org/ec/netboot.ipxe";
+        } extra
+      ))
+    ])).serviceConfig.ExecStart;
+  cacheChecks = [
+    (expect "boot.cache on by default: no --boot-cache off" (
+      !(lib.hasInfix "--boot-cache" (cacheUnit { }))
+    ) "ExecStart: ${cacheUnit { }}")
+    (expect "boot.cache.enable = false passes --boot-cache off and keeps --ipxe" (
+      let
+        x = cacheUnit { boot.cache.enable = false; };
+      in
+      lib.hasInfix ''"--boot-cache" "off"'' x && lib.hasInfix ''"--ipxe" "${ipxe}/ipxe.lkrn"'' x
+    ) "ExecStart: ${cacheUnit { boot.cache.enable = false; }}")
+    (expect "boot.cache.caFiles become repeated --boot-ca" (lib.hasInfix
+      ''"--boot-ca" "/etc/ssl/a.pem" "--boot-ca" "/etc/ssl/b.pem"''
+      (cacheUnit {
+        boot.cache.caFiles = [
+          "/etc/ssl/a.pem"
+          "/etc/ssl/b.pem"
+        ];
+      })
+    ) "caFiles not passed")
+    (expectEq "boot.cache.enable defaults to false without boot.url" false
+      (evalConfig [ (with' { enable = true; }) ]).services.every-channel.ipxe-qemu.boot.cache.enable
+    )
+    (expectEq "caFiles with the cache off is refused" 1 (
+      builtins.length (
+        failedAssertions (evalConfig [
+          (with' {
+            enable = true;
+            boot.url = "https://boot.example.org/x.ipxe";
+            boot.cache.enable = false;
+            boot.cache.caFiles = [ "/etc/ssl/a.pem" ];
+          })
+        ])
+      )
+    ))
+  ];
+
   warningChecks = [
     (expectEq "warning: directory without boot.http.enable" 1 (
       builtins.length
@@ -291,5 +339,5 @@ let
   ];
 in
 {
-  inherit execChecks warningChecks;
+  inherit execChecks warningChecks cacheChecks;
 }

@@ -73,6 +73,7 @@ let
     ++ types.typeChecks
     ++ commandLines.execChecks
     ++ commandLines.warningChecks
+    ++ commandLines.cacheChecks
     ++ rendered.renderedChecks
     ++ refusals.refusalChecks
     ++ refusals.validatorChecks
@@ -90,6 +91,7 @@ builtins.deepSeq all {
   types = builtins.length types.typeChecks;
   commandLines = builtins.length commandLines.execChecks;
   warnings = builtins.length commandLines.warningChecks;
+  bootCache = builtins.length commandLines.cacheChecks;
   renderedUnits = builtins.length rendered.renderedChecks;
   credentials = builtins.length credentials.credentialChecks;
   guest = builtins.length guest.guestChecks;
