@@ -93,6 +93,8 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
     assert!(s.contains("E2E-GOT one"), "{s}");
     assert!(s.contains("ec-ipxe-qemu: chaining http://10.0.2.2:"), "iPXE chained to the loopback server:\n{s}");
     assert_eq!(st["boot_source"], "origin", "{st}");
+    assert_eq!(st["boot_url"], lab.url("boot.ipxe"), "status names the origin: {st}");
+    assert!(log.contains(&format!("chain: loading {} through the boot cache", lab.url("boot.ipxe"))), "{log}");
     let c = &st["boot_cache"];
     assert!(c["fetched_bytes"].as_u64().unwrap() >= BIG as u64, "{st}");
     assert!(c["served_bytes"].as_u64().unwrap() >= BIG as u64, "{st}");

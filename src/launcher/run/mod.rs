@@ -91,7 +91,10 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
     }
     let status = RunStatus {
         pid: std::process::id(),
-        boot_url: prepared.chain.clone(),
+        boot_url: match &prepared.cache {
+            Some(c) => Some(c.boot_url().url.clone()),
+            None => prepared.chain.clone(),
+        },
         lan_interface: tap.as_ref().map(|l| l.tap.name.to_string()),
         lan_mac: tap.as_ref().map(|l| l.tap.mac.to_string()),
         accel: accel.as_str().to_owned(),

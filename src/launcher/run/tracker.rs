@@ -114,7 +114,14 @@ impl Tracker {
             }
             Event::BootAddress(a) => self.file.update(|s| s.boot_address = Some(a.to_string())),
             Event::LanAddress(a) => self.lan_address(a),
-            Event::Chain(url) => self.file.update(|s| s.boot_url = Some(url)),
+            // Through the cache iPXE chains to the loopback server: the status names the origin.
+            Event::Chain(url) => {
+                let url = match &self.cache {
+                    Some(c) if url.starts_with("http://10.0.2.2:") => c.boot_url().url.clone(),
+                    _ => url,
+                };
+                self.file.update(|s| s.boot_url = Some(url));
+            }
             Event::Failure(f) => self.failure(&f),
             Event::Warning(w) => tracing::warn!("{w}"),
         }
@@ -146,7 +153,11 @@ impl Tracker {
             Stage::Firmware => "firmware: the guest's firmware is running".to_owned(),
             Stage::Ipxe => "ipxe: iPXE is running".to_owned(),
             Stage::Dhcp => format!("dhcp: the boot NIC has {}", s.boot_address.as_deref().unwrap_or("an address")),
-            Stage::Chain => format!("chain: loading {}", s.boot_url.as_deref().unwrap_or("the boot URL")),
+            Stage::Chain => format!(
+                "chain: loading {}{}",
+                s.boot_url.as_deref().unwrap_or("the boot URL"),
+                if self.cache.is_some() { " through the boot cache" } else { "" }
+            ),
             Stage::Kernel => "kernel: the guest's kernel is booting".to_owned(),
             Stage::Ready => match &s.lan_address {
                 Some(a) => format!("ready: the guest is up (LAN address {a})"),
