@@ -16,7 +16,8 @@ use common::launcher::{BOOT_TIMEOUT, LKRN, Run, Slot, require_qemu};
 use common::origin::{OriginLab, random_bytes};
 use common::{require_programs, require_root, unique, wait_for};
 
-const BIG: usize = 8 << 20;
+/// Large enough that status.json shows its download (about 4 s at 50 Mbit/s).
+const BIG: usize = 24 << 20;
 const READY: &str = "ec-publisher: ready";
 
 fn prepared(test: &str) -> bool {
@@ -33,7 +34,14 @@ fn guest_script(generation: &str) -> String {
 
 /// One boot: start the launcher in the client namespace, wait for the ready line and for the good set to be
 /// recorded (when `marks`), read status.json, stop.
-fn boot(lab: &OriginLab, state: &Path, extra: &[&str], marks: bool) -> (String, serde_json::Value, String) {
+struct Boot {
+    serial: String,
+    status: serde_json::Value,
+    log: String,
+    downloads: Vec<serde_json::Value>,
+}
+
+fn boot(lab: &OriginLab, state: &Path, extra: &[&str], marks: bool) -> Boot {
     let url = lab.url("boot.ipxe");
     let ca = lab.ca();
     let mut args = vec!["--no-disk", "--ipxe", LKRN, "--boot-url", &url, "--boot-ca", ca.to_str().unwrap()];
@@ -41,6 +49,18 @@ fn boot(lab: &OriginLab, state: &Path, extra: &[&str], marks: bool) -> (String, 
     // The previous boot's serial log must not answer for this one.
     let _ = std::fs::remove_file(state.join("serial.log"));
     let mut run = Run::start(Some(&lab.client), state, &args);
+    // While the guest boots, status.json shows the file being sent (`download`), refreshed about once a second.
+    let mut downloads = Vec::new();
+    let t0 = std::time::Instant::now();
+    while !run.serial().contains(READY) && run.running() && t0.elapsed() < BOOT_TIMEOUT {
+        if state.join("status.json").exists() {
+            let (_, v) = run.status_json();
+            if !v["download"].is_null() {
+                downloads.push(v["download"].clone());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let s = run.wait_serial(READY, BOOT_TIMEOUT);
     if marks {
         run.wait_stderr("are the last good set (ready)", Duration::from_secs(30));
@@ -52,7 +72,7 @@ fn boot(lab: &OriginLab, state: &Path, extra: &[&str], marks: bool) -> (String, 
     .unwrap_or_else(|| panic!("status.json never said ready:\n{}", run.stderr()));
     let log = run.stderr();
     drop(run);
-    (s, st, log)
+    Boot { serial: s, status: st, log, downloads }
 }
 
 /// `doctor --json` in the client namespace: check name → check.
@@ -88,8 +108,14 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
     let state = tmp.path().join(unique("state"));
 
     // Cold: everything fetched from the origin over HTTPS (which this iPXE cannot do itself).
-    let (s, st, log) = boot(&lab, &state, &[], true);
+    let Boot { serial: s, status: st, log, downloads } = boot(&lab, &state, &[], true);
     assert!(log.contains("boot cache: no last good set yet"), "{log}");
+    assert!(
+        downloads
+            .iter()
+            .any(|d| d["file"] == "big" && d["total"] == BIG as u64 && d["bytes"].as_u64() <= Some(BIG as u64)),
+        "status.json showed the download of big: {downloads:?}"
+    );
     assert!(s.contains("E2E-GOT one"), "{s}");
     assert!(s.contains("ec-ipxe-qemu: chaining http://10.0.2.2:"), "iPXE chained to the loopback server:\n{s}");
     assert_eq!(st["boot_source"], "origin", "{st}");
@@ -106,7 +132,7 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
 
     // Warm: both files revalidated (304), nothing fetched.
     lab.clear_log();
-    let (s, st, log) = boot(&lab, &state, &[], true);
+    let Boot { serial: s, status: st, log, .. } = boot(&lab, &state, &[], true);
     assert!(log.contains("boot cache: a last good set of 2 files"), "{log}");
     assert!(s.contains("E2E-GOT one"), "{s}");
     assert_eq!(st["boot_source"], "origin", "{st}");
@@ -134,7 +160,7 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
     std::thread::sleep(Duration::from_millis(20));
     lab.write("boot.ipxe", guest_script("two").as_bytes());
     lab.write("big", &random_bytes(BIG));
-    let (s, st, log) = boot(&lab, &state, &[], true);
+    let Boot { serial: s, status: st, log, .. } = boot(&lab, &state, &[], true);
     assert!(log.contains("boot cache: a last good set of 2 files"), "{log}");
     assert!(s.contains("E2E-GOT two"), "{s}\n{:?}\n{st}", lab.requests());
     assert!(st["boot_cache"]["fetched_bytes"].as_u64().unwrap() >= BIG as u64, "{st}");
@@ -142,7 +168,7 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
 
     // The origin answers 503: ready from the last good set, and status says so with the origin's error.
     lab.set_mode("503");
-    let (s, st, log) = boot(&lab, &state, &[], false);
+    let Boot { serial: s, status: st, log, .. } = boot(&lab, &state, &[], false);
     assert!(s.contains("E2E-GOT two"), "{s}");
     assert_eq!(st["boot_source"], "cache", "{st}");
     let err = st["boot_cache"]["origin_error"].as_str().unwrap_or_default().to_owned();
@@ -154,7 +180,7 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
     // The origin is down: the same.
     lab.set_mode("ok");
     lab.stop();
-    let (s, st, log) = boot(&lab, &state, &[], false);
+    let Boot { serial: s, status: st, log, .. } = boot(&lab, &state, &[], false);
     assert!(log.contains("from cache (the origin failed: "), "{log}");
     assert!(s.contains("E2E-GOT two"), "{s}");
     assert_eq!(st["boot_source"], "cache", "{st}");
