@@ -25,11 +25,28 @@ fn prepared(test: &str) -> bool {
     require_programs(test, &["python3", "openssl", "tc"]) && require_qemu(test)
 }
 
-/// The guest: fetch `big` through whatever served this script, say which generation it got, then be ready.
+/// The guest: fetch `big` through whatever served this script (retrying a failed fetch 3 times), say which
+/// generation it got, then be ready.
 fn guest_script(generation: &str) -> String {
-    format!(
-        "#!ipxe\nimgfetch big || goto failed\necho E2E-GOT {generation}\necho {READY}\nsleep 3600\n:failed\necho E2E-FETCH-FAILED\nsleep 3600\n"
-    )
+    [
+        "#!ipxe",
+        ":fetch",
+        "imgfetch big || goto retry",
+        &format!("echo E2E-GOT {generation}"),
+        &format!("echo {READY}"),
+        "sleep 3600",
+        ":retry",
+        "inc tries",
+        "iseq ${tries} 4 && goto failed ||",
+        "echo E2E-RETRY ${tries}",
+        "sleep 1",
+        "goto fetch",
+        ":failed",
+        "echo E2E-FETCH-FAILED",
+        "sleep 3600",
+        "",
+    ]
+    .join("\n")
 }
 
 /// One boot: start the launcher in the client namespace, wait for the ready line and for the good set to be
@@ -87,6 +104,16 @@ fn doctor(lab: &OriginLab, state: &Path, ca: bool) -> std::collections::HashMap<
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
     v.as_array().unwrap().iter().map(|c| (c["check"].as_str().unwrap().to_owned(), c.clone())).collect()
+}
+
+fn object_names(state: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(state.join("boot-cache/objects"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    v.sort();
+    v
 }
 
 fn objects(state: &Path) -> usize {
@@ -176,6 +203,17 @@ fn cold_warm_changed_and_fallback_through_the_launcher() {
     assert!(log.contains("boot stage ready: the guest is up, from cache (the origin failed: "), "{log}");
     assert_eq!(log.matches("booting from the last good set").count(), 1, "warned once:\n{log}");
     assert!(st["boot_cache"]["hits"].as_u64().unwrap() >= 2, "{st}");
+
+    // The origin cuts the (changed) big file mid-body: nothing of it enters the cache, and the guest's retry
+    // gets the last good set.
+    let before = object_names(&state);
+    lab.set_mode("cut");
+    lab.write("big", &random_bytes(BIG));
+    let Boot { serial: s, status: st, log, .. } = boot(&lab, &state, &[], false);
+    assert!(s.contains("E2E-GOT two"), "{s}\n{log}");
+    assert!(s.contains("E2E-RETRY"), "the cut fetch failed in the guest and was retried:\n{s}");
+    assert_eq!(st["boot_source"], "cache", "{st}");
+    assert_eq!(object_names(&state), before, "a cut download never enters the cache");
 
     // The origin is down: the same.
     lab.set_mode("ok");
