@@ -256,6 +256,11 @@ fn first_boot_with_the_origin_down_retries_visibly() {
     .unwrap_or_else(|| panic!("status.json never showed the origin's error:\n{}", run.stderr()));
     assert_eq!(st["ready"], false, "{st}");
     assert_eq!(st["boot_source"], "origin", "{st}");
+    let human =
+        std::process::Command::new(common::launcher::BIN).args(["status", "--state-dir"]).arg(&state).output().unwrap();
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("boot source:   origin (through the boot cache)"), "{human}");
+    assert!(human.contains("; origin error: https://10.77.0.2/boot.ipxe: connection refused"), "{human}");
     // The origin comes back: the next attempt of the retry loop boots.
     lab.start();
     let s = run.wait_serial(READY, BOOT_TIMEOUT);

@@ -210,10 +210,38 @@ pub(crate) fn render(state_dir: &Path, r: &Report) -> String {
         (true, None) => "yes".into(),
         (false, _) => "no".into(),
     };
-    let rows: Vec<(&str, String)> = vec![
+    let mut rows: Vec<(&str, String)> = vec![
         ("stage", stage),
         ("ready", ready),
         ("boot URL", s.boot_url.clone().unwrap_or_else(|| "(built-in diagnostics)".into())),
+    ];
+    if let Some(src) = s.boot_source {
+        let src = match src {
+            BootSource::Origin => "origin (through the boot cache)",
+            BootSource::Cache => "cache (the last good set: the origin failed)",
+            BootSource::Direct => "direct (iPXE fetches the boot URL itself)",
+        };
+        rows.push(("boot source", src.to_owned()));
+    }
+    if let Some(c) = &s.boot_cache {
+        rows.push((
+            "boot cache",
+            format!(
+                "{} hits, {} revalidated, {} bytes fetched, {} bytes served{}",
+                c.hits,
+                c.revalidated,
+                c.fetched_bytes,
+                c.served_bytes,
+                c.origin_error.as_deref().map(|e| format!("; origin error: {e}")).unwrap_or_default()
+            ),
+        ));
+    }
+    if let Some(d) = &s.download {
+        let total = d.total.map_or_else(String::new, |t| format!(" of {t}"));
+        let pct = d.percent.map_or_else(String::new, |p| format!(" ({p} %)"));
+        rows.push(("download", format!("{}: {} bytes{total}{pct}", d.file, d.bytes)));
+    }
+    rows.extend([
         ("boot address", or_none(&s.boot_address)),
         ("LAN interface", or_none(&s.lan_interface)),
         ("LAN MAC", or_none(&s.lan_mac)),
@@ -222,7 +250,7 @@ pub(crate) fn render(state_dir: &Path, r: &Report) -> String {
         ("vhost", s.vhost.clone()),
         ("last error", or_none(&s.last_error)),
         ("updated", s.updated_at.clone()),
-    ];
+    ]);
     for (k, v) in rows {
         out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
     }
