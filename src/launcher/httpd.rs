@@ -130,10 +130,29 @@ impl Default for Limits {
     }
 }
 
+/// A file being sent: what `status --json` shows as `download` while the guest loads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Transfer {
+    /// The request path without its leading `/`.
+    pub(crate) file: String,
+    pub(crate) bytes: u64,
+    pub(crate) total: u64,
+}
+
+/// The transfer in progress (the latest one to send a chunk), shared with the supervisor.
+pub(crate) type Progress = Arc<std::sync::Mutex<Option<Transfer>>>;
+
+/// What every connection shares: the directory served and the progress of the file being sent.
+struct Shared {
+    root: PathBuf,
+    progress: Progress,
+}
+
 /// The running server (a task on the current tokio runtime); stops, with all its connections, when dropped.
 pub(super) struct BootServer {
     addr: SocketAddr,
     task: JoinHandle<()>,
+    progress: Progress,
 }
 
 impl BootServer {
@@ -160,9 +179,16 @@ impl BootServer {
             .and_then(|()| TcpListener::from_std(std_listener))
             .map_err(|e| Error::io("boot HTTP server: set up the listener", e))?;
         let addr = listener.local_addr().map_err(|e| Error::io("boot HTTP server: listen address", e))?;
-        let task = tokio::spawn(serve(listener, Arc::new(root), limits));
+        let progress = Progress::default();
+        let shared = Arc::new(Shared { root, progress: Arc::clone(&progress) });
+        let task = tokio::spawn(serve(listener, shared, limits));
         tracing::info!("serving {} on http://{addr}/", dir.display());
-        Ok(BootServer { addr, task })
+        Ok(BootServer { addr, task, progress })
+    }
+
+    /// The file being sent, as it goes.
+    pub(super) fn progress(&self) -> Progress {
+        Arc::clone(&self.progress)
     }
 
     pub(super) fn addr(&self) -> SocketAddr {
@@ -178,7 +204,7 @@ impl Drop for BootServer {
 }
 
 /// Accept connections until aborted; each is a task in one JoinSet, so the count is exact and bounded.
-async fn serve(listener: TcpListener, root: Arc<PathBuf>, limits: Limits) {
+async fn serve(listener: TcpListener, root: Arc<Shared>, limits: Limits) {
     let mut conns: JoinSet<()> = JoinSet::new();
     let mut refused: u64 = 0;
     let mut last_warning: Option<Instant> = None;
@@ -261,7 +287,7 @@ impl AsyncWrite for Watched {
 }
 
 /// Serve one connection until it ends, its headers are too slow, or it idles too long.
-async fn connection(stream: TcpStream, peer: SocketAddr, root: Arc<PathBuf>, limits: Limits) {
+async fn connection(stream: TcpStream, peer: SocketAddr, root: Arc<Shared>, limits: Limits) {
     let epoch = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(Watched { inner: stream, epoch, last: Arc::clone(&last) });
@@ -311,10 +337,24 @@ fn status_response(status: u16, body: Body) -> Response<Body> {
     r
 }
 
-/// The body of a file: `len` bytes read in chunks on tokio's blocking pool.
-fn file_body(file: File, len: u64) -> Body {
+/// The body of a file: `len` bytes read in chunks on tokio's blocking pool. Each chunk handed on updates
+/// `progress`; the last one logs the transfer (name, size, seconds, rate).
+fn file_body(file: File, len: u64, name: String, progress: Progress) -> Body {
     let file = tokio::fs::File::from_std(file);
-    let stream = futures::stream::unfold((file, len), |(mut file, left)| async move {
+    let started = Instant::now();
+    let set = move |left: u64| {
+        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+        if left == 0 {
+            if p.as_ref().is_some_and(|t| t.file == name) {
+                *p = None;
+            }
+            tracing::info!("{}", transfer_summary(&name, len, started.elapsed()));
+        } else {
+            *p = Some(Transfer { file: name.clone(), bytes: len - left, total: len });
+        }
+    };
+    set(len.max(1));
+    let stream = futures::stream::unfold((file, len, set), |(mut file, left, set)| async move {
         if left == 0 {
             return None;
         }
@@ -322,20 +362,32 @@ fn file_body(file: File, len: u64) -> Body {
         match file.read_buf(&mut buf).await {
             Ok(0) => Some((
                 Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being served")),
-                (file, 0),
+                (file, 0, set),
             )),
             Ok(n) => {
                 let n = (n as u64).min(left);
                 buf.truncate(n as usize);
-                Some((Ok(Frame::data(buf.freeze())), (file, left - n)))
+                set(left - n);
+                Some((Ok(Frame::data(buf.freeze())), (file, left - n, set)))
             }
-            Err(e) => Some((Err(e), (file, 0))),
+            Err(e) => Some((Err(e), (file, 0, set))),
         }
     });
     StreamBody::new(stream).boxed_unsync()
 }
 
-async fn handle(req: &Request<Incoming>, root: &Path, peer: SocketAddr) -> Response<Body> {
+/// The log line of a file sent in full: `downloaded NAME: SIZE MiB in S s, R MB/s`.
+pub(crate) fn transfer_summary(name: &str, bytes: u64, took: Duration) -> String {
+    let secs = took.as_secs_f64().max(0.001);
+    format!(
+        "downloaded {name}: {:.1} MiB in {secs:.2} s, {:.1} MB/s",
+        bytes as f64 / (1024.0 * 1024.0),
+        bytes as f64 / secs / 1e6
+    )
+}
+
+async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Response<Body> {
+    let root = shared.root.as_path();
     let method = req.method();
     let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     if method != Method::GET && method != Method::HEAD {
@@ -347,7 +399,12 @@ async fn handle(req: &Request<Incoming>, root: &Path, peer: SocketAddr) -> Respo
     match resolve(root, target).and_then(|p| open_regular(&p)) {
         Ok((file, len)) => {
             tracing::info!("boot HTTP: {method} {target} from {peer}: 200 ({len} bytes)");
-            let body = if method == Method::HEAD { empty() } else { file_body(file, len) };
+            let body = if method == Method::HEAD || len == 0 {
+                empty()
+            } else {
+                let name = req.uri().path().trim_start_matches('/').to_owned();
+                file_body(file, len, name, Arc::clone(&shared.progress))
+            };
             let mut r = status_response(200, body);
             r.headers_mut().insert(CONTENT_LENGTH, len.into());
             r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));

@@ -5,19 +5,24 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use crate::launcher::console::bootwatch::{BootFailure, Event, Stage};
+use crate::launcher::httpd::Progress;
 use crate::launcher::notify::Notifier;
-use crate::launcher::status::{RunStatus, StatusFile, now_rfc3339};
+use crate::launcher::status::{Download, RunStatus, StatusFile, now_rfc3339};
 
 /// The supervisor's view of the boot: stage, readiness, addresses, the last failure.
 pub(crate) struct Tracker {
     pub(crate) file: StatusFile,
     pub(crate) notify: Notifier,
     started: Instant,
+    /// The `--boot-dir` server's progress, when it serves the boot.
+    pub(crate) http: Option<Progress>,
+    /// The file iPXE shows progress for, and when it first did.
+    ipxe_download: Option<(String, Instant)>,
 }
 
 impl Tracker {
     pub(crate) fn new(file: StatusFile, notify: Notifier) -> Tracker {
-        Tracker { file, notify, started: Instant::now() }
+        Tracker { file, notify, started: Instant::now(), http: None, ipxe_download: None }
     }
 
     pub(crate) fn status(&self) -> &RunStatus {
@@ -64,6 +69,62 @@ impl Tracker {
             Event::Chain(url) => self.file.update(|s| s.boot_url = Some(url)),
             Event::Failure(f) => self.failure(&f),
             Event::Warning(w) => tracing::warn!("{w}"),
+            Event::Download { file, percent } => self.ipxe_progress(file, percent),
+            Event::Downloaded(file) => self.ipxe_done(&file),
+        }
+    }
+
+    /// Whether downloads are worth polling the boot server for: it serves the boot and no kernel runs yet.
+    pub(crate) fn watching_downloads(&self) -> bool {
+        self.http.is_some() && self.stage().is_some_and(|s| s < Stage::Kernel)
+    }
+
+    /// The boot server's byte counts into `download` (they win over iPXE's percentage).
+    pub(crate) fn poll_http(&mut self) {
+        let Some(http) = &self.http else { return };
+        let t = http.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let d = t.map(|t| Download {
+            percent: Some(t.bytes.saturating_mul(100).checked_div(t.total).map_or(100, |p| p.min(100) as u8)),
+            file: t.file,
+            bytes: Some(t.bytes),
+            total: Some(t.total),
+        });
+        let current = &self.file.status.download;
+        // Done on the server side: clear only what the server put there.
+        if d.is_none() && current.as_ref().is_none_or(|c| c.bytes.is_none()) {
+            return;
+        }
+        if *current != d {
+            self.file.update(|s| s.download = d);
+        }
+    }
+
+    fn ipxe_progress(&mut self, file: String, percent: u8) {
+        if self.ipxe_download.as_ref().is_none_or(|(f, _)| *f != file) {
+            self.ipxe_download = Some((file.clone(), Instant::now()));
+        }
+        // The boot server's counts, when it serves this file, are the better figures.
+        if self.file.status.download.as_ref().is_some_and(|d| d.bytes.is_some()) {
+            return;
+        }
+        let d = Some(Download { file, bytes: None, total: None, percent: Some(percent) });
+        if self.file.status.download != d {
+            self.file.update(|s| s.download = d);
+        }
+    }
+
+    fn ipxe_done(&mut self, file: &str) {
+        if let Some((f, since)) = self.ipxe_download.take_if(|(f, _)| f == file) {
+            // The boot server logs its own files with their size; for another server iPXE tells no size.
+            if self.http.is_none() {
+                tracing::info!(
+                    "downloaded {f} in {:.2} s (iPXE's progress; the size is not shown)",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if self.file.status.download.is_some() {
+            self.file.update(|s| s.download = None);
         }
     }
 
@@ -105,6 +166,9 @@ impl Tracker {
         let ready = stage == Stage::Ready;
         self.file.update(|s| {
             s.stage = Some(stage);
+            if stage >= Stage::Kernel {
+                s.download = None;
+            }
             if ready {
                 s.ready = true;
                 s.ready_at = Some(now_rfc3339());
