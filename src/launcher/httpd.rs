@@ -376,14 +376,13 @@ fn file_body(file: File, len: u64, name: String, progress: Progress) -> Body {
     StreamBody::new(stream).boxed_unsync()
 }
 
-/// The log line of a file sent in full: `downloaded NAME: SIZE MiB in S s, R MB/s`.
+/// The log line of a file sent in full: `downloaded NAME: SIZE MiB in S s, R MB/s` (files under 1 MiB in
+/// bytes).
 pub(crate) fn transfer_summary(name: &str, bytes: u64, took: Duration) -> String {
     let secs = took.as_secs_f64().max(0.001);
-    format!(
-        "downloaded {name}: {:.1} MiB in {secs:.2} s, {:.1} MB/s",
-        bytes as f64 / (1024.0 * 1024.0),
-        bytes as f64 / secs / 1e6
-    )
+    let size =
+        if bytes < 1 << 20 { format!("{bytes} bytes") } else { format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)) };
+    format!("downloaded {name}: {size} in {secs:.2} s, {:.1} MB/s", bytes as f64 / secs / 1e6)
 }
 
 async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Response<Body> {
@@ -435,6 +434,18 @@ mod tests {
         std::os::unix::fs::symlink("netboot.ipxe", root.join("inside")).unwrap();
         let root = root.canonicalize().unwrap();
         (tmp, root)
+    }
+
+    #[test]
+    fn transfer_summaries() {
+        assert_eq!(
+            transfer_summary("initrd", 64 << 20, Duration::from_millis(2120)),
+            "downloaded initrd: 64.0 MiB in 2.12 s, 31.7 MB/s"
+        );
+        assert_eq!(
+            transfer_summary("netboot.ipxe", 69, Duration::from_micros(20)),
+            "downloaded netboot.ipxe: 69 bytes in 0.00 s, 0.1 MB/s"
+        );
     }
 
     #[test]
