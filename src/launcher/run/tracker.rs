@@ -57,11 +57,15 @@ impl Tracker {
             Event::Stage(stage) => self.enter(stage),
             Event::Reset => {
                 tracing::warn!("the guest started over (its firmware is running again)");
+                // The stage goes back in the same write, so status.json never shows `ready` with ready false
+                // (the Stage(Firmware) event that follows may wait behind other work of the supervisor).
                 self.file.update(|s| {
+                    s.stage = Some(Stage::Firmware);
                     s.ready = false;
                     s.ready_at = None;
                     s.boot_address = None;
                     s.lan_address = None;
+                    s.download = None;
                 });
             }
             Event::BootAddress(a) => self.file.update(|s| s.boot_address = Some(a.to_string())),
