@@ -5,7 +5,7 @@
 #   2. every .nix file is formatted in the nixpkgs style (RFC 166 nixfmt; here the
 #      nixfmt_rs crate, whose binary `nixfmt` is byte-compatible with nixpkgs' nixfmt);
 #   3. deadnix finds no dead code;
-#   4. nix/tests/module-eval.nix passes against the real NixOS systemd code of the kit in
+#   4. nix/tests/module-eval/ passes against the real NixOS systemd code of the kit in
 #      ../shared/nixos-eval (or $EC_NIXPKGS_LIB); under CI=true a missing kit fails;
 #   5. the units it renders pass systemd-analyze verify, the host unit's
 #      systemd-analyze security exposure is at most 3.0, and the guest's .network/.link
@@ -116,7 +116,7 @@ say "module-eval against $kit, units rendered for the local systemd $systemd_ver
 eval_expr() { # attribute names to keep from the result
 	nix-instantiate "${NIX_STORE_FLAGS[@]}" --eval --strict --json \
 		--arg nixpkgs "$kit" --argstr systemdVersion "$systemd_version" \
-		-E "{ nixpkgs, systemdVersion }: let r = import ./nix/tests/module-eval.nix { inherit nixpkgs systemdVersion; }; in $1"
+		-E "{ nixpkgs, systemdVersion }: let r = import ./nix/tests/module-eval { inherit nixpkgs systemdVersion; }; in $1"
 }
 if ! summary=$(eval_expr 'removeAttrs r [ "checks" "units" "scripts" ]'); then
 	die "module-eval failed (see the message above)"
