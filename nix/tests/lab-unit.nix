@@ -8,25 +8,42 @@
   # the lab's systemd (tests/systemd_module_unit.rs passes it), so the unit carries only the keys
   # that systemd knows
   systemdVersion ? "258",
+  # A directory for `boot.http` (`--boot-dir`), e.g. the real test guest's; null: the diagnostics boot.
+  bootDir ? null,
 }:
 
 let
   nixos = import ./nixos.nix { inherit nixpkgs systemdVersion; };
+  bootModules =
+    if bootDir == null then
+      [ ]
+    else
+      [
+        {
+          services.every-channel.ipxe-qemu.boot.http = {
+            enable = true;
+            directory = bootDir;
+          };
+        }
+      ];
   config =
-    (nixos.eval [
-      ../modules/ec-ipxe-qemu.nix
-      {
-        services.every-channel.ipxe-qemu = {
-          enable = true;
-          accel = "tcg";
-          memory = 256;
-          cpus = 1;
-          disk.size = "64M";
-          lan.enable = true;
-          lan.macvtap.interface = interface;
-        };
-      }
-    ]).config;
+    (nixos.eval (
+      [
+        ../modules/ec-ipxe-qemu.nix
+        {
+          services.every-channel.ipxe-qemu = {
+            enable = true;
+            accel = "tcg";
+            memory = 256;
+            cpus = 1;
+            disk.size = "64M";
+            lan.enable = true;
+            lan.macvtap.interface = interface;
+          };
+        }
+      ]
+      ++ bootModules
+    )).config;
   failed = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
 in
 if failed != [ ] then

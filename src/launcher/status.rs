@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::bootcache::{BootSource, Counters, Download};
+use crate::bootcache::{BootSource, Counters};
 use crate::error::{Error, Result};
 use crate::launcher::console::bootwatch::Stage;
 
@@ -47,8 +47,6 @@ pub(crate) struct RunStatus {
     pub boot_source: Option<BootSource>,
     /// The boot cache's counters for this boot (`--boot-cache on`).
     pub boot_cache: Option<Counters>,
-    /// The file being sent to the guest, while one is.
-    pub download: Option<Download>,
     /// Absolute URLs in the chained script: iPXE fetches them itself, not through the cache.
     #[serde(default)]
     pub not_cached: Vec<String>,
@@ -57,6 +55,20 @@ pub(crate) struct RunStatus {
     pub updated_at: String,
     /// When the launcher ended (set as it exits).
     pub ended_at: Option<String>,
+    /// The file iPXE is downloading, while it does (`null` otherwise); with the boot cache, its byte counts.
+    #[serde(default)]
+    pub download: Option<Download>,
+}
+
+/// A download in progress: from the `--boot-dir` server's own byte counts when it serves the file, else from
+/// iPXE's progress on the console (a percentage only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Download {
+    /// The file as the server or iPXE names it.
+    pub file: String,
+    pub bytes: Option<u64>,
+    pub total: Option<u64>,
+    pub percent: Option<u8>,
 }
 
 /// The status file of a state directory.
@@ -210,11 +222,14 @@ pub(crate) fn render(state_dir: &Path, r: &Report) -> String {
         (true, None) => "yes".into(),
         (false, _) => "no".into(),
     };
-    let mut rows: Vec<(&str, String)> = vec![
-        ("stage", stage),
+    let mut rows: Vec<(&str, String)> = vec![("stage", stage)];
+    if let Some(d) = &s.download {
+        rows.push(("download", download_text(d)));
+    }
+    rows.extend([
         ("ready", ready),
         ("boot URL", s.boot_url.clone().unwrap_or_else(|| "(built-in diagnostics)".into())),
-    ];
+    ]);
     if let Some(src) = s.boot_source {
         let src = match src {
             BootSource::Origin => "origin (through the boot cache)",
@@ -236,11 +251,6 @@ pub(crate) fn render(state_dir: &Path, r: &Report) -> String {
             ),
         ));
     }
-    if let Some(d) = &s.download {
-        let total = d.total.map_or_else(String::new, |t| format!(" of {t}"));
-        let pct = d.percent.map_or_else(String::new, |p| format!(" ({p} %)"));
-        rows.push(("download", format!("{}: {} bytes{total}{pct}", d.file, d.bytes)));
-    }
     rows.extend([
         ("boot address", or_none(&s.boot_address)),
         ("LAN interface", or_none(&s.lan_interface)),
@@ -257,9 +267,27 @@ pub(crate) fn render(state_dir: &Path, r: &Report) -> String {
     out
 }
 
+/// `initrd: 43% (28.0 of 64.0 MiB)`, or `initrd: 43%` from iPXE's progress alone.
+fn download_text(d: &Download) -> String {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let pct = d.percent.map_or(String::new(), |p| format!(" {p}%"));
+    match (d.bytes, d.total) {
+        (Some(b), Some(t)) => format!("{}:{pct} ({:.1} of {:.1} MiB)", d.file, mib(b), mib(t)),
+        _ => format!("{}:{pct}", d.file),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn download_lines() {
+        let d = Download { file: "initrd".into(), bytes: Some(28 << 20), total: Some(64 << 20), percent: Some(43) };
+        assert_eq!(download_text(&d), "initrd: 43% (28.0 of 64.0 MiB)");
+        let d = Download { file: "http://x/bzImage".into(), bytes: None, total: None, percent: Some(7) };
+        assert_eq!(download_text(&d), "http://x/bzImage: 7%");
+    }
 
     #[test]
     fn rfc3339_dates() {

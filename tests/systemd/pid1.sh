@@ -78,6 +78,11 @@ inner() {
 	touch /run/netns/lab-host
 	mount --move "$work/netns-file" /run/netns/lab-host
 	install -m 0755 "$work"/bin/* /run/ec-lab/bin/
+	# A boot directory for --boot-dir (the real test guest), when the test gives one.
+	if [[ -d "$work/www" ]]; then
+		cp -r "$work/www" /run/ec-lab/www
+		chmod -R a+rX /run/ec-lab/www
+	fi
 	mkdir -p /run/ec-lab/units /run/ec-lab/empty
 	cp "$work"/units/* /run/ec-lab/units/
 

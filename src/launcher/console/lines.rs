@@ -36,6 +36,17 @@ enum Esc {
     Charset,
 }
 
+/// What the assembler hands out, in console order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// A complete clean line.
+    Line(String),
+    /// The terminal was reset (`ESC c`): SeaBIOS's serial console sends it when a video mode is set, at
+    /// power-on and when a Linux kernel's real-mode setup code takes over from the boot loader. Whatever was
+    /// on the unfinished line has been handed out as a line of its own just before.
+    ScreenReset,
+}
+
 /// Assembles clean lines from raw console bytes. Invalid UTF-8 becomes U+FFFD.
 #[derive(Debug)]
 pub(crate) struct LineAssembler {
@@ -70,15 +81,42 @@ impl LineAssembler {
     }
 
     /// Feed raw bytes; complete lines are passed to `out` (without the newline, trailing blanks trimmed).
+    #[cfg(test)]
     pub(crate) fn push(&mut self, bytes: &[u8], out: &mut impl FnMut(String)) {
+        self.push_pieces(bytes, &mut |p| {
+            if let Piece::Line(l) = p {
+                out(l);
+            }
+        });
+    }
+
+    /// Feed raw bytes; lines and terminal resets are passed to `out` in order.
+    pub(crate) fn push_pieces(&mut self, bytes: &[u8], out: &mut impl FnMut(Piece)) {
         for &b in bytes {
             self.byte(b, out);
         }
     }
 
+    /// The visible text of the unfinished line (iPXE's download progress, redrawn with backspaces), trailing
+    /// blanks trimmed; empty while a wrapped line waits for its continuation.
+    pub(crate) fn partial_text(&self) -> String {
+        if self.wrapped.is_some() {
+            return String::new();
+        }
+        self.screen.iter().collect::<String>().trim_end().to_owned()
+    }
+
     /// What is on the current, unfinished line (and a wrapped line waiting for its continuation), handed out
     /// as a line of its own: for a guest that went quiet without a newline (a login prompt).
     pub(crate) fn flush(&mut self, out: &mut impl FnMut(String)) {
+        self.flush_pieces(&mut |p| {
+            if let Piece::Line(l) = p {
+                out(l);
+            }
+        });
+    }
+
+    fn flush_pieces(&mut self, out: &mut impl FnMut(Piece)) {
         let pending = self.wrapped.take();
         let current: String = self.screen.iter().collect();
         self.screen.clear();
@@ -89,7 +127,7 @@ impl LineAssembler {
         };
         let line = line.trim_end().to_owned();
         if !line.is_empty() {
-            out(line);
+            out(Piece::Line(line));
         }
     }
 
@@ -106,7 +144,7 @@ impl LineAssembler {
                 .is_some_and(|c| matches!(c, ':' | '#' | '$' | '>' | '?'))
     }
 
-    fn byte(&mut self, b: u8, out: &mut impl FnMut(String)) {
+    fn byte(&mut self, b: u8, out: &mut impl FnMut(Piece)) {
         match self.esc {
             Esc::None => {}
             Esc::Start => {
@@ -114,6 +152,14 @@ impl LineAssembler {
                     b'[' => Esc::Csi,
                     b']' | b'P' | b'X' | b'^' | b'_' => Esc::Str,
                     b'(' | b')' | b'*' | b'+' | b'#' | b'%' => Esc::Charset,
+                    // `ESC c`, a full reset: a new screen. What was on the unfinished line (SeaBIOS's
+                    // `Probing EDD ... o` before a kernel's first line) goes as a line of its own.
+                    b'c' => {
+                        self.esc = Esc::None;
+                        self.flush_pieces(out);
+                        out(Piece::ScreenReset);
+                        return;
+                    }
                     // A two-byte sequence such as `ESC c` (reset) or `ESC 7`.
                     _ => Esc::None,
                 };
@@ -196,7 +242,7 @@ impl LineAssembler {
         self.cursor += 1;
     }
 
-    fn newline(&mut self, out: &mut impl FnMut(String)) {
+    fn newline(&mut self, out: &mut impl FnMut(Piece)) {
         let text: String = self.screen.iter().collect();
         let full = self.screen.len() == WRAP_COLUMNS;
         self.screen.clear();
@@ -210,7 +256,7 @@ impl LineAssembler {
             self.wrapped = Some(line);
             return;
         }
-        out(line.trim_end().to_owned());
+        out(Piece::Line(line.trim_end().to_owned()));
     }
 }
 
@@ -223,7 +269,12 @@ pub(crate) struct RateLimit {
     tokens: f64,
     last: Instant,
     suppressed: u64,
+    /// When the last line was left out: a suppression episode lasts until none was for [`EPISODE_GAP`].
+    last_drop: Instant,
 }
+
+/// Without a line left out for this long, a suppression episode is over and its one summary is due.
+const EPISODE_GAP: Duration = Duration::from_secs(1);
 
 /// What to do with one line.
 #[derive(Debug, PartialEq, Eq)]
@@ -242,6 +293,7 @@ impl RateLimit {
             tokens: f64::from(burst),
             last: Instant::now(),
             suppressed: 0,
+            last_drop: Instant::now(),
         }
     }
 
@@ -251,17 +303,21 @@ impl RateLimit {
         self.tokens = (self.tokens + dt * self.per_sec).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            let suppressed = std::mem::take(&mut self.suppressed);
+            // One summary per episode: only once nothing has been left out for a while.
+            let over = now.saturating_duration_since(self.last_drop) >= EPISODE_GAP;
+            let suppressed = if over { std::mem::take(&mut self.suppressed) } else { 0 };
             Verdict::Log { suppressed }
         } else {
             self.suppressed += 1;
+            self.last_drop = now;
             Verdict::Drop
         }
     }
 
-    /// Lines left out and not yet reported, when the guest has been quiet for `quiet`: report them now.
+    /// Lines left out and not yet reported, when none has been left out for `quiet` (the episode is over):
+    /// report them now.
     pub(crate) fn take_if_quiet(&mut self, now: Instant, quiet: Duration) -> u64 {
-        if self.suppressed > 0 && now.saturating_duration_since(self.last) >= quiet {
+        if self.suppressed > 0 && now.saturating_duration_since(self.last_drop) >= quiet {
             std::mem::take(&mut self.suppressed)
         } else {
             0
@@ -370,11 +426,87 @@ mod tests {
         }
         assert_eq!(r.check(t0), Verdict::Drop);
         assert_eq!(r.check(t0), Verdict::Drop);
-        // 100 ms later one token is back, and the note says how many were left out.
-        assert_eq!(r.check(t0 + Duration::from_millis(100)), Verdict::Log { suppressed: 2 });
+        // 100 ms later one token is back: the line is logged, but the episode goes on, so no note yet.
+        assert_eq!(r.check(t0 + Duration::from_millis(100)), Verdict::Log { suppressed: 0 });
         assert_eq!(r.check(t0 + Duration::from_millis(100)), Verdict::Drop);
         assert_eq!(r.take_if_quiet(t0 + Duration::from_millis(150), Duration::from_secs(1)), 0);
-        assert_eq!(r.take_if_quiet(t0 + Duration::from_secs(2), Duration::from_secs(1)), 1);
+        // One note for the whole episode, once nothing has been dropped for a second.
+        assert_eq!(r.take_if_quiet(t0 + Duration::from_secs(2), Duration::from_secs(1)), 3);
         assert_eq!(r.take_if_quiet(t0 + Duration::from_secs(3), Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn a_kernel_burst_is_one_suppression_episode() {
+        // 2000 lines at 500 per second (a kernel boot under TCG), then quiet: one summary with the total.
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(200, 50);
+        let (mut logged, mut notes, mut dropped) = (0u64, Vec::new(), 0u64);
+        for i in 0..2000u64 {
+            match r.check(t0 + Duration::from_millis(i * 2)) {
+                Verdict::Log { suppressed } => {
+                    logged += 1;
+                    if suppressed > 0 {
+                        notes.push(suppressed);
+                    }
+                }
+                Verdict::Drop => dropped += 1,
+            }
+        }
+        assert!(notes.is_empty(), "notes during the burst: {notes:?}");
+        let n = r.take_if_quiet(t0 + Duration::from_secs(6), Duration::from_secs(1));
+        assert_eq!(n, dropped);
+        assert_eq!(logged + n, 2000);
+        // A line after the episode carries no old count.
+        assert_eq!(r.check(t0 + Duration::from_secs(7)), Verdict::Log { suppressed: 0 });
+    }
+
+    /// A terminal reset (`ESC c`) ends the unfinished line (SeaBIOS's `Probing EDD ... o` before a kernel's
+    /// first line) and is handed out in order.
+    #[test]
+    fn a_screen_reset_splits_firmware_leftovers_from_the_kernel() {
+        let mut a = LineAssembler::new();
+        let mut v = Vec::new();
+        a.push_pieces(
+            b"initrd.img... ok\r\nProbing EDD (edd=off to disable)... o\x1bc\x1b[?7l\x1b[2J[    0.000000] Linux version 6.1.0\r\n",
+            &mut |p| v.push(p),
+        );
+        assert_eq!(
+            v,
+            [
+                Piece::Line("initrd.img... ok".into()),
+                Piece::Line("Probing EDD (edd=off to disable)... o".into()),
+                Piece::ScreenReset,
+                Piece::Line("[    0.000000] Linux version 6.1.0".into()),
+            ]
+        );
+        // With `quiet`: the reset straight after iPXE's last line, nothing before it.
+        let mut v = Vec::new();
+        a.push_pieces(b"\x1bc\x1b[?7l\x1b[2Jec-guest: init started\r\n", &mut |p| v.push(p));
+        assert_eq!(v, [Piece::ScreenReset, Piece::Line("ec-guest: init started".into())]);
+    }
+
+    /// iPXE's progress as the unfinished line shows it, percentages erased with backspaces.
+    #[test]
+    fn partial_text_follows_ipxe_progress() {
+        let mut a = LineAssembler::new();
+        let mut v = Vec::new();
+        a.push(b"vmlinuz... ok\r\ninitrd.img... 19%", &mut |l| v.push(l));
+        assert_eq!(a.partial_text(), "initrd.img... 19%");
+        a.push(b"\x08\x08\x08\x08    \x08\x08\x08\x08 43%", &mut |l| v.push(l));
+        assert_eq!(a.partial_text(), "initrd.img... 43%");
+        a.push(b"\x08\x08\x08\x08    \x08\x08\x08\x08 ok\r\n", &mut |l| v.push(l));
+        assert_eq!(v, ["vmlinuz... ok", "initrd.img... ok"]);
+        assert_eq!(a.partial_text(), "");
+    }
+
+    /// After the firmware (joining off), a guest line of exactly 80 columns stays its own line.
+    #[test]
+    fn eighty_columns_stay_a_line_once_joining_is_off() {
+        let line80 = format!("ec-guest: {}", "0".repeat(70));
+        let mut a = LineAssembler::new();
+        a.join_wrapped = false;
+        let mut v = Vec::new();
+        a.push(format!("{line80}\r\nec-publisher: ready\r\n").as_bytes(), &mut |l| v.push(l));
+        assert_eq!(v, [line80.as_str(), "ec-publisher: ready"]);
     }
 }

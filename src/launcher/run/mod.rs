@@ -107,6 +107,7 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
         ..RunStatus::default()
     };
     let mut tracker = Tracker::new(StatusFile::new(&cfg.state_dir, status), notify).with_cache(prepared.cache.clone());
+    tracker.http = prepared.http_progress();
     let result = rt.block_on(async {
         let guest = match qemu::start(cfg, accel, &mut prepared, tap, &mut signals, &mut tracker).await {
             Ok(Some(g)) => g,

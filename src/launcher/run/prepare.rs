@@ -45,6 +45,13 @@ pub(super) struct Prepared {
     _cache_http: Option<BootServer>,
 }
 
+impl Prepared {
+    /// The `--boot-dir` server's progress, when it serves the boot.
+    pub(super) fn http_progress(&self) -> Option<crate::launcher::httpd::Progress> {
+        self._http.as_ref().map(BootServer::progress)
+    }
+}
+
 /// The guest console before it runs: the launcher's end of the serial socket pair, QEMU's end, the log, the
 /// listener.
 pub(super) struct ConsoleParts {

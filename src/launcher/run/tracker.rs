@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use crate::bootcache::{BootCache, BootSource, Counters};
 use crate::launcher::console::bootwatch::{BootFailure, Event, Stage};
+use crate::launcher::httpd::Progress;
 use crate::launcher::notify::Notifier;
-use crate::launcher::status::{RunStatus, StatusFile, now_rfc3339};
+use crate::launcher::status::{Download, RunStatus, StatusFile, now_rfc3339};
 
 /// The supervisor's view of the boot: stage, readiness, addresses, the last failure.
 pub(crate) struct Tracker {
@@ -16,11 +17,15 @@ pub(crate) struct Tracker {
     started: Instant,
     /// The boot cache (`--boot-cache on`).
     cache: Option<BootCache>,
+    /// The `--boot-dir` server's progress, when it serves the boot.
+    pub(crate) http: Option<Progress>,
+    /// The file iPXE shows progress for, and when it first did.
+    ipxe_download: Option<(String, Instant)>,
 }
 
 impl Tracker {
     pub(crate) fn new(file: StatusFile, notify: Notifier) -> Tracker {
-        Tracker { file, notify, started: Instant::now(), cache: None }
+        Tracker { file, notify, started: Instant::now(), cache: None, http: None, ipxe_download: None }
     }
 
     /// Report the boot cache's state in `status.json` and the stage line.
@@ -44,10 +49,17 @@ impl Tracker {
         let Some(c) = &self.cache else { return };
         let snap = c.snapshot();
         let was = self.file.status.boot_source;
+        // The cache's byte counts win over iPXE's percentage; when no file is being sent, only a download
+        // the cache reported is cleared (iPXE's own progress lines keep theirs).
+        let download = match snap.download {
+            Some(d) => Some(Download { file: d.file, bytes: Some(d.bytes), total: d.total, percent: d.percent }),
+            None if self.file.status.download.as_ref().is_some_and(|d| d.bytes.is_some()) => None,
+            None => self.file.status.download.clone(),
+        };
         self.file.update(|s| {
             s.boot_source = Some(snap.boot_source);
             s.boot_cache = Some(snap.boot_cache.clone());
-            s.download = snap.download.clone();
+            s.download = download;
             s.not_cached = snap.not_cached.clone();
         });
         if snap.boot_source == BootSource::Cache && was != Some(BootSource::Cache) {
@@ -104,13 +116,17 @@ impl Tracker {
             Event::Stage(stage) => self.enter(stage),
             Event::Reset => {
                 tracing::warn!("the guest started over (its firmware is running again)");
-                self.begin_boot();
+                // The stage goes back in the same write, so status.json never shows `ready` with ready false
+                // (the Stage(Firmware) event that follows may wait behind other work of the supervisor).
                 self.file.update(|s| {
+                    s.stage = Some(Stage::Firmware);
                     s.ready = false;
                     s.ready_at = None;
                     s.boot_address = None;
                     s.lan_address = None;
+                    s.download = None;
                 });
+                self.begin_boot();
             }
             Event::BootAddress(a) => self.file.update(|s| s.boot_address = Some(a.to_string())),
             Event::LanAddress(a) => self.lan_address(a),
@@ -124,6 +140,62 @@ impl Tracker {
             }
             Event::Failure(f) => self.failure(&f),
             Event::Warning(w) => tracing::warn!("{w}"),
+            Event::Download { file, percent } => self.ipxe_progress(file, percent),
+            Event::Downloaded(file) => self.ipxe_done(&file),
+        }
+    }
+
+    /// Whether downloads are worth polling the boot server for: it serves the boot and no kernel runs yet.
+    pub(crate) fn watching_downloads(&self) -> bool {
+        self.http.is_some() && self.stage().is_some_and(|s| s < Stage::Kernel)
+    }
+
+    /// The boot server's byte counts into `download` (they win over iPXE's percentage).
+    pub(crate) fn poll_http(&mut self) {
+        let Some(http) = &self.http else { return };
+        let t = http.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let d = t.map(|t| Download {
+            percent: Some(t.bytes.saturating_mul(100).checked_div(t.total).map_or(100, |p| p.min(100) as u8)),
+            file: t.file,
+            bytes: Some(t.bytes),
+            total: Some(t.total),
+        });
+        let current = &self.file.status.download;
+        // Done on the server side: clear only what the server put there.
+        if d.is_none() && current.as_ref().is_none_or(|c| c.bytes.is_none()) {
+            return;
+        }
+        if *current != d {
+            self.file.update(|s| s.download = d);
+        }
+    }
+
+    fn ipxe_progress(&mut self, file: String, percent: u8) {
+        if self.ipxe_download.as_ref().is_none_or(|(f, _)| *f != file) {
+            self.ipxe_download = Some((file.clone(), Instant::now()));
+        }
+        // The boot server's counts, when it serves this file, are the better figures.
+        if self.file.status.download.as_ref().is_some_and(|d| d.bytes.is_some()) {
+            return;
+        }
+        let d = Some(Download { file, bytes: None, total: None, percent: Some(percent) });
+        if self.file.status.download != d {
+            self.file.update(|s| s.download = d);
+        }
+    }
+
+    fn ipxe_done(&mut self, file: &str) {
+        if let Some((f, since)) = self.ipxe_download.take_if(|(f, _)| f == file) {
+            // The boot server logs its own files with their size; for another server iPXE tells no size.
+            if self.http.is_none() {
+                tracing::info!(
+                    "downloaded {f} in {:.2} s (iPXE's progress; the size is not shown)",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if self.file.status.download.is_some() {
+            self.file.update(|s| s.download = None);
         }
     }
 
@@ -175,6 +247,9 @@ impl Tracker {
         let ready = stage == Stage::Ready;
         self.file.update(|s| {
             s.stage = Some(stage);
+            if stage >= Stage::Kernel {
+                s.download = None;
+            }
             if ready {
                 s.ready = true;
                 s.ready_at = Some(now_rfc3339());
