@@ -4,11 +4,12 @@
 //! The library holds everything the two binaries share: validated names ([`names`]), errors and exit codes
 //! ([`error`]), link operations over rtnetlink ([`link`]), namespaces ([`netns`]), the tap device ([`tap`],
 //! the only module with `unsafe`), where tap nodes live ([`nodedir`]), the macvtap lifecycle ([`macvtap`]) and the
-//! launcher behind `ec-ipxe-qemu` ([`launcher`]).
+//! launcher behind `ec-ipxe-qemu` ([`launcher`]) with the systemd credentials it hands the guest ([`credentials`]).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
 pub mod commands;
+pub mod credentials;
 pub mod error;
 pub mod launcher;
 pub mod link;
