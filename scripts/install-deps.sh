@@ -16,6 +16,9 @@ have nix-instantiate || need+=(nix-bin)
 # systemd-networkd (scripts/nix-checks.sh); nsenter/unshare/setsid come with util-linux.
 [ -x /lib/systemd/systemd ] && have systemd-analyze && [ -x /lib/systemd/systemd-networkd ] || need+=(systemd)
 have nsenter || need+=(util-linux)
+# The real Linux test guest (scripts/build-test-guest.sh): Debian packages unpacked into a cpio initramfs.
+have cpio || need+=(cpio)
+have dpkg-deb || need+=(dpkg)
 # The probe tests' port-security stand-in (an nftables netdev ingress rule in the LAN namespace).
 have nft || need+=(nftables)
 

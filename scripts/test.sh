@@ -16,6 +16,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --all-features -- -D warnings
+echo "== test guest (Debian cloud kernel + busybox initramfs, cached under target/test-guest)"
+scripts/build-test-guest.sh >/dev/null
 echo "== cargo test"
 cargo test --all-features -- --include-ignored --test-threads="${EC_TEST_THREADS:-4}"
 echo "== gen-assets (man pages and completions)"

@@ -1202,6 +1202,11 @@ let
         && lib.hasInfix "ec-publisher: ready" (builtins.elemAt lan 1)
       ) text
     )
+    (expect "guest ready and discovery units run the files the Debian test guest runs" (
+      lib.hasSuffix (builtins.readFile ../guest/ec-publisher-ready.sh) guest.systemd.services.every-channel-publisher-ready.serviceConfig.ExecStart.text
+      && lib.hasSuffix (builtins.readFile ../guest/ec-publisher-discover.sh) guest.systemd.services.every-channel-tuner-discovery.serviceConfig.ExecStart.text
+      && lib.hasInfix "EC_TUNER_ATTEMPTS=12\n" guest.systemd.services.every-channel-tuner-discovery.serviceConfig.ExecStart.text
+    ) "nix/guest/*.sh is not what the units run")
     (expect "guest ready line also without LAN or tuner discovery" (
       guestMinimal.systemd.units ? "every-channel-publisher-ready.service"
     ) "unit missing")

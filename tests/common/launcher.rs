@@ -92,12 +92,17 @@ impl Run {
 
     /// The same, with extra environment.
     pub fn start_in(ns: Option<&Netns>, state: &Path, args: &[&str], env: &[(&str, &Path)]) -> Run {
+        Run::start_full(ns, state, "256", args, env)
+    }
+
+    /// The same with `--memory MEMORY` (a guest that loads a large initrd needs more than 256 MiB).
+    pub fn start_full(ns: Option<&Netns>, state: &Path, memory: &str, args: &[&str], env: &[(&str, &Path)]) -> Run {
         let log = state.with_extension("stderr");
         let mut cmd = match ns {
             Some(ns) => ns.cmd(BIN),
             None => Command::new(BIN),
         };
-        cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", "256"]).args(args);
+        cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", memory]).args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
