@@ -5,10 +5,13 @@
 {
   nixpkgs,
   interface,
+  # the lab's systemd (tests/systemd_unit.rs passes it), so the unit carries only the keys
+  # that systemd knows
+  systemdVersion ? "258",
 }:
 
 let
-  nixos = import ./nixos.nix { inherit nixpkgs; };
+  nixos = import ./nixos.nix { inherit nixpkgs systemdVersion; };
   config =
     (nixos.eval [
       ../modules/ec-ipxe-qemu.nix
