@@ -28,6 +28,7 @@
 //! `EC_BENCH_BEFORE=PATH` adds the launcher variants again with another `ec-ipxe-qemu` binary (e.g. one built
 //! from an older commit), so that before and after come from the same run. Run as root:
 //! `cargo bench --bench boot`. It prints figures; it asserts nothing about time.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;

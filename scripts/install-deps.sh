@@ -12,7 +12,7 @@ have qemu-img || need+=(qemu-utils)
 [ -e /usr/lib/ipxe/ipxe.lkrn ] || need+=(ipxe)
 have dnsmasq || need+=(dnsmasq-base)
 have nix-instantiate || need+=(nix-bin)
-# The unit tests' real systemd (PID 1 of private namespaces, tests/systemd_unit.rs), systemd-analyze and
+# The unit tests' real systemd (PID 1 of private namespaces, tests/systemd_module_unit.rs, tests/systemd_readme_unit.rs), systemd-analyze and
 # systemd-networkd (scripts/nix-checks.sh); nsenter/unshare/setsid come with util-linux.
 [ -x /lib/systemd/systemd ] && have systemd-analyze && [ -x /lib/systemd/systemd-networkd ] || need+=(systemd)
 have nsenter || need+=(util-linux)

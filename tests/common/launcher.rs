@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 use super::{Netns, require_programs, skip_or_fail, wait_for};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ec-ipxe-qemu");
+/// What the built-in diagnostics print when the user-mode boot path works.
+pub const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
+/// Debian's iPXE kernel image.
+pub const LKRN: &str = "/usr/lib/ipxe/ipxe.lkrn";
+/// How long an iPXE boot may take under TCG with another QEMU beside it.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// At most this many QEMUs at once in one test binary (two cores; TCG is CPU-bound).
 const MAX_QEMUS: u32 = 2;
