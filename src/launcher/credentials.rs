@@ -2,7 +2,8 @@
 //! checks `run`, `print-args` and `doctor` make before anything is started or created.
 //!
 //! Each credential travels as the QEMU fw_cfg file `opt/io.systemd.credentials/NAME`, which a systemd ≥ 252 guest
-//! imports as a system credential. QEMU reads the file itself (`-fw_cfg name=...,file=PATH`): the launcher never
+//! imports as a system credential. QEMU reads the file itself (`-fw_cfg name=...,file=PATH`, built by
+//! [`qemu_args`](super::qemu_args)): the launcher never
 //! reads a value, it only opens each file once (as its own user, the user QEMU runs as) to check that it can be
 //! read, and takes its size from that open file. So no value can reach an argv, a log line, `serial.log`,
 //! `status.json` or `print-args`; paths and sizes are not secret and may appear.
@@ -18,7 +19,6 @@
 //!   itself; QEMU 7.2 aborts (an assertion, exit 134) when they run out, at 20 credentials.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -31,20 +31,20 @@ use serde::Serialize;
 use crate::error::{Error, Kind, Result};
 
 /// The fw_cfg directory a systemd guest imports credentials from.
-pub const FW_CFG_PREFIX: &str = "opt/io.systemd.credentials/";
+pub(crate) const FW_CFG_PREFIX: &str = "opt/io.systemd.credentials/";
 /// QEMU's longest fw_cfg file name (`FW_CFG_MAX_FILE_PATH` minus its NUL): "name too long (max. 55 char)".
-pub const FW_CFG_NAME_MAX: usize = 55;
+pub(crate) const FW_CFG_NAME_MAX: usize = 55;
 /// The longest credential name: what is left of [`FW_CFG_NAME_MAX`] after [`FW_CFG_PREFIX`].
-pub const NAME_MAX: usize = FW_CFG_NAME_MAX - FW_CFG_PREFIX.len();
+pub(crate) const NAME_MAX: usize = FW_CFG_NAME_MAX - FW_CFG_PREFIX.len();
 /// The largest value: systemd's `CREDENTIAL_SIZE_MAX`.
-pub const SIZE_MAX: u64 = 1024 * 1024;
+pub(crate) const SIZE_MAX: u64 = 1024 * 1024;
 /// The most all values may hold together: systemd's `CREDENTIALS_TOTAL_SIZE_MAX`.
-pub const TOTAL_SIZE_MAX: u64 = 1024 * 1024;
+pub(crate) const TOTAL_SIZE_MAX: u64 = 1024 * 1024;
 /// The most credentials one guest gets (QEMU's fw_cfg file slots run out at 20).
-pub const COUNT_MAX: usize = 16;
+pub(crate) const COUNT_MAX: usize = 16;
 /// Where systemd puts a unit's credentials (`LoadCredential=`, `SetCredential=`, `ImportCredential=`); the
-/// default for `--credentials-from`.
-pub const ENV_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+/// CLI's default for `--credentials-from`.
+pub(crate) const ENV_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 
 /// A credential name: systemd's rule plus the fw_cfg length limit.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -57,7 +57,7 @@ impl CredentialName {
     }
 
     /// The fw_cfg file name the guest finds it under.
-    pub fn fw_cfg_name(&self) -> String {
+    pub(crate) fn fw_cfg_name(&self) -> String {
         format!("{FW_CFG_PREFIX}{}", self.0)
     }
 }
@@ -118,53 +118,28 @@ impl FromStr for CredentialArg {
     }
 }
 
-/// The directory to take every credential from: `--credentials-from`, else `$CREDENTIALS_DIRECTORY` when
-/// systemd set it (to something not empty).
-pub fn directory(given: Option<&Path>, env: Option<OsString>) -> Option<PathBuf> {
-    match given {
-        Some(d) => Some(d.to_path_buf()),
-        None => env.filter(|v| !v.is_empty()).map(PathBuf::from),
-    }
-}
-
-/// [`directory`] with the process's environment.
-pub fn directory_from_env(given: Option<&Path>) -> Option<PathBuf> {
-    directory(given, std::env::var_os(ENV_DIRECTORY))
-}
-
 /// One checked credential: the name, the absolute path QEMU reads, and the size the file had when checked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Credential {
-    pub name: CredentialName,
-    pub path: PathBuf,
-    pub size: u64,
+pub(crate) struct Credential {
+    pub(crate) name: CredentialName,
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
 }
 
-impl Credential {
-    /// The `-fw_cfg` value; commas are doubled as QEMU's option syntax wants.
-    pub fn fw_cfg_arg(&self) -> String {
-        // A checked path is UTF-8 (see `check_one`).
-        let path = self.path.to_string_lossy();
-        format!("name={},file={}", escape(&self.name.fw_cfg_name()), escape(&path))
+/// The names, in order (for `status.json`).
+pub(crate) fn names(creds: &[Credential]) -> Vec<String> {
+    creds.iter().map(|c| c.name.0.clone()).collect()
+}
+
+/// One log line with the names and sizes (`run` and `print-args`); nothing when there are none.
+pub(crate) fn log(creds: &[Credential]) {
+    if !creds.is_empty() {
+        tracing::info!("credentials for the guest (fw_cfg {FW_CFG_PREFIX}NAME): {}", describe(creds));
     }
-}
-
-fn escape(value: &str) -> String {
-    value.replace(',', ",,")
-}
-
-/// The QEMU arguments for `creds`, in order.
-pub fn qemu_args(creds: &[Credential]) -> Vec<String> {
-    creds.iter().flat_map(|c| ["-fw_cfg".to_string(), c.fw_cfg_arg()]).collect()
-}
-
-/// The names, in order (for `status.json` and the log).
-pub fn names(creds: &[Credential]) -> Vec<CredentialName> {
-    creds.iter().map(|c| c.name.clone()).collect()
 }
 
 /// `NAME (SIZE bytes)` for each, for one log line: names and sizes, never a value.
-pub fn describe(creds: &[Credential]) -> String {
+pub(crate) fn describe(creds: &[Credential]) -> String {
     let parts: Vec<String> = creds.iter().map(|c| format!("{} ({} bytes)", c.name, c.size)).collect();
     parts.join(", ")
 }
@@ -177,7 +152,7 @@ fn show(p: &Path) -> String {
 /// (directories, symlinks, sockets, ...) are skipped with a warning: symlinks are not followed, and systemd's
 /// `$CREDENTIALS_DIRECTORY` holds only regular files. A file whose name is not a valid credential name is
 /// exit 2; a missing directory exit 2, an unreadable one exit 5.
-pub fn list_dir(dir: &Path) -> Result<Vec<CredentialArg>> {
+pub(crate) fn list_dir(dir: &Path) -> Result<Vec<CredentialArg>> {
     let what = format!("credentials directory \"{}\"", show(dir));
     let entries = std::fs::read_dir(dir).map_err(|e| open_error(&what, &e))?;
     let mut out = Vec::new();
@@ -219,7 +194,7 @@ fn open_error(what: &str, e: &io::Error) -> Error {
 /// Check every credential: no name twice, at most [`COUNT_MAX`], each file an existing regular file this
 /// process can open for reading and no larger than [`SIZE_MAX`], all together no larger than
 /// [`TOTAL_SIZE_MAX`]. Bad input is exit 2, permission denied exit 5. Returns them sorted by name.
-pub fn check(args: Vec<CredentialArg>) -> Result<Vec<Credential>> {
+pub(crate) fn check(args: Vec<CredentialArg>) -> Result<Vec<Credential>> {
     let mut by_name: BTreeMap<CredentialName, PathBuf> = BTreeMap::new();
     for a in args {
         if let Some(first) = by_name.get(&a.name) {
@@ -281,7 +256,7 @@ fn check_one(name: CredentialName, path: &Path) -> Result<Credential> {
 }
 
 /// [`list_dir`] (when there is a directory) and [`check`] together: everything `run` passes to QEMU.
-pub fn collect(explicit: &[CredentialArg], dir: Option<&Path>) -> Result<Vec<Credential>> {
+pub(crate) fn collect(explicit: &[CredentialArg], dir: Option<&Path>) -> Result<Vec<Credential>> {
     let mut all = explicit.to_vec();
     if let Some(d) = dir {
         all.extend(list_dir(d)?);
@@ -339,29 +314,11 @@ mod tests {
     }
 
     #[test]
-    fn the_directory_defaults_to_systemds() {
-        let env = Some(OsString::from("/run/credentials/x.service"));
-        assert_eq!(directory(None, env.clone()), Some(PathBuf::from("/run/credentials/x.service")));
-        assert_eq!(directory(Some(Path::new("/d")), env), Some(PathBuf::from("/d")));
-        assert_eq!(directory(None, Some(OsString::new())), None);
-        assert_eq!(directory(None, None), None);
-    }
-
-    #[test]
-    fn qemu_gets_names_and_paths_with_commas_doubled() {
+    fn names_and_sizes_only() {
         let c = vec![
             Credential { name: name("a,b"), path: PathBuf::from("/k,eys/a"), size: 3 },
             Credential { name: name("ec.tuners"), path: PathBuf::from("/t"), size: 12 },
         ];
-        assert_eq!(
-            qemu_args(&c),
-            [
-                "-fw_cfg",
-                "name=opt/io.systemd.credentials/a,,b,file=/k,,eys/a",
-                "-fw_cfg",
-                "name=opt/io.systemd.credentials/ec.tuners,file=/t"
-            ]
-        );
         assert_eq!(describe(&c), "a,b (3 bytes), ec.tuners (12 bytes)");
         assert_eq!(serde_json::to_string(&names(&c)).unwrap(), r#"["a,b","ec.tuners"]"#);
     }
