@@ -149,7 +149,7 @@ fn credentials_reach_the_real_guest_and_nowhere_else() {
     let raw_status = std::fs::read(run.state.join("status.json")).unwrap();
     assert!(!String::from_utf8_lossy(&raw_status).contains(&marker));
     let human = run_out(Command::new(BIN).args(["status", "--state-dir"]).arg(&run.state));
-    assert!(human.contains("credentials:    ec.tuners mesh-key"), "{human}");
+    assert!(human.contains("  credentials:   ec.tuners mesh-key\n"), "{human}");
 
     // print-args: the exact argv, paths and no values; the names and sizes on stderr.
     let other_state = g.tmp.path().join("print-args-state");
