@@ -8,6 +8,9 @@
   # the lab's systemd (tests/systemd_module_unit.rs passes it), so the unit carries only the keys
   # that systemd knows
   systemdVersion ? "258",
+  # more settings of services.every-channel.ipxe-qemu, as JSON (e.g. credentials and a boot
+  # directory for tests/systemd_credentials.rs), merged over the lab's
+  extra ? "{}",
 }:
 
 let
@@ -16,7 +19,7 @@ let
     (nixos.eval [
       ../modules/ec-ipxe-qemu.nix
       {
-        services.every-channel.ipxe-qemu = {
+        services.every-channel.ipxe-qemu = nixos.lib.recursiveUpdate {
           enable = true;
           accel = "tcg";
           memory = 256;
@@ -24,7 +27,7 @@ let
           disk.size = "64M";
           lan.enable = true;
           lan.macvtap.interface = interface;
-        };
+        } (builtins.fromJSON extra);
       }
     ]).config;
   failed = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);

@@ -54,6 +54,12 @@ pub fn requirements(test: &str) -> bool {
 /// (`scripts/find-nixos-kit.sh`), with the store paths of the binaries, QEMU and iPXE replaced by real ones
 /// and the lab's network namespace added. None (a skip, or a failure under CI=true) without the kit.
 pub fn module_unit(test: &str, uplink: &str) -> Option<String> {
+    module_unit_with(test, uplink, "{}")
+}
+
+/// [`module_unit`] with more module settings (`extra`: JSON merged over the lab's
+/// `services.every-channel.ipxe-qemu`).
+pub fn module_unit_with(test: &str, uplink: &str, extra: &str) -> Option<String> {
     let out = run(&mut Command::new(repo().join("scripts/find-nixos-kit.sh")));
     if !out.status.success() {
         skip_or_fail(test, String::from_utf8_lossy(&out.stderr).trim());
@@ -68,7 +74,7 @@ pub fn module_unit(test: &str, uplink: &str) -> Option<String> {
     let out = run(Command::new("nix-instantiate")
         .env("NIX_REMOTE", "")
         .args(["--store", "dummy://", "--eval", "--strict", "--json", "--arg", "nixpkgs", &kit])
-        .args(["--argstr", "interface", uplink, "--argstr", "systemdVersion", &version])
+        .args(["--argstr", "interface", uplink, "--argstr", "systemdVersion", &version, "--argstr", "extra", extra])
         .arg(repo().join("nix/tests/lab-unit.nix")));
     assert!(out.status.success(), "rendering the unit failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
