@@ -33,7 +33,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// A value that is easy to find anywhere: a unique marker, then bytes that are not UTF-8.
 fn secret() -> (String, Vec<u8>) {
-    let marker = unique("EC-SECRET-").replace(['-', '_'], "X");
+    let marker = format!("EC-SECRET-{}", unique("k"));
     let mut value = marker.clone().into_bytes();
     value.extend_from_slice(b"\n\xff\x00\x01 tail");
     (marker, value)
