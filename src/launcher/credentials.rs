@@ -3,10 +3,10 @@
 //!
 //! Each credential travels as the QEMU fw_cfg file `opt/io.systemd.credentials/NAME`, which a systemd ≥ 252 guest
 //! imports as a system credential. QEMU reads the file itself (`-fw_cfg name=...,file=PATH`, built by
-//! [`qemu_args`](super::qemu_args)): the launcher never
-//! reads a value, it only opens each file once (as its own user, the user QEMU runs as) to check that it can be
-//! read, and takes its size from that open file. So no value can reach an argv, a log line, `serial.log`,
-//! `status.json` or `print-args`; paths and sizes are not secret and may appear.
+//! [`qemu_args`](super::qemu_args)). The launcher never reads a value: it opens each file once, as its own user
+//! (the user QEMU runs as), to check that it can be read, and takes the size from that open file. So no value
+//! can reach an argv, a log line, `serial.log`, `status.json` or `print-args`; names, paths and sizes are not
+//! secret and may appear.
 //!
 //! Limits:
 //! - a name follows systemd's `credential_name_valid()` (a valid file name and fd name: not empty, not `.` or
