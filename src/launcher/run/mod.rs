@@ -95,6 +95,7 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
         lan_mac: tap.as_ref().map(|l| l.tap.mac.to_string()),
         accel: accel.as_str().to_owned(),
         vhost: tap.as_ref().map_or("off", |l| l.vhost.as_str()).to_owned(),
+        credentials: crate::launcher::credentials::names(&cfg.credentials),
         ..RunStatus::default()
     };
     let mut tracker = Tracker::new(StatusFile::new(&cfg.state_dir, status), notify);
