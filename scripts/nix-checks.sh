@@ -190,12 +190,21 @@ for conf, units in data["units"].items():
         open(os.path.join(d, name), "w").write(text)
 PY
 
+# The guest's units use ImportCredential= (systemd 254, which NixOS guests have). An older
+# systemd here says "Unknown key" for it and nothing else changes, so that one line is
+# dropped for guest units when this systemd is older than 254.
+host_systemd=$(systemctl --version | awk 'NR == 1 { print $2 }')
 failed=0
 for dir in "$work"/units/*/; do
 	conf=$(basename "$dir")
 	for unit in "$dir"*.service; do
 		[[ -e "$unit" ]] || continue
-		if ! out=$(systemd-analyze verify --man=no "$unit" 2>&1) || [[ -n "$out" ]]; then
+		rc=0
+		out=$(systemd-analyze verify --man=no "$unit" 2>&1) || rc=$?
+		if [[ "$conf" == guest && "$host_systemd" -lt 254 ]]; then
+			out=$(printf '%s\n' "$out" | grep -v ": Unknown key 'ImportCredential' in section \[Service\], ignoring\.$" || true)
+		fi
+		if ((rc != 0)) || [[ -n "$out" ]]; then
 			printf 'nix-checks: systemd-analyze verify %s/%s:\n%s\n' "$conf" "$(basename "$unit")" "$out" >&2
 			failed=1
 		fi

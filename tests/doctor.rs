@@ -357,6 +357,7 @@ fn a_good_lab_setup_has_no_fail() {
         "boot-url",
         "state-dir",
         "disk",
+        "credentials",
         "lan-link",
         "lan-in-use",
         "lan-tap",

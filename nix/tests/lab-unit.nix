@@ -10,6 +10,9 @@
   systemdVersion ? "258",
   # A directory for `boot.http` (`--boot-dir`), e.g. the real test guest's; null: the diagnostics boot.
   bootDir ? null,
+  # more settings of services.every-channel.ipxe-qemu, as JSON (e.g. credentials and a boot
+  # directory for tests/systemd_credentials.rs), merged over the lab's
+  extra ? "{}",
 }:
 
 let
@@ -31,7 +34,7 @@ let
       [
         ../modules/ec-ipxe-qemu.nix
         {
-          services.every-channel.ipxe-qemu = {
+          services.every-channel.ipxe-qemu = nixos.lib.recursiveUpdate {
             enable = true;
             accel = "tcg";
             memory = 256;
@@ -39,7 +42,7 @@ let
             disk.size = "64M";
             lan.enable = true;
             lan.macvtap.interface = interface;
-          };
+          } (builtins.fromJSON extra);
         }
       ]
       ++ bootModules

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::launcher::accel::AccelChoice;
+use crate::launcher::credentials::{CredentialArg, ENV_DIRECTORY};
 use crate::launcher::option_values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::launcher::options::{
     LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_READY_TIMEOUT_SECS, MAX_SHUTDOWN_TIMEOUT_SECS,
@@ -286,6 +287,19 @@ pub struct LaunchArgs {
           help_heading = "Lifecycle")]
     pub shutdown_timeout: u64,
 
+    /// A systemd credential for the guest (repeatable): QEMU reads FILE itself and hands it over as the fw_cfg
+    /// file opt/io.systemd.credentials/NAME, which a systemd guest imports as a system credential. The value
+    /// never enters a command line or a log. NAME: printable ASCII without / or :, not . or .., at most 28
+    /// bytes (split at the first =); FILE: a regular file, at most 1 MiB (all together at most 1 MiB, at most
+    /// 16 credentials). Missing or bad: exit 2; unreadable by this user: exit 5.
+    #[arg(long, value_name = "NAME=FILE", help_heading = "Credentials")]
+    pub credential: Vec<CredentialArg>,
+    /// Pass every regular file in DIR as a credential named after the file (symlinks and other entries are
+    /// skipped). Default: $CREDENTIALS_DIRECTORY when set (not empty), where systemd puts the unit's
+    /// LoadCredential= files.
+    #[arg(long, value_name = "DIR", help_heading = "Credentials")]
+    pub credentials_from: Option<PathBuf>,
+
     /// Extra arguments appended to QEMU's command line as they are.
     #[arg(last = true, value_name = "EXTRA_QEMU_ARGS")]
     pub extra: Vec<String>,
@@ -301,7 +315,8 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 }
 
 impl LaunchArgs {
-    /// The library's options: one field per option, nothing checked beyond what parsing did.
+    /// The library's options: one field per option, nothing checked beyond what parsing did. The one default
+    /// taken from the environment: `--credentials-from` is `$CREDENTIALS_DIRECTORY` when systemd set it.
     pub fn to_options(&self) -> LaunchOptions {
         LaunchOptions {
             state_dir: self.state_dir.clone(),
@@ -333,6 +348,11 @@ impl LaunchArgs {
             lan_queues: self.lan_queues,
             lan_vhost: self.lan_vhost.into(),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            credentials: self.credential.clone(),
+            credentials_from: self
+                .credentials_from
+                .clone()
+                .or_else(|| std::env::var_os(ENV_DIRECTORY).filter(|v| !v.is_empty()).map(PathBuf::from)),
             extra: self.extra.clone(),
         }
     }
@@ -355,6 +375,31 @@ mod tests {
             LauncherCommand::Doctor(a) => a.launch,
             other => panic!("not a launch command: {other:?}"),
         })
+    }
+
+    #[test]
+    fn credentials_parse_and_repeat() {
+        let a = args(&[
+            "--state-dir",
+            "/x",
+            "--credential",
+            "mesh-key=/run/keys/k",
+            "--credential",
+            "ec.tuners=t=1",
+            "--credentials-from",
+            "/run/c",
+        ])
+        .unwrap()
+        .to_options();
+        let got: Vec<(&str, &str)> =
+            a.credentials.iter().map(|c| (c.name.as_str(), c.path.to_str().unwrap())).collect();
+        assert_eq!(got, [("mesh-key", "/run/keys/k"), ("ec.tuners", "t=1")]);
+        assert_eq!(a.credentials_from, Some(PathBuf::from("/run/c")));
+        for (bad, says) in [("a:b=/f", "contains ':'"), ("=f", "is empty"), ("k", "is not NAME=FILE")] {
+            let e = args(&["--state-dir", "/x", "--credential", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains("--credential") && e.to_string().contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::launcher::accel::AccelChoice;
 use crate::launcher::console::bootwatch;
+use crate::launcher::credentials::{self, Credential};
 use crate::launcher::fscheck::{
     absolute, check_boot_dir, check_disk, check_output_file, check_readable_file, check_state_dir, find_program,
 };
@@ -89,6 +90,8 @@ pub(crate) struct LaunchConfig {
     pub ready_timeout: Option<Duration>,
     pub lan: Option<LanConfig>,
     pub shutdown_timeout: Duration,
+    /// The checked credentials, sorted by name (QEMU reads the files; the launcher never reads a value).
+    pub credentials: Vec<Credential>,
     pub extra: Vec<String>,
 }
 
@@ -230,6 +233,7 @@ impl LaunchConfig {
                 format!("vhost-net serves virtio-net NICs only, not \"{}\"", l.model.as_str()),
             ));
         }
+        let credentials = credentials::collect(&a.credentials, a.credentials_from.as_deref())?;
         for (i, x) in a.extra.iter().enumerate() {
             if x.contains('\0') {
                 return Err(Error::invalid(format!("extra QEMU argument #{}", i + 1), "contains a NUL byte"));
@@ -256,6 +260,7 @@ impl LaunchConfig {
             ready_timeout: a.ready_timeout.filter(|t| !t.is_zero()),
             lan,
             shutdown_timeout: a.shutdown_timeout,
+            credentials,
             extra: a.extra.clone(),
         };
         tracing::trace!("configuration: {cfg:?}");

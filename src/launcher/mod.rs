@@ -9,6 +9,7 @@
 //! run/                    the supervisor: prepare, qemu (start), watch (event loop), stop (ladder), tracker
 //! console/                the guest console: broker, lines, serial.log, sink, bootwatch, banner, client
 //! status, statedir        status.json (and `status`), the locked state directory
+//! credentials             systemd credentials for the guest: names, files, the fw_cfg arguments
 //! doctor/                 every check `run` depends on
 //! accel, vhost, lanlock, linkwatch, httpd, qmp, notify, ipxe_image   one resource each
 //! ```
@@ -16,6 +17,7 @@
 pub(crate) mod accel;
 pub(crate) mod config;
 pub(crate) mod console;
+pub(crate) mod credentials;
 pub(crate) mod doctor;
 mod fscheck;
 mod httpd;
@@ -94,6 +96,7 @@ pub(crate) fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
         warn_without_https(cfg, u.as_str());
     }
     let accel = accel::resolve(cfg.accel)?;
+    credentials::log(&cfg.credentials);
     let lan = match &cfg.lan {
         Some(l) => {
             let mac = lan_mac(&l.interface)?;

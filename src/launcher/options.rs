@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::launcher::accel::AccelChoice;
+use crate::launcher::credentials::CredentialArg;
 use crate::launcher::option_values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::launcher::vhost::VhostMode;
 use crate::names::IfName;
@@ -84,6 +85,10 @@ pub struct LaunchOptions {
     pub lan_vhost: VhostMode,
     /// `--shutdown-timeout`, at most [`MAX_SHUTDOWN_TIMEOUT_SECS`].
     pub shutdown_timeout: Duration,
+    /// `--credential NAME=FILE`: systemd credentials for the guest, passed through QEMU's fw_cfg.
+    pub credentials: Vec<CredentialArg>,
+    /// `--credentials-from DIR` (the CLI defaults it to `$CREDENTIALS_DIRECTORY`): every regular file in DIR.
+    pub credentials_from: Option<PathBuf>,
     /// Extra arguments appended to QEMU's command line.
     pub extra: Vec<String>,
 }
@@ -121,6 +126,8 @@ impl LaunchOptions {
             lan_queues: 1,
             lan_vhost: VhostMode::Auto,
             shutdown_timeout: Duration::from_secs(30),
+            credentials: Vec::new(),
+            credentials_from: None,
             extra: Vec::new(),
         }
     }

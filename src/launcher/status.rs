@@ -52,6 +52,9 @@ pub(crate) struct RunStatus {
     pub not_cached: Vec<String>,
     /// The last boot failure seen on the console, with its hint.
     pub last_error: Option<String>,
+    /// The names of the credentials passed to the guest (never their values).
+    #[serde(default)]
+    pub credentials: Vec<String>,
     pub updated_at: String,
     /// When the launcher ended (set as it exits).
     pub ended_at: Option<String>,
@@ -258,6 +261,7 @@ pub(crate) fn render(state_dir: &Path, r: &Report) -> String {
         ("LAN address", or_none(&s.lan_address)),
         ("accel", s.accel.clone()),
         ("vhost", s.vhost.clone()),
+        ("credentials", if s.credentials.is_empty() { "-".into() } else { s.credentials.join(" ") }),
         ("last error", or_none(&s.last_error)),
         ("updated", s.updated_at.clone()),
     ]);

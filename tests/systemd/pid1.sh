@@ -149,6 +149,11 @@ inner() {
 	mount -t tmpfs -o mode=1777 tmpfs /tmp
 	mount -t tmpfs -o mode=1777 tmpfs /var/tmp
 
+	# systemd makes / shared at boot on a host (mount-setup.c) but not when $container is set, as
+	# here. Units with their own mount namespace need it: systemd 252 sets up a unit's
+	# $CREDENTIALS_DIRECTORY (LoadCredential=) in the unit's namespace and lets it propagate.
+	mount --make-rshared /
+
 	export container=ec-lab
 	export SYSTEMD_UNIT_PATH=/run/ec-lab/units
 	export SYSTEMD_GENERATOR_PATH=/run/ec-lab/empty

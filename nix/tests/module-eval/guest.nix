@@ -166,6 +166,74 @@ let
     (guestRejects "dataDisk.label longer than 16" { dataDisk.label = "a-label-far-too-long"; })
     (guestRejects "dataDisk.mountPoint relative" { dataDisk.mountPoint = "var/lib/ec"; })
     (guestRejects "tunerDiscovery.attempts = 0" { tunerDiscovery.attempts = 0; })
+    # Credentials: the ready unit imports the expected ones and its script lists them before
+    # the ready line; the discovery unit imports the static tuner list.
+    (
+      let
+        g = guestEval [
+          (guestOn {
+            credentials = [
+              "mesh-key"
+              "ec.tuners"
+              (lib.concatStrings (lib.replicate 28 "a"))
+            ];
+          })
+        ];
+        text = g.systemd.services.every-channel-publisher-ready.serviceConfig.ExecStart.text;
+      in
+      expect "guest ready script gets the expected credentials, one per line"
+        (lib.hasInfix "EC_CREDENTIALS='mesh-key\nec.tuners\n${lib.concatStrings (lib.replicate 28 "a")}'\n" text)
+        text
+    )
+    (sectionHas "ready line with credentials" "Service" "ImportCredential=mesh-key" (
+      guestService (guestEval [
+        (guestOn {
+          credentials = [
+            "mesh-key"
+            "ec.tuners"
+          ];
+        })
+      ]) "every-channel-publisher-ready"
+    ))
+    (sectionHas "ready line with credentials" "Service" "ImportCredential=ec.tuners" (
+      guestService (guestEval [
+        (guestOn {
+          credentials = [
+            "mesh-key"
+            "ec.tuners"
+          ];
+        })
+      ]) "every-channel-publisher-ready"
+    ))
+    (expect "guest ready unit without credentials imports none" (
+      !(lib.hasInfix "ImportCredential" (guestService guest "every-channel-publisher-ready"))
+      && lib.hasInfix "EC_CREDENTIALS=''\n" guest.systemd.services.every-channel-publisher-ready.serviceConfig.ExecStart.text
+    ) (guestService guest "every-channel-publisher-ready"))
+    (sectionHas "tuner discovery" "Service" "ImportCredential=ec.tuners" (
+      guestService guest "every-channel-tuner-discovery"
+    ))
+    (
+      let
+        text = guest.systemd.services.every-channel-publisher-ready.serviceConfig.ExecStart.text;
+        parts = lib.strings.splitString "ec-publisher: credentials" text;
+      in
+      expect "guest ready script prints the credentials line before the LAN and ready lines" (
+        builtins.length parts == 2
+        && lib.hasInfix "ec-publisher: lan " (builtins.elemAt parts 1)
+        && lib.hasInfix "ec-publisher: ready" (builtins.elemAt parts 1)
+      ) text
+    )
+    (guestRejects "credentials name with '/'" { credentials = [ "a/b" ]; })
+    (guestRejects "credentials name with ':'" { credentials = [ "a:b" ]; })
+    (guestRejects "credentials name \".\"" { credentials = [ "." ]; })
+    (guestRejects "credentials name \"..\"" { credentials = [ ".." ]; })
+    (guestRejects "credentials name empty" { credentials = [ "" ]; })
+    (guestRejects "credentials name with a space" { credentials = [ "a b" ]; })
+    (guestRejects "credentials name with a glob" { credentials = [ "a*" ]; })
+    (guestRejects "credentials name with '%'" { credentials = [ "a%i" ]; })
+    (guestRejects "credentials name of 29 bytes" {
+      credentials = [ (lib.concatStrings (lib.replicate 29 "a")) ];
+    })
   ];
 
   # For systemd-analyze: the guest's unit and networkd files, and the scripts its services run.

@@ -13,7 +13,7 @@ use crate::launcher::config::{self, LaunchConfig};
 use crate::launcher::layout::{DISK_IMAGE, LOCK_FILE};
 use crate::launcher::options::LaunchOptions;
 use crate::launcher::vhost::{self, VhostMode};
-use crate::launcher::{fscheck, ipxe_image, status};
+use crate::launcher::{credentials, fscheck, ipxe_image, status};
 
 mod lan;
 mod qemu;
@@ -219,12 +219,35 @@ pub(crate) fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
     }
     out.push(check_state(o));
     out.push(check_disk(o));
+    out.push(check_credentials(o));
     match &o.lan_interface {
         Some(name) => out.extend(check_lan(name, o.lan_queues)),
         None => out.push(Check::ok("lan-link", "no --lan-interface: the guest gets the user-mode boot NIC only")),
     }
     out.push(check_vhost(o, &dev.vhost_net));
     out
+}
+
+/// `credentials`: every credential file exists, is a regular file within the limits and opens for reading as
+/// this user (the user QEMU runs as, which reads them).
+fn check_credentials(o: &LaunchOptions) -> Check {
+    const NAME: &str = "credentials";
+    if o.credentials.is_empty() && o.credentials_from.is_none() {
+        return Check::ok(NAME, "none (no --credential, --credentials-from or $CREDENTIALS_DIRECTORY)");
+    }
+    match credentials::collect(&o.credentials, o.credentials_from.as_deref()) {
+        Ok(c) if c.is_empty() => Check::ok(NAME, "none: the credentials directory is empty"),
+        Ok(c) => Check::ok(
+            NAME,
+            format!("readable by this user (uid {}): {}", nix::unistd::geteuid(), credentials::describe(&c)),
+        ),
+        Err(e) => fail_from(
+            NAME,
+            &e,
+            "the user run runs as (and QEMU with it) must read each file; under systemd, LoadCredential= copies \
+             root-only files into $CREDENTIALS_DIRECTORY for the unit's user",
+        ),
+    }
 }
 
 /// `ipxe`: what runs iPXE for the boot NIC (the `--ipxe` image or QEMU's NIC option ROM), and HTTPS when the

@@ -104,6 +104,7 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
             (BootTarget::Url(u), None) if matches!(u.scheme(), "http" | "https") => Some(BootSource::Direct),
             _ => None,
         },
+        credentials: crate::launcher::credentials::names(&cfg.credentials),
         ..RunStatus::default()
     };
     let mut tracker = Tracker::new(StatusFile::new(&cfg.state_dir, status), notify).with_cache(prepared.cache.clone());

@@ -185,6 +185,7 @@ pub(super) fn prepare(cfg: &LaunchConfig, accel: Accel, lan: Option<&OpenedLan>)
     } else {
         tracing::info!("boot script: built-in diagnostics");
     }
+    crate::launcher::credentials::log(&cfg.credentials);
     tftp_dir(&cfg.tftp_dir())?;
     statedir::write_atomically(&cfg.boot_script(), ipxe::script(&spec).as_bytes())?;
     if let (Some(d), Some(img)) = (&cfg.disk, &cfg.qemu_img) {
