@@ -612,7 +612,7 @@ fn fetch_time(netns: &str, dir: &Path, url: &str) -> Option<f64> {
         "-accel",
         "tcg",
         "-m",
-        MEMORY,
+        &((cache_bench_bytes() >> 20) + 256).to_string(),
         "-smp",
         CPUS,
         "-nodefaults",
