@@ -202,8 +202,13 @@ pub fn cpu_ticks(pid: i32) -> Option<u64> {
 
 /// `Run::start` with the launcher's umask set to `umask` first (as a shell's `umask 000` would).
 pub fn start_umask(state: &Path, args: &[&str], umask: u32) -> crate::common::launcher::Run {
+    start_with(state, args, umask, &state.with_extension("stderr"))
+}
+
+/// `Run::start` with a umask and the launcher's stderr in `log`.
+pub fn start_with(state: &Path, args: &[&str], umask: u32, log: &Path) -> crate::common::launcher::Run {
     use std::os::unix::process::CommandExt;
-    let log = state.with_extension("stderr");
+    let log = log.to_owned();
     let mut cmd = Command::new(crate::common::launcher::BIN);
     cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", "256"]).args(args);
     // SAFETY: umask(2) is async-signal-safe.
