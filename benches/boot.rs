@@ -17,12 +17,18 @@
 //! devices), `address` (10.0.2.15 on the console: the boot NIC has its address), `chain` (the chain script
 //! runs), `lease` (dnsmasq sends the DHCPACK for the macvtap's MAC).
 //!
+//! Then, one run each, the real Linux guest (scripts/build-test-guest.sh) in the lab with the tuner emulator:
+//! start → chain → kernel → ready at the default log level, `loglevel=4` and `quiet`, and the SIGTERM → exit
+//! time; and the download of a 256 MiB initrd (iPXE's `initrd.img...` to its `ok`) through the launcher's
+//! `--boot-dir` server against bare QEMU fetching the same directory from `python3 -m http.server`.
+//!
 //! Every variant runs with `--accel tcg` (KVM fails on the development hosts), 256 MiB, no disk. The runs are
 //! interleaved (run 1 of every variant, then run 2, ...) so that load from other processes hits all alike;
 //! the load average before and after is printed. `EC_BENCH_RUNS` sets the number of runs (default 5);
 //! `EC_BENCH_BEFORE=PATH` adds the launcher variants again with another `ec-ipxe-qemu` binary (e.g. one built
 //! from an older commit), so that before and after come from the same run. Run as root:
 //! `cargo bench --bench boot`. It prints figures; it asserts nothing about time.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -383,4 +389,150 @@ fn main() {
     }
     let _ = macvtap(Some(&world.lab.host), &["-q", "delete", &world.name]);
     drop(server);
+    drop(world);
+    real_guest();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The real Linux guest (scripts/build-test-guest.sh): its boot timeline under the launcher, and the download
+// rate of a large initrd through `--boot-dir` against bare QEMU fetching from `python3 -m http.server`.
+
+/// Size of the initrd of the download-rate comparison (the guest's initrd padded with zeros).
+const BIG_INITRD: u64 = 256 << 20;
+
+fn real_guest() {
+    println!();
+    let guest = match common::guest::test_guest_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            println!("SKIP real guest: {e}");
+            return;
+        }
+    };
+    println!("real Linux guest ({}), one run each, TCG", guest.display());
+    real_guest_timeline("");
+    real_guest_timeline("loglevel=4");
+    real_guest_timeline("quiet");
+    download_rates(&guest);
+}
+
+/// One boot of the real guest in the lab (dnsmasq, tuner emulator, macvtap): its stages and the stop time.
+fn real_guest_timeline(cmdline: &str) {
+    let t = "boot bench (real guest)";
+    let Some(g) = common::guest::GuestLab::new(t) else { return };
+    let mut run = g.run(cmdline, None, &["--ready-timeout", "600"]);
+    let ready = common::wait_for(Duration::from_secs(400), || {
+        let (_, v) = run.status_json();
+        (v["ready"] == true).then_some(())
+    });
+    let st = common::guest::stages(&run.stderr());
+    let at = |n| common::guest::stage_at(&st, n).map_or("-".to_owned(), |s| format!("{s:.1} s"));
+    let label = if cmdline.is_empty() { "default log level" } else { cmdline };
+    if ready.is_none() {
+        println!("  [{label}] not ready within 400 s; stages {st:?}");
+        return;
+    }
+    let asked = Instant::now();
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopped = run.wait(Duration::from_secs(120));
+    println!(
+        "  [{label:<17}] start->chain {}, start->kernel {}, start->ready {}; SIGTERM->exit {:.2} s ({:?})",
+        at("chain"),
+        at("kernel"),
+        at("ready"),
+        asked.elapsed().as_secs_f64(),
+        stopped.and_then(|s| s.code())
+    );
+}
+
+/// Seconds from iPXE's `initrd.img...` to its `ok` on the serial console at `serial` (polled), or None.
+fn time_download(serial: &Path, timeout: Duration, alive: &mut dyn FnMut() -> bool) -> Option<f64> {
+    let (mut console, mut offset) = (String::new(), 0u64);
+    let t0 = Instant::now();
+    let mut started = None;
+    while t0.elapsed() < timeout && alive() {
+        read_new(serial, &mut offset, &mut console);
+        let Some(i) = console.find("initrd.img...") else {
+            std::thread::sleep(POLL);
+            continue;
+        };
+        let began = *started.get_or_insert_with(Instant::now);
+        let rest = &console[i..];
+        if let Some(end) = rest.find('\n') {
+            return rest[..end].contains("ok").then(|| began.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(POLL);
+    }
+    None
+}
+
+fn rate(secs: Option<f64>) -> String {
+    secs.map_or("failed".to_owned(), |s| format!("{s:.2} s, {:.1} MB/s", BIG_INITRD as f64 / s / 1e6))
+}
+
+/// A 256 MiB initrd through the launcher's `--boot-dir` server against bare QEMU (NIC ROM, `bootfile=`) and
+/// `python3 -m http.server` serving the same directory.
+fn download_rates(guest: &Path) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let www = tmp.path().join("www");
+    common::guest::write_boot_dir(&www, guest, "quiet", Some(BIG_INITRD));
+    let memory = "1024";
+
+    // The launcher, serving www itself.
+    let state = tmp.path().join("state");
+    let mut run = common::launcher::Run::start_full(
+        None,
+        &state,
+        memory,
+        &["--no-disk", "--boot-dir", www.to_str().expect("path"), "--shutdown-timeout", "0"],
+        &[],
+    );
+    let launcher = time_download(&state.join("serial.log"), Duration::from_secs(300), &mut || run.running());
+    let summary = run.stderr().lines().find(|l| l.contains("downloaded initrd.img")).map(str::to_owned);
+    drop(run);
+
+    // Bare QEMU and python3 -m http.server.
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+    let server = Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+        .current_dir(&www)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(server) = server else {
+        println!("  SKIP bare QEMU download: python3 did not start");
+        return;
+    };
+    let _server = common::KillOnDrop(server);
+    let up = common::wait_for(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).ok());
+    if up.is_none() {
+        println!("  SKIP bare QEMU download: python3 -m http.server did not listen");
+        return;
+    }
+    let serial = tmp.path().join("bare-serial.log");
+    let bare = Command::new(QEMU)
+        .args(["-nodefaults", "-display", "none", "-machine", "pc,graphics=off", "-accel", "tcg", "-m", memory])
+        .args(["-smp", CPUS, "-serial"])
+        .arg(format!("file:{}", serial.display()))
+        .args(["-netdev", &format!("user,id=boot,bootfile=http://10.0.2.2:{port}/netboot.ipxe")])
+        .args(["-device", "virtio-net-pci,netdev=boot,addr=0x3", "-boot", "n"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn QEMU");
+    let mut bare = common::KillOnDrop(bare);
+    let bare_secs =
+        time_download(&serial, Duration::from_secs(300), &mut || bare.0.try_wait().ok().flatten().is_none());
+    drop(bare);
+
+    println!("  download of a {} MiB initrd (iPXE's `initrd.img...` to `ok`):", BIG_INITRD >> 20);
+    println!("    launcher --boot-dir:               {}", rate(launcher));
+    println!("    bare QEMU + python3 -m http.server: {}", rate(bare_secs));
+    if let (Some(a), Some(b)) = (launcher, bare_secs) {
+        println!("    launcher rate ÷ bare rate: {:.2}×", b / a);
+    }
+    if let Some(s) = summary {
+        println!("    the launcher's own line: {}", s.split_once(" INFO ").map_or(s.as_str(), |(_, m)| m));
+    }
 }

@@ -12,6 +12,7 @@
 //!
 //! Run with `cargo bench --bench launcher` (release build). `EC_BENCH_RUNS` sets the number of starts
 //! (default 30). It prints figures; it asserts nothing about time. Targets: ≤ 5 ms overhead, ≤ 10 MiB RSS.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

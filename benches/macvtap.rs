@@ -14,6 +14,7 @@
 //! Also measured: variants of the delete path (down before delete, IPv6 off) and the cost of closing a tap
 //! fd, and the peak RSS of one `ec-macvtap create`. Run as root: `cargo bench --bench macvtap`
 //! (`EC_BENCH_CYCLES` sets N, default 50; `EC_BENCH_ONLY=1000` runs only the 1,000-link rows). It prints mean figures; it asserts nothing about time.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -12,10 +12,13 @@ have qemu-img || need+=(qemu-utils)
 [ -e /usr/lib/ipxe/ipxe.lkrn ] || need+=(ipxe)
 have dnsmasq || need+=(dnsmasq-base)
 have nix-instantiate || need+=(nix-bin)
-# The unit tests' real systemd (PID 1 of private namespaces, tests/systemd_unit.rs), systemd-analyze and
+# The unit tests' real systemd (PID 1 of private namespaces, tests/systemd_module_unit.rs, tests/systemd_readme_unit.rs), systemd-analyze and
 # systemd-networkd (scripts/nix-checks.sh); nsenter/unshare/setsid come with util-linux.
 [ -x /lib/systemd/systemd ] && have systemd-analyze && [ -x /lib/systemd/systemd-networkd ] || need+=(systemd)
 have nsenter || need+=(util-linux)
+# The real Linux test guest (scripts/build-test-guest.sh): Debian packages unpacked into a cpio initramfs.
+have cpio || need+=(cpio)
+have dpkg-deb || need+=(dpkg)
 # The probe tests' port-security stand-in (an nftables netdev ingress rule in the LAN namespace).
 have nft || need+=(nftables)
 

@@ -3,6 +3,7 @@
 //! (a real macvtap made by ec-macvtap in a lab namespace), a closed loopback port as boot URL, a state
 //! directory locked like a running launcher locks it; and a good lab setup that gives no fail. Where it is
 //! cheap, `run` is started too, to show that doctor predicted what it meets.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

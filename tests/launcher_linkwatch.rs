@@ -1,12 +1,13 @@
 //! The launcher's link watch against the real kernel: a link deleted while the notification socket has
 //! overflowed (its RTM_DELLINK lost) is still noticed, by re-checking the link after the overrun.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::time::Duration;
 
 use common::{Netns, require_root, unique};
-use ec_ipxe_qemu::launcher::linkwatch::{LinkEnd, LinkWatch};
+use ec_ipxe_qemu::{LinkEnd, LinkWatch};
 
 /// Run `f` on a thread that has entered network namespace `ns`.
 fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {

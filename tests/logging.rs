@@ -6,6 +6,7 @@
 //! file's device:inode in `JOURNAL_STREAM`, which is exactly what the binaries see under systemd; what
 //! journald then does with `<N>` prefixes is its documented stream protocol (`SyslogLevelPrefix=`, on by
 //! default).
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Privileged integration tests for `ec-macvtap`, against the real kernel: every test gets fresh network
 //! namespaces with veth parents and checks the kernel's own view with `ip -j -d link show`.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

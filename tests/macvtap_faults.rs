@@ -4,6 +4,7 @@
 //! `/dev/tapN` is machine-wide while ifindexes repeat per namespace, so no test assumes a public node is free:
 //! where a test needs the private-node path it makes the public name foreign on purpose ([`Blocker`]), and
 //! otherwise it accepts either node as long as it is this link's device.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

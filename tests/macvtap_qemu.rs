@@ -1,5 +1,6 @@
 //! The real hand-off: `ec-macvtap exec` opens the macvtap's tap device and execs a real QEMU that owns a
 //! tap netdev on that fd. QEMU is asked over QMP what it has, then told to quit.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

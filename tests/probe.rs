@@ -2,6 +2,7 @@
 //! namespace (with `--no-ping`, so the time measured is the probe's, not dnsmasq's ~3 s ping of a new
 //! address before its first offer), and the project's HDHomeRun emulator (vm-tests/hdhomerun-emulator.py)
 //! answering discovery from second addresses of the LAN port.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

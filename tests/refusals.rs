@@ -5,6 +5,7 @@
 //! has launcher arguments goes to `ec-ipxe-qemu print-args`: a refused value is a usage error (exit 2, which
 //! the unit does not restart: `RestartPreventExitStatus=2`), an accepted one is not. So the module refuses
 //! at evaluation what the launcher would refuse at start, from one table.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

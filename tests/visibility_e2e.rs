@@ -8,6 +8,7 @@
 //! stop before ready is quick; `--ready-timeout` ends the run with 1; `serial.log` under its cap with a
 //! chatty guest and the previous boot's log kept as `serial.log.1`; hostile console clients do not stall the
 //! guest. Figures (start → READY, stop before and after ready, the cap) are printed as `FIGURE` lines.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

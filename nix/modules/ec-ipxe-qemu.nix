@@ -1,12 +1,17 @@
 # NixOS module: run the every-channel publisher guest in QEMU, booted by iPXE,
 # as the always-running unit `every-channel-ipxe-qemu`.
 #
-# Interface contract: DESIGN.md (section "Nix"). The unit runs
+# The unit runs
 #   ExecStartPre=+ec-macvtap create ...   (root, only with lan.enable)
 #   ExecStart=ec-ipxe-qemu run ...        (static user in group kvm, no capabilities)
 #   ExecStopPost=+ec-macvtap delete ...   (root, only with lan.enable)
 # Every command line is built as a Nix list and escaped once with
 # utils.escapeSystemdExecArgs; user strings are never spliced into shell text.
+#
+# Layout: the interface (options) and the implementation (the unit and what it needs)
+# here; the evaluation-time checks in ./ec-ipxe-qemu/asserts.nix, the doctor wrapper in
+# ./ec-ipxe-qemu/doctor.nix; the launcher's value rules, mirrored in Nix, in
+# ../lib/validate.nix.
 {
   config,
   lib,
@@ -17,6 +22,8 @@
 
 let
   inherit (lib) mkOption types literalExpression;
+
+  validate = import ../lib/validate.nix { inherit lib; };
 
   cfg = config.services.every-channel.ipxe-qemu;
 
@@ -34,329 +41,22 @@ let
 
   # An absolute path without whitespace or '%' (both would need quoting in
   # tmpfiles.d lines; '%' is a systemd specifier).
-  absolutePath = types.strMatching "/[^[:space:]%]*";
+  absolutePath = types.strMatching validate.absolutePathRegex;
 
-  macAddressType = types.strMatching "[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}";
+  macAddressType = types.strMatching validate.macAddressRegex;
 
-  # The launcher's disk-size rule (`ByteSize` in src/launcher/config.rs): digits with an
-  # optional unit K, M, G or T (powers of 1024, optionally followed by "iB") or B, in any
-  # case; at least 1M and at most 64T. The number is clamped while it is read, so a long
-  # one cannot overflow.
-  diskSizeOk =
-    size:
-    let
-      parts = builtins.match "([0-9]+)([kKmMgGtT]|[kKmMgGtT][iI][bB]|[bB])?" size;
-      unit = lib.toLower (lib.substring 0 1 (toString (builtins.elemAt parts 1)));
-      shift =
-        {
-          "" = 0;
-          b = 0;
-          k = 10;
-          m = 20;
-          g = 30;
-          t = 40;
-        }
-        .${unit};
-      cap = 140737488355328; # 2^47, above every limit below
-      number = lib.foldl' (n: d: lib.min cap (n * 10 + lib.toInt d)) 0 (
-        lib.stringToCharacters (builtins.elemAt parts 0)
-      );
-      # number * 2^shift within [2^20, 2^46], without multiplying
-      pow2 = e: lib.foldl' (x: _: x * 2) 1 (lib.range 1 e);
-      minimum = if shift >= 20 then 1 else pow2 (20 - shift);
-      maximum = pow2 (46 - shift);
-    in
-    parts != null && number >= minimum && number <= maximum;
-
-  diskSizeType = types.addCheck types.str diskSizeOk // {
+  diskSizeType = types.addCheck types.str validate.isDiskSize // {
     description = "disk size between 1M and 64T (digits with an optional unit K, M, G or T)";
   };
 
-  # Characters the Rust `IfName` refuses besides '/' and ':': Unicode white space and
-  # control characters (C0, DEL, C1). Nix has no "\v" or "\f" escape (they mean "v" and
-  # "f"), so the characters are made from their code points.
-  fromCodePoint = cp: builtins.fromJSON ''"\u${lib.fixedWidthString 4 "0" (lib.toHexString cp)}"'';
-  whitespaceChars = map fromCodePoint (
-    lib.range 9 13
-    ++ [
-      32
-      133
-      160
-      5760
-    ]
-    ++ lib.range 8192 8202
-    ++ [
-      8232
-      8233
-      8239
-      8287
-      12288
-    ]
-  );
-  controlChars = map fromCodePoint (lib.range 1 31 ++ lib.range 127 159);
-  containsAny = chars: name: lib.any (c: lib.hasInfix c name) chars;
-
-  # The interface-name rule of ec-macvtap (and of the kernel): 1-15 bytes, no '/', no
-  # ':', no whitespace or control characters, not "." or "..". Returns null when the
-  # name is fine.
-  ifNameProblem =
-    name:
-    let
-      len = builtins.stringLength name;
-    in
-    if len == 0 then
-      "is empty"
-    else if len > 15 then
-      "is ${toString len} bytes long; Linux allows at most 15"
-    else if lib.hasInfix "/" name then
-      "contains '/'"
-    else if lib.hasInfix ":" name then
-      "contains ':'"
-    else if containsAny whitespaceChars name then
-      "contains whitespace"
-    else if containsAny controlChars name then
-      "contains a control character"
-    else if name == "." || name == ".." then
-      "is '.' or '..'"
-    else
-      null;
-
-  # The launcher's value rules (src/launcher/config.rs, src/cli/launcher.rs), so that a
-  # value it would refuse (exit 2, which the unit does not restart) fails evaluation
-  # instead. tests/refusals.json feeds the same values to both sides.
-
-  # Rust's Ipv4Addr: four decimal octets 0-255 without leading zeros.
-  isIPv4 =
-    s:
-    let
-      octets = builtins.match "(0|[1-9][0-9]{0,2})\\.(0|[1-9][0-9]{0,2})\\.(0|[1-9][0-9]{0,2})\\.(0|[1-9][0-9]{0,2})" s;
-    in
-    octets != null && lib.all (o: lib.toInt o <= 255) octets;
-
-  # Rust's Ipv6Addr: up to eight groups of 1-4 hex digits, at most one "::", optionally
-  # ending in an IPv4 address (which counts as two groups).
-  isIPv6 =
-    s:
-    let
-      halves = lib.splitString "::" s;
-      groupsOf = h: if h == "" then [ ] else lib.splitString ":" h;
-      groups = lib.concatMap groupsOf halves;
-      lastIsV4 = groups != [ ] && isIPv4 (lib.last groups);
-      hexGroups = if lastIsV4 then lib.init groups else groups;
-      count = builtins.length hexGroups + (if lastIsV4 then 2 else 0);
-      hexOk = lib.all (g: builtins.match "[0-9a-fA-F]{1,4}" g != null) hexGroups;
-      # an IPv4 part only at the very end
-      v4Last = lib.all (g: !(isIPv4 g)) (lib.take (builtins.length groups - 1) groups);
-    in
-    builtins.length halves <= 2
-    && hexOk
-    && v4Last
-    && (if builtins.length halves == 2 then count <= 7 else count == 8);
-
-  # Rust's u16 parse (leading zeros allowed), 1-65535.
-  isPort =
-    s:
-    let
-      m = builtins.match "0*([0-9]{1,5})" s;
-    in
-    m != null && lib.toInt (builtins.head m) >= 1 && lib.toInt (builtins.head m) <= 65535;
-
-  # `--host-forward`: [tcp|udp]:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT (HostForward).
-  hostForwardOk =
-    rule:
-    let
-      m = builtins.match "(([^:-]*):)?([^:-]*):([^:-]*)-([^:]*):(.*)" rule;
-      at = builtins.elemAt m;
-      addrOk = a: a == "" || isIPv4 a;
-    in
-    m != null
-    && lib.elem (if at 0 == null then "" else at 1) [
-      ""
-      "tcp"
-      "udp"
-    ]
-    && addrOk (at 2)
-    && isPort (at 3)
-    && addrOk (at 4)
-    && isPort (at 5);
-
-  # `--hostname` (Hostname): dot-separated labels of letters, digits and '-', 1-63 bytes
-  # each, not starting or ending with '-', 253 bytes in all.
-  hostnameOk =
-    name:
-    builtins.stringLength name <= 253
-    && lib.all (l: builtins.match "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?" l != null) (
-      lib.splitString "." name
-    );
-
-  # `--boot-nic-model`, `--lan-nic-model` (NicModel).
-  nicModelOk = m: builtins.match "[A-Za-z0-9._-]{1,64}" m != null;
-
-  # `--boot-url` (BootUrl): http, https or tftp (any case), a host, an optional port
-  # (1-65535 or an iPXE ${setting}), no whitespace, control characters, quotes,
-  # backslashes or backquotes.
-  bootUrlProblem =
-    url:
-    let
-      m = builtins.match "([^:]*)://([^/?#]*)(.*)" url;
-      scheme = lib.toLower (builtins.elemAt m 0);
-      authority = builtins.elemAt m 1;
-      hostport = lib.last (lib.splitString "@" authority);
-      v6 = builtins.match "\\[([^]]*)](.*)" hostport;
-      plain = builtins.match "([^:]*)(:(.*))?" hostport;
-      # the launcher splits host and port at the last ':'
-      lastColon = builtins.match "(.*):([^:]*)" hostport;
-      host =
-        if lib.hasPrefix "[" hostport then
-          (if v6 == null then null else builtins.elemAt v6 0)
-        else if lastColon != null then
-          builtins.elemAt lastColon 0
-        else
-          builtins.elemAt plain 0;
-      port =
-        if lib.hasPrefix "[" hostport then
-          (
-            if v6 != null && lib.hasPrefix ":" (builtins.elemAt v6 1) then
-              lib.removePrefix ":" (builtins.elemAt v6 1)
-            else
-              null
-          )
-        else if lastColon != null then
-          builtins.elemAt lastColon 1
-        else
-          null;
-    in
-    if m == null then
-      "is not a URL like http://HOST/PATH"
-    else if
-      !(lib.elem scheme [
-        "http"
-        "https"
-        "tftp"
-      ])
-    then
-      "has the scheme \"${builtins.elemAt m 0}\"; use http, https or tftp"
-    else if
-      containsAny (
-        whitespaceChars
-        ++ controlChars
-        ++ [
-          "\""
-          "'"
-          "\\"
-          "`"
-        ]
-      ) url
-    then
-      "contains whitespace, a control character, a quote, a backslash or a backquote"
-    else if lib.hasPrefix "[" hostport && v6 == null then
-      "has an unterminated IPv6 address"
-    else if host == "" || host == null then
-      "has no host"
-    else if port != null && !(lib.hasPrefix "\${" port || isPort port) then
-      "has the port \"${port}\", not a number between 1 and 65535"
-    else
-      null;
-
-  # stateDir and disk.path: never a system directory, and written the one way systemd,
-  # tmpfiles and the launcher all read alike.
-  systemDirs = [
-    "/"
-    "/var"
-    "/var/lib"
-    "/srv"
-  ];
-  pathProblem =
-    path:
-    let
-      components = lib.tail (lib.splitString "/" path);
-    in
-    if lib.elem path systemDirs then
-      "is a system directory"
-    else if lib.hasSuffix "/" path then
-      "ends with '/'"
-    else if lib.any (c: c == "." || c == ".." || c == "") components then
-      "has an empty, '.' or '..' component"
-    else if containsAny [ "\"" "'" "\\" "`" ] path then
-      "contains a quote, a backslash or a backquote"
-    else
-      null;
-
-  # `--ready-pattern` is a Rust regex. Nix cannot compile one, so this checks what breaks
-  # most patterns: it must not be empty (an empty pattern matches every line), and its
-  # parentheses and brackets must balance (backslash escapes, and a `]` first in a class,
-  # are literal). The launcher parses the full syntax at start and exits 2 (not restarted).
-  readyPatternProblem =
-    pattern:
-    let
-      chars = lib.stringToCharacters pattern;
-      step =
-        st: c:
-        if st.bad != null then
-          st
-        else if st.escaped then
-          st // { escaped = false; }
-        else if c == "\\" then
-          st // { escaped = true; }
-        else if st.class then
-          (if c == "]" && !st.classStart then st // { class = false; } else st // { classStart = false; })
-        else if c == "[" then
-          st
-          // {
-            class = true;
-            classStart = true;
-          }
-        else if c == "(" then
-          st // { depth = st.depth + 1; }
-        else if c == ")" then
-          (
-            if st.depth == 0 then
-              st // { bad = "has a ')' without its '('"; }
-            else
-              st // { depth = st.depth - 1; }
-          )
-        else
-          st;
-      end = lib.foldl' step {
-        bad = null;
-        escaped = false;
-        class = false;
-        classStart = false;
-        depth = 0;
-      } chars;
-    in
-    if pattern == "" then
-      "is empty (it would match every console line)"
-    else if end.bad != null then
-      end.bad
-    else if end.escaped then
-      "ends with a lone backslash"
-    else if end.class then
-      "has a '[' without its ']'"
-    else if end.depth > 0 then
-      "has a '(' without its ')'"
-    else
-      null;
-
-  # The low bit of the first octet marks a group (multicast/broadcast) address.
-  isMulticastMac =
-    mac:
-    lib.elem (lib.toLower (builtins.substring 1 1 mac)) [
-      "1"
-      "3"
-      "5"
-      "7"
-      "9"
-      "b"
-      "d"
-      "f"
-    ];
-
   lanName = cfg.lan.macvtap.name;
   lanParent = cfg.lan.macvtap.interface;
-  lanNameProblem = ifNameProblem lanName;
-  lanParentProblem = if lanParent == null then null else ifNameProblem lanParent;
+  lanParentOk = lanParent != null && validate.ifNameProblem lanParent == null;
   mac = cfg.lan.macvtap.macAddress;
+
+  # RestartSteps= and RestartMaxDelaySec= (systemd 254): older versions would warn about
+  # unknown keys at every daemon-reload.
+  restartBackoff = lib.versionAtLeast (lib.getVersion config.systemd.package) "254";
 
   stateUnderVarLib = lib.hasPrefix "/var/lib/" cfg.stateDir;
   diskOutsideState = cfg.disk.enable && !(lib.hasPrefix "${cfg.stateDir}/" cfg.disk.path);
@@ -466,34 +166,23 @@ let
   ]
   ++ lib.optionals (cfg.extraArgs != [ ]) ([ "--" ] ++ cfg.extraArgs);
 
-  # `every-channel-ipxe-qemu-doctor [--json]`: the unit's own command line (runArgs, with
-  # `doctor` for `run`) run as the unit's user, so it predicts what the unit will meet
-  # without starting it. Root drops to that user with setpriv; the user runs it directly.
-  # The caller's arguments go before the unit's, which may end in `-- EXTRA_QEMU_ARGS`.
-  doctorWrapper = pkgs.writeShellScriptBin "every-channel-ipxe-qemu-doctor" ''
-    set -eu
-    doctor=(${
-      lib.escapeShellArgs [
-        "${cfg.package}/bin/ec-ipxe-qemu"
-        "doctor"
-      ]
-    } "$@" ${lib.escapeShellArgs (lib.drop 2 runArgs)})
-    if [ "$(${pkgs.coreutils}/bin/id -u)" -eq 0 ]; then
-      exec ${pkgs.util-linux}/bin/setpriv --reuid=${serviceUser} --regid=${serviceGroup} \
-        --init-groups --reset-env -- "''${doctor[@]}"
-    fi
-    if [ "$(${pkgs.coreutils}/bin/id -un)" = ${serviceUser} ]; then
-      exec "''${doctor[@]}"
-    fi
-    echo "every-channel-ipxe-qemu-doctor: run it as root (or as ${serviceUser}): it checks as the unit's user ${serviceUser}" >&2
-    exit 5
-  '';
+  # `every-channel-ipxe-qemu-doctor`: the unit's command line with `doctor` for `run`.
+  doctorWrapper = import ./ec-ipxe-qemu/doctor.nix {
+    inherit lib pkgs runArgs;
+    inherit (cfg) package;
+    user = serviceUser;
+    group = serviceGroup;
+  };
 
   parentDevice = lib.optional (
-    cfg.lan.enable && lanParent != null && lanParentProblem == null
+    cfg.lan.enable && lanParentOk
   ) "sys-subsystem-net-devices-${utils.escapeSystemdPath lanParent}.device";
 in
 {
+  imports = [ ./ec-ipxe-qemu/asserts.nix ];
+
+  ###### interface
+
   options.services.every-channel.ipxe-qemu = {
     enable = lib.mkEnableOption "the every-channel publisher guest: QEMU booted by iPXE, supervised by ec-ipxe-qemu";
 
@@ -616,7 +305,7 @@ in
 
       readyTimeout = mkOption {
         type = types.ints.between 0 86400;
-        default = 600;
+        default = 900;
         example = 180;
         description = ''
           Seconds the guest has, from QEMU's start, to print its ready line
@@ -624,6 +313,11 @@ in
           boot stage it hung in, and `Restart=` tries again. The unit's `TimeoutStartSec=` is
           this plus 60 s (for `ExecStartPre` and QEMU's own start), so the launcher's message
           comes first. 0: no limit (`TimeoutStartSec=infinity`).
+
+          The default, 15 minutes, covers a NixOS netboot image on a slow link: an ~800 MB
+          initrd at 10 Mbit/s takes 800 MB × 8 / 10 Mbit/s ≈ 640 s (11 min) to download, which
+          leaves 4 minutes for the firmware, iPXE, the kernel and the guest's services. Lower
+          it for a small image or a fast link, so a hung boot is retried sooner.
         '';
       };
 
@@ -812,187 +506,41 @@ in
       ];
       description = "Extra QEMU arguments, passed after `--`; each element is one argument.";
     };
+
+    credentials = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options.file = mkOption {
+            type = absolutePath;
+            example = "/run/keys/ec-mesh-key";
+            description = ''
+              Absolute path of the file, as a string (a Nix path such as `./key` would be copied
+              into the world-readable store). systemd reads it as root, so it may be root-only.
+            '';
+          };
+          options.secret = mkOption {
+            type = types.bool;
+            default = true;
+            description = "Whether the value is secret: only a non-secret file (e.g. a `pkgs.writeText` tuner list) may be in the Nix store.";
+          };
+        }
+      );
+      default = { };
+      example = literalExpression ''{ mesh-key.file = "/run/keys/ec-mesh-key"; }'';
+      description = ''
+        systemd credentials for the guest. Each becomes `LoadCredential=NAME:FILE` on the unit;
+        the launcher passes every file of `$CREDENTIALS_DIRECTORY` to the guest as the fw_cfg
+        file `opt/io.systemd.credentials/NAME`, which a systemd guest imports as a system
+        credential, never through a command line, a log or `status.json`. NAME: printable
+        ASCII without `/`, `:`, `%` or a backslash, not `.` or `..`, at most
+        ${toString validate.credentialNameMax} bytes (QEMU's fw_cfg names have at most 55).
+      '';
+    };
   };
 
+  ###### implementation
+
   config = lib.mkIf cfg.enable {
-    assertions =
-      let
-        opt = "services.every-channel.ipxe-qemu";
-        # One assertion per refused value, naming the option and the value.
-        each =
-          name: values: ok: rule:
-          map (v: {
-            assertion = ok v;
-            message = "${opt}.${name} = ${builtins.toJSON v}: ${rule}";
-          }) values;
-        stateProblem = pathProblem cfg.stateDir;
-        diskProblem = pathProblem cfg.disk.path;
-        diskDir = dirOf cfg.disk.path;
-        # The longest socket path the launcher makes in the state directory.
-        consoleSocket = "${cfg.stateDir}/console.sock";
-        urlProblem = if cfg.boot.url == null then null else bootUrlProblem cfg.boot.url;
-        lanModel = if cfg.lan.model == null then "virtio-net-pci" else cfg.lan.model;
-      in
-      [
-        {
-          assertion = stateProblem == null;
-          message = ''
-            ${opt}.stateDir = "${cfg.stateDir}" ${toString stateProblem}. Use a directory of
-            its own written plainly, for example "/var/lib/every-channel/ipxe-qemu" (the unit
-            owns it: tmpfiles gives it to the service user and ReadWritePaths= opens it).
-          '';
-        }
-        {
-          assertion = !cfg.disk.enable || diskProblem == null;
-          message = ''
-            ${opt}.disk.path = "${cfg.disk.path}" ${toString diskProblem}. Use a file path
-            such as "/var/lib/every-channel/ipxe-qemu/disk.qcow2".
-          '';
-        }
-        {
-          assertion = !diskOutsideState || !(lib.elem diskDir systemDirs);
-          message = ''
-            ${opt}.disk.path = "${cfg.disk.path}" lies directly in the system directory
-            ${diskDir}, which the unit would have to make writable (ReadWritePaths=${diskDir}).
-            Put the disk in a directory of its own, or inside stateDir.
-          '';
-        }
-        {
-          assertion = builtins.stringLength consoleSocket <= 107;
-          message = ''
-            ${opt}.stateDir = "${cfg.stateDir}" is too long: the console socket ${consoleSocket}
-            would exceed the 107 bytes of a Unix socket path. Use a shorter directory.
-          '';
-        }
-        {
-          assertion = cfg.boot.readyPattern == null || readyPatternProblem cfg.boot.readyPattern == null;
-          message = ''
-            ${opt}.boot.readyPattern = ${builtins.toJSON cfg.boot.readyPattern} ${toString (readyPatternProblem (toString cfg.boot.readyPattern))}. Give a regular expression for the console line that means the guest is up,
-            e.g. "^login: ?$", or null for the launcher's default.
-          '';
-        }
-        {
-          assertion = urlProblem == null;
-          message = ''
-            ${opt}.boot.url = ${builtins.toJSON cfg.boot.url} ${toString urlProblem}
-            (the launcher takes http://, https:// or tftp://HOST[:PORT]/PATH).
-          '';
-        }
-        {
-          assertion = cfg.boot.http.bindAddress == null || isIPv4 cfg.boot.http.bindAddress;
-          message = ''
-            ${opt}.boot.http.bindAddress = ${builtins.toJSON cfg.boot.http.bindAddress} is not an
-            IPv4 address; iPXE reaches the host over the user-mode network's IPv4 only (10.0.2.2).
-            Use "127.0.0.1" or "0.0.0.0".
-          '';
-        }
-        {
-          assertion = cfg.boot.userNet.hostname == null || hostnameOk cfg.boot.userNet.hostname;
-          message = ''
-            ${opt}.boot.userNet.hostname = ${builtins.toJSON cfg.boot.userNet.hostname} is not a host
-            name: use labels of letters, digits and '-' separated by dots, e.g. "ec-publisher".
-          '';
-        }
-        {
-          assertion = cfg.boot.userNet.model == null || nicModelOk cfg.boot.userNet.model;
-          message = ''
-            ${opt}.boot.userNet.model = ${builtins.toJSON cfg.boot.userNet.model} is not a QEMU device
-            name like "virtio-net-pci" or "e1000".
-          '';
-        }
-        {
-          assertion = cfg.lan.model == null || nicModelOk cfg.lan.model;
-          message = ''
-            ${opt}.lan.model = ${builtins.toJSON cfg.lan.model} is not a QEMU device name like
-            "virtio-net-pci" or "e1000".
-          '';
-        }
-        {
-          assertion = !cfg.lan.enable || cfg.lan.macvtap.queues == 1 || lib.hasPrefix "virtio-net" lanModel;
-          message = ''
-            ${opt}.lan.macvtap.queues = ${toString cfg.lan.macvtap.queues} needs a virtio-net LAN NIC,
-            not "${lanModel}". Set lan.macvtap.queues = 1 or lan.model = "virtio-net-pci".
-          '';
-        }
-        {
-          assertion = !cfg.lan.enable || cfg.lan.vhost != "on" || lib.hasPrefix "virtio-net" lanModel;
-          message = ''
-            ${opt}.lan.vhost = "on" needs a virtio-net LAN NIC (vhost-net serves virtio only), not
-            "${lanModel}". Set lan.vhost = "auto" or lan.model = "virtio-net-pci".
-          '';
-        }
-      ]
-      ++ each "boot.userNet.dnsServers" cfg.boot.userNet.dnsServers (
-        a: isIPv4 a || isIPv6 a
-      ) "not an IPv4 or IPv6 address (e.g. \"9.9.9.9\")"
-      ++
-        each "boot.userNet.hostForwards" cfg.boot.userNet.hostForwards hostForwardOk
-          "not a QEMU hostfwd rule [tcp|udp]:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT with IPv4 addresses and ports 1-65535 (e.g. \"tcp:127.0.0.1:2222-:22\")"
-      ++ [
-        {
-          assertion = !cfg.lan.enable || lanParent != null;
-          message = ''
-            services.every-channel.ipxe-qemu.lan.enable is true but lan.macvtap.interface is not set.
-            Set services.every-channel.ipxe-qemu.lan.macvtap.interface to the wired host interface
-            the guest should share (for example "eno1"), or set lan.enable = false.
-          '';
-        }
-        {
-          assertion = lanNameProblem == null;
-          message = ''
-            services.every-channel.ipxe-qemu.lan.macvtap.name = "${lanName}" ${toString lanNameProblem}.
-            Use an interface name of 1-15 bytes without '/', ':' or whitespace, for example "ec-lan0".
-          '';
-        }
-        {
-          assertion = lanParentProblem == null;
-          message = ''
-            services.every-channel.ipxe-qemu.lan.macvtap.interface = "${toString lanParent}" ${toString lanParentProblem}.
-            Set it to the name of an existing wired interface (see `ip link`), for example "eno1".
-          '';
-        }
-        {
-          assertion = mac == null || !(isMulticastMac mac);
-          message = ''
-            services.every-channel.ipxe-qemu.lan.macvtap.macAddress = "${toString mac}" is a multicast
-            address (the low bit of the first octet is set). Use a unicast address such as
-            "52:54:00:ec:00:01", or null for a stable derived one.
-          '';
-        }
-        {
-          assertion = mac == null || lib.toLower mac != "00:00:00:00:00:00";
-          message = ''
-            services.every-channel.ipxe-qemu.lan.macvtap.macAddress must not be all zero. Use a
-            unicast address such as "52:54:00:ec:00:01", or null for a stable derived one.
-          '';
-        }
-        {
-          assertion = !cfg.boot.http.enable || cfg.boot.http.directory != null;
-          message = ''
-            services.every-channel.ipxe-qemu.boot.http.enable is true but boot.http.directory is null.
-            Set services.every-channel.ipxe-qemu.boot.http.directory to a directory containing
-            netboot.ipxe (for example this flake's packages.x86_64-linux.ec-publisher-netboot).
-          '';
-        }
-        {
-          assertion = !(cfg.boot.http.enable && cfg.boot.url != null);
-          message = ''
-            services.every-channel.ipxe-qemu.boot.url and boot.http.enable are both set; the guest can
-            chain to only one of them. Unset boot.url or set boot.http.enable = false.
-          '';
-        }
-      ];
-
-    warnings =
-      lib.optional (!cfg.boot.http.enable && cfg.boot.http.directory != null) ''
-        services.every-channel.ipxe-qemu.boot.http.directory is set but boot.http.enable is false,
-        so the directory is not served. Set boot.http.enable = true to boot from it.
-      ''
-      ++ lib.optional (!cfg.lan.enable && lanParent != null) ''
-        services.every-channel.ipxe-qemu.lan.macvtap.interface is set but lan.enable is false, so no
-        LAN NIC is created. Set lan.enable = true to give the guest a LAN NIC.
-      '';
-
     environment.systemPackages = [ doctorWrapper ];
 
     users.users.${serviceUser} = {
@@ -1055,6 +603,7 @@ in
 
         ExecStart = utils.escapeSystemdExecArgs runArgs;
 
+        # A crash restarts within 5 s; repeated failures back off (restartBackoff).
         Restart = "always";
         RestartSec = "5s";
         # Exit 2 is a usage error: restarting cannot fix it (evaluation refuses every value
@@ -1110,7 +659,18 @@ in
         ];
         # No MemoryDenyWriteExecute=: QEMU's TCG needs writable+executable memory.
       }
+      // lib.optionalAttrs restartBackoff {
+        # Delays of 5, 11, 26, 58, 132 s, then 5 min; the count is reset by a manual start,
+        # `systemctl reset-failed` or (systemd >= 258) RESTART_RESET=1 from the launcher.
+        RestartSteps = 5;
+        RestartMaxDelaySec = "5min";
+      }
       // lib.optionalAttrs (cfg.watchdogSec != null) { WatchdogSec = cfg.watchdogSec; }
+      // lib.optionalAttrs (cfg.credentials != { }) {
+        # systemd copies each file, as root, into the unit's private $CREDENTIALS_DIRECTORY,
+        # where the launcher (an unprivileged user) finds it.
+        LoadCredential = lib.mapAttrsToList (name: c: "${name}:${c.file}") cfg.credentials;
+      }
       // lib.optionalAttrs cfg.lan.enable {
         # `+`: runs as root with full privileges (CAP_NET_ADMIN for netlink, mknod of a
         # private tap node under /dev/ec-macvtap). DeviceAllow still applies to it

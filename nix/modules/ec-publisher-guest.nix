@@ -32,67 +32,37 @@ let
   diskDeviceUnit = "${utils.escapeSystemdPath disk.device}.device";
   formatService = "every-channel-data-disk-format";
 
-  discoveryScript = pkgs.writeShellScript "every-channel-tuner-discovery" ''
-    set -u
-    PATH=${
-      lib.makeBinPath [
-        pkgs.coreutils
-        pkgs.gnugrep
-        pkgs.iproute2
-        pkgs.libhdhomerun
-      ]
-    }
-    say() { echo "ec-publisher: tuner discovery: $*"; }
-
-    if ! ip link show dev lan0 >/dev/null 2>&1; then
-      say "skipped: no LAN NIC (lan0); the host runs without lan.enable"
-      exit 0
-    fi
-
-    # networkd may still be negotiating the LAN lease.
-    for _ in $(seq 1 60); do
-      ip -4 -o addr show dev lan0 scope global | grep -q inet && break
-      sleep 1
-    done
-    addr=$(ip -4 -o addr show dev lan0 scope global | grep -o 'inet [0-9./]*' || true)
-    say "lan0 ''${addr:-has no IPv4 address}"
-
-    for attempt in $(seq 1 ${toString cfg.tunerDiscovery.attempts}); do
-      out=$(hdhomerun_config discover 2>&1 || true)
-      if echo "$out" | grep -q '^hdhomerun device'; then
-        echo "$out" | grep '^hdhomerun device' | while read -r found; do say "FOUND $found"; done
-        exit 0
-      fi
-      say "attempt $attempt: ''${out:-no answer}"
-      sleep 5
-    done
-    say "NO TUNER FOUND on lan0 (HDHomeRun UDP 65001 broadcast got no reply)"
-    exit 1
-  '';
+  # The discovery and ready scripts live in ../guest as plain shell, so the project's Debian test guest
+  # (scripts/build-test-guest.sh) runs the very text NixOS runs; here they get their PATH (and settings) in
+  # front.
+  discoveryScript = pkgs.writeShellScript "every-channel-tuner-discovery" (
+    ''
+      PATH=${
+        lib.makeBinPath [
+          pkgs.coreutils
+          pkgs.gnugrep
+          pkgs.iproute2
+          pkgs.libhdhomerun
+        ]
+      }
+      EC_TUNER_ATTEMPTS=${toString cfg.tunerDiscovery.attempts}
+    ''
+    + builtins.readFile ../guest/ec-publisher-discover.sh
+  );
 
   # What the launcher on the host waits for (its default --ready-pattern), on ttyS0.
-  readyScript = pkgs.writeShellScript "every-channel-publisher-ready" ''
-    set -u
-    PATH=${
-      lib.makeBinPath [
-        pkgs.coreutils
-        pkgs.gnugrep
-        pkgs.iproute2
-      ]
-    }
-    if ip link show dev lan0 >/dev/null 2>&1; then
-      # networkd may still be negotiating the LAN lease.
-      addr=""
-      for _ in $(seq 1 30); do
-        addr=$(ip -4 -o addr show dev lan0 scope global | grep -o 'inet [0-9.]*' | head -n1 || true)
-        [ -n "$addr" ] && break
-        sleep 1
-      done
-      addr=''${addr#inet }
-      echo "ec-publisher: lan ''${addr:-none}"
-    fi
-    echo "ec-publisher: ready"
-  '';
+  readyScript = pkgs.writeShellScript "every-channel-publisher-ready" (
+    ''
+      PATH=${
+        lib.makeBinPath [
+          pkgs.coreutils
+          pkgs.gnugrep
+          pkgs.iproute2
+        ]
+      }
+    ''
+    + builtins.readFile ../guest/ec-publisher-ready.sh
+  );
 
   formatScript = pkgs.writeShellScript formatService ''
     set -eu

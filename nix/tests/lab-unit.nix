@@ -1,14 +1,17 @@
-# The unit the NixOS module renders for the systemd lab (tests/systemd_unit.rs): LAN on the
+# The unit the NixOS module renders for the systemd lab (tests/systemd_module_unit.rs): LAN on the
 # lab's uplink, TCG (KVM does not work under the test machines' nested virtualisation), a
 # small guest. Rendered by the real NixOS code (./nixos.nix); the test then substitutes only
 # the binaries, QEMU, iPXE and the lab's network namespace.
 {
   nixpkgs,
   interface,
+  # the lab's systemd (tests/systemd_module_unit.rs passes it), so the unit carries only the keys
+  # that systemd knows
+  systemdVersion ? "258",
 }:
 
 let
-  nixos = import ./nixos.nix { inherit nixpkgs; };
+  nixos = import ./nixos.nix { inherit nixpkgs systemdVersion; };
   config =
     (nixos.eval [
       ../modules/ec-ipxe-qemu.nix

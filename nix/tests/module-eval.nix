@@ -9,11 +9,19 @@
 # rendered units (`units`, `scripts`), which scripts/nix-checks.sh hands to
 # `systemd-analyze verify` and `systemd-analyze security`.
 #
+# `systemdVersion` (default: NixOS 25.11's 258): the systemd the units are rendered for.
+# scripts/nix-checks.sh passes the local systemd's version, so `units` are what NixOS would
+# install for the systemd-analyze that verifies them; checks that depend on the version pin
+# it themselves.
+#
 #   nix-instantiate --eval --strict -E 'import nix/tests/module-eval.nix { nixpkgs = /path/to/kit; }'
-{ nixpkgs }:
+{
+  nixpkgs,
+  systemdVersion ? "258",
+}:
 
 let
-  nixos = import ./nixos.nix { inherit nixpkgs; };
+  nixos = import ./nixos.nix { inherit nixpkgs systemdVersion; };
   inherit (nixos) lib;
 
   fakePkgs = nixos.pkgs;
@@ -96,7 +104,7 @@ let
         "lan.macvtap.macAddress" = null;
         "lan.macvtap.queues" = 1;
         "boot.readyPattern" = null;
-        "boot.readyTimeout" = 600;
+        "boot.readyTimeout" = 900;
         "watchdogSec" = null;
         "extraArgs" = [ ];
       };
@@ -131,7 +139,7 @@ let
   unitChecks = [
     (expectEq "unit Type: the launcher says READY=1 when the guest is up" "notify" sc.Type)
     (expectEq "unit NotifyAccess" "main" sc.NotifyAccess)
-    (expectEq "unit TimeoutStartSec: readyTimeout + 60" 660 sc.TimeoutStartSec)
+    (expectEq "unit TimeoutStartSec: readyTimeout + 60" 960 sc.TimeoutStartSec)
     (expect "unit without watchdogSec has no WatchdogSec" (!(sc ? WatchdogSec)) "WatchdogSec is set")
     (expectEq "unit with watchdogSec" 30 readyUnit.serviceConfig.WatchdogSec)
     (expectEq "unit readyTimeout = 0: no start timeout" "infinity"
@@ -204,6 +212,12 @@ let
   # ---------------------------------------------------------------- assertions
   # A one-character string from a Unicode code point (Nix has no \v, \f or \u escapes).
   fromCodePoint = cp: builtins.fromJSON ''"\u${lib.fixedWidthString 4 "0" (lib.toHexString cp)}"'';
+  withCredentials =
+    credentials:
+    with' {
+      enable = true;
+      inherit credentials;
+    };
   lanOn =
     extra:
     with' (
@@ -362,16 +376,54 @@ let
       };
       says = "are both set";
     };
-  };
+    "a secret credential in the Nix store" = {
+      def = withCredentials { mesh-key.file = "${netbootDir}/key"; };
+      says = ''credentials.mesh-key.file = "${netbootDir}/key" is in the Nix store'';
+    };
+    "a secret credential that is the store itself" = {
+      def = withCredentials { mesh-key.file = "/nix/store"; };
+      says = "is in the Nix store";
+    };
+  }
+  //
+    lib.mapAttrs'
+      (
+        name: says:
+        lib.nameValuePair "credential name ${builtins.toJSON name}" {
+          def = withCredentials { ${name}.file = "/run/keys/x"; };
+          says = "credentials.${lib.strings.escapeNixIdentifier name}: the credential name ${says}";
+        }
+      )
+      {
+        "" = "is empty";
+        "." = "is '.' or '..'";
+        ".." = "is '.' or '..'";
+        "ec/tuners" = "contains '/'";
+        "ec:tuners" = "contains ':'";
+        "ec\ttuners" = "contains a character that is not printable ASCII";
+        "ec${fromCodePoint 127}" = "contains a character that is not printable ASCII";
+        "tuners-é" = "contains a character that is not printable ASCII";
+        "${lib.fixedWidthString 29 "x" ""}" =
+          "is 29 bytes long; QEMU's fw_cfg name opt/io.systemd.credentials/NAME allows a NAME of at most 28";
+        "ec%n" = "contains '%' or a backslash";
+        "ec\\n" = "contains '%' or a backslash";
+        " ec" = "begins or ends with a space";
+        "ec " = "begins or ends with a space";
+      };
   assertionChecks =
     lib.mapAttrsToList (
       name: case:
       let
         failed = failedAssertions (evalConfig [ case.def ]);
       in
-      expect "assertion fires: ${name}" (
-        builtins.length failed == 1 && lib.hasInfix case.says (builtins.head failed)
-      ) "expected exactly one failed assertion mentioning '${case.says}', got ${builtins.toJSON failed}"
+      expect "assertion fires: ${name}"
+        (
+          builtins.length failed == 1
+          && lib.hasInfix case.says (builtins.head failed)
+          # every message starts with the full option path (the `opt` prefix)
+          && lib.hasPrefix "services.every-channel.ipxe-qemu." (builtins.head failed)
+        )
+        "expected exactly one failed assertion naming the option and mentioning '${case.says}', got ${builtins.toJSON failed}"
     ) assertionCases
     ++ [
       # 'f' and 'v' are letters, not the escapes "\f" and "\v" (which Nix does not have)
@@ -491,6 +543,26 @@ let
     [
       "extraArgs"
       "-snapshot"
+    ]
+    [
+      "credentials.key.file"
+      ./module-eval.nix
+    ]
+    [
+      "credentials.key.file"
+      "run/keys/key"
+    ]
+    [
+      "credentials.key.file"
+      "/run/keys/a key"
+    ]
+    [
+      "credentials.key.file"
+      "/run/keys/%n"
+    ]
+    [
+      "credentials.key.secret"
+      "no"
     ]
     [
       "memory"
@@ -790,7 +862,7 @@ let
         ''"--host-forward"''
         ''"tcp:127.0.0.1:2222-:22"''
         ''"--ready-timeout"''
-        ''"600"''
+        ''"900"''
       ]
     )) (unitOf forge).serviceConfig.ExecStart)
     # The default (nixpkgs' HTTPS ipxe.lkrn) is the launcher's fast boot path: --ipxe, whose script gives
@@ -842,7 +914,7 @@ let
         ''"--lan-vhost"''
         ''"auto"''
         ''"--ready-timeout"''
-        ''"600"''
+        ''"900"''
       ]
     )) (unitOf lanDerived).serviceConfig.ExecStart)
     (expectEq "lan (derived MAC) ExecStopPost" (
@@ -920,7 +992,7 @@ let
         ''"--lan-vhost"''
         ''"on"''
         ''"--ready-timeout"''
-        ''"600"''
+        ''"900"''
       ]
     )) (unitOf lanExplicit).serviceConfig.ExecStart)
     (expectEq "lan (explicit MAC) ExecStopPost" (
@@ -982,7 +1054,7 @@ let
         ''"--host-forward"''
         ''"udp:127.0.0.1:5353-:53"''
         ''"--ready-timeout"''
-        ''"600"''
+        ''"900"''
         ''"--"''
         ''"-smbios"''
         ''"type=11,value=io.systemd.credential:motd=it's \"quoted\", 100%% $$HOME $''${HOME} back\\slash; semi"''
@@ -1045,12 +1117,88 @@ let
     expect "${name}: [${section}] has ${line}" (lib.elem line (
       sectionOf section (textOf config)
     )) "missing in:\n${textOf config}";
+  # The host unit rendered for a given systemd version (config.systemd.package).
+  withSystemd =
+    version:
+    evalConfig [
+      enabled
+      { systemd.package = lib.mkForce (nixos.fakeSystemd version); }
+    ];
+  # Credentials: one secret outside the store, one non-secret store file, and the longest
+  # name QEMU's fw_cfg takes (28 bytes).
+  tunersFile = "/nix/store/55555555555555555555555555555555-ec-tuners";
+  longName = lib.fixedWidthString 28 "x" "";
+  credentialsConfig = evalConfig [
+    (withCredentials {
+      "ec.tuners" = {
+        file = tunersFile;
+        secret = false;
+      };
+      mesh-key.file = "/run/keys/ec-mesh-key";
+      ${longName}.file = "/run/keys/long";
+    })
+  ];
+  credentialChecks = [
+    (expectEq "credentials: no failed assertions" [ ] (failedAssertions credentialsConfig))
+    (expectEq "credentials: LoadCredential=NAME:FILE, one line each" [
+      "LoadCredential=ec.tuners:${tunersFile}"
+      "LoadCredential=mesh-key:/run/keys/ec-mesh-key"
+      "LoadCredential=${longName}:/run/keys/long"
+    ] (lib.filter (lib.hasPrefix "LoadCredential=") (sectionOf "Service" (textOf credentialsConfig))))
+    (expectEq "credentials: the launcher's command line is unchanged (it reads $CREDENTIALS_DIRECTORY)"
+      sc.ExecStart
+      (unitOf credentialsConfig).serviceConfig.ExecStart
+    )
+    (expect "no credentials: no LoadCredential= line" (
+      !(lib.any (lib.hasPrefix "LoadCredential") (linesOf (textOf (evalConfig [ enabled ]))))
+    ) (textOf (evalConfig [ enabled ])))
+    (expectEq "credentials default to secret" true
+      (lib.getAttrFromPath opt credentialsConfig).credentials.mesh-key.secret
+    )
+    # the rule the launcher shares, checked directly
+    (expectEq "validate.nix: credential names" [ null null null "is empty" "is '.' or '..'" ] (
+      map validate.credentialNameProblem [
+        "ec.tuners"
+        longName
+        "a b"
+        ""
+        ".."
+      ]
+    ))
+    (expectEq "validate.nix: a 29-byte credential name is too long for fw_cfg"
+      "is 29 bytes long; QEMU's fw_cfg name opt/io.systemd.credentials/NAME allows a NAME of at most 28"
+      (validate.credentialNameProblem "${longName}x")
+    )
+    (expectEq "validate.nix: a space inside a name is systemd's, outside it is the unit file's"
+      [
+        null
+        "begins or ends with a space, which the unit file would drop"
+      ]
+      (
+        map validate.loadCredentialNameProblem [
+          "a b"
+          "ab "
+        ]
+      )
+    )
+  ];
   renderedChecks = [
     (hasLine "user-mode" "Service" "RestartPreventExitStatus=2" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "Type=notify" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "NotifyAccess=main" (evalConfig [ enabled ]))
-    (hasLine "user-mode" "Service" "TimeoutStartSec=660" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "TimeoutStartSec=960" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "Restart=always" (evalConfig [ enabled ]))
+    (hasLine "user-mode" "Service" "RestartSec=5s" (evalConfig [ enabled ]))
+    (hasLine "systemd 254" "Service" "RestartSteps=5" (withSystemd "254"))
+    (hasLine "systemd 254" "Service" "RestartMaxDelaySec=5min" (withSystemd "254"))
+    (hasLine "systemd 258" "Service" "RestartSteps=5" (withSystemd "258"))
+    (hasLine "systemd 258" "Service" "RestartMaxDelaySec=5min" (withSystemd "258"))
+    (hasLine "systemd 252" "Service" "RestartSec=5s" (withSystemd "252"))
+    (expect "systemd 253: no RestartSteps= or RestartMaxDelaySec= (it would warn about unknown keys)" (
+      !(lib.any (l: lib.hasPrefix "RestartSteps=" l || lib.hasPrefix "RestartMaxDelaySec=" l) (
+        linesOf (textOf (withSystemd "253"))
+      ))
+    ) (textOf (withSystemd "253")))
     (hasLine "user-mode" "Service" "User=every-channel-ipxe-qemu" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "CapabilityBoundingSet=" (evalConfig [ enabled ]))
     (hasLine "user-mode" "Service" "DeviceAllow=char-macvtap rwm" (evalConfig [ enabled ]))
@@ -1094,19 +1242,69 @@ let
         acc: path: lib.recursiveUpdate acc (lib.setAttrByPath (lib.splitString "." path) settings.${path})
       ) { enable = true; } (lib.attrNames settings);
       config = evalConfig [ (with' def) ];
-      r = builtins.tryEval (builtins.deepSeq (textOf config) (failedAssertions config == [ ]));
+      r = builtins.tryEval (builtins.deepSeq (textOf config) (failedAssertions config));
     in
-    !(r.success && r.value);
+    {
+      refused = !(r.success && r.value == [ ]);
+      # the failed assertions' messages (none when a type refused the value)
+      messages = if r.success then r.value else [ ];
+    };
   refusalChecks = map (
     case:
     let
       got = refusedByModule case;
     in
-    expect "refusal table: ${case.option} = ${builtins.toJSON case.value} is ${
-      if case.refused then "refused" else "accepted"
-    }" (got == case.refused) "the module ${if got then "refused" else "accepted"} it"
+    expect
+      "refusal table: ${case.option} = ${builtins.toJSON case.value} is ${
+        if case.refused then "refused" else "accepted"
+      }"
+      (
+        got.refused == case.refused
+        && lib.all (lib.hasPrefix "services.every-channel.ipxe-qemu.") got.messages
+      )
+      "the module ${
+        if got.refused then "refused" else "accepted"
+      } it, with ${builtins.toJSON got.messages}"
   ) refusalTable.cases;
   refusedBadValues = lib.filter (c: c.refused) refusalTable.cases;
+
+  # The same table against nix/lib/validate.nix directly, without the module: for each
+  # option a validator covers, the value is accepted exactly when the table says so. The
+  # other options (ranges, enums, rules across options) are the module's types and
+  # assertions, checked above.
+  validate = import ../lib/validate.nix { inherit lib; };
+  noProblem = problemOf: v: problemOf v == null;
+  absolute = v: builtins.match validate.absolutePathRegex v != null;
+  validatorOf = {
+    "stateDir" = v: absolute v && validate.stateDirProblem v == null;
+    "disk.path" = v: absolute v && validate.diskPathProblem v == null;
+    "disk.size" = validate.isDiskSize;
+    "boot.url" = noProblem validate.bootUrlProblem;
+    "boot.readyPattern" = noProblem validate.readyPatternProblem;
+    "boot.http.bindAddress" = validate.isIPv4;
+    "boot.userNet.dnsServers" = lib.all validate.isIPAddress;
+    "boot.userNet.hostForwards" = lib.all validate.isHostForward;
+    "boot.userNet.hostname" = validate.isHostname;
+    "boot.userNet.model" = validate.isNicModel;
+    "lan.model" = validate.isNicModel;
+    "lan.macvtap.name" = noProblem validate.ifNameProblem;
+  };
+  coveredCases = lib.filter (c: validatorOf ? ${c.option}) refusalTable.cases;
+  validatorChecks =
+    map (
+      case:
+      let
+        accepted = validatorOf.${case.option} case.value;
+      in
+      expect "validate.nix: ${case.option} = ${builtins.toJSON case.value} is ${
+        if case.refused then "refused" else "accepted"
+      }" (accepted != case.refused) "validate.nix ${if accepted then "accepted" else "refused"} it"
+    ) coveredCases
+    ++ [
+      (expect "validate.nix covers every option of the table it can" (lib.all (
+        o: lib.any (c: c.option == o) refusalTable.cases
+      ) (lib.attrNames validatorOf)) "an option of validatorOf has no case in tests/data/refusals.json")
+    ];
 
   # ---------------------------------------------------------------- the guest module
   guestEval =
@@ -1202,6 +1400,11 @@ let
         && lib.hasInfix "ec-publisher: ready" (builtins.elemAt lan 1)
       ) text
     )
+    (expect "guest ready and discovery units run the files the Debian test guest runs" (
+      lib.hasSuffix (builtins.readFile ../guest/ec-publisher-ready.sh) guest.systemd.services.every-channel-publisher-ready.serviceConfig.ExecStart.text
+      && lib.hasSuffix (builtins.readFile ../guest/ec-publisher-discover.sh) guest.systemd.services.every-channel-tuner-discovery.serviceConfig.ExecStart.text
+      && lib.hasInfix "EC_TUNER_ATTEMPTS=12\n" guest.systemd.services.every-channel-tuner-discovery.serviceConfig.ExecStart.text
+    ) "nix/guest/*.sh is not what the units run")
     (expect "guest ready line also without LAN or tuner discovery" (
       guestMinimal.systemd.units ? "every-channel-publisher-ready.service"
     ) "unit missing")
@@ -1249,9 +1452,7 @@ let
     (expect "guest without data disk has no format unit" (
       !(guestMinimal.systemd.units ? "every-channel-data-disk-format.service")
     ) "unit present")
-    (expect "guest without ssh keys leaves openssh alone" (
-      !(guestMinimal.services ? openssh)
-    ) "openssh configured")
+    (expectEq "guest without ssh keys leaves openssh alone" { } guestMinimal.services.openssh)
     (expect "guest disabled: no units, links or networks" (
       !(guestOff.systemd.units ? "every-channel-tuner-discovery.service")
       && guestOff.systemd.network.units == { }
@@ -1334,6 +1535,7 @@ let
     lan = hostUnits lanDerived;
     lan-explicit = hostUnits lanExplicit;
     http-extra = hostUnits httpExtra;
+    credentials = hostUnits credentialsConfig;
     example-forge-host = hostUnits forge;
     example-lan-host = hostUnits lanDerived;
     guest = guestUnits;
@@ -1365,6 +1567,8 @@ let
     ++ warningChecks
     ++ renderedChecks
     ++ refusalChecks
+    ++ validatorChecks
+    ++ credentialChecks
     ++ doctorChecks
     ++ guestChecks;
 in
@@ -1378,11 +1582,13 @@ builtins.deepSeq all {
   commandLines = builtins.length execChecks;
   warnings = builtins.length warningChecks;
   renderedUnits = builtins.length renderedChecks;
+  credentials = builtins.length credentialChecks;
   guest = builtins.length guestChecks;
   doctorWrapper = builtins.length doctorChecks;
   refusalTable = "${toString (builtins.length refusalTable.cases)} values: ${toString (builtins.length refusedBadValues)} bad ones refused at evaluation, ${
     toString (builtins.length refusalTable.cases - builtins.length refusedBadValues)
   } good ones accepted";
+  validateNix = "${toString (builtins.length coveredCases)} values of the table checked against nix/lib/validate.nix directly";
   checks = all;
   inherit units scripts;
 }

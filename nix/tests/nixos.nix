@@ -9,7 +9,15 @@
 # Stubbed, as the kit's README lists: `pkgs` (fake derivations; builders build nothing),
 # and NixOS options outside the kit accepted untyped, except the list options the modules
 # append to, which get their real list types.
-{ nixpkgs }:
+#
+# `systemdVersion`: the version of the fake `pkgs.systemd` (the default of
+# `systemd.package`), which decides the keys a module renders for it (e.g. RestartSteps=
+# from 254 on). The default is NixOS 25.11's; tests that hand units to a real systemd pass
+# that systemd's version.
+{
+  nixpkgs,
+  systemdVersion ? "258",
+}:
 
 let
   lib = import (nixpkgs + "/lib");
@@ -31,6 +39,13 @@ let
       ecFake = "script";
     };
 
+  fakeSystemd =
+    version:
+    fakePkg "systemd-${version}"
+    // {
+      withCryptsetup = false;
+    };
+
   pkgs =
     lib.genAttrs [
       "coreutils"
@@ -48,9 +63,7 @@ let
       ec-ipxe-qemu = fakePkg "ec-ipxe-qemu-0.1.0";
       qemu_kvm = fakePkg "qemu-host-cpu-only-10.1.2";
       ipxe = fakePkg "ipxe-1.21.1-unstable";
-      systemd = fakePkg "systemd-258" // {
-        withCryptsetup = false;
-      };
+      systemd = fakeSystemd systemdVersion;
       writeShellScript = fakeBuilder;
       writeShellScriptBin = fakeBuilder;
       writeText = fakeBuilder;
@@ -112,7 +125,14 @@ let
         };
         default = { };
       };
-      services = untyped;
+      # One untyped option per service the modules and systemd.nix set, not one `services`
+      # option: as in NixOS, `options.services.every-channel.ipxe-qemu` must be the module's
+      # own option set (its assertions name options through it).
+      services = lib.genAttrs [
+        "dbus"
+        "logrotate"
+        "openssh"
+      ] (_: untyped);
       system = untyped;
       ids = untyped;
       security = untyped;
@@ -170,6 +190,7 @@ in
     lib
     pkgs
     fakePkg
+    fakeSystemd
     eval
     ;
 }

@@ -1,7 +1,11 @@
 //! `ec-ipxe-qemu`: run (or print the argv of) a QEMU guest that netboots with iPXE.
 //!
-//! The arguments convert into the library's [`LaunchOptions`] ([`LaunchArgs::to_options`]); values parse with
+//! The arguments convert into the launcher's `LaunchOptions` ([`LaunchArgs::to_options`]); values parse with
 //! the library types' `FromStr`, so clap reports a malformed one as a usage error naming the option.
+//!
+//! The doc comments of the arguments are clap's `--help` text and the man pages, written for a terminal, not
+//! for rustdoc: `[tcp|udp]` and `<state-dir>` are meant literally.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -10,10 +14,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::launcher::accel::AccelChoice;
+use crate::launcher::option_values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::launcher::options::{
     LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_READY_TIMEOUT_SECS, MAX_SHUTDOWN_TIMEOUT_SECS,
 };
-use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::launcher::vhost::VhostMode;
 use crate::names::IfName;
 

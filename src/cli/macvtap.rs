@@ -1,4 +1,8 @@
 //! `ec-macvtap`: create, delete, show and hand on macvtap links.
+//!
+//! The doc comments of the arguments are clap's `--help` text and the man pages: `USER[:GROUP]` is meant
+//! literally.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use std::time::Duration;
 

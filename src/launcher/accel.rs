@@ -17,13 +17,13 @@ pub enum AccelChoice {
 
 /// The accelerator QEMU gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accel {
+pub(crate) enum Accel {
     Kvm,
     Tcg,
 }
 
 impl Accel {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
@@ -31,7 +31,7 @@ impl Accel {
     }
 
     /// The CPU model: the host's under KVM, everything TCG can emulate otherwise.
-    pub fn cpu_model(self) -> &'static str {
+    pub(crate) fn cpu_model(self) -> &'static str {
         match self {
             Accel::Kvm => "host",
             Accel::Tcg => "max",
@@ -41,15 +41,15 @@ impl Accel {
 
 /// Whether `dev` opens read-write (opening and closing /dev/kvm changes nothing). An `open` is the only
 /// faithful test: a device cgroup (systemd's DevicePolicy) refuses it even when the mode bits allow it.
-pub fn kvm_usable(dev: &Path) -> std::io::Result<()> {
+pub(crate) fn kvm_usable(dev: &Path) -> std::io::Result<()> {
     OpenOptions::new().read(true).write(true).open(dev).map(drop)
 }
 
-pub fn resolve(choice: AccelChoice) -> Result<Accel> {
+pub(crate) fn resolve(choice: AccelChoice) -> Result<Accel> {
     resolve_with(choice, Path::new("/dev/kvm"))
 }
 
-pub fn resolve_with(choice: AccelChoice, dev: &Path) -> Result<Accel> {
+pub(crate) fn resolve_with(choice: AccelChoice, dev: &Path) -> Result<Accel> {
     match choice {
         AccelChoice::Tcg => Ok(Accel::Tcg),
         AccelChoice::Kvm => kvm_usable(dev).map(|()| Accel::Kvm).map_err(|e| {

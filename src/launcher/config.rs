@@ -8,21 +8,21 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::launcher::accel::AccelChoice;
-use crate::launcher::bootwatch;
-use crate::launcher::console::CONSOLE_SOCKET;
+use crate::launcher::console::bootwatch;
 use crate::launcher::fscheck::{
     absolute, check_boot_dir, check_disk, check_output_file, check_readable_file, check_state_dir, find_program,
 };
+use crate::launcher::layout::{BOOT_SCRIPT, CONSOLE_SOCKET, DISK_IMAGE, QMP_SOCKET, SERIAL_LOG, TFTP_DIR};
+use crate::launcher::option_values::{BootUrl, ByteSize, HostForward, Hostname, NicModel};
 use crate::launcher::options::{
     LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_READY_TIMEOUT_SECS, MAX_SHUTDOWN_TIMEOUT_SECS,
 };
-use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, NicModel};
 use crate::launcher::vhost::VhostMode;
 use crate::names::IfName;
 
 /// Where the boot script chains to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BootTarget {
+pub(crate) enum BootTarget {
     /// No URL: the built-in diagnostics script.
     Diagnostics,
     Url(BootUrl),
@@ -34,9 +34,10 @@ pub enum BootTarget {
     },
 }
 
-/// The LAN NIC, before the tap is opened.
+/// The LAN NIC as configured (`--lan-*`), before its tap is opened (then it is an `OpenedLan`; QEMU sees it as
+/// a `LanNicFds`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LanSpec {
+pub(crate) struct LanConfig {
     pub interface: IfName,
     pub model: NicModel,
     pub queues: u32,
@@ -45,27 +46,16 @@ pub struct LanSpec {
 
 /// The persistent disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskSpec {
+pub(crate) struct DiskSpec {
     pub path: PathBuf,
     pub size: ByteSize,
     /// Whether the image exists already (then it is used as it is).
     pub exists: bool,
 }
 
-/// Fixed file names inside the state directory.
-pub const BOOT_SCRIPT: &str = "boot.ipxe";
-/// The slirp TFTP root: a directory of its own that holds only the boot script (the guest can read all of it).
-pub const TFTP_DIR: &str = "tftp";
-pub const QMP_SOCKET: &str = "qmp.sock";
-pub const LOCK_FILE: &str = "lock";
-pub const SERIAL_LOG: &str = "serial.log";
-pub const DISK_IMAGE: &str = "disk.qcow2";
-/// The file `--boot-dir` chains to.
-pub const NETBOOT_SCRIPT: &str = "netboot.ipxe";
-
 /// Everything `run` needs, validated.
 #[derive(Clone, Debug)]
-pub struct LaunchConfig {
+pub(crate) struct LaunchConfig {
     pub state_dir: PathBuf,
     pub boot: BootTarget,
     pub ipxe: Option<PathBuf>,
@@ -86,30 +76,30 @@ pub struct LaunchConfig {
     pub ready_pattern: regex::Regex,
     /// How long the guest may take to be ready (None: no limit).
     pub ready_timeout: Option<Duration>,
-    pub lan: Option<LanSpec>,
+    pub lan: Option<LanConfig>,
     pub shutdown_timeout: Duration,
     pub extra: Vec<String>,
 }
 
 impl LaunchConfig {
-    pub fn tftp_dir(&self) -> PathBuf {
+    pub(crate) fn tftp_dir(&self) -> PathBuf {
         self.state_dir.join(TFTP_DIR)
     }
 
-    pub fn boot_script(&self) -> PathBuf {
+    pub(crate) fn boot_script(&self) -> PathBuf {
         self.tftp_dir().join(BOOT_SCRIPT)
     }
 
-    pub fn qmp_socket(&self) -> PathBuf {
+    pub(crate) fn qmp_socket(&self) -> PathBuf {
         self.state_dir.join(QMP_SOCKET)
     }
 
-    pub fn console_socket(&self) -> PathBuf {
+    pub(crate) fn console_socket(&self) -> PathBuf {
         self.state_dir.join(CONSOLE_SOCKET)
     }
 
     /// Validate the options and what they name on disk, changing nothing.
-    pub fn from_options(a: &LaunchOptions) -> Result<Self> {
+    pub(crate) fn from_options(a: &LaunchOptions) -> Result<Self> {
         // Ranges the CLI already enforces while parsing; checked again for callers that build options directly.
         if !(1..=MAX_CPUS).contains(&a.cpus) {
             return Err(Error::invalid(format!("--cpus {}", a.cpus), format!("must be between 1 and {MAX_CPUS}")));
@@ -204,7 +194,7 @@ impl LaunchConfig {
             }
             None => state_dir.join(SERIAL_LOG),
         };
-        let lan = a.lan_interface.as_ref().map(|i| LanSpec {
+        let lan = a.lan_interface.as_ref().map(|i| LanConfig {
             interface: i.clone(),
             model: a.lan_nic_model.clone(),
             queues: a.lan_queues,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{AccessFlags, access};
 
 use crate::error::{Error, Result};
-use crate::launcher::config::NETBOOT_SCRIPT;
+use crate::launcher::layout::NETBOOT_SCRIPT;
 
 pub(crate) fn show(p: &Path) -> String {
     p.display().to_string()
@@ -153,7 +153,7 @@ pub(crate) fn check_disk(option: &str, p: &Path) -> Result<bool> {
 
 /// A program given as a path must be an executable file; a bare name is looked up on PATH. Returns the path
 /// that will be executed.
-pub fn find_program(option: &str, p: &Path) -> Result<PathBuf> {
+pub(super) fn find_program(option: &str, p: &Path) -> Result<PathBuf> {
     let what = format!("{option} \"{}\"", show(p));
     let is_exec = |c: &Path| {
         std::fs::metadata(c).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -40,11 +40,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::error::{Error, Result};
 
 /// Connections served at the same time; more are answered 503 and closed.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(super) const MAX_CONNECTIONS: usize = 64;
 /// A request's headers must be complete within this time.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection on which no byte moved, in or out, for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request headers larger than this are refused (hyper's minimum buffer).
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Bytes read from a file per body chunk.
@@ -56,7 +56,7 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Why a request gets no file.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Refusal {
+pub(super) struct Refusal {
     pub status: u16,
     pub reason: String,
 }
@@ -67,7 +67,7 @@ fn refuse(status: u16, reason: impl Into<String>) -> Refusal {
 
 /// Map a request target to a file inside `root` (which must be canonical). Pure apart from reading the file
 /// system's view of the path.
-pub fn resolve(root: &Path, target: &str) -> std::result::Result<PathBuf, Refusal> {
+pub(super) fn resolve(root: &Path, target: &str) -> std::result::Result<PathBuf, Refusal> {
     let path = target.split(['?', '#']).next().unwrap_or_default();
     if !path.starts_with('/') {
         return Err(refuse(400, "request target is not an absolute path"));
@@ -114,7 +114,7 @@ fn open_regular(path: &Path) -> std::result::Result<(File, u64), Refusal> {
 
 /// What one server allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
+pub(super) struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
@@ -131,7 +131,7 @@ impl Default for Limits {
 }
 
 /// The running server (a task on the current tokio runtime); stops, with all its connections, when dropped.
-pub struct BootServer {
+pub(super) struct BootServer {
     addr: SocketAddr,
     task: JoinHandle<()>,
 }
@@ -139,12 +139,12 @@ pub struct BootServer {
 impl BootServer {
     /// Serve `dir` on `bind:port` (port 0: a free one). Call inside a tokio runtime: the server runs on it
     /// whenever the runtime is driven.
-    pub fn start(dir: &Path, bind: IpAddr, port: u16) -> Result<Self> {
+    pub(super) fn start(dir: &Path, bind: IpAddr, port: u16) -> Result<Self> {
         Self::start_with(dir, bind, port, Limits::default())
     }
 
     /// [`BootServer::start`] with other limits (tests use short ones).
-    pub fn start_with(dir: &Path, bind: IpAddr, port: u16, limits: Limits) -> Result<Self> {
+    pub(super) fn start_with(dir: &Path, bind: IpAddr, port: u16, limits: Limits) -> Result<Self> {
         let root = dir.canonicalize().map_err(|e| Error::io(format!("--boot-dir \"{}\"", dir.display()), e))?;
         let std_listener = std::net::TcpListener::bind(SocketAddr::new(bind, port)).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -165,7 +165,7 @@ impl BootServer {
         Ok(BootServer { addr, task })
     }
 
-    pub fn addr(&self) -> SocketAddr {
+    pub(super) fn addr(&self) -> SocketAddr {
         self.addr
     }
 }

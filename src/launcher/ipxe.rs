@@ -5,7 +5,7 @@
 //! - already configured (the NIC option ROM's autoboot did DHCP before it fetched this script): kept as it is,
 //!   so the ROM path pays for one DHCP, not two;
 //! - otherwise (`--ipxe`): the addresses slirp's DHCP server hands out, which the launcher fixes in the argv
-//!   ([`usernet`](crate::launcher::qemu_args::usernet)), set directly. iPXE's DHCP waits 2 s for ProxyDHCP
+//!   ([`layout::usernet`](crate::launcher::layout::usernet)), set directly. iPXE's DHCP waits 2 s for ProxyDHCP
 //!   offers after slirp's offer (3 s in all), which this skips;
 //! - `dhcp net0` with a visible retry loop when net0 cannot be opened that way.
 //!
@@ -14,15 +14,14 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::launcher::config::{BootTarget, NETBOOT_SCRIPT};
-use crate::launcher::qemu_args::usernet;
-
-/// The line the diagnostics print when the user-mode boot path works.
-pub const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
+use crate::launcher::config::BootTarget;
+use crate::launcher::console::bootwatch::OK_LINE;
+use crate::launcher::layout::NETBOOT_SCRIPT;
+use crate::launcher::layout::usernet;
 
 /// What the script needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ScriptSpec {
+pub(super) struct ScriptSpec {
     /// Chain target; `None` runs the diagnostics.
     pub chain: Option<String>,
     /// DNS server for iPXE (it takes one).
@@ -35,7 +34,13 @@ pub struct ScriptSpec {
 
 impl ScriptSpec {
     /// `http_port` is the port of the `--boot-dir` server, when there is one.
-    pub fn new(boot: &BootTarget, http_port: Option<u16>, dns: &[IpAddr], lan: bool, hostname: Option<&str>) -> Self {
+    pub(super) fn new(
+        boot: &BootTarget,
+        http_port: Option<u16>,
+        dns: &[IpAddr],
+        lan: bool,
+        hostname: Option<&str>,
+    ) -> Self {
         let chain = match boot {
             BootTarget::Diagnostics => None,
             BootTarget::Url(u) => Some(u.to_string()),
@@ -51,7 +56,7 @@ impl ScriptSpec {
 
 /// Where the guest finds the `--boot-dir` server: slirp maps 10.0.2.2 to the host's loopback, so a server on
 /// loopback or on every address is reached there; one bound to a specific address is reached at that address.
-pub fn dir_url(bind: IpAddr, port: u16) -> String {
+pub(super) fn dir_url(bind: IpAddr, port: u16) -> String {
     let host = match bind {
         b if b.is_loopback() || b.is_unspecified() => usernet::HOST.to_string(),
         IpAddr::V4(v4) => v4.to_string(),
@@ -62,7 +67,7 @@ pub fn dir_url(bind: IpAddr, port: u16) -> String {
 }
 
 /// The script text.
-pub fn script(spec: &ScriptSpec) -> String {
+pub(super) fn script(spec: &ScriptSpec) -> String {
     let mut s = String::new();
     let mut line = |l: &str| {
         s.push_str(l);

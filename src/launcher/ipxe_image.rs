@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 
 /// What an image supports.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Https {
+pub(super) enum Https {
     Yes,
     No,
     /// The check could not tell (and why).
@@ -93,7 +93,7 @@ fn unpack(image: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Whether the iPXE image in `bytes` has HTTPS.
-pub fn https_support(bytes: &[u8]) -> Https {
+pub(super) fn https_support(bytes: &[u8]) -> Https {
     if let Some(v) = verdict(bytes) {
         return v;
     }
@@ -104,7 +104,7 @@ pub fn https_support(bytes: &[u8]) -> Https {
 }
 
 /// [`https_support`] of a file.
-pub fn file_https_support(path: &Path) -> Https {
+pub(super) fn file_https_support(path: &Path) -> Https {
     match std::fs::metadata(path) {
         Ok(m) if m.len() > MAX_IMAGE => return Https::Unknown(format!("{} is too large for iPXE", path.display())),
         Ok(_) => {}
@@ -117,7 +117,7 @@ pub fn file_https_support(path: &Path) -> Https {
 }
 
 /// The option ROM QEMU loads for a NIC model (QEMU's own defaults).
-pub fn rom_for_model(model: &str) -> Option<&'static str> {
+pub(super) fn rom_for_model(model: &str) -> Option<&'static str> {
     Some(match model {
         "virtio-net-pci" | "virtio-net-pci-non-transitional" | "virtio-net-pci-transitional" => "efi-virtio.rom",
         "e1000" | "e1000-82540em" => "efi-e1000.rom",
@@ -133,14 +133,14 @@ pub fn rom_for_model(model: &str) -> Option<&'static str> {
 }
 
 /// Where QEMU finds `rom`: the first of its data directories (`qemu -L help`) that has it.
-pub fn find_rom(qemu: &Path, rom: &str) -> Option<PathBuf> {
+pub(super) fn find_rom(qemu: &Path, rom: &str) -> Option<PathBuf> {
     let out = Command::new(qemu).args(["-L", "help"]).stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
     String::from_utf8_lossy(&out.stdout).lines().map(|d| Path::new(d.trim()).join(rom)).find(|p| p.is_file())
 }
 
 /// What runs iPXE for the boot NIC, and whether it has HTTPS: the `--ipxe` image, else QEMU's option ROM for
 /// the boot NIC model.
-pub fn boot_ipxe_https(ipxe: Option<&Path>, qemu: &Path, model: &str) -> (String, Https) {
+pub(super) fn boot_ipxe_https(ipxe: Option<&Path>, qemu: &Path, model: &str) -> (String, Https) {
     if let Some(p) = ipxe {
         return (format!("--ipxe {}", p.display()), file_https_support(p));
     }

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::names::IfName;
 
 /// The held lock; released when dropped (or when the process dies).
-pub struct LanLock {
+pub(crate) struct LanLock {
     listener: UnixListener,
 }
 
@@ -31,7 +31,7 @@ fn abstract_name(ifindex: u32) -> String {
 
 impl LanLock {
     /// Take the lock for link `ifindex` (named `name` in messages), or fail with a conflict naming the holder.
-    pub fn acquire(name: &IfName, ifindex: u32) -> Result<LanLock> {
+    pub(crate) fn acquire(name: &IfName, ifindex: u32) -> Result<LanLock> {
         let key = abstract_name(ifindex);
         let addr = SocketAddr::from_abstract_name(key.as_bytes())
             .map_err(|e| Error::io(format!("--lan-interface \"{name}\": lock name"), e))?;
@@ -57,7 +57,7 @@ impl LanLock {
 
     /// Accept and drop the connections refused runs make to learn the holder's pid, so they never pile up.
     /// Call inside a tokio runtime; the task ends with the runtime.
-    pub fn serve(&self) {
+    pub(crate) fn serve(&self) {
         let Ok(l) = self.listener.try_clone().and_then(tokio::net::UnixListener::from_std) else { return };
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
@@ -69,7 +69,7 @@ impl LanLock {
 
 /// The pid of the ec-ipxe-qemu run holding the lock of link `ifindex` in the calling thread's namespace
 /// (`Some(None)` when held but the pid is unknown), or `None` when no run holds it. Nothing is bound.
-pub fn held_by(ifindex: u32) -> Option<Option<i32>> {
+pub(crate) fn held_by(ifindex: u32) -> Option<Option<i32>> {
     let key = abstract_name(ifindex);
     let fd: OwnedFd =
         socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)

@@ -33,12 +33,12 @@ pub enum LinkEnd {
 }
 
 /// Whether a notification says that link `ifindex` is gone.
-pub fn is_removal(msg: &NetlinkMessage<RouteNetlinkMessage>, ifindex: u32) -> bool {
+pub(super) fn is_removal(msg: &NetlinkMessage<RouteNetlinkMessage>, ifindex: u32) -> bool {
     matches!(&msg.payload, NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) if l.header.index == ifindex)
 }
 
 /// Whether notifications were lost (the socket's receive buffer overflowed: ENOBUFS).
-pub fn is_overrun(msg: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
+pub(super) fn is_overrun(msg: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
     matches!(&msg.payload, NetlinkPayload::Overrun(_))
 }
 

@@ -1,33 +1,40 @@
-//! The launcher behind `ec-ipxe-qemu`: plain options ([`options`], made of the value types in [`values`]),
-//! validated into a configuration ([`config`], with the file-system checks in [`fscheck`]), the pure parts
-//! (the QEMU argv in [`qemu_args`], the iPXE script in [`ipxe`]) and the I/O (state directory, `--boot-dir`
-//! HTTP server, QMP, link watch, supervision).
+//! The launcher behind `ec-ipxe-qemu`, private to the crate (its map, one line per file, is
+//! `docs/architecture.md`). In the order a run meets it:
+//!
+//! ```text
+//! options, option_values  what a caller asks, as plain values      (the cli converts into these)
+//! config, fscheck         validated against each other and the disk, changing nothing
+//! layout                  the state directory's file names and the slirp addresses
+//! qemu_args, ipxe         the pure parts: the QEMU argv with its fd plan, the boot script
+//! run/                    the supervisor: prepare, qemu (start), watch (event loop), stop (ladder), tracker
+//! console/                the guest console: broker, lines, serial.log, sink, bootwatch, banner, client
+//! status, statedir        status.json (and `status`), the locked state directory
+//! doctor/                 every check `run` depends on
+//! accel, vhost, lanlock, linkwatch, httpd, qmp, notify, ipxe_image   one resource each
+//! ```
 
-pub mod accel;
-pub mod attach;
-pub mod banner;
-pub mod bootwatch;
-pub mod config;
-pub mod console;
-pub mod doctor;
-pub mod fscheck;
-pub mod guest;
-pub mod httpd;
-pub mod ipxe;
-pub mod ipxe_image;
-pub mod lanlock;
-pub mod lines;
-pub mod linkwatch;
-pub mod notify;
-pub mod options;
-pub mod qemu_args;
-pub mod qmp;
-pub mod seriallog;
-pub mod state;
-pub mod status;
-pub mod supervise;
-pub mod values;
-pub mod vhost;
+pub(crate) mod accel;
+pub(crate) mod config;
+pub(crate) mod console;
+pub(crate) mod doctor;
+mod fscheck;
+mod httpd;
+mod ipxe;
+mod ipxe_image;
+pub(crate) mod lanlock;
+mod layout;
+mod linkwatch;
+mod notify;
+pub(crate) mod option_values;
+pub(crate) mod options;
+mod qemu_args;
+mod qmp;
+pub(crate) mod run;
+mod statedir;
+pub(crate) mod status;
+pub(crate) mod vhost;
+
+pub use linkwatch::{LinkEnd, LinkWatch};
 
 use crate::error::{Error, Result};
 use crate::link::{self, LinkView, Netlink};
@@ -36,13 +43,13 @@ use config::LaunchConfig;
 use ipxe_image::Https;
 
 /// The MAC of the macvtap `name`, read over netlink without opening anything.
-pub fn lan_mac(name: &IfName) -> Result<MacAddr> {
+pub(crate) fn lan_mac(name: &IfName) -> Result<MacAddr> {
     let l = lan_link(name)?;
     l.mac.ok_or_else(|| Error::Runtime(format!("macvtap \"{name}\" has no MAC address")))
 }
 
 /// The macvtap `name` as netlink shows it (not found: exit 3; not a macvtap: exit 2).
-pub fn lan_link(name: &IfName) -> Result<LinkView> {
+pub(crate) fn lan_link(name: &IfName) -> Result<LinkView> {
     let nl = Netlink::new()?;
     let l = nl
         .block_on(link::get_by_name(&nl.handle, name))?
@@ -58,7 +65,7 @@ pub fn lan_link(name: &IfName) -> Result<LinkView> {
 
 /// An https boot URL: warn before start when the iPXE that will fetch it has no HTTPS (told from the image:
 /// see [`ipxe_image`]).
-pub fn warn_without_https(cfg: &LaunchConfig, url: &str) {
+pub(crate) fn warn_without_https(cfg: &LaunchConfig, url: &str) {
     let (what, https) = ipxe_image::boot_ipxe_https(cfg.ipxe.as_deref(), &cfg.qemu, cfg.boot_nic_model.as_str());
     match https {
         Https::Yes => tracing::debug!("{what} has HTTPS (its \"https\" URI scheme is in the image)"),
@@ -75,7 +82,7 @@ pub fn warn_without_https(cfg: &LaunchConfig, url: &str) {
 
 /// The argv `run` would execute, with no side effects: the accelerator is resolved the same way, and the LAN
 /// NIC's MAC is read from the existing macvtap (so `print-args --lan-interface X` needs X to exist).
-pub fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
+pub(crate) fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
     if let config::BootTarget::Url(u) = &cfg.boot
         && u.scheme() == "https"
     {
@@ -87,10 +94,9 @@ pub fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
             let mac = lan_mac(&l.interface)?;
             // Decided as `run` decides it: the device is opened (and closed again, which changes nothing).
             let vhost = vhost::open(l.vhost, l.queues, l.model.is_virtio())?;
-            Some(supervise::lan_nic(mac, l.queues, vhost.fds.len() as u32))
+            Some((mac, l.queues, vhost.fds.len() as u32))
         }
         None => None,
     };
-    let lan_fds = lan.as_ref().map_or(0, |n| (n.fds.len() + n.vhost_fds.len()) as u32);
-    Ok(qemu_args::build(cfg, accel, lan.as_ref(), supervise::qmp_fd(lan_fds)))
+    Ok(qemu_args::build(cfg, accel, &qemu_args::FdPlan::new(lan)))
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-pub struct Notifier {
+pub(super) struct Notifier {
     enabled: bool,
     watchdog: Option<Duration>,
     ready_sent: bool,
@@ -16,7 +16,7 @@ pub struct Notifier {
 
 impl Notifier {
     /// From the environment (`NOTIFY_SOCKET`, `WATCHDOG_USEC`, `WATCHDOG_PID`).
-    pub fn from_env() -> Notifier {
+    pub(super) fn from_env() -> Notifier {
         Notifier {
             enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
             watchdog: sd_notify::watchdog_enabled().filter(|d| !d.is_zero()),
@@ -26,7 +26,7 @@ impl Notifier {
     }
 
     /// How often to send `WATCHDOG=1` (half the unit's `WatchdogSec=`), when the watchdog is on.
-    pub fn watchdog_interval(&self) -> Option<Duration> {
+    pub(super) fn watchdog_interval(&self) -> Option<Duration> {
         self.watchdog.filter(|_| self.enabled).map(|d| d / 2)
     }
 
@@ -44,12 +44,12 @@ impl Notifier {
         }
     }
 
-    pub fn status(&mut self, text: &str) {
+    pub(super) fn status(&mut self, text: &str) {
         self.send(&[NotifyState::Status(text)]);
     }
 
     /// `READY=1` (once per run) with a status line.
-    pub fn ready(&mut self, text: &str) {
+    pub(super) fn ready(&mut self, text: &str) {
         if self.ready_sent {
             self.status(text);
             return;
@@ -58,14 +58,14 @@ impl Notifier {
         self.send(&[NotifyState::Ready, NotifyState::Status(text)]);
     }
 
-    pub fn stopping(&mut self, text: &str) {
+    pub(super) fn stopping(&mut self, text: &str) {
         self.send(&[NotifyState::Stopping, NotifyState::Status(text)]);
     }
 
-    pub fn watchdog(&mut self) {
+    pub(super) fn watchdog(&mut self) {
         self.send(&[NotifyState::Watchdog]);
     }
 }
 
 /// Variables QEMU must not inherit: it is not the unit's main process.
-pub const CHILD_ENV_REMOVE: [&str; 4] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS"];
+pub(super) const CHILD_ENV_REMOVE: [&str; 4] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS"];

@@ -8,18 +8,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::launcher::accel::AccelChoice;
-use crate::launcher::values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
+use crate::launcher::option_values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::launcher::vhost::VhostMode;
 use crate::names::IfName;
 
 /// Virtual CPUs: 1 to this.
-pub const MAX_CPUS: u32 = 255;
+pub(crate) const MAX_CPUS: u32 = 255;
 /// LAN NIC queues: 1 to this.
-pub const MAX_LAN_QUEUES: u32 = 16;
+pub(crate) const MAX_LAN_QUEUES: u32 = 16;
 /// `--shutdown-timeout`: 0 to this many seconds.
-pub const MAX_SHUTDOWN_TIMEOUT_SECS: u64 = 3600;
+pub(crate) const MAX_SHUTDOWN_TIMEOUT_SECS: u64 = 3600;
 /// `--ready-timeout`: 0 (none) to this many seconds.
-pub const MAX_READY_TIMEOUT_SECS: u64 = 86_400;
+pub(crate) const MAX_READY_TIMEOUT_SECS: u64 = 86_400;
 
 /// Every option of `run` / `print-args`, one field per command-line option.
 #[derive(Clone, Debug, PartialEq, Eq)]

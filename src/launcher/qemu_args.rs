@@ -7,40 +7,54 @@
 use std::path::Path;
 
 use crate::launcher::accel::Accel;
-use crate::launcher::config::{BOOT_SCRIPT, LaunchConfig};
+use crate::launcher::config::LaunchConfig;
+use crate::launcher::layout::{BOOT_SCRIPT, usernet};
 use crate::names::MacAddr;
 
-/// The user-mode network (slirp), fixed in the argv so that the boot script can configure the boot NIC
-/// without DHCP and still match what slirp's DHCP server would hand out. These are QEMU's defaults.
-pub mod usernet {
-    use std::net::Ipv4Addr;
+pub(super) const BOOT_NIC_ADDR: &str = "0x3";
+pub(super) const LAN_NIC_ADDR: &str = "0x4";
+pub(super) const DISK_ADDR: &str = "0x5";
 
-    /// The network, as `-netdev user,net=` takes it.
-    pub const NET: &str = "10.0.2.0/24";
-    pub const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
-    /// The host as the guest sees it (gateway; slirp maps it to the host's loopback).
-    pub const HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-    /// slirp's DNS forwarder.
-    pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
-    /// The first (and, with one guest NIC, only) address slirp's DHCP hands out.
-    pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The first fd number QEMU inherits.
+pub(crate) const FIRST_FD: i32 = 3;
+
+/// Every fd QEMU inherits, by its number in QEMU, in this order from [`FIRST_FD`] on: the LAN tap queues,
+/// their vhost-net fds, the launcher's QMP end, the serial port's end. `run` passes the fds in this order
+/// and `print-args` prints the same numbers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FdPlan {
+    pub(crate) lan: Option<LanNicFds>,
+    /// The launcher's own QMP connection (one end of a socket pair; operators get `qmp.sock`).
+    pub(crate) qmp: i32,
+    /// The serial port (one end of a socket pair; the console broker reads the other).
+    pub(crate) serial: i32,
 }
 
-pub const BOOT_NIC_ADDR: &str = "0x3";
-pub const LAN_NIC_ADDR: &str = "0x4";
-pub const DISK_ADDR: &str = "0x5";
-
-/// The LAN NIC as QEMU sees it: the macvtap's MAC, the fd numbers the tap queues will have in QEMU and,
-/// with vhost-net, those of the `/dev/vhost-net` fds (one per queue; empty without vhost).
+/// The LAN NIC as QEMU sees it: the macvtap's MAC, the fd numbers of its tap queues and, with vhost-net,
+/// those of the `/dev/vhost-net` fds (one per queue; empty without vhost).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LanNic {
-    pub mac: MacAddr,
-    pub fds: Vec<i32>,
-    pub vhost_fds: Vec<i32>,
+pub(crate) struct LanNicFds {
+    pub(crate) mac: MacAddr,
+    pub(crate) taps: Vec<i32>,
+    pub(crate) vhost: Vec<i32>,
+}
+
+impl FdPlan {
+    /// `lan`: the LAN NIC's MAC, its tap queues and its vhost-net fds.
+    pub(crate) fn new(lan: Option<(MacAddr, u32, u32)>) -> FdPlan {
+        let fd = |i: u32| FIRST_FD + i as i32;
+        let lan = lan.map(|(mac, queues, vhost)| LanNicFds {
+            mac,
+            taps: (0..queues).map(fd).collect(),
+            vhost: (queues..queues + vhost).map(fd).collect(),
+        });
+        let qmp = FIRST_FD + lan.as_ref().map_or(0, |l| (l.taps.len() + l.vhost.len()) as i32);
+        FdPlan { lan, qmp, serial: qmp + 1 }
+    }
 }
 
 /// QEMU option values are comma-separated: a literal comma is written twice.
-pub fn escape(value: &str) -> String {
+pub(super) fn escape(value: &str) -> String {
     value.replace(',', ",,")
 }
 
@@ -50,16 +64,11 @@ fn path(p: &Path) -> String {
 
 /// QEMU's seccomp sandbox: no obsolete syscalls, no privilege changes, no fork/exec, no scheduler or
 /// resource changes. The guest reaches slirp, so QEMU's own attack surface is kept small.
-pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+pub(super) const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
-/// The fd number (in QEMU) of the serial port's socket pair end: right after the launcher's QMP fd.
-pub fn serial_fd(qmp_fd: i32) -> i32 {
-    qmp_fd + 1
-}
-
-/// The argv (program first). `qmp_fd` is the fd number (in QEMU) of the launcher's own QMP connection, one end
-/// of a socket pair; operators get `qmp.sock` separately.
-pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32) -> Vec<String> {
+/// The argv (program first), with the fd numbers of `fds`.
+pub(crate) fn build(cfg: &LaunchConfig, accel: Accel, fds: &FdPlan) -> Vec<String> {
+    let qmp_fd = fds.qmp;
     let mut a: Vec<String> = Vec::with_capacity(48);
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&[&cfg.qemu.to_string_lossy()]);
@@ -78,7 +87,7 @@ pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32
     ]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", path(&cfg.qmp_socket()))]);
     // The serial port is a socket pair whose other end the launcher reads (the console broker).
-    push(&["-chardev", &format!("socket,id=serial0,fd={}", serial_fd(qmp_fd)), "-serial", "chardev:serial0"]);
+    push(&["-chardev", &format!("socket,id=serial0,fd={}", fds.serial), "-serial", "chardev:serial0"]);
 
     // Boot NIC: user-mode networking. Without --ipxe its option ROM fetches boot.ipxe over slirp TFTP.
     let mut user = format!(
@@ -108,9 +117,9 @@ pub fn build(cfg: &LaunchConfig, accel: Accel, lan: Option<&LanNic>, qmp_fd: i32
     }
 
     // LAN NIC: the macvtap's queues, its MAC, no option ROM (iPXE never boots from the LAN).
-    if let (Some(spec), Some(nic)) = (&cfg.lan, lan) {
-        let fds: Vec<String> = nic.fds.iter().map(|f| f.to_string()).collect();
-        let vhost: Vec<String> = nic.vhost_fds.iter().map(|f| f.to_string()).collect();
+    if let (Some(spec), Some(nic)) = (&cfg.lan, &fds.lan) {
+        let fds: Vec<String> = nic.taps.iter().map(|f| f.to_string()).collect();
+        let vhost: Vec<String> = nic.vhost.iter().map(|f| f.to_string()).collect();
         let mut netdev = if fds.len() == 1 {
             format!("tap,id=lan,fd={}", fds[0])
         } else {
@@ -173,7 +182,7 @@ mod tests {
             o.no_disk = false;
         });
         assert_eq!(
-            golden(build(&c, Accel::Kvm, None, 3), &t),
+            golden(build(&c, Accel::Kvm, &FdPlan::new(None)), &t),
             "@T/qemu-system-x86_64 -name ec-ipxe-qemu -nodefaults -no-user-config -display none \
              -machine pc,graphics=off -accel kvm -cpu host -m 2048 -smp 2 \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
@@ -202,7 +211,7 @@ mod tests {
             o.extra = ["-S", "-device", "virtio-rng-pci"].map(String::from).into();
         });
         assert_eq!(
-            golden(build(&c, Accel::Tcg, None, 3), &t),
+            golden(build(&c, Accel::Tcg, &FdPlan::new(None)), &t),
             "@T/qemu-system-x86_64 -name ec-ipxe-qemu -nodefaults -no-user-config -display none \
              -machine pc,graphics=off -accel tcg -cpu max -m 512 -smp 1 \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
@@ -221,7 +230,7 @@ mod tests {
     fn lan_nic_single_and_multi_queue() {
         let mac: MacAddr = "02:11:22:33:44:55".parse().unwrap();
         let (c, t) = cfg(|_, o| o.lan_interface = Some("ec-lan0".parse().unwrap()));
-        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3], vhost_fds: vec![] }), 4), &t);
+        let one = golden(build(&c, Accel::Tcg, &FdPlan::new(Some((mac, 1, 0)))), &t);
         assert!(
             one.contains("-chardev socket,id=ec-launcher-qmp,fd=4 ")
                 && one.ends_with(
@@ -234,7 +243,7 @@ mod tests {
             o.lan_interface = Some("ec-lan0".parse().unwrap());
             o.lan_queues = 3;
         });
-        let three = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3, 4, 5], vhost_fds: vec![] }), 6), &t);
+        let three = golden(build(&c, Accel::Tcg, &FdPlan::new(Some((mac, 3, 0)))), &t);
         assert!(
             three.contains("-chardev socket,id=ec-launcher-qmp,fd=6 ")
                 && three.ends_with(
@@ -251,7 +260,7 @@ mod tests {
     fn lan_nic_with_vhost_fds() {
         let mac: MacAddr = "02:11:22:33:44:55".parse().unwrap();
         let (c, t) = cfg(|_, o| o.lan_interface = Some("ec-lan0".parse().unwrap()));
-        let one = golden(build(&c, Accel::Tcg, Some(&LanNic { mac, fds: vec![3], vhost_fds: vec![4] }), 5), &t);
+        let one = golden(build(&c, Accel::Tcg, &FdPlan::new(Some((mac, 1, 1)))), &t);
         assert!(
             one.contains("-chardev socket,id=ec-launcher-qmp,fd=5 ")
                 && one.ends_with(
@@ -264,8 +273,12 @@ mod tests {
             o.lan_interface = Some("ec-lan0".parse().unwrap());
             o.lan_queues = 2;
         });
-        let nic = LanNic { mac, fds: vec![3, 4], vhost_fds: vec![5, 6] };
-        let two = golden(build(&c, Accel::Tcg, Some(&nic), 7), &t);
+        let plan = FdPlan::new(Some((mac, 2, 2)));
+        assert_eq!(
+            plan,
+            FdPlan { lan: Some(LanNicFds { mac, taps: vec![3, 4], vhost: vec![5, 6] }), qmp: 7, serial: 8 }
+        );
+        let two = golden(build(&c, Accel::Tcg, &plan), &t);
         assert!(
             two.contains("-chardev socket,id=ec-launcher-qmp,fd=7 ")
                 && two.ends_with(
@@ -279,7 +292,7 @@ mod tests {
     #[test]
     fn commas_in_paths_are_escaped() {
         let (c, t) = cfg(|t, o| o.state_dir = PathBuf::from(format!("{}/a,b", t.display())));
-        let args = build(&c, Accel::Tcg, None, 3);
+        let args = build(&c, Accel::Tcg, &FdPlan::new(None));
         let g = golden(args, &t);
         assert!(g.contains("-qmp unix:@T/a,,b/qmp.sock,server=on,wait=off"), "{g}");
         assert!(g.contains("tftp=@T/a,,b/tftp,bootfile=boot.ipxe"), "{g}");

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 
 /// An asynchronous QMP event.
 #[derive(Clone, Debug, PartialEq)]
-pub struct QmpEvent {
+pub(super) struct QmpEvent {
     pub name: String,
     pub data: Value,
     /// When QEMU emitted it (QMP's `timestamp`), as seconds since the Unix epoch.
@@ -41,23 +41,23 @@ type Request = (String, String, Reply);
 
 /// Sends commands to a connection served by [`Qmp::into_client`]'s task.
 #[derive(Clone)]
-pub struct QmpClient {
+pub(crate) struct QmpClient {
     tx: mpsc::UnboundedSender<Request>,
 }
 
 impl QmpClient {
     /// A client with no connection: every command fails at once.
-    pub fn closed() -> QmpClient {
+    pub(crate) fn closed() -> QmpClient {
         QmpClient { tx: mpsc::unbounded_channel().0 }
     }
 
     /// Run a command without arguments; fails when the connection is gone. Bound it with a timeout.
-    pub async fn execute(&self, command: &str) -> Result<Value> {
+    pub(crate) async fn execute(&self, command: &str) -> Result<Value> {
         self.send(command, serde_json::json!({ "execute": command })).await
     }
 
     /// Run a command with arguments (a JSON object), e.g. `send-key`.
-    pub async fn execute_with(&self, command: &str, arguments: Value) -> Result<Value> {
+    pub(crate) async fn execute_with(&self, command: &str, arguments: Value) -> Result<Value> {
         self.send(command, serde_json::json!({ "execute": command, "arguments": arguments })).await
     }
 
@@ -70,19 +70,12 @@ impl QmpClient {
     }
 }
 
-pub struct Qmp {
+pub(super) struct Qmp {
     lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
     writer: OwnedWriteHalf,
 }
 
 impl Qmp {
-    /// Connect, read the greeting and leave capabilities negotiation mode.
-    pub async fn connect(path: &Path) -> Result<Qmp> {
-        let stream =
-            UnixStream::connect(path).await.map_err(|e| Error::io(format!("connect to QMP {}", path.display()), e))?;
-        Qmp::handshake(stream, path).await
-    }
-
     async fn handshake(stream: UnixStream, path: &Path) -> Result<Qmp> {
         let (r, w) = stream.into_split();
         let mut qmp = Qmp { lines: BufReader::new(r).lines(), writer: w };
@@ -95,13 +88,13 @@ impl Qmp {
     }
 
     /// The handshake on an already connected stream (e.g. one end of a socket pair whose other end QEMU got).
-    pub async fn from_stream(stream: UnixStream, what: &Path) -> Result<Qmp> {
+    pub(super) async fn from_stream(stream: UnixStream, what: &Path) -> Result<Qmp> {
         Qmp::handshake(stream, what).await
     }
 
     /// Hand the connection to a task: commands through the returned client (replies in order), events on the
     /// receiver. Both end when QEMU closes the connection.
-    pub fn into_client(self) -> (QmpClient, mpsc::UnboundedReceiver<QmpEvent>) {
+    pub(super) fn into_client(self) -> (QmpClient, mpsc::UnboundedReceiver<QmpEvent>) {
         let (tx, mut commands) = mpsc::unbounded_channel::<Request>();
         let (events_tx, events) = mpsc::unbounded_channel();
         let Qmp { mut lines, mut writer } = self;
@@ -142,20 +135,6 @@ impl Qmp {
         (QmpClient { tx }, events)
     }
 
-    /// Like [`Qmp::connect`], but waits (polling every 50 ms) while QEMU has not created or is not yet
-    /// listening on the socket: a stop request can arrive right after QEMU was spawned. Bound it with a timeout.
-    pub async fn connect_when_ready(path: &Path) -> Result<Qmp> {
-        loop {
-            match UnixStream::connect(path).await {
-                Ok(stream) => return Qmp::handshake(stream, path).await,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(Error::io(format!("connect to QMP {}", path.display()), e)),
-            }
-        }
-    }
-
     async fn next_message(&mut self) -> Result<Value> {
         let line = self
             .lines
@@ -167,7 +146,7 @@ impl Qmp {
     }
 
     /// Run a command without arguments and return its `return` value.
-    pub async fn execute(&mut self, command: &str) -> Result<Value> {
+    pub(super) async fn execute(&mut self, command: &str) -> Result<Value> {
         let msg = serde_json::json!({ "execute": command }).to_string() + "\n";
         self.writer.write_all(msg.as_bytes()).await.map_err(|e| Error::io(format!("QMP {command}"), e))?;
         loop {
@@ -193,6 +172,27 @@ fn reply_value(command: &str, v: Value) -> Result<Value> {
 mod tests {
     use super::*;
     use tokio::net::UnixListener;
+
+    /// Connect, read the greeting and leave capabilities negotiation mode.
+    async fn connect(path: &Path) -> Result<Qmp> {
+        let stream =
+            UnixStream::connect(path).await.map_err(|e| Error::io(format!("connect to QMP {}", path.display()), e))?;
+        Qmp::handshake(stream, path).await
+    }
+
+    /// Like [`connect`], but waits (polling every 50 ms) while QEMU has not created or is not yet
+    /// listening on the socket: a stop request can arrive right after QEMU was spawned. Bound it with a timeout.
+    async fn connect_when_ready(path: &Path) -> Result<Qmp> {
+        loop {
+            match UnixStream::connect(path).await {
+                Ok(stream) => return Qmp::handshake(stream, path).await,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(Error::io(format!("connect to QMP {}", path.display()), e)),
+            }
+        }
+    }
 
     /// A fake QEMU: greeting, then answers each command (with an event in between).
     #[test]
@@ -220,7 +220,7 @@ mod tests {
                 }
                 seen
             });
-            let mut q = Qmp::connect(&path).await.unwrap();
+            let mut q = connect(&path).await.unwrap();
             assert_eq!(q.execute("system_powerdown").await.unwrap(), serde_json::json!({}));
             let err = q.execute("bogus").await.unwrap_err().to_string();
             assert!(err.contains("has not been found"), "{err}");
@@ -251,8 +251,8 @@ mod tests {
                 }
                 n
             });
-            assert!(Qmp::connect(&path).await.is_err(), "plain connect fails while the socket is missing");
-            let mut q = tokio::time::timeout(std::time::Duration::from_secs(5), Qmp::connect_when_ready(&path))
+            assert!(connect(&path).await.is_err(), "plain connect fails while the socket is missing");
+            let mut q = tokio::time::timeout(std::time::Duration::from_secs(5), connect_when_ready(&path))
                 .await
                 .expect("connected before the timeout")
                 .unwrap();

@@ -12,13 +12,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::launcher::bootwatch::Stage;
+use crate::launcher::console::bootwatch::Stage;
 
-pub const STATUS_FILE: &str = "status.json";
+use crate::launcher::layout::{LOCK_FILE, STATUS_FILE};
 
 /// The contents of `status.json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
+pub(crate) struct RunStatus {
     /// The launcher's pid.
     pub pid: u32,
     /// QEMU's pid while it runs.
@@ -49,18 +49,18 @@ pub struct Status {
 }
 
 /// The status file of a state directory.
-pub fn path(state_dir: &Path) -> PathBuf {
+pub(crate) fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(STATUS_FILE)
 }
 
 /// The current time as RFC 3339 UTC with seconds (`2026-11-25T12:47:03Z`).
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     rfc3339(secs)
 }
 
 /// Seconds since the epoch as RFC 3339 UTC (civil-from-days, H. Hinnant's algorithm).
-pub fn rfc3339(secs: u64) -> String {
+pub(crate) fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let z = days + 719_468;
@@ -76,19 +76,19 @@ pub fn rfc3339(secs: u64) -> String {
 }
 
 /// The status the launcher keeps, written to disk at every change.
-pub struct StatusFile {
+pub(crate) struct StatusFile {
     path: PathBuf,
-    pub status: Status,
+    pub status: RunStatus,
     failed: bool,
 }
 
 impl StatusFile {
-    pub fn new(state_dir: &Path, status: Status) -> StatusFile {
+    pub(crate) fn new(state_dir: &Path, status: RunStatus) -> StatusFile {
         StatusFile { path: path(state_dir), status, failed: false }
     }
 
     /// Change the status and write it; nothing is written when nothing changed.
-    pub fn update(&mut self, f: impl FnOnce(&mut Status)) {
+    pub(crate) fn update(&mut self, f: impl FnOnce(&mut RunStatus)) {
         let before = self.status.clone();
         f(&mut self.status);
         if self.status != before {
@@ -97,13 +97,13 @@ impl StatusFile {
     }
 
     /// Write it now. A failure is logged once; the guest goes on.
-    pub fn write(&mut self) {
+    pub(crate) fn write(&mut self) {
         self.status.updated_at = now_rfc3339();
         let r = serde_json::to_vec_pretty(&self.status)
             .map_err(|e| Error::Runtime(format!("encode {}: {e}", self.path.display())))
             .and_then(|mut text| {
                 text.push(b'\n');
-                crate::launcher::state::write_atomically_mode(&self.path, &text, 0o640)
+                crate::launcher::statedir::write_atomically_mode(&self.path, &text, 0o640)
             });
         match r {
             Ok(()) => self.failed = false,
@@ -118,15 +118,15 @@ impl StatusFile {
 
 /// What `status` reads: the last status written, and whether a launcher holds the directory now.
 #[derive(Clone, Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     #[serde(flatten)]
-    pub status: Status,
+    pub status: RunStatus,
     /// Whether a launcher holds the state directory now.
     pub running: bool,
 }
 
 /// Read the status of `state_dir`. No status file: not found (exit 3).
-pub fn read(state_dir: &Path) -> Result<Report> {
+pub(crate) fn read(state_dir: &Path) -> Result<Report> {
     let p = path(state_dir);
     let text = match std::fs::read(&p) {
         Ok(t) => t,
@@ -138,14 +138,14 @@ pub fn read(state_dir: &Path) -> Result<Report> {
         }
         Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
     };
-    let status: Status = serde_json::from_slice(&text)
+    let status: RunStatus = serde_json::from_slice(&text)
         .map_err(|e| Error::Runtime(format!("{}: not a status file ({e})", p.display())))?;
-    let running = held(&state_dir.join(crate::launcher::config::LOCK_FILE))?;
+    let running = held(&state_dir.join(LOCK_FILE))?;
     Ok(Report { status, running })
 }
 
 /// Whether some process holds an flock on `lock` (from `/proc/locks`, without touching the lock).
-pub fn held(lock: &Path) -> Result<bool> {
+pub(crate) fn held(lock: &Path) -> Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let m = match std::fs::metadata(lock) {
         Ok(m) => m,
@@ -157,7 +157,7 @@ pub fn held(lock: &Path) -> Result<bool> {
 }
 
 /// Whether `/proc/locks` text lists an flock on the file with device `dev` and inode `ino`.
-pub fn locks_hold(locks: &str, dev: u64, ino: u64) -> bool {
+pub(crate) fn locks_hold(locks: &str, dev: u64, ino: u64) -> bool {
     let want = format!(
         "{:02x}:{:02x}:{ino}",
         nix::sys::stat::major(dev as nix::libc::dev_t),
@@ -172,7 +172,7 @@ pub fn locks_hold(locks: &str, dev: u64, ino: u64) -> bool {
 }
 
 /// The human form of a report.
-pub fn render(state_dir: &Path, r: &Report) -> String {
+pub(crate) fn render(state_dir: &Path, r: &Report) -> String {
     let s = &r.status;
     let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let mut out = String::new();
@@ -250,12 +250,12 @@ mod tests {
         assert_eq!(read(dir).unwrap_err().exit_code(), 3);
         let mut f = StatusFile::new(
             dir,
-            Status {
+            RunStatus {
                 pid: 7,
                 accel: "tcg".into(),
                 vhost: "off".into(),
                 stage: Some(Stage::Firmware),
-                ..Status::default()
+                ..RunStatus::default()
             },
         );
         f.write();

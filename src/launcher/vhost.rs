@@ -21,12 +21,12 @@ use std::path::PathBuf;
 use crate::error::{Error, Kind, Result};
 
 /// The vhost-net device.
-pub const DEVICE: &str = "/dev/vhost-net";
+pub(crate) const DEVICE: &str = "/dev/vhost-net";
 /// vhost-net is the misc character device 10:238 (`VHOST_NET_MINOR`).
-pub const DEVNUM: (u64, u64) = (10, 238);
+pub(crate) const DEVNUM: (u64, u64) = (10, 238);
 /// For tests only: open this path instead of [`DEVICE`] (the tests point it at a node they made with
 /// `mknod ... c 10 238`, so the kernel's own refusals are exercised on machines without vhost-net).
-pub const DEVICE_ENV: &str = "EC_VHOST_NET_DEVICE";
+pub(crate) const DEVICE_ENV: &str = "EC_VHOST_NET_DEVICE";
 
 /// What `--lan-vhost` asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,37 +47,36 @@ impl VhostMode {
     }
 }
 
-/// What the LAN NIC uses: the vhost-net fds (one per queue; empty when off) and, when off, why.
+/// What the LAN NIC uses: the vhost-net fds (one per queue; empty when off; the reason is logged).
 #[derive(Debug)]
-pub struct Vhost {
-    pub fds: Vec<OwnedFd>,
-    pub why_off: Option<String>,
+pub(crate) struct Vhost {
+    pub(crate) fds: Vec<OwnedFd>,
 }
 
 impl Vhost {
-    fn off(why: impl Into<String>) -> Vhost {
-        Vhost { fds: Vec::new(), why_off: Some(why.into()) }
+    fn off() -> Vhost {
+        Vhost { fds: Vec::new() }
     }
 
     /// Whether vhost is in use.
-    pub fn in_use(&self) -> bool {
+    pub(crate) fn in_use(&self) -> bool {
         !self.fds.is_empty()
     }
 
     /// `"on"` or `"off"`, as `status.json`'s `vhost` and `doctor` show it.
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         if self.in_use() { "on" } else { "off" }
     }
 }
 
 /// The device path: [`DEVICE`], or the test override.
-pub fn device() -> PathBuf {
+pub(crate) fn device() -> PathBuf {
     std::env::var_os(DEVICE_ENV).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEVICE))
 }
 
 /// Why the device cannot be used, with the exit code `--lan-vhost on` gets.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Unusable {
+pub(crate) struct Unusable {
     /// Missing or not vhost-net (exit 3) as opposed to refused (exit 5).
     pub missing: bool,
     pub reason: String,
@@ -130,23 +129,23 @@ fn open_one(dev: &std::path::Path) -> std::result::Result<OwnedFd, Unusable> {
 }
 
 /// Whether the vhost-net device at `dev` opens for this user (what `doctor` reports); the fd is closed again.
-pub fn availability(dev: &std::path::Path) -> std::result::Result<(), Unusable> {
+pub(crate) fn availability(dev: &std::path::Path) -> std::result::Result<(), Unusable> {
     open_one(dev).map(drop)
 }
 
 /// What to do when the device opens but the NIC model cannot use it, or when it does not open.
-pub fn hint() -> &'static str {
+pub(crate) fn hint() -> &'static str {
     "load the vhost_net module and let the launcher's user open /dev/vhost-net (the NixOS module does both)"
 }
 
 /// Open one vhost-net fd per LAN queue as `mode` asks. `virtio`: whether the LAN NIC model is virtio-net.
-pub fn open(mode: VhostMode, queues: u32, virtio: bool) -> Result<Vhost> {
+pub(crate) fn open(mode: VhostMode, queues: u32, virtio: bool) -> Result<Vhost> {
     open_at(&device(), mode, queues, virtio)
 }
 
 fn open_at(dev: &std::path::Path, mode: VhostMode, queues: u32, virtio: bool) -> Result<Vhost> {
     if mode == VhostMode::Off {
-        return Ok(Vhost::off("--lan-vhost off"));
+        return Ok(Vhost::off());
     }
     if !virtio {
         let why = "the LAN NIC model is not virtio-net (vhost-net serves virtio only)";
@@ -154,7 +153,7 @@ fn open_at(dev: &std::path::Path, mode: VhostMode, queues: u32, virtio: bool) ->
             return Err(Error::invalid("--lan-vhost on", why));
         }
         tracing::info!("vhost-net: off: {why}");
-        return Ok(Vhost::off(why));
+        return Ok(Vhost::off());
     }
     let mut fds = Vec::with_capacity(queues as usize);
     for _ in 0..queues {
@@ -167,12 +166,12 @@ fn open_at(dev: &std::path::Path, mode: VhostMode, queues: u32, virtio: bool) ->
                     return Err(Error::unusable(kind, "--lan-vhost on", u.reason));
                 }
                 tracing::warn!("vhost-net: off: {}; the LAN NIC's packets go through QEMU's userspace", u.reason);
-                return Ok(Vhost::off(u.reason));
+                return Ok(Vhost::off());
             }
         }
     }
     tracing::info!("vhost-net: on ({} fd(s) from {})", fds.len(), dev.display());
-    Ok(Vhost { fds, why_off: None })
+    Ok(Vhost { fds })
 }
 
 #[cfg(test)]
@@ -185,9 +184,8 @@ mod tests {
         let v = open_at(missing, VhostMode::Off, 2, true).unwrap();
         assert!(!v.in_use());
         assert_eq!(v.as_str(), "off");
-        assert_eq!(v.why_off.as_deref(), Some("--lan-vhost off"));
         let v = open_at(missing, VhostMode::Auto, 1, false).unwrap();
-        assert!(v.why_off.unwrap().contains("not virtio-net"));
+        assert!(!v.in_use());
         let e = open_at(missing, VhostMode::On, 1, false).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().starts_with("--lan-vhost on: "), "{e}");
@@ -199,7 +197,6 @@ mod tests {
         let missing = tmp.path().join("vhost-net");
         let v = open_at(&missing, VhostMode::Auto, 1, true).unwrap();
         assert!(!v.in_use());
-        assert!(v.why_off.unwrap().contains("does not exist"));
         let e = open_at(&missing, VhostMode::On, 1, true).unwrap_err();
         assert_eq!(e.exit_code(), 3, "{e}");
         assert_eq!(

@@ -45,14 +45,14 @@ fn base(xid: u32, mac: MacAddr, secs: u16, kind: MessageType) -> Message {
 }
 
 /// DHCPDISCOVER (sent from 0.0.0.0 to the broadcast address).
-pub fn discover(xid: u32, mac: MacAddr, secs: u16) -> Vec<u8> {
+pub(crate) fn discover(xid: u32, mac: MacAddr, secs: u16) -> Vec<u8> {
     let mut m = base(xid, mac, secs, MessageType::Discover);
     m.opts_mut().insert(request_list());
     encode(&m)
 }
 
 /// DHCPREQUEST for an offered address, naming the server that offered it (SELECTING state, broadcast).
-pub fn request(xid: u32, mac: MacAddr, secs: u16, offer: &Offer) -> Vec<u8> {
+pub(crate) fn request(xid: u32, mac: MacAddr, secs: u16, offer: &Offer) -> Vec<u8> {
     let mut m = base(xid, mac, secs, MessageType::Request);
     m.opts_mut().insert(DhcpOption::RequestedIpAddress(offer.address));
     m.opts_mut().insert(DhcpOption::ServerIdentifier(offer.server));
@@ -61,7 +61,7 @@ pub fn request(xid: u32, mac: MacAddr, secs: u16, offer: &Offer) -> Vec<u8> {
 }
 
 /// DHCPRELEASE of `address` to the server that leased it (unicast from the address itself).
-pub fn release(xid: u32, mac: MacAddr, address: Ipv4Addr, server: Ipv4Addr) -> Vec<u8> {
+pub(crate) fn release(xid: u32, mac: MacAddr, address: Ipv4Addr, server: Ipv4Addr) -> Vec<u8> {
     let mut m = base(xid, mac, 0, MessageType::Release);
     m.set_ciaddr(address);
     m.opts_mut().insert(DhcpOption::ServerIdentifier(server));
@@ -70,7 +70,7 @@ pub fn release(xid: u32, mac: MacAddr, address: Ipv4Addr, server: Ipv4Addr) -> V
 
 /// What an OFFER or ACK says; `probe --json`'s `dhcp` object as it is.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Offer {
+pub(crate) struct Offer {
     /// The server identifier (option 54), else the IP source of the reply.
     pub server: Ipv4Addr,
     pub address: Ipv4Addr,
@@ -82,7 +82,7 @@ pub struct Offer {
 
 /// A server's answer to us.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reply {
+pub(crate) enum Reply {
     Offer(Offer),
     Ack(Offer),
     Nak { server: Ipv4Addr, message: Option<String> },
@@ -90,7 +90,7 @@ pub enum Reply {
 
 /// Read a BOOTREPLY for transaction `xid` and hardware address `mac`; anything else (other clients' replies,
 /// requests, other message types, garbage) is `None`. `ip_source` stands in for a missing server identifier.
-pub fn parse_reply(payload: &[u8], xid: u32, mac: MacAddr, ip_source: Ipv4Addr) -> Option<Reply> {
+pub(crate) fn parse_reply(payload: &[u8], xid: u32, mac: MacAddr, ip_source: Ipv4Addr) -> Option<Reply> {
     let m = Message::from_bytes(payload).ok()?;
     if m.opcode() != Opcode::BootReply || m.xid() != xid || m.chaddr().get(..6) != Some(&mac.0[..]) {
         return None;

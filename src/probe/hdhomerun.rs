@@ -13,15 +13,14 @@
 //! A reply carries DEVICE_TYPE, DEVICE_ID, TUNER_COUNT and, on current firmware, BASE_URL; unknown tags are
 //! skipped, as libhdhomerun says they must be.
 
-pub const PORT: u16 = 65001;
-pub const TYPE_DISCOVER_REQ: u16 = 0x0002;
-pub const TYPE_DISCOVER_RPY: u16 = 0x0003;
-pub const TAG_DEVICE_TYPE: u8 = 0x01;
-pub const TAG_DEVICE_ID: u8 = 0x02;
-pub const TAG_TUNER_COUNT: u8 = 0x10;
-pub const TAG_BASE_URL: u8 = 0x2A;
-pub const WILDCARD: u32 = 0xFFFF_FFFF;
-pub const DEVICE_TYPE_TUNER: u32 = 0x0000_0001;
+pub(crate) const PORT: u16 = 65001;
+pub(crate) const TYPE_DISCOVER_REQ: u16 = 0x0002;
+pub(crate) const TYPE_DISCOVER_RPY: u16 = 0x0003;
+pub(crate) const TAG_DEVICE_TYPE: u8 = 0x01;
+pub(crate) const TAG_DEVICE_ID: u8 = 0x02;
+pub(crate) const TAG_TUNER_COUNT: u8 = 0x10;
+pub(crate) const TAG_BASE_URL: u8 = 0x2A;
+pub(crate) const WILDCARD: u32 = 0xFFFF_FFFF;
 
 /// Payloads are at most 1452 bytes (`HDHOMERUN_MAX_PAYLOAD_SIZE`); TLV lengths fit in two bytes.
 const MAX_TLV_LEN: usize = 0x3FFF;
@@ -39,7 +38,7 @@ fn push_tlv(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
 }
 
 /// Header, payload and CRC: `hdhomerun_pkt_seal_frame`.
-pub fn seal(packet_type: u16, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn seal(packet_type: u16, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 8);
     out.extend_from_slice(&packet_type.to_be_bytes());
     out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
@@ -50,7 +49,7 @@ pub fn seal(packet_type: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// The discovery request for every device of every type.
-pub fn discover_request() -> Vec<u8> {
+pub(crate) fn discover_request() -> Vec<u8> {
     let mut payload = Vec::with_capacity(12);
     push_tlv(&mut payload, TAG_DEVICE_TYPE, &WILDCARD.to_be_bytes());
     push_tlv(&mut payload, TAG_DEVICE_ID, &WILDCARD.to_be_bytes());
@@ -58,7 +57,7 @@ pub fn discover_request() -> Vec<u8> {
 }
 
 /// A well-formed frame's type and payload (length and CRC checked), else `None`.
-pub fn open(frame: &[u8]) -> Option<(u16, &[u8])> {
+pub(crate) fn open(frame: &[u8]) -> Option<(u16, &[u8])> {
     if frame.len() < 8 {
         return None;
     }
@@ -70,7 +69,7 @@ pub fn open(frame: &[u8]) -> Option<(u16, &[u8])> {
 }
 
 /// The TLVs of a payload; a truncated one ends the list.
-pub fn tlvs(payload: &[u8]) -> Vec<(u8, &[u8])> {
+pub(crate) fn tlvs(payload: &[u8]) -> Vec<(u8, &[u8])> {
     let mut out = Vec::new();
     let mut pos = 0;
     while pos + 2 <= payload.len() {
@@ -91,7 +90,7 @@ pub fn tlvs(payload: &[u8]) -> Vec<(u8, &[u8])> {
 
 /// What one discovery reply says about a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub device_type: Option<u32>,
     pub device_id: u32,
     pub tuner_count: Option<u8>,
@@ -99,7 +98,7 @@ pub struct Reply {
 }
 
 /// A discover reply with a device id, else `None` (requests, other packet types, bad CRCs).
-pub fn parse_reply(frame: &[u8]) -> Option<Reply> {
+pub(crate) fn parse_reply(frame: &[u8]) -> Option<Reply> {
     let (packet_type, payload) = open(frame)?;
     if packet_type != TYPE_DISCOVER_RPY {
         return None;
@@ -126,6 +125,9 @@ pub fn parse_reply(frame: &[u8]) -> Option<Reply> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The device type of a tuner (what a real HDHomeRun answers).
+    const DEVICE_TYPE_TUNER: u32 = 0x0000_0001;
 
     /// The request as libhdhomerun builds it, byte for byte (the CRC computed independently with Python's
     /// zlib).

@@ -5,10 +5,10 @@
 //! and an IPv6 all-nodes echo whose answers tell "nobody hears us" (port security) from "nobody serves
 //! DHCP here". The wire formats are in [`wire`], [`dhcp`] and [`hdhomerun`]; the verdict in [`report`].
 
-pub mod dhcp;
-pub mod hdhomerun;
-pub mod report;
-pub mod wire;
+pub(crate) mod dhcp;
+pub(crate) mod hdhomerun;
+pub(crate) mod report;
+pub(crate) mod wire;
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -30,7 +30,7 @@ use wire::{BROADCAST, Incoming};
 
 /// How long tuner discovery listens (less when `--timeout` is shorter). HDHomeRuns answer within
 /// milliseconds; libhdhomerun's own discovery waits well under a second.
-pub const TUNER_WINDOW: Duration = Duration::from_millis(1500);
+pub(crate) const TUNER_WINDOW: Duration = Duration::from_millis(1500);
 /// Discovery requests are sent this far apart, three times.
 const TUNER_RESEND: Duration = Duration::from_millis(500);
 const TUNER_SENDS: u32 = 3;
@@ -65,7 +65,7 @@ struct Prepared {
 /// Run the probe. `Err` for what stops it before anything is sent (a missing link: exit 3; not a macvtap: 2;
 /// the tap in use: 4; no permission: 5); otherwise the report, whose `ok` says whether every asked-for check
 /// got its answer.
-pub fn probe(ns: Option<&NetnsSpec>, opts: &ProbeOptions) -> Result<ProbeReport> {
+pub(crate) fn probe(ns: Option<&NetnsSpec>, opts: &ProbeOptions) -> Result<ProbeReport> {
     // SIGINT/SIGTERM become readable on a signalfd, so a stop still releases the lease. Blocked before any
     // thread starts (the namespace worker inherits the mask), restored at the end.
     let mut signals = SigSet::empty();

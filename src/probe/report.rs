@@ -1,5 +1,5 @@
-//! What `probe` found: the JSON document DESIGN.md fixes, the human lines, and the diagnosis that turns
-//! missing answers into one line per problem saying what that usually means. Pure.
+//! What `probe` found: the JSON document (its fields are the `--json` contract), the human lines, and the
+//! diagnosis that turns missing answers into one line per problem saying what that usually means. Pure.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -12,7 +12,7 @@ use crate::names::MacAddr;
 
 /// `probe --json`: `{"name", "mac", "dhcp", "tuners", "frames", "ok", "problems"}`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct ProbeReport {
+pub(crate) struct ProbeReport {
     pub name: String,
     pub mac: MacAddr,
     pub dhcp: Option<Offer>,
@@ -26,7 +26,7 @@ pub struct ProbeReport {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct TunerReport {
+pub(crate) struct TunerReport {
     /// Eight hex digits, as HDHomeRun labels show it.
     pub device_id: String,
     pub address: Ipv4Addr,
@@ -38,21 +38,21 @@ pub struct TunerReport {
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct FrameCounts {
+pub(crate) struct FrameCounts {
     pub broadcast: u64,
     pub multicast: u64,
     pub unicast: u64,
 }
 
 impl FrameCounts {
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.broadcast + self.multicast + self.unicast
     }
 }
 
 /// Human-output details that are not part of the JSON contract.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Extra {
+pub(crate) struct Extra {
     pub parent: Option<String>,
     pub elapsed: Duration,
     pub acked: bool,
@@ -63,13 +63,13 @@ pub struct Extra {
 
 /// Where the tuner discovery was sent from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SourceAddress {
+pub(crate) enum SourceAddress {
     Leased(Ipv4Addr),
     LinkLocal(Ipv4Addr),
 }
 
 impl SourceAddress {
-    pub fn ip(self) -> Ipv4Addr {
+    pub(crate) fn ip(self) -> Ipv4Addr {
         match self {
             SourceAddress::Leased(a) | SourceAddress::LinkLocal(a) => a,
         }
@@ -78,7 +78,7 @@ impl SourceAddress {
 
 /// Everything the session saw: the input of [`diagnose`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Observed {
+pub(crate) struct Observed {
     pub parent: Option<String>,
     pub parent_wireless: bool,
     pub link_down: bool,
@@ -113,7 +113,7 @@ fn plural(n: u32, one: &str) -> String {
 }
 
 /// One line per thing that was asked for and got no answer, each with what that usually means.
-pub fn diagnose(o: &Observed) -> Vec<String> {
+pub(crate) fn diagnose(o: &Observed) -> Vec<String> {
     let mut out = Vec::new();
     let parent = o.parent.as_deref().unwrap_or("?");
     if let Some(e) = &o.io_error {
@@ -218,7 +218,7 @@ pub fn diagnose(o: &Observed) -> Vec<String> {
 }
 
 impl ProbeReport {
-    pub fn new(name: &str, mac: MacAddr, o: &Observed, elapsed: Duration) -> Self {
+    pub(crate) fn new(name: &str, mac: MacAddr, o: &Observed, elapsed: Duration) -> Self {
         let problems = diagnose(o);
         ProbeReport {
             name: name.to_owned(),
@@ -240,7 +240,7 @@ impl ProbeReport {
     }
 
     /// The human output: one line per finding, then one per problem, then the verdict.
-    pub fn human_lines(&self) -> Vec<String> {
+    pub(crate) fn human_lines(&self) -> Vec<String> {
         let mut out = vec![format!(
             "{} (mac {}{}): probed in {:.2} s",
             self.name,

@@ -7,18 +7,18 @@ use etherparse::{Icmpv6Type, icmpv6::Icmpv6PayloadSlice};
 
 use crate::names::MacAddr;
 
-pub const BROADCAST: MacAddr = MacAddr([0xff; 6]);
+pub(crate) const BROADCAST: MacAddr = MacAddr([0xff; 6]);
 const TTL: u8 = 64;
 
 /// Where a frame was sent, by its destination MAC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cast {
+pub(crate) enum Cast {
     Broadcast,
     Multicast,
     Unicast,
 }
 
-pub fn cast_of(frame: &[u8]) -> Option<Cast> {
+pub(crate) fn cast_of(frame: &[u8]) -> Option<Cast> {
     let dst = frame.get(..6)?;
     Some(if dst == BROADCAST.0 {
         Cast::Broadcast
@@ -30,7 +30,7 @@ pub fn cast_of(frame: &[u8]) -> Option<Cast> {
 }
 
 /// A UDP datagram in an Ethernet frame.
-pub fn udp(
+pub(crate) fn udp(
     src_mac: MacAddr,
     dst_mac: MacAddr,
     src: Ipv4Addr,
@@ -47,7 +47,7 @@ pub fn udp(
 }
 
 /// The ARP reply that tells `to_mac`/`to_ip` that `our_ip` is at `our_mac`.
-pub fn arp_reply(our_mac: MacAddr, our_ip: Ipv4Addr, to_mac: MacAddr, to_ip: Ipv4Addr) -> Vec<u8> {
+pub(crate) fn arp_reply(our_mac: MacAddr, our_ip: Ipv4Addr, to_mac: MacAddr, to_ip: Ipv4Addr) -> Vec<u8> {
     let arp = ArpEthIpv4Packet {
         operation: ArpOperation::REPLY,
         sender_mac: our_mac.0,
@@ -64,7 +64,7 @@ pub fn arp_reply(our_mac: MacAddr, our_ip: Ipv4Addr, to_mac: MacAddr, to_ip: Ipv
 /// A link-local address of our own for one probe run: fe80:: with a random interface identifier (the
 /// universal/local bit clear, as RFC 4291 wants for one that is not from a MAC). A new one each run means an
 /// answer to it can only be an answer to this run, never a neighbour-cache leftover of an earlier one.
-pub fn random_link_local(random: u64) -> Ipv6Addr {
+pub(crate) fn random_link_local(random: u64) -> Ipv6Addr {
     let id = (random & !(0x02u64 << 56)).to_be_bytes();
     Ipv6Addr::from([0xfe, 0x80, 0, 0, 0, 0, 0, 0, id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7]])
 }
@@ -72,7 +72,7 @@ pub fn random_link_local(random: u64) -> Ipv6Addr {
 /// An ICMPv6 echo request from `src` (our link-local address) to all nodes (ff02::1). Every IPv6 host on the
 /// segment that receives it must first resolve `src` (a neighbour solicitation for it) before it can answer:
 /// either is proof that the segment carries frames from our MAC, with or without any IPv4 service on it.
-pub fn all_nodes_echo(mac: MacAddr, src: Ipv6Addr, id: u16, seq: u16) -> Vec<u8> {
+pub(crate) fn all_nodes_echo(mac: MacAddr, src: Ipv6Addr, id: u16, seq: u16) -> Vec<u8> {
     let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
     let b = PacketBuilder::ethernet2(mac.0, [0x33, 0x33, 0, 0, 0, 1])
         .ipv6(src.octets(), dst.octets(), 255)
@@ -85,7 +85,7 @@ pub fn all_nodes_echo(mac: MacAddr, src: Ipv6Addr, id: u16, seq: u16) -> Vec<u8>
 
 /// What `probe` cares about in a received frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Incoming<'a> {
+pub(crate) enum Incoming<'a> {
     ArpRequest {
         sender_mac: MacAddr,
         sender_ip: Ipv4Addr,
@@ -112,7 +112,7 @@ pub enum Incoming<'a> {
     Other,
 }
 
-pub fn parse(frame: &[u8]) -> Incoming<'_> {
+pub(crate) fn parse(frame: &[u8]) -> Incoming<'_> {
     let Ok(p) = SlicedPacket::from_ethernet(frame) else { return Incoming::Other };
     let Some(LinkSlice::Ethernet2(eth)) = &p.link else { return Incoming::Other };
     let src_mac = MacAddr(eth.source());

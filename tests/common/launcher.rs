@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 use super::{Netns, require_programs, skip_or_fail, wait_for};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ec-ipxe-qemu");
+/// What the built-in diagnostics print when the user-mode boot path works.
+pub const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
+/// Debian's iPXE kernel image.
+pub const LKRN: &str = "/usr/lib/ipxe/ipxe.lkrn";
+/// How long an iPXE boot may take under TCG with another QEMU beside it.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// At most this many QEMUs at once in one test binary (two cores; TCG is CPU-bound).
 const MAX_QEMUS: u32 = 2;
@@ -92,12 +98,17 @@ impl Run {
 
     /// The same, with extra environment.
     pub fn start_in(ns: Option<&Netns>, state: &Path, args: &[&str], env: &[(&str, &Path)]) -> Run {
+        Run::start_full(ns, state, "256", args, env)
+    }
+
+    /// The same with `--memory MEMORY` (a guest that loads a large initrd needs more than 256 MiB).
+    pub fn start_full(ns: Option<&Netns>, state: &Path, memory: &str, args: &[&str], env: &[(&str, &Path)]) -> Run {
         let log = state.with_extension("stderr");
         let mut cmd = match ns {
             Some(ns) => ns.cmd(BIN),
             None => Command::new(BIN),
         };
-        cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", "256"]).args(args);
+        cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", memory]).args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }

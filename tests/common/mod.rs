@@ -3,6 +3,7 @@
 //! dnsmasq, and helpers to read the kernel's own view with `ip -j`.
 #![allow(dead_code)]
 
+pub mod guest;
 pub mod http;
 pub mod launcher;
 

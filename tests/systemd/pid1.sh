@@ -1,6 +1,6 @@
 #!/bin/bash
 # A real systemd (Debian's 252) as PID 1 of private namespaces, as ../shared/systemd-lab.md
-# describes; driven by tests/systemd_unit.rs, which makes the lab network, talks to this
+# describes; driven by tests/systemd_module_unit.rs, which makes the lab network, talks to this
 # systemd with `nsenter -t PID1 -m -p -C -u -i -- systemctl ...` and tears everything down.
 #
 #   pid1.sh outer WORK NETNS DEV      run with setsid and a clean env: moves itself into fresh

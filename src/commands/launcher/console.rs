@@ -2,8 +2,8 @@
 
 use crate::cli::launcher::ConsoleArgs;
 use crate::error::Result;
-use crate::launcher::attach;
+use crate::launcher::console::client;
 
 pub fn run(args: &ConsoleArgs) -> Result<()> {
-    attach::attach(&args.state_dir).map(|_| ())
+    client::attach(&args.state_dir).map(|_| ())
 }

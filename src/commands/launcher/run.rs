@@ -3,9 +3,9 @@
 use crate::cli::launcher::LaunchArgs;
 use crate::error::Result;
 use crate::launcher::config::LaunchConfig;
-use crate::launcher::supervise;
+use crate::launcher::run as supervisor;
 
 pub fn run(args: &LaunchArgs) -> Result<()> {
     let cfg = LaunchConfig::from_options(&args.to_options())?;
-    supervise::run(&cfg)
+    supervisor::run(&cfg)
 }

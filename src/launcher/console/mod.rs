@@ -12,9 +12,13 @@
 //!   dropped (they are told once). Input goes to QEMU through a bounded queue drained by a task of its own: when
 //!   the guest does not read its UART, only the typist waits.
 //! - A new client first gets the last [`REPLAY`] bytes of output, so it sees where the guest is.
+//!
+//! The pipeline, in flow order: QEMU's serial port → this broker → [`lines`] (clean lines out of the raw
+//! bytes) → [`sink`] (the `guest:` log lines, the Ctrl-B [`banner`] spotter and the [`bootwatch`]) and
+//! [`seriallog`] (`serial.log`) and the `console.sock` clients (the `console` command is [`client`]).
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -27,32 +31,38 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Error, Result};
-use crate::launcher::lines::LineAssembler;
-use crate::launcher::seriallog::SerialLog;
 
-/// The console socket in the state directory.
-pub const CONSOLE_SOCKET: &str = "console.sock";
+pub(crate) mod banner;
+pub(crate) mod bootwatch;
+pub(crate) mod client;
+pub(crate) mod lines;
+pub(crate) mod seriallog;
+pub(crate) mod sink;
+
+use lines::LineAssembler;
+use seriallog::SerialLog;
+
 /// Clients at once.
-pub const MAX_CLIENTS: usize = 16;
+pub(crate) const MAX_CLIENTS: usize = 16;
 /// Output queued for one client before it counts as not reading.
-pub const CLIENT_BACKLOG: usize = 1 << 20;
+pub(crate) const CLIENT_BACKLOG: usize = 1 << 20;
 /// Output a new client gets first.
-pub const REPLAY: usize = 4096;
+pub(crate) const REPLAY: usize = 4096;
 /// Ctrl-]: the byte `ec-ipxe-qemu console` detaches on.
-pub const DETACH_KEY: u8 = 0x1d;
+pub(crate) const DETACH_KEY: u8 = 0x1d;
 const READ_CHUNK: usize = 64 << 10;
 const INPUT_QUEUE: usize = 64;
 /// A prompt without a newline (`login: `) is handed out as a line after this much quiet.
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 /// Where clean console lines go.
-pub trait LineSink: Send + 'static {
+pub(crate) trait LineSink: Send + 'static {
     /// Every byte the guest prints, as read (before it is cut into lines).
     fn bytes(&mut self, _chunk: &[u8]) {}
     fn line(&mut self, line: String);
     /// About once a second.
     fn tick(&mut self) {}
-    /// Whether lines wrapped at 80 columns are joined (firmware and iPXE output; see [`super::lines`]).
+    /// Whether lines wrapped at 80 columns are joined (firmware and iPXE output; see [`lines`]).
     fn join_wrapped(&self) -> bool {
         true
     }
@@ -144,15 +154,14 @@ fn lock(hub: &Mutex<Hub>) -> MutexGuard<'_, Hub> {
 }
 
 /// The running broker. Dropping it stops every task; the socket file is the caller's to remove.
-pub struct Console {
+pub(crate) struct Console {
     hub: Arc<Mutex<Hub>>,
     broker: Option<JoinHandle<()>>,
     tasks: Vec<AbortHandle>,
-    socket: PathBuf,
 }
 
 /// Bind `console.sock` (0600; a stale one is removed: the caller holds the state directory's lock).
-pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+pub(crate) fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -170,7 +179,7 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
 impl Console {
     /// Start serving: `serial` is the launcher's end of QEMU's serial socket pair, `listener` from [`bind`].
     /// Call inside the runtime.
-    pub fn start(
+    pub(crate) fn start(
         serial: std::os::unix::net::UnixStream,
         log: SerialLog,
         listener: std::os::unix::net::UnixListener,
@@ -187,28 +196,15 @@ impl Console {
         let broker = tokio::spawn(broker(rd, log, Arc::clone(&hub), sink));
         let writer = tokio::spawn(serial_writer(wr, input_rx));
         let accept = tokio::spawn(accept(listener, Arc::clone(&hub), input_tx));
-        Ok(Console {
-            hub,
-            broker: Some(broker),
-            tasks: vec![writer.abort_handle(), accept.abort_handle()],
-            socket: socket.to_owned(),
-        })
+        Ok(Console { hub, broker: Some(broker), tasks: vec![writer.abort_handle(), accept.abort_handle()] })
     }
 
     /// Wait (at most `limit`) for the broker to read the rest of QEMU's output, after QEMU exited.
-    pub async fn drain(&mut self, limit: Duration) {
+    pub(crate) async fn drain(&mut self, limit: Duration) {
         if let Some(b) = self.broker.as_mut() {
             let _ = tokio::time::timeout(limit, b).await;
             self.broker = None;
         }
-    }
-
-    pub fn clients(&self) -> usize {
-        lock(&self.hub).clients.len()
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 }
 
@@ -363,6 +359,10 @@ mod tests {
 
     struct Lines(Arc<Mutex<Vec<String>>>);
 
+    fn clients(c: &Console) -> usize {
+        lock(&c.hub).clients.len()
+    }
+
     impl LineSink for Lines {
         fn line(&mut self, line: String) {
             self.0.lock().unwrap().push(line);
@@ -375,7 +375,7 @@ mod tests {
     #[test]
     fn viewers_typist_and_a_client_that_never_reads() {
         let tmp = tempfile::tempdir().unwrap();
-        let sock = tmp.path().join(CONSOLE_SOCKET);
+        let sock = tmp.path().join(crate::launcher::layout::CONSOLE_SOCKET);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (ours, mut qemu) = std::os::unix::net::UnixStream::pair().unwrap();
         let log = SerialLog::open(&tmp.path().join("serial.log"), 16 << 20).unwrap();
@@ -416,7 +416,7 @@ mod tests {
         });
         let hog = std::os::unix::net::UnixStream::connect(&sock).unwrap();
         step(50);
-        assert_eq!(console.clients(), 3);
+        assert_eq!(clients(&console), 3);
         let mut guest = qemu.try_clone().unwrap();
         let printing = std::thread::spawn(move || {
             let line = [b'x'; 1023];
@@ -438,7 +438,7 @@ mod tests {
         assert!(took < Duration::from_secs(30), "the guest waited: {took:?}");
         drop(hog);
         // The viewer did not read either: both were dropped; the sink saw every line.
-        assert_eq!(console.clients(), 1, "the two clients that did not read are gone, the typist stays");
+        assert_eq!(clients(&console), 1, "the two clients that did not read are gone, the typist stays");
         assert_eq!(seen.lock().unwrap().len(), 1 + 4096);
         assert_eq!(seen.lock().unwrap()[0], "hello");
 
@@ -446,20 +446,20 @@ mod tests {
         let mut more: Vec<_> =
             (0..MAX_CLIENTS - 1).map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap()).collect();
         step(100);
-        assert_eq!(console.clients(), MAX_CLIENTS);
+        assert_eq!(clients(&console), MAX_CLIENTS);
         let mut extra = std::os::unix::net::UnixStream::connect(&sock).unwrap();
         extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         step(100);
         let mut text = String::new();
         extra.read_to_string(&mut text).unwrap();
         assert!(text.contains("console clients are attached already"), "{text}");
-        assert_eq!(console.clients(), MAX_CLIENTS);
+        assert_eq!(clients(&console), MAX_CLIENTS);
         more.clear();
         step(100);
-        assert_eq!(console.clients(), 1);
+        assert_eq!(clients(&console), 1);
         typist.shutdown(std::net::Shutdown::Both).unwrap();
         step(100);
-        assert_eq!(console.clients(), 0);
+        assert_eq!(clients(&console), 0);
         drain.join().unwrap();
         let log = std::fs::read(tmp.path().join("serial.log")).unwrap();
         assert_eq!(log.len(), 11 + 4096 * 1024);

@@ -17,12 +17,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::launcher::values::LogCap;
+use crate::launcher::option_values::LogCap;
 
 /// The smallest cap: a few screens of boot output (the least `--serial-log-max` takes).
 const MIN_CAP: u64 = LogCap::MIN;
 
-pub struct SerialLog {
+pub(crate) struct SerialLog {
     path: PathBuf,
     file: File,
     /// None: not a regular file, written as it is.
@@ -40,7 +40,7 @@ pub struct SerialLog {
 }
 
 /// `PATH.1`.
-pub fn previous(path: &Path) -> PathBuf {
+pub(crate) fn previous(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".1");
     path.with_file_name(name)
@@ -48,7 +48,7 @@ pub fn previous(path: &Path) -> PathBuf {
 
 impl SerialLog {
     /// Open `path` for this boot: a regular file is rotated to `PATH.1` first and created anew (0600).
-    pub fn open(path: &Path, cap: u64) -> Result<SerialLog> {
+    pub(crate) fn open(path: &Path, cap: u64) -> Result<SerialLog> {
         let cap = cap.max(MIN_CAP);
         let (regular, empty) = match std::fs::symlink_metadata(path) {
             Ok(m) => (m.is_file(), m.len() == 0),
@@ -103,18 +103,9 @@ impl SerialLog {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Bytes left out so far to stay under the cap.
-    pub fn cut_bytes(&self) -> u64 {
-        self.cut
-    }
-
     /// Append console bytes. A failing write is logged once and the console goes on (the guest must never
     /// wait for the disk).
-    pub fn write(&mut self, mut bytes: &[u8]) {
+    pub(crate) fn write(&mut self, mut bytes: &[u8]) {
         if self.failed {
             return;
         }
@@ -192,8 +183,8 @@ mod tests {
         );
         let markers = text.matches("[ec-ipxe-qemu: serial log cut here").count();
         assert_eq!(markers, 1, "one marker between head and tail");
-        assert!(log.cut_bytes() > 0 && log.cut_bytes() < written);
-        assert_eq!(log.cut_bytes() + text.len() as u64, written + marker_len(&text), "every byte is accounted for");
+        assert!(log.cut > 0 && log.cut < written);
+        assert_eq!(log.cut + text.len() as u64, written + marker_len(&text), "every byte is accounted for");
         // A second open keeps this one as .1; an empty log does not replace it there.
         drop(log);
         let again = SerialLog::open(&p, cap).unwrap();

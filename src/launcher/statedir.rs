@@ -11,12 +11,12 @@ use std::process::{Command, Stdio};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::{Error, Result};
-use crate::launcher::config::LOCK_FILE;
-use crate::launcher::values::ByteSize;
+use crate::launcher::layout::LOCK_FILE;
+use crate::launcher::option_values::ByteSize;
 
 /// A locked state directory. The lock is released when this is dropped; [`StateDir::abandon`] also removes
 /// what this run created (for failures before the guest ran).
-pub struct StateDir {
+pub(super) struct StateDir {
     pub path: PathBuf,
     /// The directories this run's own `mkdir` created, topmost first (the state dir last, when it was one).
     created: Vec<PathBuf>,
@@ -34,7 +34,7 @@ impl StateDir {
     /// `mkdir` that succeeded counts as "created by this run"; a refused lock removes nothing; and the lock is
     /// held on the file that is still at `DIR/lock` (checked by inode after locking), so a run never believes
     /// it holds a directory that another run removed and a third one recreated.
-    pub fn create_and_lock(path: &Path) -> Result<StateDir> {
+    pub(super) fn create_and_lock(path: &Path) -> Result<StateDir> {
         for _ in 0..ATTEMPTS {
             let created = create_missing(path)?;
             match Self::lock(path) {
@@ -91,7 +91,7 @@ impl StateDir {
 
     /// Undo a run that failed before its guest ran: remove the directories this run created (the state dir
     /// with its contents, while the lock is still held; missing parents only when empty).
-    pub fn abandon(self) {
+    pub(super) fn abandon(self) {
         let mut parents: &[PathBuf] = &self.created;
         if let Some((last, rest)) = self.created.split_last()
             && *last == self.path
@@ -132,12 +132,12 @@ fn create_missing(path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Write `content` to `path` via a temporary file and a rename, so QEMU never reads half a script.
-pub fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
+pub(super) fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
     write_atomically_mode(path, content, 0o600)
 }
 
 /// [`write_atomically`] with the file mode of the new file.
-pub fn write_atomically_mode(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+pub(super) fn write_atomically_mode(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     let tmp = tmp_path(path);
     let r = (|| {
         let mut f = OpenOptions::new()
@@ -165,7 +165,7 @@ fn tmp_path(path: &Path) -> PathBuf {
 /// Create the qcow2 at `path` unless it exists. The image is made under a temporary name and linked into
 /// place, which fails rather than replaces when something appeared there meanwhile. Returns whether it was
 /// created.
-pub fn ensure_disk(qemu_img: &Path, path: &Path, size: ByteSize) -> Result<bool> {
+pub(super) fn ensure_disk(qemu_img: &Path, path: &Path, size: ByteSize) -> Result<bool> {
     if path.exists() {
         return Ok(false);
     }

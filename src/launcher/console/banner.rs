@@ -9,7 +9,7 @@
 //! script has started. The price: nobody can press Ctrl-B there to reach the ROM's shell.
 //!
 //! [`BannerWatch`] is the pure part (it reads console bytes in any chunking); the console broker feeds every
-//! byte the guest prints to a [`Spotter`] (see [`super::guest::GuestSink`]), which tells [`answer`] once.
+//! byte the guest prints to a [`Spotter`] (see [`GuestSink`](super::sink::GuestSink)), which tells [`answer`] once.
 
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the console shows so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seen {
+pub(crate) enum Seen {
     /// The banner is on screen: press a key now.
     Banner,
     /// The boot script runs: nothing left to answer.
@@ -41,7 +41,7 @@ pub enum Seen {
 
 /// Finds the banner in console output fed to it chunk by chunk.
 #[derive(Default)]
-pub struct BannerWatch {
+pub(crate) struct BannerWatch {
     tail: Vec<u8>,
 }
 
@@ -50,7 +50,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 impl BannerWatch {
-    pub fn feed(&mut self, bytes: &[u8]) -> Seen {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Seen {
         self.tail.extend_from_slice(bytes);
         let seen = if find(&self.tail, SCRIPT_MARK).is_some() {
             Seen::ScriptStarted
@@ -70,13 +70,13 @@ impl BannerWatch {
 
 /// The console side of the watch: fed every console byte, it signals [`answer`] once when the banner shows,
 /// and lets it go (drops the signal) once the boot script has started.
-pub struct Spotter {
+pub(crate) struct Spotter {
     watch: BannerWatch,
     tx: Option<oneshot::Sender<()>>,
 }
 
 impl Spotter {
-    pub fn feed(&mut self, bytes: &[u8]) {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
         if self.tx.is_none() {
             return;
         }
@@ -93,14 +93,14 @@ impl Spotter {
 }
 
 /// A [`Spotter`] for the console broker and the receiver [`answer`] waits on.
-pub fn spotter() -> (Spotter, oneshot::Receiver<()>) {
+pub(crate) fn spotter() -> (Spotter, oneshot::Receiver<()>) {
     let (tx, rx) = oneshot::channel();
     (Spotter { watch: BannerWatch::default(), tx: Some(tx) }, rx)
 }
 
 /// Wait for the [`Spotter`] to see the banner, then answer it with Enter through `qmp`; returns when that is
 /// done, when the boot script has started (or the console is gone) or after a few minutes.
-pub async fn answer(seen: oneshot::Receiver<()>, qmp: QmpClient) {
+pub(crate) async fn answer(seen: oneshot::Receiver<()>, qmp: QmpClient) {
     match tokio::time::timeout(WATCH_LIMIT, seen).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return tracing::debug!("the boot script started: no iPXE banner to answer"),

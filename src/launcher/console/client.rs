@@ -15,11 +15,12 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::termios::{self, SetArg, Termios};
 
 use crate::error::{Error, Result};
-use crate::launcher::console::{CONSOLE_SOCKET, DETACH_KEY};
+use crate::launcher::console::DETACH_KEY;
+use crate::launcher::layout::CONSOLE_SOCKET;
 
 /// How an attach ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     /// Ctrl-], or the end of input.
     Detached,
     /// The launcher closed the console (it stopped, or dropped this client).
@@ -51,7 +52,7 @@ impl Drop for RawMode<'_> {
 }
 
 /// Connect to the console of the launcher running in `state_dir` (none: exit 3).
-pub fn connect(state_dir: &Path) -> Result<UnixStream> {
+pub(crate) fn connect(state_dir: &Path) -> Result<UnixStream> {
     let path = state_dir.join(CONSOLE_SOCKET);
     UnixStream::connect(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Error::not_found(format!(
@@ -64,7 +65,7 @@ pub fn connect(state_dir: &Path) -> Result<UnixStream> {
 }
 
 /// Copy between this process's stdin/stdout and the console until Ctrl-], the end, or a signal.
-pub fn attach(state_dir: &Path) -> Result<End> {
+pub(crate) fn attach(state_dir: &Path) -> Result<End> {
     let sock = connect(state_dir)?;
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();

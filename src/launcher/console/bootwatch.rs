@@ -4,8 +4,9 @@
 //! Stages, in order: `firmware` (QEMU started, SeaBIOS), `ipxe` (iPXE's banner), `dhcp` (the boot NIC has an
 //! address: iPXE's `net0: A.B.C.D/...` line or the boot script's `boot net0 ... ip A.B.C.D`), `chain` (the
 //! boot script's `chaining URL`), `kernel` (a Linux kernel's first words), `ready` (the `--ready-pattern`).
-//! Stages only move forward, except that SeaBIOS's banner (or QEMU's RESET event) starts over at `firmware`:
-//! the guest rebooted.
+//! Stages only move forward, except that SeaBIOS's banner, or QEMU's RESET event (routed here by the
+//! supervisor through [`BootFeed::reset`](super::sink::BootFeed::reset)), starts over at `firmware`: the guest
+//! rebooted.
 //!
 //! Failures come from iPXE's own error lines (`URL... No such file or directory (http://ipxe.org/2d0c613b)`)
 //! and from the boot script's lines. iPXE error numbers carry the POSIX error in their top byte (iPXE's
@@ -19,21 +20,21 @@ use std::net::{IpAddr, Ipv4Addr};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::launcher::ipxe::OK_LINE;
-
+/// The line the diagnostics print when the user-mode boot path works.
+pub(crate) const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
 /// The line the publisher guest prints once it is up.
-pub const PUBLISHER_READY: &str = "ec-publisher: ready";
+pub(crate) const PUBLISHER_READY: &str = "ec-publisher: ready";
 /// The publisher guest's LAN address line: `ec-publisher: lan ADDRESS`.
-pub const PUBLISHER_LAN: &str = "ec-publisher: lan ";
+pub(crate) const PUBLISHER_LAN: &str = "ec-publisher: lan ";
 
 /// The default `--ready-pattern`: the diagnostics' OK line or the publisher guest's ready line.
-pub fn default_ready_pattern() -> String {
+pub(crate) fn default_ready_pattern() -> String {
     format!("{}|{}", regex::escape(OK_LINE), regex::escape(PUBLISHER_READY))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Stage {
+pub(crate) enum Stage {
     Firmware,
     Ipxe,
     Dhcp,
@@ -43,7 +44,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Stage::Firmware => "firmware",
             Stage::Ipxe => "ipxe",
@@ -63,7 +64,7 @@ impl fmt::Display for Stage {
 
 /// What kind of boot failure, which decides the hint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FailureKind {
+pub(crate) enum FailureKind {
     NoDhcp,
     NotFound,
     AccessDenied,
@@ -79,7 +80,7 @@ pub enum FailureKind {
 
 /// A boot failure seen on the console.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
+pub(crate) struct BootFailure {
     pub kind: FailureKind,
     /// What failed: a URL, or the boot NIC.
     pub what: String,
@@ -90,7 +91,7 @@ pub struct Failure {
     pub hint: String,
 }
 
-impl fmt::Display for Failure {
+impl fmt::Display for BootFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.what)?;
         if let Some(m) = &self.message {
@@ -105,7 +106,7 @@ impl fmt::Display for Failure {
 
 /// What a console line told.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// The boot reached this stage.
     Stage(Stage),
     /// The guest started over (SeaBIOS again): addresses and readiness are void.
@@ -113,7 +114,7 @@ pub enum Event {
     BootAddress(Ipv4Addr),
     LanAddress(IpAddr),
     Chain(String),
-    Failure(Failure),
+    Failure(BootFailure),
     /// Something worth a warning that does not stop the boot (the diagnostics' LAN DHCP got no answer).
     Warning(String),
 }
@@ -156,7 +157,7 @@ impl Patterns {
 }
 
 /// Follows one boot.
-pub struct BootWatch {
+pub(crate) struct BootWatch {
     ready: Regex,
     memory_mib: u32,
     p: Patterns,
@@ -170,7 +171,7 @@ pub struct BootWatch {
 
 impl BootWatch {
     /// `ready` is the `--ready-pattern`; `memory_mib` goes into the out-of-memory hint.
-    pub fn new(ready: Regex, memory_mib: u32) -> BootWatch {
+    pub(crate) fn new(ready: Regex, memory_mib: u32) -> BootWatch {
         BootWatch {
             ready,
             memory_mib,
@@ -182,12 +183,12 @@ impl BootWatch {
         }
     }
 
-    pub fn stage(&self) -> Stage {
+    pub(crate) fn stage(&self) -> Stage {
         self.stage
     }
 
     /// QEMU reset the guest (its RESET event): start over.
-    pub fn reset(&mut self) -> Vec<Event> {
+    pub(crate) fn reset(&mut self) -> Vec<Event> {
         let was = self.stage;
         self.stage = Stage::Firmware;
         self.chain_url = None;
@@ -204,7 +205,7 @@ impl BootWatch {
     }
 
     /// One clean console line.
-    pub fn line(&mut self, line: &str) -> Vec<Event> {
+    pub(crate) fn line(&mut self, line: &str) -> Vec<Event> {
         let mut ev = Vec::new();
         let l = line.trim();
         if l.is_empty() {
@@ -274,7 +275,7 @@ impl BootWatch {
             return;
         }
         self.dhcp_reported = true;
-        ev.push(Event::Failure(Failure {
+        ev.push(Event::Failure(BootFailure {
             kind: FailureKind::NoDhcp,
             what: "DHCP on the boot NIC (net0, QEMU's user-mode network)".into(),
             message,
@@ -297,7 +298,7 @@ impl BootWatch {
         let scheme = url.as_deref().and_then(|u| u.split_once("://")).map(|(s, _)| s.to_ascii_lowercase());
         let http = matches!(scheme.as_deref(), Some("http" | "https"));
         let (kind, hint) = classify(code, scheme.as_deref(), http, self.memory_mib);
-        ev.push(Event::Failure(Failure { kind, what, message, code: Some(code), hint }));
+        ev.push(Event::Failure(BootFailure { kind, what, message, code: Some(code), hint }));
     }
 }
 
@@ -377,7 +378,7 @@ mod tests {
             .collect()
     }
 
-    fn failures(ev: &[Event]) -> Vec<Failure> {
+    fn failures(ev: &[Event]) -> Vec<BootFailure> {
         ev.iter()
             .filter_map(|e| match e {
                 Event::Failure(f) => Some(f.clone()),

@@ -16,9 +16,9 @@
 use std::time::{Duration, Instant};
 
 /// The width at which SeaBIOS's serial console wraps.
-pub const WRAP_COLUMNS: usize = 80;
+pub(crate) const WRAP_COLUMNS: usize = 80;
 /// A line longer than this is handed out in pieces (a guest that never sends a newline).
-pub const MAX_LINE: usize = 4096;
+pub(crate) const MAX_LINE: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Esc {
@@ -38,7 +38,7 @@ enum Esc {
 
 /// Assembles clean lines from raw console bytes. Invalid UTF-8 becomes U+FFFD.
 #[derive(Debug)]
-pub struct LineAssembler {
+pub(crate) struct LineAssembler {
     /// The visible characters of the current line.
     screen: Vec<char>,
     cursor: usize,
@@ -65,12 +65,12 @@ impl Default for LineAssembler {
 }
 
 impl LineAssembler {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Feed raw bytes; complete lines are passed to `out` (without the newline, trailing blanks trimmed).
-    pub fn push(&mut self, bytes: &[u8], out: &mut impl FnMut(String)) {
+    pub(crate) fn push(&mut self, bytes: &[u8], out: &mut impl FnMut(String)) {
         for &b in bytes {
             self.byte(b, out);
         }
@@ -78,7 +78,7 @@ impl LineAssembler {
 
     /// What is on the current, unfinished line (and a wrapped line waiting for its continuation), handed out
     /// as a line of its own: for a guest that went quiet without a newline (a login prompt).
-    pub fn flush(&mut self, out: &mut impl FnMut(String)) {
+    pub(crate) fn flush(&mut self, out: &mut impl FnMut(String)) {
         let pending = self.wrapped.take();
         let current: String = self.screen.iter().collect();
         self.screen.clear();
@@ -93,15 +93,10 @@ impl LineAssembler {
         }
     }
 
-    /// Whether anything is waiting for a newline.
-    pub fn has_partial(&self) -> bool {
-        self.wrapped.is_some() || self.screen.iter().any(|c| !c.is_whitespace())
-    }
-
     /// Whether the unfinished line looks like a prompt waiting for input (`login: `, `# `, `Password:`,
     /// `[y/N]? `): it ends in `:`, `#`, `$`, `>` or `?`, perhaps followed by blanks. Progress output that is
     /// still growing (`Configuring (net0 ...)....`) does not, so it is not cut in two.
-    pub fn partial_is_prompt(&self) -> bool {
+    pub(crate) fn partial_is_prompt(&self) -> bool {
         self.wrapped.is_none()
             && self
                 .screen
@@ -222,7 +217,7 @@ impl LineAssembler {
 /// A token bucket for guest lines in the log: `burst` lines at once, `per_sec` on average. Lines over the
 /// limit are counted, and the count is reported once lines flow again.
 #[derive(Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     burst: f64,
     per_sec: f64,
     tokens: f64,
@@ -232,7 +227,7 @@ pub struct RateLimit {
 
 /// What to do with one line.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Log it; `suppressed` lines were left out before it.
     Log { suppressed: u64 },
     /// Leave it out.
@@ -240,7 +235,7 @@ pub enum Verdict {
 }
 
 impl RateLimit {
-    pub fn new(burst: u32, per_sec: u32) -> Self {
+    pub(crate) fn new(burst: u32, per_sec: u32) -> Self {
         RateLimit {
             burst: f64::from(burst),
             per_sec: f64::from(per_sec),
@@ -250,7 +245,7 @@ impl RateLimit {
         }
     }
 
-    pub fn check(&mut self, now: Instant) -> Verdict {
+    pub(crate) fn check(&mut self, now: Instant) -> Verdict {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + dt * self.per_sec).min(self.burst);
@@ -265,7 +260,7 @@ impl RateLimit {
     }
 
     /// Lines left out and not yet reported, when the guest has been quiet for `quiet`: report them now.
-    pub fn take_if_quiet(&mut self, now: Instant, quiet: Duration) -> u64 {
+    pub(crate) fn take_if_quiet(&mut self, now: Instant, quiet: Duration) -> u64 {
         if self.suppressed > 0 && now.saturating_duration_since(self.last) >= quiet {
             std::mem::take(&mut self.suppressed)
         } else {
@@ -277,6 +272,11 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether anything is waiting for a newline.
+    fn has_partial(a: &LineAssembler) -> bool {
+        a.wrapped.is_some() || a.screen.iter().any(|c| !c.is_whitespace())
+    }
 
     fn lines(bytes: &[u8]) -> Vec<String> {
         let mut a = LineAssembler::new();
@@ -348,17 +348,17 @@ mod tests {
         a.push(&vec![b'x'; MAX_LINE * 2 + 10], &mut |l| v.push(l));
         assert_eq!(v.len(), 2);
         assert!(v.iter().all(|l| l.len() == MAX_LINE));
-        assert!(a.has_partial());
+        assert!(has_partial(&a));
         let mut rest = Vec::new();
         a.flush(&mut |l| rest.push(l));
         assert_eq!(rest, ["x".repeat(10)]);
         a.push(b"Configuring (net0 52:54:00:12:34:56)....", &mut |l| rest.push(l));
-        assert!(a.has_partial() && !a.partial_is_prompt(), "progress is not a prompt");
+        assert!(has_partial(&a) && !a.partial_is_prompt(), "progress is not a prompt");
         a.push(b" ok\r\nlogin: ", &mut |l| rest.push(l));
         assert!(a.partial_is_prompt());
         a.flush(&mut |l| rest.push(l));
         assert_eq!(rest[rest.len() - 2..], ["Configuring (net0 52:54:00:12:34:56).... ok", "login:"]);
-        assert!(!a.has_partial());
+        assert!(!has_partial(&a));
     }
 
     #[test]

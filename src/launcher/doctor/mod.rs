@@ -3,64 +3,65 @@
 //! the macvtap opening, the lock and tap-holder scans), so doctor and run agree.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::error::{Error, Kind};
-use crate::launcher::accel::{self, AccelChoice};
-use crate::launcher::config::{DISK_IMAGE, LOCK_FILE, LaunchConfig};
+use crate::error::Error;
+use crate::launcher::config::LaunchConfig;
+use crate::launcher::layout::{DISK_IMAGE, LOCK_FILE};
 use crate::launcher::options::LaunchOptions;
 use crate::launcher::vhost::{self, VhostMode};
-use crate::launcher::{fscheck, ipxe_image, lanlock, status};
-use crate::link::{self, Netlink};
-use crate::macvtap;
-use crate::names::IfName;
-use crate::tap;
+use crate::launcher::{fscheck, ipxe_image, status};
+
+mod lan;
+mod qemu;
+
+use lan::check_lan;
+use qemu::{check_accel, check_qemu};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Status {
+pub(crate) enum CheckStatus {
     Ok,
     Warn,
     Fail,
 }
 
-impl Status {
-    pub fn as_str(self) -> &'static str {
+impl CheckStatus {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Status::Ok => "ok",
-            Status::Warn => "warn",
-            Status::Fail => "fail",
+            CheckStatus::Ok => "ok",
+            CheckStatus::Warn => "warn",
+            CheckStatus::Fail => "fail",
         }
     }
 }
 
 /// One line of the report: `{"check", "status", "detail", "hint"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     pub check: &'static str,
-    pub status: Status,
+    pub status: CheckStatus,
     pub detail: String,
     pub hint: Option<String>,
 }
 
 impl Check {
-    pub fn ok(check: &'static str, detail: impl Into<String>) -> Self {
-        Check { check, status: Status::Ok, detail: detail.into(), hint: None }
+    pub(crate) fn ok(check: &'static str, detail: impl Into<String>) -> Self {
+        Check { check, status: CheckStatus::Ok, detail: detail.into(), hint: None }
     }
 
-    pub fn warn(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
-        Check { check, status: Status::Warn, detail: detail.into(), hint: Some(hint.into()) }
+    pub(crate) fn warn(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
+        Check { check, status: CheckStatus::Warn, detail: detail.into(), hint: Some(hint.into()) }
     }
 
-    pub fn fail(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
-        Check { check, status: Status::Fail, detail: detail.into(), hint: Some(hint.into()) }
+    pub(crate) fn fail(check: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
+        Check { check, status: CheckStatus::Fail, detail: detail.into(), hint: Some(hint.into()) }
     }
 
     /// `fail  qemu          --qemu "/nonexistent": no such file` and, indented below, the hint.
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = format!("{:<4}  {:<13} {}", self.status.as_str(), self.check, self.detail);
         if let Some(h) = &self.hint {
             s.push_str(&format!("\n      {:<13} hint: {h}", ""));
@@ -70,171 +71,14 @@ impl Check {
 }
 
 /// Whether any check failed (doctor's exit status is 1 then).
-pub fn any_failed(checks: &[Check]) -> bool {
-    checks.iter().any(|c| c.status == Status::Fail)
-}
-
-/// How a process ended, for messages: `exited 1`, `died of SIGABRT`.
-fn ended(st: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (st.code(), st.signal()) {
-        (Some(c), _) => format!("exited {c}"),
-        (None, Some(sig)) => nix::sys::signal::Signal::try_from(sig)
-            .map(|s| format!("died of {}", s.as_str()))
-            .unwrap_or_else(|_| format!("died of signal {sig}")),
-        (None, None) => "ended".into(),
-    }
-}
-
-/// Run `program args` with a deadline; (how it ended, or None when still running at the deadline and killed,
-/// stdout, stderr).
-fn run_briefly(program: &Path, args: &[&str], deadline: Duration) -> std::io::Result<(Option<String>, String, String)> {
-    let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    tap::set_parent_death_signal(&mut cmd, nix::sys::signal::Signal::SIGKILL);
-    let mut child = cmd.spawn()?;
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break Some(st);
-        }
-        if start.elapsed() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let read = |r: Option<&mut dyn std::io::Read>| {
-        let mut s = String::new();
-        if let Some(r) = r {
-            let _ = r.read_to_string(&mut s);
-        }
-        s
-    };
-    let out = read(child.stdout.as_mut().map(|r| r as &mut dyn std::io::Read));
-    let err = read(child.stderr.as_mut().map(|r| r as &mut dyn std::io::Read));
-    Ok((status.map(|s| if s.success() { "exited 0".to_string() } else { ended(s) }), out, err))
-}
-
-/// `qemu`: found (a path, or on PATH) and it runs: `--version`.
-pub fn check_qemu(option_value: &Path) -> (Check, Option<PathBuf>) {
-    let path = match fscheck::find_program("--qemu", option_value) {
-        Ok(p) => p,
-        Err(e) => {
-            return (
-                Check::fail(
-                    "qemu",
-                    e.to_string(),
-                    "install QEMU (qemu-system-x86) or point --qemu at qemu-system-x86_64",
-                ),
-                None,
-            );
-        }
-    };
-    match run_briefly(&path, &["--version"], Duration::from_secs(10)) {
-        Ok((Some(how), out, _)) if how == "exited 0" => {
-            let version = out.lines().next().unwrap_or("").trim().to_owned();
-            (Check::ok("qemu", format!("{}: {version}", path.display())), Some(path))
-        }
-        Ok((code, _, err)) => (
-            Check::fail(
-                "qemu",
-                format!(
-                    "{} --version {}: {}",
-                    path.display(),
-                    code.unwrap_or_else(|| "did not finish in 10 s".to_string()),
-                    err.lines().last().unwrap_or("").trim()
-                ),
-                "this QEMU does not run; reinstall it or point --qemu at a working qemu-system-x86_64",
-            ),
-            Some(path),
-        ),
-        Err(e) => (
-            Check::fail(
-                "qemu",
-                format!("{}: {e}", path.display()),
-                "this QEMU does not run; point --qemu at a working qemu-system-x86_64",
-            ),
-            Some(path),
-        ),
-    }
-}
-
-/// `accelerator`: what `--accel` resolves to for this user, and, for KVM, a real one-second QEMU run with the
-/// launcher's own machine and CPU model (QEMU under broken nested virtualisation dies in KVM setup even while
-/// /dev/kvm opens fine).
-pub fn check_accel(choice: AccelChoice, qemu: Option<&Path>, kvm_dev: &Path) -> Check {
-    const NAME: &str = "accelerator";
-    if choice == AccelChoice::Tcg {
-        return Check::ok(NAME, "tcg (asked for; KVM not used)");
-    }
-    let asked = if choice == AccelChoice::Kvm { "--accel kvm" } else { "--accel auto" };
-    if let Err(e) = accel::kvm_usable(kvm_dev) {
-        let detail = format!("{asked}: {} cannot be opened read-write by this user: {e}", kvm_dev.display());
-        return match choice {
-            AccelChoice::Kvm => Check::fail(
-                NAME,
-                detail,
-                "run would fail: add the user to group kvm (and DeviceAllow=/dev/kvm rw), or use --accel tcg",
-            ),
-            _ => Check::warn(
-                NAME,
-                format!("{detail}; run falls back to tcg"),
-                "the guest runs under TCG, several times slower; give the user /dev/kvm for speed",
-            ),
-        };
-    }
-    let Some(qemu) = qemu else {
-        return Check::warn(
-            NAME,
-            format!("{asked}: {} opens, but KVM was not tried (no usable QEMU)", kvm_dev.display()),
-            "fix the qemu check first",
-        );
-    };
-    let args = [
-        "-machine",
-        "pc,graphics=off",
-        "-accel",
-        "kvm",
-        "-cpu",
-        accel::Accel::Kvm.cpu_model(),
-        "-m",
-        "64",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        "none",
-        "-monitor",
-        "none",
-        "-net",
-        "none",
-        "-no-reboot",
-    ];
-    match run_briefly(qemu, &args, Duration::from_secs(1)) {
-        Ok((None, _, _)) => {
-            Check::ok(NAME, format!("kvm: a guest ran for 1 s under {} with -cpu host", qemu.display()))
-        }
-        Ok((Some(how), _, err)) => {
-            let why = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
-            Check::fail(
-                NAME,
-                format!("{asked}: {} opens, but KVM is unusable: QEMU {how} at once: {why}", kvm_dev.display()),
-                "the guest would die at start (nested virtualisation often breaks KVM): use --accel tcg, or fix KVM on \
-                 this host",
-            )
-        }
-        Err(e) => Check::fail(NAME, format!("{asked}: could not start {}: {e}", qemu.display()), "fix the qemu check"),
-    }
+pub(crate) fn any_failed(checks: &[Check]) -> bool {
+    checks.iter().any(|c| c.status == CheckStatus::Fail)
 }
 
 /// `vhost-net`: the LAN NIC's fast path, decided as `run` decides it (`--lan-vhost`, the NIC model, the device
 /// opening for this user and being the real 10:238). With `auto` a device that does not open is a warning (the
 /// LAN NIC works, slower); with `on` it is a fail, as `run` then exits 3 or 5.
-pub fn check_vhost(o: &LaunchOptions, dev: &Path) -> Check {
+pub(crate) fn check_vhost(o: &LaunchOptions, dev: &Path) -> Check {
     const NAME: &str = "vhost-net";
     if o.lan_interface.is_none() {
         return Check::ok(NAME, "not needed (no --lan-interface)");
@@ -280,7 +124,7 @@ fn host_side_url(url: &str) -> String {
 }
 
 /// `boot-url`: reachable from the host: HEAD, then GET when the server refuses HEAD (405), with a timeout.
-pub fn check_boot_url(url: &str, timeout: Duration) -> Check {
+pub(crate) fn check_boot_url(url: &str, timeout: Duration) -> Check {
     const NAME: &str = "boot-url";
     let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
     if scheme == "tftp" {
@@ -338,154 +182,13 @@ pub fn check_boot_url(url: &str, timeout: Duration) -> Check {
 }
 
 /// An error of the launcher's own validation, as a failed check naming the exit status `run` would have.
-pub fn fail_from(check: &'static str, e: &Error, hint: impl Into<String>) -> Check {
+pub(crate) fn fail_from(check: &'static str, e: &Error, hint: impl Into<String>) -> Check {
     Check::fail(check, e.to_string(), format!("{} (run would exit {})", hint.into(), e.exit_code()))
-}
-
-/// The LAN checks: the macvtap (exists, a macvtap, ours, up, carrier), its tap (not in use, openable by this
-/// user with `queues` queues: the very opening `run` does), and its parent (wired, up, carrier).
-pub fn check_lan(name: &IfName, queues: u32) -> Vec<Check> {
-    let nl = match Netlink::new() {
-        Ok(nl) => nl,
-        Err(e) => return vec![Check::fail("lan-link", e.to_string(), "netlink is not available to this user")],
-    };
-    let l = match nl.block_on(link::get_by_name(&nl.handle, name)) {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            return vec![Check::fail(
-                "lan-link",
-                format!("--lan-interface \"{name}\": no such link"),
-                "create it: ec-macvtap create --link PARENT --name NAME --owner USER (run would exit 3)",
-            )];
-        }
-        Err(e) => return vec![Check::fail("lan-link", e.to_string(), "netlink refused the lookup")],
-    };
-    if !l.is_macvtap() {
-        return vec![Check::fail(
-            "lan-link",
-            format!("--lan-interface \"{name}\": is a {} link, not a macvtap", l.kind.as_deref().unwrap_or("physical")),
-            "name the macvtap ec-macvtap created (run would exit 2)",
-        )];
-    }
-    let mut out = Vec::new();
-    let state = format!(
-        "{} (ifindex {}, mac {}), {}, {}",
-        name,
-        l.ifindex,
-        l.mac.map(|m| m.to_string()).unwrap_or_else(|| "?".into()),
-        if l.up { "up" } else { "down" },
-        if l.carrier { "carrier" } else { "no carrier" }
-    );
-    out.push(if !l.owned() {
-        Check::warn(
-            "lan-link",
-            format!("{state}; not made by ec-macvtap (no ownership alias)"),
-            "the unit's ExecStopPost will not delete it; recreate it with ec-macvtap create",
-        )
-    } else if !l.up {
-        Check::fail(
-            "lan-link",
-            state,
-            "the guest's LAN NIC would see nothing: ip link set NAME up (or ec-macvtap create)",
-        )
-    } else if !l.carrier {
-        Check::warn("lan-link", state, "no carrier: check the parent's cable and switch port")
-    } else {
-        Check::ok("lan-link", format!("{state}, made by ec-macvtap"))
-    });
-
-    // Not in use: another launcher (its lock) or any process holding the tap device.
-    let dev = tap::sysfs_devnum(name, l.ifindex);
-    let holders = dev.as_ref().map(|d| tap::holders(*d)).unwrap_or_default();
-    let launcher = lanlock::held_by(l.ifindex);
-    let in_use = launcher.is_some() || !holders.is_empty();
-    out.push(match (&launcher, holders.is_empty()) {
-        (Some(pid), _) => Check::fail(
-            "lan-in-use",
-            format!("an ec-ipxe-qemu run{} uses \"{name}\"", pid.map(|p| format!(" (pid {p})")).unwrap_or_default()),
-            "run would refuse a second guest on it (exit 4): stop the other run",
-        ),
-        (None, false) => Check::fail(
-            "lan-in-use",
-            format!("the tap of \"{name}\" is held by {}", tap::describe_holders(&holders)),
-            "run would refuse (exit 4): stop that process (a leftover QEMU?)",
-        ),
-        (None, true) => {
-            Check::ok("lan-in-use", format!("no process holds the tap of \"{name}\" (as far as /proc shows this user)"))
-        }
-    });
-
-    // Openable by this user: the opening run does (node lookup, TUNGETIFF check, queues), unless a guest holds
-    // it (an open queue would take a share of its frames).
-    out.push(if in_use {
-        Check::warn("lan-tap", "not opened: the tap is in use", "fix lan-in-use first")
-    } else {
-        match macvtap::open(None, name, queues) {
-            Ok(t) => Check::ok(
-                "lan-tap",
-                format!(
-                    "{} opens read-write for this user ({} queue(s), checked with TUNGETIFF)",
-                    t.node.display(),
-                    queues
-                ),
-            ),
-            Err(e) if e.kind() == Kind::Permission => {
-                let user = nix::unistd::User::from_uid(nix::unistd::Uid::effective())
-                    .ok()
-                    .flatten()
-                    .map(|u| u.name)
-                    .unwrap_or_else(|| nix::unistd::Uid::effective().to_string());
-                fail_from(
-                    "lan-tap",
-                    &e,
-                    format!("this user ({user}) cannot open the tap node: ec-macvtap create --owner {user} gives it"),
-                )
-            }
-            Err(e) => fail_from("lan-tap", &e, "run opens the tap the same way"),
-        }
-    });
-
-    // The parent: wired, up, carrier.
-    let parent = match l.parent_ifindex.filter(|_| l.link_netnsid.is_none()) {
-        Some(p) => nl.block_on(link::get_by_index(&nl.handle, p)).ok().flatten(),
-        None => None,
-    };
-    out.push(match parent {
-        None => Check::warn(
-            "lan-parent",
-            format!("the parent of \"{name}\" is not in this namespace"),
-            "check the parent where it lives",
-        ),
-        Some(p) => {
-            let wireless = link::sysfs_is_wireless(&p.name);
-            let state = format!(
-                "{} ({}, {}, {})",
-                p.name,
-                if wireless { "wireless" } else { "wired" },
-                if p.up { "up" } else { "down" },
-                if p.carrier { "carrier" } else { "no carrier" }
-            );
-            if let Some(problem) = link::parent_problem(&p, wireless) {
-                Check::fail(
-                    "lan-parent",
-                    format!("{state}: {problem}"),
-                    "access points drop frames from MACs that did not associate: use a wired NIC",
-                )
-            } else if !p.up {
-                Check::fail("lan-parent", state, "bring the parent up (the host's network configuration)")
-            } else if !p.carrier {
-                Check::fail("lan-parent", state, "no link on the parent: check the cable and the switch port")
-            } else {
-                Check::ok("lan-parent", state)
-            }
-        }
-    });
-    out
 }
 
 /// Where the checks look for the devices (tests point them elsewhere).
 #[derive(Clone, Debug)]
-pub struct Devices {
+pub(crate) struct Devices {
     pub kvm: PathBuf,
     pub vhost_net: PathBuf,
 }
@@ -497,10 +200,10 @@ impl Default for Devices {
 }
 
 /// How long the boot URL check waits for the server.
-pub const URL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const URL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Every check `run` depends on, in the order `run` meets them, changing nothing.
-pub fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
+pub(crate) fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
     let mut out = vec![match LaunchConfig::from_options(o) {
         Ok(_) => Check::ok("configuration", "run accepts these options"),
         Err(e) => fail_from("configuration", &e, "run refuses these options before starting anything"),
@@ -637,6 +340,7 @@ fn check_disk(o: &LaunchOptions) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::launcher::accel::AccelChoice;
 
     #[test]
     fn slirp_host_address_is_loopback_from_the_host() {
@@ -662,10 +366,10 @@ mod tests {
 
     #[test]
     fn tcg_needs_no_kvm_and_auto_falls_back_with_a_warning() {
-        assert_eq!(check_accel(AccelChoice::Tcg, None, Path::new("/nonexistent")).status, Status::Ok);
+        assert_eq!(check_accel(AccelChoice::Tcg, None, Path::new("/nonexistent")).status, CheckStatus::Ok);
         let c = check_accel(AccelChoice::Auto, None, Path::new("/nonexistent/kvm"));
-        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert_eq!(c.status, CheckStatus::Warn, "{c:?}");
         let c = check_accel(AccelChoice::Kvm, None, Path::new("/nonexistent/kvm"));
-        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert_eq!(c.status, CheckStatus::Fail, "{c:?}");
     }
 }

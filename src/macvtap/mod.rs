@@ -1,8 +1,6 @@
 //! The macvtap lifecycle the `ec-macvtap` commands and the launcher share: create (idempotent, owned,
 //! rolled back on failure), delete (ours only), show, and open (verified queues).
 
-use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use netlink_packet_route::link::InfoKind;
@@ -16,6 +14,12 @@ use crate::names::{IfName, MacAddr, MachineId, MacvtapMode, OWNER_MARKER, OwnerS
 use crate::netns::{self, NetnsSpec};
 use crate::nodedir::{self, NodeDir};
 use crate::tap::{self, DevNum};
+
+mod open;
+mod show;
+
+pub use open::{OpenedTap, open, open_here};
+pub use show::show;
 
 /// One macvtap as `show --json` and `create --json` print it.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -148,7 +152,7 @@ fn foreign(l: &LinkView, doing: &str) -> Error {
     )
 }
 
-/// Create the macvtap as asked (see DESIGN.md). Crash-consistent: the link is made down under
+/// Create the macvtap as asked ([`CreateRequest`]). Crash-consistent: the link is made down under
 /// [`link::temporary_name`], then renamed and marked in one request, then brought up. Whenever a SIGKILL
 /// lands, what is left is either nothing, a link under the temporary name (which the next `create` or
 /// `delete` of that name removes), or our marked link (which the next `create` finishes). Runs on one
@@ -429,135 +433,6 @@ pub fn delete(ns: Option<&NetnsSpec>, name: &IfName) -> Result<DeleteOutcome> {
             }
         })
     })
-}
-
-/// `show`: one macvtap looked up by name, or every macvtap (a dump filtered by kind in the kernel). Parent
-/// names cost one lookup per distinct parent. `tap_device` is null when no node is this link's device.
-pub fn show(ns: Option<&NetnsSpec>, name: Option<&IfName>) -> Result<Vec<TapInfo>> {
-    // The namespace's own sysfs is mounted only when a device number is read link by link (see `tap_infos`).
-    netns::run_in_without_sysfs(ns, || {
-        let nl = Netlink::new()?;
-        let h = &nl.handle;
-        let ns_inode = netns::current_netns_inode()?;
-        nl.block_on(async {
-            let links = match name {
-                Some(n) => {
-                    let l = link::get_by_name(h, n)
-                        .await?
-                        .ok_or_else(|| Error::not_found(format!("link \"{n}\" in {}", netns::describe_current(ns))))?;
-                    if !l.is_macvtap() {
-                        return Err(not_a_macvtap(&l));
-                    }
-                    vec![l]
-                }
-                None => link::dump_kind(InfoKind::MacVtap)?,
-            };
-            let mut parents: HashMap<u32, Option<String>> = HashMap::new();
-            let mut named = Vec::with_capacity(links.len());
-            for l in &links {
-                let parent = match l.parent_ifindex.filter(|_| l.link_netnsid.is_none()) {
-                    Some(p) => match parents.get(&p) {
-                        Some(n) => n.clone(),
-                        None => {
-                            let n = link::get_by_index(h, p).await?.map(|v| v.name);
-                            parents.insert(p, n.clone());
-                            n
-                        }
-                    },
-                    None => None,
-                };
-                named.push((l, parent));
-            }
-            tap_infos(named, ns_inode, ns)
-        })
-    })
-}
-
-/// Links from which `show` reads device numbers from one `/sys/dev/char` listing instead of link by link.
-const DEV_INDEX_FROM: usize = 16;
-
-/// The tap device number and usable node of each link, in order.
-fn tap_infos(named: Vec<(&LinkView, Option<String>)>, ns_inode: u64, ns: Option<&NetnsSpec>) -> Result<Vec<TapInfo>> {
-    let index = if named.len() >= DEV_INDEX_FROM { tap::DevIndex::read(named.len()) } else { None };
-    // With `--netns`, reading a link's own sysfs entry needs a sysfs of that namespace: mounted once, on the
-    // first link the index does not name (a mount namespace of its own costs about as much as 20 links).
-    let mut sysfs_ready = ns.is_none();
-    let mut out = Vec::with_capacity(named.len());
-    for (l, parent) in named {
-        let (dev, node) = match l.name.parse::<IfName>() {
-            Ok(n) => {
-                let dev = match index.as_ref().and_then(|i| i.get(&n, l.ifindex)) {
-                    Some(dev) => Ok(dev),
-                    None => {
-                        if !sysfs_ready {
-                            netns::sysfs_of_current(ns)?;
-                            sysfs_ready = true;
-                        }
-                        tap::sysfs_devnum(&n, l.ifindex)
-                    }
-                };
-                match dev {
-                    Ok(dev) => (Some(dev), nodedir::usable_node(&n, l.ifindex, dev, ns_inode)),
-                    Err(_) => (None, None),
-                }
-            }
-            Err(_) => (None, None),
-        };
-        out.push(info_of(l, parent, dev, node));
-    }
-    Ok(out)
-}
-
-/// An opened, verified macvtap: what `exec` and the launcher hand to QEMU.
-#[derive(Debug)]
-pub struct OpenedTap {
-    pub name: IfName,
-    pub ifindex: u32,
-    pub mac: MacAddr,
-    /// The node the queues were opened through (a temporary node is already gone).
-    pub node: PathBuf,
-    pub devnum: DevNum,
-    pub fds: Vec<OwnedFd>,
-}
-
-/// Open `queues` verified fds on the macvtap `name`. When no usable node exists and we are root, the queues
-/// are opened through a temporary node that is removed at once: nothing is left behind, whoever owns the
-/// link.
-pub fn open(ns: Option<&NetnsSpec>, name: &IfName, queues: u32) -> Result<OpenedTap> {
-    netns::run_in(ns, || open_here(ns, name, queues))
-}
-
-/// [`open`] on a thread that is already in the link's namespace (`ns` only names it in messages).
-pub fn open_here(ns: Option<&NetnsSpec>, name: &IfName, queues: u32) -> Result<OpenedTap> {
-    let nl = Netlink::new()?;
-    let l = nl
-        .block_on(link::get_by_name(&nl.handle, name))?
-        .ok_or_else(|| Error::not_found(format!("macvtap \"{name}\" in {}", netns::describe_current(ns))))?;
-    if !l.is_macvtap() {
-        return Err(not_a_macvtap(&l));
-    }
-    let mac = l.mac.ok_or_else(|| Error::Runtime(format!("macvtap \"{name}\" has no MAC address")))?;
-    let dev = tap::sysfs_devnum(name, l.ifindex)?;
-    let ns_inode = netns::current_netns_inode()?;
-    tracing::debug!("tap of \"{name}\" is char {dev}; opening {queues} queue(s)");
-    let (node, fds) = match nodedir::find_node(name, l.ifindex, dev, ns_inode) {
-        Ok(p) => {
-            let fds = tap::open_queues(&p, name, dev, queues)?;
-            (p, fds)
-        }
-        Err(e) if Uid::effective().is_root() => {
-            tracing::debug!("{e}; opening through a temporary node");
-            let _lock = netns::lock_current()?;
-            let dir = NodeDir::create(ns_inode)?;
-            let opened = dir.with_temporary_node(name, dev, |p| {
-                tap::open_queues(p, name, dev, queues).map(|fds| (p.to_owned(), fds))
-            });
-            dir.remove_if_empty();
-            opened?
-        }
-        Err(e) => return Err(e),
-    };
-    Ok(OpenedTap { name: name.clone(), ifindex: l.ifindex, mac, node, devnum: dev, fds })
 }
 
 #[cfg(test)]

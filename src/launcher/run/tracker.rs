@@ -1,111 +1,39 @@
-//! What the launcher makes of the guest console: [`GuestSink`] logs each clean line as `guest: LINE`
-//! (rate-limited) and runs the boot watch on it, inside the console broker; [`Tracker`] turns the boot
-//! watch's events into the status file, `sd_notify` messages and log lines, in the supervisor.
+//! The supervisor's view of the boot: the boot watch's events become `status.json`, `sd_notify` messages
+//! (`STATUS=`, `READY=1`, `STOPPING=1`) and log lines.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::sync::mpsc::UnboundedSender;
-
-use crate::launcher::banner::Spotter;
-use crate::launcher::bootwatch::{BootWatch, Event, Failure, Stage};
-use crate::launcher::console::LineSink;
-use crate::launcher::lines::{RateLimit, Verdict};
+use crate::launcher::console::bootwatch::{BootFailure, Event, Stage};
 use crate::launcher::notify::Notifier;
-use crate::launcher::status::{Status, StatusFile, now_rfc3339};
-
-/// Guest lines logged at once before the rate limit applies, and per second after.
-pub const LOG_BURST: u32 = 200;
-pub const LOG_PER_SEC: u32 = 50;
-
-pub struct GuestSink {
-    watch: BootWatch,
-    rate: RateLimit,
-    events: UnboundedSender<Event>,
-    banner: Option<Spotter>,
-}
-
-impl GuestSink {
-    /// `banner`: on the default boot path, the watch for the NIC ROM's Ctrl-B banner (see [`super::banner`]).
-    pub fn new(watch: BootWatch, events: UnboundedSender<Event>, banner: Option<Spotter>) -> GuestSink {
-        GuestSink { watch, rate: RateLimit::new(LOG_BURST, LOG_PER_SEC), events, banner }
-    }
-
-    fn suppressed(n: u64) {
-        tracing::warn!(
-            "{n} guest console lines suppressed (more than {LOG_PER_SEC} per second); serial.log and the console \
-             have them"
-        );
-    }
-}
-
-impl LineSink for GuestSink {
-    fn bytes(&mut self, chunk: &[u8]) {
-        if let Some(b) = &mut self.banner {
-            b.feed(chunk);
-        }
-    }
-
-    fn line(&mut self, line: String) {
-        if !line.is_empty() {
-            match self.rate.check(Instant::now()) {
-                Verdict::Log { suppressed } => {
-                    if suppressed > 0 {
-                        Self::suppressed(suppressed);
-                    }
-                    tracing::info!("guest: {line}");
-                }
-                Verdict::Drop => {}
-            }
-        }
-        for ev in self.watch.line(&line) {
-            let _ = self.events.send(ev);
-        }
-    }
-
-    fn tick(&mut self) {
-        let n = self.rate.take_if_quiet(Instant::now(), Duration::from_secs(1));
-        if n > 0 {
-            Self::suppressed(n);
-        }
-    }
-
-    fn join_wrapped(&self) -> bool {
-        self.watch.stage() < Stage::Kernel
-    }
-}
+use crate::launcher::status::{RunStatus, StatusFile, now_rfc3339};
 
 /// The supervisor's view of the boot: stage, readiness, addresses, the last failure.
-pub struct Tracker {
-    pub file: StatusFile,
-    pub notify: Notifier,
+pub(crate) struct Tracker {
+    pub(crate) file: StatusFile,
+    pub(crate) notify: Notifier,
     started: Instant,
 }
 
 impl Tracker {
-    pub fn new(file: StatusFile, notify: Notifier) -> Tracker {
+    pub(crate) fn new(file: StatusFile, notify: Notifier) -> Tracker {
         Tracker { file, notify, started: Instant::now() }
     }
 
-    pub fn status(&self) -> &Status {
+    pub(crate) fn status(&self) -> &RunStatus {
         &self.file.status
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.file.status.ready
     }
 
-    pub fn stage(&self) -> Option<Stage> {
+    pub(crate) fn stage(&self) -> Option<Stage> {
         self.file.status.stage
     }
 
-    /// Seconds since QEMU started.
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
-
     /// QEMU runs (it answered on QMP): the firmware stage begins.
-    pub fn qemu_started(&mut self, qemu_pid: u32) {
+    pub(crate) fn qemu_started(&mut self, qemu_pid: u32) {
         self.started = Instant::now();
         self.file.update(|s| {
             s.qemu_pid = Some(qemu_pid);
@@ -119,7 +47,7 @@ impl Tracker {
     }
 
     /// One event of the boot watch.
-    pub fn handle(&mut self, ev: Event) {
+    pub(crate) fn handle(&mut self, ev: Event) {
         match ev {
             Event::Stage(stage) => self.enter(stage),
             Event::Reset => {
@@ -147,7 +75,7 @@ impl Tracker {
         }
     }
 
-    fn failure(&mut self, f: &Failure) {
+    fn failure(&mut self, f: &BootFailure) {
         tracing::error!("boot failure: {f}");
         let stage = self.stage().map_or("boot", Stage::as_str);
         let text = format!(
@@ -191,12 +119,12 @@ impl Tracker {
     }
 
     /// A stop began.
-    pub fn stopping(&mut self, why: &str) {
+    pub(crate) fn stopping(&mut self, why: &str) {
         self.notify.stopping(why);
     }
 
     /// The launcher is ending: QEMU is gone.
-    pub fn ended(&mut self) {
+    pub(crate) fn ended(&mut self) {
         self.file.update(|s| {
             s.qemu_pid = None;
             s.ended_at = Some(now_rfc3339());

@@ -1,0 +1,135 @@
+//! The sink of the console broker: [`GuestSink`] logs each clean line as `guest: LINE` (rate-limited), feeds
+//! every byte to the Ctrl-B banner spotter and every line to the boot watch. The boot watch sits in a
+//! [`BootFeed`], shared with the supervisor so that QEMU's RESET event (a reboot the console may not show)
+//! starts the stages over; its events reach the supervisor's tracker in order, through one channel.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::launcher::console::LineSink;
+use crate::launcher::console::banner::Spotter;
+use crate::launcher::console::bootwatch::{BootWatch, Event, Stage};
+use crate::launcher::console::lines::{RateLimit, Verdict};
+
+/// Guest lines logged at once before the rate limit applies, and per second after.
+const LOG_BURST: u32 = 200;
+const LOG_PER_SEC: u32 = 50;
+
+/// The boot watch and where its events go, shared by the console sink (lines) and the supervisor (QEMU's
+/// RESET event).
+#[derive(Clone)]
+pub(crate) struct BootFeed(Arc<Mutex<Feed>>);
+
+struct Feed {
+    watch: BootWatch,
+    events: UnboundedSender<Event>,
+}
+
+impl BootFeed {
+    pub(crate) fn new(watch: BootWatch, events: UnboundedSender<Event>) -> BootFeed {
+        BootFeed(Arc::new(Mutex::new(Feed { watch, events })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Feed> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One clean console line. The events are sent under the lock, so they stay in order with a reset's.
+    pub(crate) fn line(&self, line: &str) {
+        let mut f = self.lock();
+        for ev in f.watch.line(line) {
+            let _ = f.events.send(ev);
+        }
+    }
+
+    /// QEMU reset the guest (its RESET event): the stages start over.
+    pub(crate) fn reset(&self) {
+        let mut f = self.lock();
+        for ev in f.watch.reset() {
+            let _ = f.events.send(ev);
+        }
+    }
+
+    pub(crate) fn stage(&self) -> Stage {
+        self.lock().watch.stage()
+    }
+}
+
+pub(crate) struct GuestSink {
+    boot: BootFeed,
+    rate: RateLimit,
+    banner: Option<Spotter>,
+}
+
+impl GuestSink {
+    /// `banner`: on the default boot path, the watch for the NIC ROM's Ctrl-B banner (see [`super::banner`]).
+    pub(crate) fn new(boot: BootFeed, banner: Option<Spotter>) -> GuestSink {
+        GuestSink { boot, rate: RateLimit::new(LOG_BURST, LOG_PER_SEC), banner }
+    }
+
+    fn suppressed(n: u64) {
+        tracing::warn!(
+            "{n} guest console lines suppressed (more than {LOG_PER_SEC} per second); serial.log and the console \
+             have them"
+        );
+    }
+}
+
+impl LineSink for GuestSink {
+    fn bytes(&mut self, chunk: &[u8]) {
+        if let Some(b) = &mut self.banner {
+            b.feed(chunk);
+        }
+    }
+
+    fn line(&mut self, line: String) {
+        if !line.is_empty() {
+            match self.rate.check(Instant::now()) {
+                Verdict::Log { suppressed } => {
+                    if suppressed > 0 {
+                        Self::suppressed(suppressed);
+                    }
+                    tracing::info!("guest: {line}");
+                }
+                Verdict::Drop => {}
+            }
+        }
+        self.boot.line(&line);
+    }
+
+    fn tick(&mut self) {
+        let n = self.rate.take_if_quiet(Instant::now(), Duration::from_secs(1));
+        if n > 0 {
+            Self::suppressed(n);
+        }
+    }
+
+    fn join_wrapped(&self) -> bool {
+        self.boot.stage() < Stage::Kernel
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launcher::console::bootwatch::default_ready_pattern;
+
+    #[test]
+    fn a_reset_starts_the_stages_over_in_order_with_the_lines() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let feed = BootFeed::new(BootWatch::new(regex::Regex::new(&default_ready_pattern()).unwrap(), 256), tx);
+        feed.reset();
+        assert!(rx.try_recv().is_err(), "a reset in the firmware stage changes nothing");
+        feed.line("iPXE 1.21.1+ -- Open Source Network Boot Firmware -- https://ipxe.org");
+        assert_eq!(feed.stage(), Stage::Ipxe);
+        feed.reset();
+        feed.line("iPXE 1.21.1+ -- Open Source Network Boot Firmware -- https://ipxe.org");
+        let got: Vec<Event> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            got,
+            [Event::Stage(Stage::Ipxe), Event::Reset, Event::Stage(Stage::Firmware), Event::Stage(Stage::Ipxe)]
+        );
+    }
+}
