@@ -9,6 +9,7 @@
 //!
 //! `cargo bench --bench flood` (release build). `EC_BENCH_BIN` runs another build of `ec-ipxe-qemu` (for a
 //! before/after comparison). It prints figures and asserts nothing about time.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

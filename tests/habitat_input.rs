@@ -1,6 +1,7 @@
 //! Input and output that used to end a run (issue 16): a byte that is not UTF-8 in any option of either
 //! binary, output to a reader that went away or a closed descriptor, an owner id chown(2) cannot set, and
 //! `exec` of something that is not a program. Real binaries, real pipes, a real kernel namespace.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

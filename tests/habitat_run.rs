@@ -5,6 +5,7 @@
 //!
 //! Each test asserts the guest's fate (still running, or stopped in order), the exit code, and that no file
 //! outside the state directory changed.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod habitat;

@@ -5,6 +5,7 @@
 //! freed again costs the record nothing it cannot catch up with.
 //!
 //! Each test asserts the guest's fate, the exit code, and that no file outside the state directory changed.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod habitat;
@@ -66,6 +67,7 @@ fn a_state_dir_others_can_write_or_own_is_refused() {
     for name in ["serial.log", "status.json", "qmp.sock", "disk.qcow2"] {
         std::os::unix::fs::symlink(&target, state.join(name)).unwrap();
     }
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
     let before = Tree::of(tmp.path(), &[]);
     for (mode, owner, needle, fix) in [
         (0o777, None, "writable by group or others", "chmod 0700"),

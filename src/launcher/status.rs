@@ -103,7 +103,8 @@ impl StatusFile {
             .map_err(|e| Error::Runtime(format!("encode {}: {e}", self.path.display())))
             .and_then(|mut text| {
                 text.push(b'\n');
-                crate::launcher::statedir::write_atomically_mode(&self.path, &text, 0o640)
+                crate::launcher::private::replace(&self.path, &text, 0o640)
+                    .map_err(|e| Error::io(format!("write {}", self.path.display()), e))
             });
         match r {
             Ok(()) => self.failed = false,

@@ -163,11 +163,7 @@ pub(crate) struct Console {
 /// Bind `console.sock` (0600; a stale one is removed: the caller holds the state directory's lock).
 pub(crate) fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("remove stale {}", path.display()), e)),
-    }
+    crate::launcher::private::expect_socket(path, true)?;
     let l = std::os::unix::net::UnixListener::bind(path)
         .map_err(|e| Error::io(format!("listen on {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

@@ -36,8 +36,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// QEMU's last stderr lines kept for error messages.
 const STDERR_TAIL: usize = 8;
 
-/// How a run that got as far as spawning QEMU failed: `Rejected` (QEMU refused its command line, so nothing
-/// ran and the run's directories go) or anything else.
+/// How a run that got as far as spawning QEMU failed: `Rejected` (QEMU exited before the guest ran, e.g. it
+/// refused its command line or found its disk locked, so the run's directories go) or anything else.
 pub(super) enum RunFailure {
     Rejected(Error),
     Other(Error),
@@ -168,7 +168,7 @@ pub(super) async fn start(
         r = tokio::time::timeout(STARTUP_TIMEOUT, handshake) => r,
         status = child.wait() => {
             let status = status.map_err(|e| Error::io("wait for QEMU", e))?;
-            return exited_early(status, &mut stderr, accel).await;
+            return exited_early(cfg, pid, status, &mut stderr, accel).await;
         }
         sig = signals.recv() => {
             tracing::info!("{sig} while QEMU was starting: stopping it");
@@ -181,7 +181,7 @@ pub(super) async fn start(
         Ok(Err(e)) => {
             // The connection failed: QEMU is most likely exiting; its status and message say why.
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
-                return exited_early(status, &mut stderr, accel).await;
+                return exited_early(cfg, pid, status, &mut stderr, accel).await;
             }
             stop::Process::kill(&mut child).await;
             return Err(Error::Runtime(format!("QEMU (pid {pid}) did not answer on QMP: {e}; killed it")).into());
@@ -206,13 +206,23 @@ pub(super) async fn start(
         cfg.console_socket().display(),
         cfg.serial_log.display()
     );
+    // QEMU bound qmp.sock under the launcher's umask (077): owner only; 0600 as documented.
+    if let Err(e) = std::fs::set_permissions(cfg.qmp_socket(), std::os::unix::fs::PermissionsExt::from_mode(0o600)) {
+        tracing::warn!("chmod 0600 {}: {e}", cfg.qmp_socket().display());
+    }
     tracker.qemu_started(pid);
     Ok(Some(Guest { child, qmp, events, watch, lan, stderr, console, boot_feed, boot }))
 }
 
 /// QEMU exited before it answered on QMP. Success: it is simply gone. Otherwise its command line (or
 /// something it names) was refused; or, under KVM, the accelerator failed.
-async fn exited_early(status: ExitStatus, stderr: &mut Stderr, accel: Accel) -> Result<Option<Guest>, RunFailure> {
+async fn exited_early(
+    cfg: &LaunchConfig,
+    pid: u32,
+    status: ExitStatus,
+    stderr: &mut Stderr,
+    accel: Accel,
+) -> Result<Option<Guest>, RunFailure> {
     stderr.finish().await;
     if status.success() {
         tracing::info!("QEMU exited at once ({})", describe(status));
@@ -226,7 +236,42 @@ async fn exited_early(status: ExitStatus, stderr: &mut Stderr, accel: Accel) -> 
     }
     let msg = stderr.text();
     let msg = if msg.is_empty() { format!("QEMU exited with {}", describe(status)) } else { msg };
-    Err(RunFailure::Rejected(Error::invalid("QEMU rejected its command line", msg)))
+    let disk = cfg.disk.as_ref().map(|d| d.path.as_path());
+    Err(RunFailure::Rejected(early_failure(&msg, disk, &[pid as i32])))
+}
+
+/// What QEMU's last words at start mean. Exit 2 (a restart cannot help) is kept for what is wrong with the
+/// command line itself; a resource someone else holds is exit 4 (the unit retries), a refused file 5, a
+/// missing one 3, a shortage of memory or space 1.
+fn early_failure(msg: &str, disk: Option<&Path>, ours: &[i32]) -> Error {
+    let lower = msg.to_ascii_lowercase();
+    if lower.contains("failed to get") && lower.contains("lock") {
+        let Some(disk) = disk else { return Error::conflict("QEMU", format!("an image it opens is locked: {msg}")) };
+        let holders = crate::launcher::private::file_holders(disk, ours);
+        let who = if holders.is_empty() {
+            "another process (not visible from here)".to_owned()
+        } else {
+            crate::tap::describe_holders(&holders)
+        };
+        return Error::conflict(
+            format!("--disk \"{}\"", disk.display()),
+            format!("is locked by {who}, which has it open; the run fails for now and is retried (QEMU: {msg})"),
+        );
+    }
+    let has = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
+    if has(&["address already in use", "could not set up host forwarding rule", "device or resource busy"]) {
+        return Error::conflict("QEMU", format!("a resource it needs is in use: {msg}"));
+    }
+    if has(&["permission denied", "operation not permitted"]) {
+        return Error::unusable(crate::error::Kind::Permission, "QEMU", format!("was refused access: {msg}"));
+    }
+    if has(&["no such file or directory"]) {
+        return Error::unusable(crate::error::Kind::NotFound, "QEMU", format!("a file it needs is missing: {msg}"));
+    }
+    if has(&["cannot allocate memory", "out of memory", "no space left", "resource temporarily unavailable"]) {
+        return Error::Runtime(format!("QEMU failed to start: {msg}"));
+    }
+    Error::invalid("QEMU rejected its command line", msg)
 }
 
 impl Guest {
