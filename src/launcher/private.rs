@@ -55,6 +55,11 @@ pub(crate) fn kind_of(path: &Path) -> Result<Option<&'static str>> {
     }
 }
 
+/// "a FIFO", "a directory", ...: what a file is, for messages.
+pub(crate) fn describe(m: &std::fs::Metadata) -> &'static str {
+    kind_name(m)
+}
+
 fn kind_name(m: &std::fs::Metadata) -> &'static str {
     let t = m.file_type();
     if t.is_file() {

@@ -51,6 +51,11 @@ pub(crate) const REPLAY: usize = 4096;
 /// Ctrl-]: the byte `ec-ipxe-qemu console` detaches on.
 pub(crate) const DETACH_KEY: u8 = 0x1d;
 const READ_CHUNK: usize = 64 << 10;
+/// After a short read, the broker waits this long before reading again, so that output the guest prints a
+/// byte at a time (QEMU's UART) is handled in chunks: one wakeup, one log write per chunk, not per byte.
+const COALESCE: Duration = Duration::from_millis(20);
+/// How often a client that half-closed its socket is checked for having gone away completely.
+const HANGUP_CHECK: Duration = Duration::from_secs(1);
 const INPUT_QUEUE: usize = 64;
 /// A prompt without a newline (`login: `) is handed out as a line after this much quiet.
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
@@ -66,6 +71,8 @@ pub(crate) trait LineSink: Send + 'static {
     fn join_wrapped(&self) -> bool {
         true
     }
+    /// The console ended (QEMU's end closed): say what is still pending.
+    fn finish(&mut self) {}
 }
 
 struct Client {
@@ -219,7 +226,8 @@ impl Drop for Console {
     }
 }
 
-async fn broker(mut rd: OwnedReadHalf, mut log: SerialLog, hub: Arc<Mutex<Hub>>, mut sink: impl LineSink) {
+async fn broker(mut rd: OwnedReadHalf, log: SerialLog, hub: Arc<Mutex<Hub>>, mut sink: impl LineSink) {
+    let mut log = seriallog::LogWriter::start(log);
     let mut asm = LineAssembler::new();
     let mut buf = vec![0u8; READ_CHUNK];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -243,8 +251,13 @@ async fn broker(mut rd: OwnedReadHalf, mut log: SerialLog, hub: Arc<Mutex<Hub>>,
                 log.write(chunk);
                 lock(&hub).broadcast(chunk);
                 last = Instant::now();
-                // Let the clients' writers run between chunks, so a client that reads keeps up.
-                tokio::task::yield_now().await;
+                // Let the clients' writers run between chunks, so a client that reads keeps up; after a short
+                // read, let more output gather first.
+                if n < READ_CHUNK {
+                    tokio::time::sleep(COALESCE).await;
+                } else {
+                    tokio::task::yield_now().await;
+                }
             }
             _ = tick.tick() => {
                 if last.elapsed() >= IDLE_FLUSH && asm.partial_is_prompt() {
@@ -255,6 +268,9 @@ async fn broker(mut rd: OwnedReadHalf, mut log: SerialLog, hub: Arc<Mutex<Hub>>,
         }
     }
     asm.flush(&mut |l| sink.line(l));
+    sink.finish();
+    // The writer thread writes what it still has; waiting for it is a blocking call, kept off the loop.
+    let _ = tokio::task::spawn_blocking(move || log.finish(Duration::from_secs(2))).await;
 }
 
 async fn serial_writer(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
@@ -292,28 +308,44 @@ async fn accept(listener: UnixListener, hub: Arc<Mutex<Hub>>, input: mpsc::Sende
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(replay.len()));
-        let writer = tokio::spawn(client_writer(wr, rx, Arc::clone(&queued), replay));
+        let writer = tokio::spawn(client_writer(id, wr, rx, Arc::clone(&queued), replay, Arc::clone(&hub)));
         let reader = tokio::spawn(client_reader(id, rd, Arc::clone(&hub), input.clone()));
         h.clients.push(Client { id, tx, queued, tasks: vec![writer.abort_handle(), reader.abort_handle()] });
         tracing::info!("console client {id} attached ({} attached)", h.clients.len());
     }
 }
 
+/// A client's output. A client that cannot take it any more (closed) is removed.
 async fn client_writer(
+    id: u64,
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     queued: Arc<AtomicUsize>,
     replay: Vec<u8>,
+    hub: Arc<Mutex<Hub>>,
 ) {
-    if wr.write_all(&replay).await.is_err() {
-        return;
-    }
-    queued.fetch_sub(replay.len(), Ordering::Relaxed);
-    while let Some(b) = rx.recv().await {
-        if wr.write_all(&b).await.is_err() {
-            return;
+    if wr.write_all(&replay).await.is_ok() {
+        queued.fetch_sub(replay.len(), Ordering::Relaxed);
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+            queued.fetch_sub(b.len(), Ordering::Relaxed);
         }
-        queued.fetch_sub(b.len(), Ordering::Relaxed);
+    }
+    lock(&hub).remove(id);
+}
+
+/// Whether the peer of a client whose input ended has closed its socket completely (POLLHUP), not only
+/// its sending half.
+fn hung_up(rd: &OwnedReadHalf) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let stream: &UnixStream = rd.as_ref();
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        Err(_) => true,
     }
 }
 
@@ -322,7 +354,21 @@ async fn client_reader(id: u64, mut rd: OwnedReadHalf, hub: Arc<Mutex<Hub>>, inp
     let mut told = false;
     loop {
         let n = match rd.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) => {
+                // Input ended. A viewer that only half-closed (`console </dev/null`, `socat -u`) goes on
+                // receiving output until it closes completely; it gives up the keyboard now.
+                {
+                    let mut h = lock(&hub);
+                    if h.typist == Some(id) {
+                        h.typist = None;
+                    }
+                }
+                while !hung_up(&rd) {
+                    tokio::time::sleep(HANGUP_CHECK).await;
+                }
+                break;
+            }
+            Err(_) => break,
             Ok(n) => n,
         };
         let typist = {

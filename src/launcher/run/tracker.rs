@@ -129,5 +129,6 @@ impl Tracker {
             s.qemu_pid = None;
             s.ended_at = Some(now_rfc3339());
         });
+        self.file.close();
     }
 }
