@@ -195,7 +195,9 @@ fn a_console_flood_is_rate_limited_with_one_summary_and_nothing_lost() {
         "one summary per episode:\n{}",
         log.lines().filter(|l| l.contains("suppressed")).collect::<Vec<_>>().join("\n")
     );
-    assert_eq!(sums[0].0 + logged, 1000, "the summary counts exactly the lines left out");
+    // FLOOD-DONE, right after the flood, may have been left out too.
+    let done_left_out = u64::from(!log.contains("guest: FLOOD-DONE"));
+    assert_eq!(sums[0].0, 1000 - logged + done_left_out, "the summary counts exactly the lines left out");
     assert!(logged >= 200, "the burst of 200 is logged: {logged}");
     assert!(logged as f64 <= 200.0 + 50.0 * (flood_secs + 1.0), "{logged} lines in {flood_secs:.1} s");
     assert_eq!(log.matches("suppressed").count(), 1, "no other suppression line");

@@ -119,25 +119,29 @@ pub fn wait_key(marker: &str) -> Vec<String> {
 }
 
 /// Type one key on the guest console through `console.sock` (the client holds the keyboard while connected,
-/// so it stays connected; drop it to leave).
+/// so it stays connected; drop it to leave). A thread reads and discards what the console sends, so the
+/// launcher never drops this client for not reading.
 pub struct Keyboard(UnixStream);
 
 impl Keyboard {
     pub fn connect(state: &Path) -> Keyboard {
         let s = UnixStream::connect(state.join("console.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut rd = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while matches!(rd.read(&mut buf), Ok(n) if n > 0) {}
+        });
         Keyboard(s)
     }
 
     pub fn key(&mut self) {
         self.0.write_all(b"k").unwrap();
-        // Drain what the console sent us, so the launcher never drops this client for not reading.
-        let mut buf = [0u8; 65536];
-        while let Ok(n) = self.0.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
+    }
+}
+
+impl Drop for Keyboard {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
     }
 }
 
