@@ -244,7 +244,7 @@ fn a_full_file_system_that_is_freed_costs_the_record_nothing_lasting() {
     let fs = habitat::Tmpfs::mount(&tmp.path().join("mnt"), "1m");
     let state = fs.dir.join("state");
     let mut script = habitat::wait_key("STEP-ONE");
-    script.extend(habitat::flood("LOST", 50, 0));
+    script.extend(habitat::flood("LOST", 120, 0));
     script.push("echo ENOSPC-READY".into());
     script.extend(habitat::wait_key("STEP-TWO"));
     script.push("echo AFTER-FREE".into());
@@ -263,7 +263,7 @@ fn a_full_file_system_that_is_freed_costs_the_record_nothing_lasting() {
     let mut keyboard = habitat::Keyboard::connect(&state);
     keyboard.key();
     // The guest goes on: its lines reach the log (stderr) while the disk is full.
-    run.wait_stderr("guest: ENOSPC-READY", BOOT_TIMEOUT);
+    run.wait_stderr("boot stage ready", BOOT_TIMEOUT);
     run.wait_stderr("guest: STEP-TWO", Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
     let (code, v) = run.status_json();
