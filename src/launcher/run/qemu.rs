@@ -309,3 +309,35 @@ fn kvm_failure(stderr: &Stderr, status: ExitStatus, accel: Accel) -> Option<Erro
         ))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The audit of QEMU's start failures: exit 2 only for what is wrong with the command line.
+    #[test]
+    fn start_failures_map_to_what_a_restart_can_change() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = tmp.path().join("d.qcow2");
+        std::fs::write(&disk, "x").unwrap();
+        let code = |msg: &str| early_failure(msg, Some(&disk), &[]).exit_code();
+        let e = early_failure(
+            "qemu-system-x86_64: -drive if=none,id=disk0,file=/x: Failed to get \"write\" lock; Is another process using the image [/x]?",
+            Some(&disk),
+            &[],
+        );
+        assert_eq!(e.exit_code(), 4);
+        assert!(e.to_string().starts_with(&format!("--disk \"{}\": is locked by ", disk.display())), "{e}");
+        assert_eq!(code("Failed to get shared \"write\" lock"), 4);
+        assert_eq!(code("Could not set up host forwarding rule 'tcp::2222-:22'"), 4);
+        assert_eq!(code("-chardev socket,id=qmp,path=/s/qmp.sock: Failed to bind socket: Address already in use"), 4);
+        assert_eq!(code("-kernel /x: Could not open '/x': Permission denied"), 5);
+        assert_eq!(code("Could not open '/usr/share/qemu/efi-virtio.rom': No such file or directory"), 3);
+        assert_eq!(code("cannot set up guest memory 'pc.ram': Cannot allocate memory"), 1);
+        assert_eq!(code("-foo: invalid option"), 2);
+        assert_eq!(code("-device virtio: 'virtio' is not a valid device model name"), 2);
+        assert!(
+            early_failure("-foo: invalid option", None, &[]).to_string().starts_with("QEMU rejected its command line")
+        );
+    }
+}
