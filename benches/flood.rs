@@ -103,7 +103,7 @@ fn flood(dir: &Path, secs: u32) {
         s.push_str(&format!("echo FLOOD ${{i}} {k} abcdefghijklmnopqrstuvwxyz0123456789\n"));
     }
     s.push_str(&format!(
-        "prompt --timeout 75 ||\ninc i\niseq ${{i}} {bursts} || goto flood\necho FLOOD-DONE\nsleep 3600\n"
+        "prompt --timeout 60 ||\ninc i\niseq ${{i}} {bursts} || goto flood\necho FLOOD-DONE\nsleep 3600\n"
     ));
     std::fs::write(www.join("netboot.ipxe"), s).expect("script");
     let state = dir.join("flood-state");

@@ -10,7 +10,6 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 /// What a tree holds, entry by entry (symlinks not followed): kind, mode, owner, size, mtime and a hash of
 /// the content of regular files.
