@@ -48,7 +48,7 @@
         # the evaluation of this check.
         module-eval =
           let
-            result = import ./nix/tests/module-eval.nix { nixpkgs = nixpkgs.outPath; };
+            result = import ./nix/tests/module-eval { nixpkgs = nixpkgs.outPath; };
           in
           pkgs.runCommand "ec-module-eval"
             {

@@ -5,8 +5,11 @@
 # The guest honours the publisher contract of nix/modules/ec-publisher-guest.nix: NICs named by PCI slot
 # (00:03.0 -> boot0, 00:04.0 -> lan0), DHCP on both, the module's own discovery and ready scripts
 # (nix/guest/*.sh, run verbatim with Debian's bash, busybox and hdhomerun_config), and a power-off on the ACPI
-# power button. Kernel command line extras it understands: `ec_line80` prints a line of exactly 80 columns
-# just before the ready script runs.
+# power button, and the system credentials the launcher passes through QEMU's fw_cfg (qemu_fw_cfg, copied into
+# /run/credentials/@system as systemd does, each named on the console with its SHA-256). Kernel command line
+# extras it understands: `ec_line80` prints a line of exactly 80 columns just before the ready script runs;
+# `ec_credentials=NAME,NAME` lists the credentials the publisher expects (the module's
+# every-channel.publisherGuest.credentials).
 #
 # Packages come from apt (`apt-get download`, cached in DIR/debs) and are unpacked with `dpkg-deb -x`: nothing
 # is installed on the host. The result is cached in DIR/<key>, keyed by the package versions and the inputs
@@ -100,7 +103,7 @@ bb="$x/bin/busybox"
 # The modules the guest loads, with their dependencies. The package carries no modules.dep (the package's
 # postinst runs depmod), so busybox's depmod writes one for the unpacked tree first.
 "$bb" depmod -b "$x" "$kver"
-wanted=(virtio_pci virtio_net button evdev)
+wanted=(virtio_pci virtio_net button evdev qemu_fw_cfg)
 closure() {
 	local dep="$x/lib/modules/$kver/modules.dep" m line
 	for m in "$@"; do
@@ -164,6 +167,35 @@ mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 echo "ec-guest: init started ($(uname -r))"
 modprobe -a virtio_pci virtio_net button evdev || echo "ec-guest: modprobe failed"
+
+# System credentials from QEMU's fw_cfg (the launcher's --credential), copied into /run/credentials/@system
+# as systemd's PID 1 does (import-creds.c), which is what $CREDENTIALS_DIRECTORY holds for the module's units.
+# Each is named on the console with the SHA-256 and size of its value (never the value), for the tests.
+modprobe qemu_fw_cfg || echo "ec-guest: modprobe qemu_fw_cfg failed"
+creds=/run/credentials/@system
+mkdir -p "$creds"
+chmod 700 "$creds"
+fwcreds=/sys/firmware/qemu_fw_cfg/by_name/opt/io.systemd.credentials
+if [ -d "$fwcreds" ]; then
+	for d in "$fwcreds"/*; do
+		[ -e "$d/raw" ] || continue
+		n=${d##*/}
+		cp "$d/raw" "$creds/$n"
+		chmod 400 "$creds/$n"
+		sum=$(sha256sum <"$creds/$n")
+		echo "ec-guest: credential $n sha256 ${sum%% *} size $(wc -c <"$creds/$n")"
+	done
+else
+	echo "ec-guest: no credentials in fw_cfg"
+fi
+export CREDENTIALS_DIRECTORY=$creds
+# The credential names the publisher expects: `ec_credentials=NAME,NAME` on the kernel command line (the
+# NixOS module's every-channel.publisherGuest.credentials).
+EC_CREDENTIALS=""
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in ec_credentials=*) EC_CREDENTIALS=$(echo "${arg#ec_credentials=}" | tr , '\n') ;; esac
+done
+export EC_CREDENTIALS
 
 # NICs named by PCI slot, as the module's .link files do.
 # The PCI address above the NIC (a virtio NIC's parent is the virtio device, whose parent is the PCI one).

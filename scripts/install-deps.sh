@@ -21,6 +21,11 @@ have cpio || need+=(cpio)
 have dpkg-deb || need+=(dpkg)
 # The probe tests' port-security stand-in (an nftables netdev ingress rule in the LAN namespace).
 have nft || need+=(nftables)
+# The boot cache's HTTPS origin (tests/common/origin.rs): a private CA made by openssl, served by python3's ssl;
+# its 50 Mbit/s link is shaped by tc (iproute2).
+have openssl || need+=(openssl)
+have python3 || need+=(python3)
+have tc || need+=(iproute2)
 
 if [ ${#need[@]} -gt 0 ]; then
 	echo "install-deps: installing ${need[*]}"

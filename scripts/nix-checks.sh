@@ -5,7 +5,7 @@
 #   2. every .nix file is formatted in the nixpkgs style (RFC 166 nixfmt; here the
 #      nixfmt_rs crate, whose binary `nixfmt` is byte-compatible with nixpkgs' nixfmt);
 #   3. deadnix finds no dead code;
-#   4. nix/tests/module-eval.nix passes against the real NixOS systemd code of the kit in
+#   4. nix/tests/module-eval/ passes against the real NixOS systemd code of the kit in
 #      ../shared/nixos-eval (or $EC_NIXPKGS_LIB); under CI=true a missing kit fails;
 #   5. the units it renders pass systemd-analyze verify, the host unit's
 #      systemd-analyze security exposure is at most 3.0, and the guest's .network/.link
@@ -116,7 +116,7 @@ say "module-eval against $kit, units rendered for the local systemd $systemd_ver
 eval_expr() { # attribute names to keep from the result
 	nix-instantiate "${NIX_STORE_FLAGS[@]}" --eval --strict --json \
 		--arg nixpkgs "$kit" --argstr systemdVersion "$systemd_version" \
-		-E "{ nixpkgs, systemdVersion }: let r = import ./nix/tests/module-eval.nix { inherit nixpkgs systemdVersion; }; in $1"
+		-E "{ nixpkgs, systemdVersion }: let r = import ./nix/tests/module-eval { inherit nixpkgs systemdVersion; }; in $1"
 }
 if ! summary=$(eval_expr 'removeAttrs r [ "checks" "units" "scripts" ]'); then
 	die "module-eval failed (see the message above)"
@@ -190,12 +190,21 @@ for conf, units in data["units"].items():
         open(os.path.join(d, name), "w").write(text)
 PY
 
+# The guest's units use ImportCredential= (systemd 254, which NixOS guests have). An older
+# systemd here says "Unknown key" for it and nothing else changes, so that one line is
+# dropped for guest units when this systemd is older than 254.
+host_systemd=$(systemctl --version | awk 'NR == 1 { print $2 }')
 failed=0
 for dir in "$work"/units/*/; do
 	conf=$(basename "$dir")
 	for unit in "$dir"*.service; do
 		[[ -e "$unit" ]] || continue
-		if ! out=$(systemd-analyze verify --man=no "$unit" 2>&1) || [[ -n "$out" ]]; then
+		rc=0
+		out=$(systemd-analyze verify --man=no "$unit" 2>&1) || rc=$?
+		if [[ "$conf" == guest && "$host_systemd" -lt 254 ]]; then
+			out=$(printf '%s\n' "$out" | grep -v ": Unknown key 'ImportCredential' in section \[Service\], ignoring\.$" || true)
+		fi
+		if ((rc != 0)) || [[ -n "$out" ]]; then
 			printf 'nix-checks: systemd-analyze verify %s/%s:\n%s\n' "$conf" "$(basename "$unit")" "$out" >&2
 			failed=1
 		fi

@@ -7,6 +7,7 @@
 //! launcher behind `ec-ipxe-qemu` (a private module: its map is docs/architecture.md).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod bootcache;
 pub mod cli;
 pub mod commands;
 pub mod error;

@@ -12,6 +12,7 @@
 //!   that exists and, with an anchor into a Markdown file, a heading of that file (GitHub's anchor rules).
 //!
 //! Failures name the file and line, all of them at once.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -269,8 +269,12 @@ fn an_https_url_with_an_ipxe_without_https_fails() {
     let sd = state_dir(tmp.path());
     // The URL's host does not answer either; only the ipxe line is looked at here.
     let url = "https://127.0.0.1:1/boot.ipxe";
+    // With the boot cache (the default for https) the host fetches the URL: iPXE needs no HTTPS.
+    let out = doctor(&[], &["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--boot-url", url]);
+    assert_eq!(find(&checks(&out), "ipxe")["status"], "ok");
     for extra in [&["--ipxe", "/usr/lib/ipxe/ipxe.lkrn"][..], &[][..]] {
-        let mut args = vec!["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--boot-url", url];
+        let mut args =
+            vec!["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--boot-url", url, "--boot-cache", "off"];
         args.extend_from_slice(extra);
         let out = doctor(&[], &args);
         let list = checks(&out);
@@ -357,6 +361,7 @@ fn a_good_lab_setup_has_no_fail() {
         "boot-url",
         "state-dir",
         "disk",
+        "credentials",
         "lan-link",
         "lan-in-use",
         "lan-tap",

@@ -10,6 +10,7 @@
 //! download progress in `status`. Figures are printed (`FIGURE ...`), never asserted on.
 //!
 //! One QEMU at a time (the guest boots a whole kernel under TCG).
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! The launcher's side of the shared refusal table `tests/data/refusals.json`.
 //!
-//! Each value there is also given to the NixOS module by `nix/tests/module-eval.nix` (run by
+//! Each value there is also given to the NixOS module by `nix/tests/module-eval/` (run by
 //! `scripts/nix-checks.sh`), which must refuse exactly the values marked `refused`. Here every value that
 //! has launcher arguments goes to `ec-ipxe-qemu print-args`: a refused value is a usage error (exit 2, which
 //! the unit does not restart: `RestartPreventExitStatus=2`), an accepted one is not. So the module refuses

@@ -151,6 +151,7 @@ fn ready_only_after_the_ready_line_with_stages_and_status() {
     eprintln!("FIGURE start to READY=1 (TCG, chain over HTTP): {to_ready:.1?} (load {})", loadavg());
     assert!(line_was_there, "READY=1 came before the ready line was on the console: {msg:?}");
     assert!(msg.contains("STATUS=ready:"), "{msg:?}");
+    assert!(msg.lines().any(|l| l == "RESTART_RESET=1"), "a ready guest resets the restart backoff: {msg:?}");
     let before: Vec<_> = notify.messages().into_iter().filter(|(t, _, _)| *t < at).collect();
     assert!(before.iter().all(|(_, m, _)| !m.contains("READY=1")), "READY=1 twice");
 

@@ -1,7 +1,7 @@
 # The launcher's value rules in Nix, so that a value `ec-ipxe-qemu` or `ec-macvtap` would
 # refuse (exit 2, which the unit does not restart) fails evaluation instead. Pure: it needs
 # only nixpkgs' `lib`. The NixOS module (../modules/ec-ipxe-qemu.nix and its asserts.nix)
-# uses it; nix/tests/module-eval.nix checks it directly against tests/data/refusals.json,
+# uses it; nix/tests/module-eval/ checks it directly against tests/data/refusals.json,
 # the table tests/refusals.rs feeds to the launcher.
 #
 # Two shapes: `is*` predicates (true = fine) and `*Problem` functions that return null when

@@ -138,6 +138,13 @@ let
     ++ optionalFlag "--boot-http-bind" cfg.boot.http.bindAddress
     ++ optionalFlag "--boot-http-port" cfg.boot.http.port
   )
+  # The boot cache is the launcher's default for an http(s) boot.url (it stays off by itself for a URL it
+  # cannot serve, e.g. one with iPXE settings): only "off" is passed.
+  ++ lib.optionals (cfg.boot.url != null && !cfg.boot.cache.enable) [
+    "--boot-cache"
+    "off"
+  ]
+  ++ repeatedFlag "--boot-ca" (map toString cfg.boot.cache.caFiles)
   ++ lib.optionals (cfg.boot.ipxePackage != null) [
     "--ipxe"
     "${cfg.boot.ipxePackage}/ipxe.lkrn"
@@ -319,6 +326,38 @@ in
           leaves 4 minutes for the firmware, iPXE, the kernel and the guest's services. Lower
           it for a small image or a fast link, so a hung boot is retried sooner.
         '';
+      };
+
+      cache = {
+        enable = mkOption {
+          type = types.bool;
+          default = cfg.boot.url != null;
+          defaultText = lib.literalExpression "config.services.every-channel.ipxe-qemu.boot.url != null";
+          example = false;
+          description = ''
+            The verified boot cache (`--boot-cache`): iPXE chains to the launcher's loopback
+            server, which fetches every file under {option}`services.every-channel.ipxe-qemu.boot.url`'s
+            directory with the host's TLS (system roots plus
+            {option}`services.every-channel.ipxe-qemu.boot.cache.caFiles`), keeps it in
+            `stateDir/boot-cache`, revalidates it on every boot and, when the origin fails, boots
+            the guest from the last set that reached ready. A restart then costs no download,
+            and the guest comes back during an internet outage. The launcher leaves it off by
+            itself for a tftp URL, one with iPXE settings (`''${...}`) or one on 10.0.2.2. `false`
+            passes `--boot-cache off`: iPXE fetches the URL itself
+            ({option}`services.every-channel.ipxe-qemu.boot.ipxePackage` then decides whether
+            HTTPS works).
+          '';
+        };
+
+        caFiles = mkOption {
+          type = types.listOf types.path;
+          default = [ ];
+          example = [ "/etc/ssl/private-netboot-ca.pem" ];
+          description = ''
+            PEM files of CA certificates the boot cache trusts for the origin, besides the host's
+            system roots (`--boot-ca`, repeated). Needs the cache on.
+          '';
+        };
       };
 
       ipxePackage = lib.mkPackageOption pkgs "iPXE" {

@@ -5,9 +5,13 @@
 #   boot0 = 0000:00:03.0 (user-mode boot NIC), lan0 = 0000:00:04.0 (macvtap LAN NIC);
 #   DHCP on both, with systemd-networkd;
 # - a boot-time HDHomeRun discovery check on lan0 whose result goes to the console;
-# - once multi-user.target is reached, `ec-publisher: lan ADDRESS` (lan0's IPv4 address,
-#   when there is a LAN NIC) and then `ec-publisher: ready` on ttyS0: the host's launcher
-#   reads them as the guest's LAN address and its readiness (`Type=notify` on the host);
+# - once multi-user.target is reached, `ec-publisher: credentials NAME...` (the credentials the
+#   publisher expects, a missing one marked; names only), `ec-publisher: lan ADDRESS` (lan0's
+#   IPv4 address, when there is a LAN NIC) and then `ec-publisher: ready` on ttyS0: the host's
+#   launcher reads them as the guest's LAN address and its readiness (`Type=notify` on the host);
+# - system credentials from the host (QEMU fw_cfg, imported by systemd) reach the module's units
+#   through ImportCredential=; `ec.tuners`, a static tuner list, is asked directly when the
+#   discovery broadcast finds nothing;
 # - an optional data disk on the launcher's qcow2, formatted on first boot only when it
 #   is blank and never reformatted.
 # Tuner and broadcast choices stay with downstream configurations.
@@ -31,6 +35,16 @@ let
   disk = cfg.dataDisk;
   diskDeviceUnit = "${utils.escapeSystemdPath disk.device}.device";
   formatService = "every-channel-data-disk-format";
+
+  # systemd's credential name rule (printable ASCII, no '/' or ':', not "." or "..") and the
+  # launcher's fw_cfg limit (28 bytes), without what a unit file's ImportCredential= would read as
+  # a glob or a specifier ('*', '?', '[', ']', '%', a backslash) and without spaces (the console
+  # line separates names by spaces).
+  credentialName =
+    types.addCheck (types.strMatching "[!-$&-)+-.0-9;->@-Z^-~]{1,28}") (n: n != "." && n != "..")
+    // {
+      description = "credential name (1-28 printable ASCII characters, no space or any of / : % \\ * ? [ ])";
+    };
 
   # The discovery and ready scripts live in ../guest as plain shell, so the project's Debian test guest
   # (scripts/build-test-guest.sh) runs the very text NixOS runs; here they get their PATH (and settings) in
@@ -60,6 +74,7 @@ let
           pkgs.iproute2
         ]
       }
+      EC_CREDENTIALS=${lib.escapeShellArg (lib.concatStringsSep "\n" cfg.credentials)}
     ''
     + builtins.readFile ../guest/ec-publisher-ready.sh
   );
@@ -116,6 +131,26 @@ in
       '';
     };
 
+    credentials = mkOption {
+      type = types.listOf credentialName;
+      default = [ ];
+      example = [
+        "mesh-key"
+        "ec.tuners"
+      ];
+      description = ''
+        The systemd credentials the publisher expects from the host
+        ({option}`services.every-channel.ipxe-qemu.credentials` there, passed by the launcher
+        through QEMU's fw_cfg and imported by the guest's systemd as system credentials). The
+        console gets `ec-publisher: credentials NAME...` before the ready line, a missing one
+        marked `NAME(missing)`, so the host sees what did not arrive; names only, never a value.
+        The module's ready unit imports them (`ImportCredential=`); a publisher service imports
+        what it uses the same way, e.g.
+        `systemd.services.my-publisher.serviceConfig.ImportCredential = [ "mesh-key" ];`,
+        and reads `$CREDENTIALS_DIRECTORY/mesh-key`.
+      '';
+    };
+
     tunerDiscovery = {
       enable = mkOption {
         type = types.bool;
@@ -124,7 +159,11 @@ in
         description = ''
           Whether to run `hdhomerun_config discover` on lan0 at boot and print the result on
           the console (unit `every-channel-tuner-discovery`), and to let HDHomeRun replies
-          (UDP from source port 65001) in through the firewall on lan0.
+          (UDP from source port 65001) in through the firewall on lan0. When the broadcast
+          finds nothing and the host passed the credential `ec.tuners` (IPv4 addresses, one
+          per line, `#` comments), each of those tuners is asked directly (a discovery request
+          sent to its address, as tvheadend's `hdhomerun_ip` does), for LANs where broadcast
+          does not reach the tuners. The addresses must be reachable through lan0 (its subnet).
         '';
       };
 
@@ -234,6 +273,8 @@ in
             Type = "oneshot";
             RemainAfterExit = true;
             ExecStart = readyScript;
+            # The expected credentials, for the credentials line (names only are printed).
+            ImportCredential = cfg.credentials;
             StandardOutput = "tty";
             TTYPath = "/dev/ttyS0";
             TTYReset = false;
@@ -290,6 +331,8 @@ in
             Type = "oneshot";
             RemainAfterExit = true;
             ExecStart = discoveryScript;
+            # The optional static tuner list (missing: broadcast only).
+            ImportCredential = "ec.tuners";
             StandardOutput = "journal+console";
             StandardError = "journal+console";
             DynamicUser = true;

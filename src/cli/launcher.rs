@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::launcher::accel::AccelChoice;
+use crate::launcher::credentials::{CredentialArg, ENV_DIRECTORY};
 use crate::launcher::option_values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::launcher::options::{
     LaunchOptions, MAX_CPUS, MAX_LAN_QUEUES, MAX_READY_TIMEOUT_SECS, MAX_SHUTDOWN_TIMEOUT_SECS,
@@ -174,6 +175,15 @@ pub struct LaunchArgs {
     /// 10.0.2.2).
     #[arg(long, value_name = "DIR", help_heading = "Boot")]
     pub boot_dir: Option<PathBuf>,
+    /// The verified boot cache: iPXE chains to the launcher's loopback server, which fetches every file under
+    /// the boot URL's directory with the host's TLS, keeps it in <state-dir>/boot-cache and serves the last good
+    /// set when the origin fails. Default: on for an http:// or https:// --boot-url, off otherwise.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off, help_heading = "Boot")]
+    pub boot_cache: Option<bool>,
+    /// A PEM file of CA certificates the boot cache trusts for the origin, besides the system's roots
+    /// (repeatable).
+    #[arg(long, value_name = "FILE", help_heading = "Boot")]
+    pub boot_ca: Vec<PathBuf>,
     /// Address the --boot-dir server listens on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1", requires = "boot_dir", help_heading = "Boot")]
     pub boot_http_bind: IpAddr,
@@ -279,18 +289,43 @@ pub struct LaunchArgs {
           help_heading = "Lifecycle")]
     pub shutdown_timeout: u64,
 
+    /// A systemd credential for the guest (repeatable): QEMU reads FILE itself and hands it over as the fw_cfg
+    /// file opt/io.systemd.credentials/NAME, which a systemd guest imports as a system credential. The value
+    /// never enters a command line or a log. NAME: printable ASCII without / or :, not . or .., at most 28
+    /// bytes (split at the first =); FILE: a regular file, at most 1 MiB (all together at most 1 MiB, at most
+    /// 16 credentials). Missing or bad: exit 2; unreadable by this user: exit 5.
+    #[arg(long, value_name = "NAME=FILE", help_heading = "Credentials")]
+    pub credential: Vec<CredentialArg>,
+    /// Pass every regular file in DIR as a credential named after the file (symlinks and other entries are
+    /// skipped). Default: $CREDENTIALS_DIRECTORY when set (not empty), where systemd puts the unit's
+    /// LoadCredential= files.
+    #[arg(long, value_name = "DIR", help_heading = "Credentials")]
+    pub credentials_from: Option<PathBuf>,
+
     /// Extra arguments appended to QEMU's command line as they are.
     #[arg(last = true, value_name = "EXTRA_QEMU_ARGS")]
     pub extra: Vec<String>,
 }
 
+/// `on` or `off`.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("\"{s}\" is neither on nor off")),
+    }
+}
+
 impl LaunchArgs {
-    /// The library's options: one field per option, nothing checked beyond what parsing did.
+    /// The library's options: one field per option, nothing checked beyond what parsing did. The one default
+    /// taken from the environment: `--credentials-from` is `$CREDENTIALS_DIRECTORY` when systemd set it.
     pub fn to_options(&self) -> LaunchOptions {
         LaunchOptions {
             state_dir: self.state_dir.clone(),
             boot_url: self.boot_url.clone(),
             boot_dir: self.boot_dir.clone(),
+            boot_cache: self.boot_cache,
+            boot_ca: self.boot_ca.clone(),
             boot_http_bind: self.boot_http_bind,
             boot_http_port: self.boot_http_port,
             ipxe: self.ipxe.clone(),
@@ -315,6 +350,11 @@ impl LaunchArgs {
             lan_queues: self.lan_queues,
             lan_vhost: self.lan_vhost.into(),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            credentials: self.credential.clone(),
+            credentials_from: self
+                .credentials_from
+                .clone()
+                .or_else(|| std::env::var_os(ENV_DIRECTORY).filter(|v| !v.is_empty()).map(PathBuf::from)),
             extra: self.extra.clone(),
         }
     }
@@ -337,6 +377,31 @@ mod tests {
             LauncherCommand::Doctor(a) => a.launch,
             other => panic!("not a launch command: {other:?}"),
         })
+    }
+
+    #[test]
+    fn credentials_parse_and_repeat() {
+        let a = args(&[
+            "--state-dir",
+            "/x",
+            "--credential",
+            "mesh-key=/run/keys/k",
+            "--credential",
+            "ec.tuners=t=1",
+            "--credentials-from",
+            "/run/c",
+        ])
+        .unwrap()
+        .to_options();
+        let got: Vec<(&str, &str)> =
+            a.credentials.iter().map(|c| (c.name.as_str(), c.path.to_str().unwrap())).collect();
+        assert_eq!(got, [("mesh-key", "/run/keys/k"), ("ec.tuners", "t=1")]);
+        assert_eq!(a.credentials_from, Some(PathBuf::from("/run/c")));
+        for (bad, says) in [("a:b=/f", "contains ':'"), ("=f", "is empty"), ("k", "is not NAME=FILE")] {
+            let e = args(&["--state-dir", "/x", "--credential", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains("--credential") && e.to_string().contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -366,12 +431,24 @@ mod tests {
             (&["--state-dir", "/x", "--boot-http-port", "8080"], "--boot-dir"),
             (&["--state-dir", "/x", "--lan-interface", "a/b"], "--lan-interface"),
             (&["--state-dir", "/x", "--accel", "hvf"], "--accel"),
+            (&["--state-dir", "/x", "--boot-cache", "yes"], "--boot-cache"),
             (&["--memory", "512"], "--state-dir"),
         ];
         for (argv, needle) in cases {
             let err = args(argv).unwrap_err().to_string();
             assert!(err.contains(needle), "{argv:?}: {err}");
         }
+    }
+
+    #[test]
+    fn boot_cache_flags() {
+        let o =
+            args(&["--state-dir=/s", "--boot-url=https://a/b", "--boot-cache=off", "--boot-ca=/c1", "--boot-ca=/c2"])
+                .unwrap()
+                .to_options();
+        assert_eq!(o.boot_cache, Some(false));
+        assert_eq!(o.boot_ca, [PathBuf::from("/c1"), PathBuf::from("/c2")]);
+        assert_eq!(args(&["--state-dir=/s", "--boot-cache", "on"]).unwrap().to_options().boot_cache, Some(true));
     }
 
     #[test]

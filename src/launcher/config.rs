@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::launcher::accel::AccelChoice;
 use crate::launcher::console::bootwatch;
+use crate::launcher::credentials::{self, Credential};
 use crate::launcher::fscheck::{
     absolute, check_boot_dir, check_disk, check_output_file, check_readable_file, check_state_dir, find_program,
 };
@@ -32,6 +33,15 @@ pub(crate) enum BootTarget {
         bind: IpAddr,
         port: u16,
     },
+}
+
+/// The boot cache (`--boot-cache on`): the launcher fetches the boot URL's files and serves them to iPXE.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CacheSpec {
+    /// The `--boot-url`.
+    pub url: String,
+    /// `--boot-ca` files (absolute, checked to hold PEM certificates).
+    pub extra_ca: Vec<PathBuf>,
 }
 
 /// The LAN NIC as configured (`--lan-*`), before its tap is opened (then it is an `OpenedLan`; QEMU sees it as
@@ -58,6 +68,8 @@ pub(crate) struct DiskSpec {
 pub(crate) struct LaunchConfig {
     pub state_dir: PathBuf,
     pub boot: BootTarget,
+    /// `--boot-cache on` (only with an http/https `BootTarget::Url`).
+    pub boot_cache: Option<CacheSpec>,
     pub ipxe: Option<PathBuf>,
     pub dns: Vec<IpAddr>,
     pub hostname: Option<Hostname>,
@@ -78,6 +90,8 @@ pub(crate) struct LaunchConfig {
     pub ready_timeout: Option<Duration>,
     pub lan: Option<LanConfig>,
     pub shutdown_timeout: Duration,
+    /// The checked credentials, sorted by name (QEMU reads the files; the launcher never reads a value).
+    pub credentials: Vec<Credential>,
     pub extra: Vec<String>,
 }
 
@@ -157,6 +171,7 @@ impl LaunchConfig {
             }
             (None, None) => BootTarget::Diagnostics,
         };
+        let boot_cache = boot_cache(a, &boot)?;
         let ipxe = match &a.ipxe {
             Some(p) => {
                 let p = absolute("--ipxe", p)?;
@@ -218,6 +233,7 @@ impl LaunchConfig {
                 format!("vhost-net serves virtio-net NICs only, not \"{}\"", l.model.as_str()),
             ));
         }
+        let credentials = credentials::collect(&a.credentials, a.credentials_from.as_deref())?;
         for (i, x) in a.extra.iter().enumerate() {
             if x.contains('\0') {
                 return Err(Error::invalid(format!("extra QEMU argument #{}", i + 1), "contains a NUL byte"));
@@ -226,6 +242,7 @@ impl LaunchConfig {
         let cfg = LaunchConfig {
             state_dir,
             boot,
+            boot_cache,
             ipxe,
             dns: a.dns.clone(),
             hostname: a.hostname.clone(),
@@ -243,11 +260,76 @@ impl LaunchConfig {
             ready_timeout: a.ready_timeout.filter(|t| !t.is_zero()),
             lan,
             shutdown_timeout: a.shutdown_timeout,
+            credentials,
             extra: a.extra.clone(),
         };
         tracing::trace!("configuration: {cfg:?}");
         Ok(cfg)
     }
+}
+
+/// Whether `run` would use the boot cache with these options (for `doctor`, which must not stop at an error).
+pub(crate) fn cache_wanted(a: &LaunchOptions) -> bool {
+    a.boot_cache != Some(false)
+        && a.boot_url.as_ref().is_some_and(|u| matches!(u.scheme(), "http" | "https") && cache_refusal(u).is_none())
+}
+
+/// Why the cache cannot serve an http/https URL: the host cannot expand iPXE settings in it, or it names this
+/// host as the guest sees it (10.0.2.2, the host's loopback through the user-mode network: the files are on
+/// this host already, and the host cannot reach that address).
+fn cache_refusal(u: &BootUrl) -> Option<String> {
+    match crate::bootcache::target::BootUrl::parse(u.as_str()) {
+        Err(e) => Some(e.0),
+        Ok(b) if b.origin.host == crate::launcher::layout::usernet::HOST.to_string() => Some(format!(
+            "{u}: 10.0.2.2 is this host as the guest sees it; nothing to cache (use --boot-dir for local files)"
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// `--boot-cache` and `--boot-ca`: on by default for an http/https boot URL the cache can serve.
+fn boot_cache(a: &LaunchOptions, boot: &BootTarget) -> Result<Option<CacheSpec>> {
+    let mut extra_ca = Vec::new();
+    for f in &a.boot_ca {
+        let p = absolute("--boot-ca", f)?;
+        match crate::bootcache::origin::read_pem_certs(&p) {
+            Ok(certs) if certs.is_empty() => {
+                return Err(Error::invalid(format!("--boot-ca \"{}\"", p.display()), "holds no PEM certificate"));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(Error::invalid("--boot-ca", e)),
+        }
+        extra_ca.push(p);
+    }
+    let url = match boot {
+        BootTarget::Url(u) if matches!(u.scheme(), "http" | "https") => u,
+        _ => {
+            if a.boot_cache == Some(true) {
+                return Err(Error::invalid("--boot-cache on", "needs an http:// or https:// --boot-url"));
+            }
+            if !extra_ca.is_empty() {
+                return Err(Error::invalid(
+                    "--boot-ca",
+                    "is for the boot cache, which needs an http:// or https:// --boot-url",
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    if a.boot_cache == Some(false) {
+        if !extra_ca.is_empty() {
+            return Err(Error::invalid("--boot-ca", "is for the boot cache, which --boot-cache off turns off"));
+        }
+        return Ok(None);
+    }
+    if let Some(why) = cache_refusal(url) {
+        if a.boot_cache == Some(true) {
+            return Err(Error::invalid("--boot-cache on", why));
+        }
+        tracing::debug!("boot cache off: {why}");
+        return Ok(None);
+    }
+    Ok(Some(CacheSpec { url: url.to_string(), extra_ca }))
 }
 
 /// `--ready-pattern` compiled (default: the diagnostics' OK line or the publisher guest's ready line). An
@@ -349,6 +431,40 @@ mod tests {
             (LaunchOptions { shutdown_timeout: Duration::from_secs(3601), ..base() }, "--shutdown-timeout 3601"),
             (LaunchOptions { disk: Some(d.join("a.qcow2")), ..nd() }, "--disk and --no-disk"),
             (LaunchOptions { extra: vec!["-S".into(), "a\0b".into()], ..nd() }, "extra QEMU argument #2"),
+            (LaunchOptions { boot_cache: Some(true), ..nd() }, "--boot-cache on: needs an http:// or https://"),
+            (
+                LaunchOptions { boot_url: Some("tftp://10.0.2.2/x".parse().unwrap()), boot_cache: Some(true), ..nd() },
+                "--boot-cache on: needs an http://",
+            ),
+            (
+                LaunchOptions {
+                    boot_url: Some("https://a/b/c.ipxe".parse().unwrap()),
+                    boot_ca: vec![f.clone()],
+                    ..nd()
+                },
+                "holds no PEM certificate",
+            ),
+            (
+                LaunchOptions {
+                    boot_url: Some("https://a/b/c.ipxe".parse().unwrap()),
+                    boot_ca: vec![d.join("missing.pem")],
+                    ..nd()
+                },
+                "--boot-ca: ",
+            ),
+            (
+                LaunchOptions {
+                    boot_url: Some("https://a/b/c.ipxe".parse().unwrap()),
+                    boot_cache: Some(false),
+                    boot_ca: vec![f.clone()],
+                    ..nd()
+                },
+                "--boot-ca",
+            ),
+            (
+                LaunchOptions { boot_url: Some("https://a/b/".parse().unwrap()), boot_cache: Some(true), ..nd() },
+                "--boot-cache on: https://a/b/: the URL must name a file",
+            ),
         ];
         for (opts, needle) in cases {
             let err = LaunchConfig::from_options(&opts).unwrap_err();
@@ -356,5 +472,29 @@ mod tests {
             assert!(err.to_string().contains(needle), "{opts:?}: {err}");
         }
         assert!(!state.exists());
+    }
+
+    #[test]
+    fn the_boot_cache_is_on_by_default_for_http_and_https_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let qemu = sh_true();
+        let base = |url: &str, cache: Option<bool>| LaunchOptions {
+            qemu: qemu.clone(),
+            no_disk: true,
+            boot_url: Some(url.parse().unwrap()),
+            boot_cache: cache,
+            ..LaunchOptions::new(tmp.path().join("s"))
+        };
+        let on = |url: &str, cache| LaunchConfig::from_options(&base(url, cache)).unwrap().boot_cache;
+        assert_eq!(on("https://a/b/c.ipxe", None).unwrap().url, "https://a/b/c.ipxe");
+        assert!(on("http://a/c.ipxe", None).is_some());
+        assert!(on("http://a/c.ipxe", Some(false)).is_none());
+        assert!(on("tftp://a/c.ipxe", None).is_none());
+        // iPXE settings in the URL cannot be expanded on the host: the default falls back to a direct chain.
+        assert!(on("http://a/c.ipxe?mac=${net0/mac}", None).is_none());
+        // The host as the guest sees it: the files are here already.
+        assert!(on("http://10.0.2.2:8080/c.ipxe", None).is_none());
+        let err = LaunchConfig::from_options(&base("http://10.0.2.2:8080/c.ipxe", Some(true))).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
     }
 }

@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::bootcache::BootCache;
 use crate::error::{Error, Result};
 
 /// Connections served at the same time; more are answered 503 and closed.
@@ -181,10 +182,36 @@ impl Default for Limits {
     }
 }
 
+/// A file being sent: what `status --json` shows as `download` while the guest loads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Transfer {
+    /// The request path without its leading `/`.
+    pub(crate) file: String,
+    pub(crate) bytes: u64,
+    pub(crate) total: u64,
+}
+
+/// The transfer in progress (the latest one to send a chunk), shared with the supervisor.
+pub(crate) type Progress = Arc<std::sync::Mutex<Option<Transfer>>>;
+
+/// What a server serves: a directory (`--boot-dir`) or the boot cache (`--boot-cache on`).
+enum Backend {
+    Dir(PathBuf),
+    Cache(BootCache),
+}
+
+/// What every connection shares: what is served and the progress of the file being sent (the boot cache
+/// keeps its own).
+struct Shared {
+    backend: Backend,
+    progress: Progress,
+}
+
 /// The running server (a task on the current tokio runtime); stops, with all its connections, when dropped.
 pub(super) struct BootServer {
     addr: SocketAddr,
     task: JoinHandle<()>,
+    progress: Progress,
 }
 
 impl BootServer {
@@ -197,6 +224,17 @@ impl BootServer {
     /// [`BootServer::start`] with other limits (tests use short ones).
     pub(super) fn start_with(dir: &Path, bind: IpAddr, port: u16, limits: Limits) -> Result<Self> {
         let root = dir.canonicalize().map_err(|e| Error::io(format!("--boot-dir \"{}\"", dir.display()), e))?;
+        let shown = dir.display().to_string();
+        Self::listen(Backend::Dir(root), &shown, bind, port, limits)
+    }
+
+    /// Serve the boot cache on `127.0.0.1`, a free port: every path goes through [`BootCache::get`].
+    pub(super) fn start_cache(cache: BootCache) -> Result<Self> {
+        let shown = format!("the boot cache of {}", cache.boot_url().url);
+        Self::listen(Backend::Cache(cache), &shown, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0, Limits::default())
+    }
+
+    fn listen(backend: Backend, shown: &str, bind: IpAddr, port: u16, limits: Limits) -> Result<Self> {
         let std_listener = std::net::TcpListener::bind(SocketAddr::new(bind, port)).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 return Error::conflict(
@@ -211,9 +249,16 @@ impl BootServer {
             .and_then(|()| TcpListener::from_std(std_listener))
             .map_err(|e| Error::io("boot HTTP server: set up the listener", e))?;
         let addr = listener.local_addr().map_err(|e| Error::io("boot HTTP server: listen address", e))?;
-        let task = tokio::spawn(serve(listener, Arc::new(root), limits));
-        tracing::info!("serving {} on http://{addr}/", dir.display());
-        Ok(BootServer { addr, task })
+        let progress = Progress::default();
+        let shared = Arc::new(Shared { backend, progress: Arc::clone(&progress) });
+        let task = tokio::spawn(serve(listener, shared, limits));
+        tracing::info!("serving {shown} on http://{addr}/");
+        Ok(BootServer { addr, task, progress })
+    }
+
+    /// The file being sent, as it goes.
+    pub(super) fn progress(&self) -> Progress {
+        Arc::clone(&self.progress)
     }
 
     pub(super) fn addr(&self) -> SocketAddr {
@@ -229,7 +274,7 @@ impl Drop for BootServer {
 }
 
 /// Accept connections until aborted; each is a task in one JoinSet, so the count is exact and bounded.
-async fn serve(listener: TcpListener, root: Arc<PathBuf>, limits: Limits) {
+async fn serve(listener: TcpListener, root: Arc<Shared>, limits: Limits) {
     let mut conns: JoinSet<()> = JoinSet::new();
     let mut refused: u64 = 0;
     let mut last_warning: Option<Instant> = None;
@@ -312,7 +357,7 @@ impl AsyncWrite for Watched {
 }
 
 /// Serve one connection until it ends, its headers are too slow, or it idles too long.
-async fn connection(stream: TcpStream, peer: SocketAddr, root: Arc<PathBuf>, limits: Limits) {
+async fn connection(stream: TcpStream, peer: SocketAddr, root: Arc<Shared>, limits: Limits) {
     let epoch = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(Watched { inner: stream, epoch, last: Arc::clone(&last) });
@@ -362,10 +407,24 @@ fn status_response(status: u16, body: Body) -> Response<Body> {
     r
 }
 
-/// The body of a file: `len` bytes read in chunks on tokio's blocking pool.
-fn file_body(file: File, len: u64) -> Body {
+/// The body of a file: `len` bytes read in chunks on tokio's blocking pool. Each chunk handed on updates
+/// `progress`; the last one logs the transfer (name, size, seconds, rate).
+fn file_body(file: File, len: u64, name: String, progress: Progress) -> Body {
     let file = tokio::fs::File::from_std(file);
-    let stream = futures::stream::unfold((file, len), |(mut file, left)| async move {
+    let started = Instant::now();
+    let set = move |left: u64| {
+        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+        if left == 0 {
+            if p.as_ref().is_some_and(|t| t.file == name) {
+                *p = None;
+            }
+            tracing::info!("{}", transfer_summary(&name, len, started.elapsed()));
+        } else {
+            *p = Some(Transfer { file: name.clone(), bytes: len - left, total: len });
+        }
+    };
+    set(len.max(1));
+    let stream = futures::stream::unfold((file, len, set), |(mut file, left, set)| async move {
         if left == 0 {
             return None;
         }
@@ -373,20 +432,30 @@ fn file_body(file: File, len: u64) -> Body {
         match file.read_buf(&mut buf).await {
             Ok(0) => Some((
                 Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being served")),
-                (file, 0),
+                (file, 0, set),
             )),
             Ok(n) => {
                 let n = (n as u64).min(left);
                 buf.truncate(n as usize);
-                Some((Ok(Frame::data(buf.freeze())), (file, left - n)))
+                set(left - n);
+                Some((Ok(Frame::data(buf.freeze())), (file, left - n, set)))
             }
-            Err(e) => Some((Err(e), (file, 0))),
+            Err(e) => Some((Err(e), (file, 0, set))),
         }
     });
     StreamBody::new(stream).boxed_unsync()
 }
 
-async fn handle(req: &Request<Incoming>, root: &Path, peer: SocketAddr) -> Response<Body> {
+/// The log line of a file sent in full: `downloaded NAME: SIZE MiB in S s, R MB/s` (files under 1 MiB in
+/// bytes).
+pub(crate) fn transfer_summary(name: &str, bytes: u64, took: Duration) -> String {
+    let secs = took.as_secs_f64().max(0.001);
+    let size =
+        if bytes < 1 << 20 { format!("{bytes} bytes") } else { format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)) };
+    format!("downloaded {name}: {size} in {secs:.2} s, {:.1} MB/s", bytes as f64 / secs / 1e6)
+}
+
+async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Response<Body> {
     let method = req.method();
     let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     if method != Method::GET && method != Method::HEAD {
@@ -395,8 +464,26 @@ async fn handle(req: &Request<Incoming>, root: &Path, peer: SocketAddr) -> Respo
         r.headers_mut().insert(ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
         return r;
     }
-    let (r, t) = (root.to_owned(), target.to_owned());
-    let served = tokio::task::spawn_blocking(move || resolve(&r, &t).and_then(|p| open_served(&p, &t)))
+    let root = match &shared.backend {
+        Backend::Dir(root) => root.clone(),
+        Backend::Cache(cache) => {
+            let reply = cache.get(target).await;
+            let status = reply.status;
+            if status < 400 {
+                let len = reply.length.map_or_else(|| "length unknown".to_owned(), |l| format!("{l} bytes"));
+                tracing::info!("boot cache: {method} {target} from {peer}: {status} ({len})");
+            } else {
+                tracing::warn!("boot cache: {method} {target} from {peer}: {status}");
+            }
+            let mut r = reply.into_response();
+            if method == Method::HEAD {
+                *r.body_mut() = empty();
+            }
+            return r;
+        }
+    };
+    let t = target.to_owned();
+    let served = tokio::task::spawn_blocking(move || resolve(&root, &t).and_then(|p| open_served(&p, &t)))
         .await
         .unwrap_or_else(|e| Err(refuse(500, format!("file lookup failed: {e}"))));
     match served {
@@ -411,7 +498,12 @@ async fn handle(req: &Request<Incoming>, root: &Path, peer: SocketAddr) -> Respo
         }
         Ok(Served::File(file, len)) => {
             tracing::info!("boot HTTP: {method} {target} from {peer}: 200 ({len} bytes)");
-            let body = if method == Method::HEAD { empty() } else { file_body(file, len) };
+            let body = if method == Method::HEAD || len == 0 {
+                empty()
+            } else {
+                let name = req.uri().path().trim_start_matches('/').to_owned();
+                file_body(file, len, name, Arc::clone(&shared.progress))
+            };
             let mut r = status_response(200, body);
             r.headers_mut().insert(CONTENT_LENGTH, len.into());
             r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));
@@ -443,6 +535,18 @@ mod tests {
         nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         let root = root.canonicalize().unwrap();
         (tmp, root)
+    }
+
+    #[test]
+    fn transfer_summaries() {
+        assert_eq!(
+            transfer_summary("initrd", 64 << 20, Duration::from_millis(2120)),
+            "downloaded initrd: 64.0 MiB in 2.12 s, 31.7 MB/s"
+        );
+        assert_eq!(
+            transfer_summary("netboot.ipxe", 69, Duration::from_micros(20)),
+            "downloaded netboot.ipxe: 69 bytes in 0.00 s, 0.1 MB/s"
+        );
     }
 
     #[test]

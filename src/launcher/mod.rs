@@ -9,6 +9,7 @@
 //! run/                    the supervisor: prepare, qemu (start), watch (event loop), stop (ladder), tracker
 //! console/                the guest console: broker, lines, serial.log, sink, bootwatch, banner, client
 //! status, statedir        status.json (and `status`), the locked state directory
+//! credentials             systemd credentials for the guest: names, files, the fw_cfg arguments
 //! doctor/                 every check `run` depends on
 //! accel, vhost, lanlock, linkwatch, httpd, qmp, notify, ipxe_image   one resource each
 //! ```
@@ -16,6 +17,7 @@
 pub(crate) mod accel;
 pub(crate) mod config;
 pub(crate) mod console;
+pub(crate) mod credentials;
 pub(crate) mod doctor;
 mod fscheck;
 mod httpd;
@@ -84,12 +86,18 @@ pub(crate) fn warn_without_https(cfg: &LaunchConfig, url: &str) {
 /// The argv `run` would execute, with no side effects: the accelerator is resolved the same way, and the LAN
 /// NIC's MAC is read from the existing macvtap (so `print-args --lan-interface X` needs X to exist).
 pub(crate) fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
-    if let config::BootTarget::Url(u) = &cfg.boot
+    if let Some(c) = &cfg.boot_cache {
+        tracing::info!(
+            "boot cache on: the boot script will chain to the launcher's loopback server, which fetches {}",
+            c.url
+        );
+    } else if let config::BootTarget::Url(u) = &cfg.boot
         && u.scheme() == "https"
     {
         warn_without_https(cfg, u.as_str());
     }
     let accel = accel::resolve(cfg.accel)?;
+    credentials::log(&cfg.credentials);
     let lan = match &cfg.lan {
         Some(l) => {
             let mac = lan_mac(&l.interface)?;

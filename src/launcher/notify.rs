@@ -48,14 +48,16 @@ impl Notifier {
         self.send(&[NotifyState::Status(text)]);
     }
 
-    /// `READY=1` (once per run) with a status line.
+    /// `READY=1` (once per run) with a status line, and `RESTART_RESET=1`: a guest that came up resets the
+    /// unit's restart counter (systemd >= 258), so the next crash of a healthy guest restarts after the first
+    /// `RestartSec=` step, not after the backoff a run of failed starts built up (older systemd ignores it).
     pub(super) fn ready(&mut self, text: &str) {
         if self.ready_sent {
             self.status(text);
             return;
         }
         self.ready_sent = true;
-        self.send(&[NotifyState::Ready, NotifyState::Status(text)]);
+        self.send(&[NotifyState::Ready, NotifyState::Custom("RESTART_RESET=1"), NotifyState::Status(text)]);
     }
 
     pub(super) fn stopping(&mut self, text: &str) {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::launcher::accel::AccelChoice;
+use crate::launcher::credentials::CredentialArg;
 use crate::launcher::option_values::{BootUrl, ByteSize, HostForward, Hostname, LogCap, MemSize, NicModel};
 use crate::launcher::vhost::VhostMode;
 use crate::names::IfName;
@@ -30,6 +31,10 @@ pub struct LaunchOptions {
     pub boot_url: Option<BootUrl>,
     /// `--boot-dir`: serve this directory over HTTP and chain to `netboot.ipxe` in it.
     pub boot_dir: Option<PathBuf>,
+    /// `--boot-cache`: `None` is the default (on for an http/https `boot_url`, off otherwise).
+    pub boot_cache: Option<bool>,
+    /// `--boot-ca`: PEM files trusted, besides the system's roots, for the boot cache's origin.
+    pub boot_ca: Vec<PathBuf>,
     /// `--boot-http-bind` (IPv4: the guest reaches the host at 10.0.2.2).
     pub boot_http_bind: IpAddr,
     /// `--boot-http-port` (0: a free port).
@@ -80,6 +85,10 @@ pub struct LaunchOptions {
     pub lan_vhost: VhostMode,
     /// `--shutdown-timeout`, at most [`MAX_SHUTDOWN_TIMEOUT_SECS`].
     pub shutdown_timeout: Duration,
+    /// `--credential NAME=FILE`: systemd credentials for the guest, passed through QEMU's fw_cfg.
+    pub credentials: Vec<CredentialArg>,
+    /// `--credentials-from DIR` (the CLI defaults it to `$CREDENTIALS_DIRECTORY`): every regular file in DIR.
+    pub credentials_from: Option<PathBuf>,
     /// Extra arguments appended to QEMU's command line.
     pub extra: Vec<String>,
 }
@@ -91,6 +100,8 @@ impl LaunchOptions {
             state_dir: state_dir.into(),
             boot_url: None,
             boot_dir: None,
+            boot_cache: None,
+            boot_ca: Vec::new(),
             boot_http_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             boot_http_port: 0,
             ipxe: None,
@@ -115,6 +126,8 @@ impl LaunchOptions {
             lan_queues: 1,
             lan_vhost: VhostMode::Auto,
             shutdown_timeout: Duration::from_secs(30),
+            credentials: Vec::new(),
+            credentials_from: None,
             extra: Vec::new(),
         }
     }

@@ -146,6 +146,10 @@ pub(crate) fn build(cfg: &LaunchConfig, accel: Accel, fds: &FdPlan) -> Vec<Strin
             &format!("virtio-blk-pci,drive=disk0,addr={DISK_ADDR}"),
         ]);
     }
+    // Credentials: QEMU reads each file itself; only names and paths are on the command line.
+    for c in &cfg.credentials {
+        push(&["-fw_cfg", &format!("name={},file={}", escape(&c.name.fw_cfg_name()), path(&c.path))]);
+    }
     a.extend(cfg.extra.iter().cloned());
     a
 }
@@ -296,5 +300,29 @@ mod tests {
         let g = golden(args, &t);
         assert!(g.contains("-qmp unix:@T/a,,b/qmp.sock,server=on,wait=off"), "{g}");
         assert!(g.contains("tftp=@T/a,,b/tftp,bootfile=boot.ipxe"), "{g}");
+    }
+
+    #[test]
+    fn credentials_are_fw_cfg_files_named_and_read_by_qemu_before_the_extra_args() {
+        use crate::launcher::credentials::CredentialArg;
+        let (c, t) = cfg(|t, o| {
+            std::fs::create_dir(t.join("k,d")).unwrap();
+            std::fs::write(t.join("k,d/mesh"), b"SECRET-VALUE").unwrap();
+            std::fs::create_dir(t.join("creds")).unwrap();
+            std::fs::write(t.join("creds/ec.tuners"), b"192.168.1.20\n").unwrap();
+            o.credentials = vec![CredentialArg { name: "mesh,key".parse().unwrap(), path: t.join("k,d/mesh") }];
+            o.credentials_from = Some(t.join("creds"));
+            o.extra = vec!["-S".into()];
+        });
+        let args = build(&c, Accel::Tcg, &FdPlan::new(None));
+        assert!(!args.iter().any(|a| a.contains("SECRET")), "{args:?}");
+        let g = golden(args, &t);
+        assert!(
+            g.ends_with(
+                "-fw_cfg name=opt/io.systemd.credentials/ec.tuners,file=@T/creds/ec.tuners \
+                 -fw_cfg name=opt/io.systemd.credentials/mesh,,key,file=@T/k,,d/mesh -S"
+            ),
+            "{g}"
+        );
     }
 }

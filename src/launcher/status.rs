@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::bootcache::{BootSource, Counters};
 use crate::error::{Error, Result};
 use crate::launcher::console::bootwatch::Stage;
 
@@ -42,14 +43,39 @@ pub(crate) struct RunStatus {
     pub accel: String,
     /// vhost-net on the LAN NIC: `on` or `off`.
     pub vhost: String,
+    /// Where the guest's boot files come from: `origin` or `cache` (`--boot-cache on`), `direct` (iPXE fetches
+    /// the http/https boot URL itself); `null` for `--boot-dir`, tftp and the diagnostics.
+    pub boot_source: Option<BootSource>,
+    /// The boot cache's counters for this boot (`--boot-cache on`).
+    pub boot_cache: Option<Counters>,
+    /// Absolute URLs in the chained script: iPXE fetches them itself, not through the cache.
+    #[serde(default)]
+    pub not_cached: Vec<String>,
     /// The last boot failure seen on the console, with its hint.
     pub last_error: Option<String>,
+    /// The names of the credentials passed to the guest (never their values).
+    #[serde(default)]
+    pub credentials: Vec<String>,
     pub updated_at: String,
     /// When the launcher ended (set as it exits).
     pub ended_at: Option<String>,
     /// Log lines the launcher could not write (its stderr went away or failed) and dropped.
     #[serde(default)]
     pub dropped_log_lines: u64,
+    /// The file iPXE is downloading, while it does (`null` otherwise); with the boot cache, its byte counts.
+    #[serde(default)]
+    pub download: Option<Download>,
+}
+
+/// A download in progress: from the `--boot-dir` server's own byte counts when it serves the file, else from
+/// iPXE's progress on the console (a percentage only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Download {
+    /// The file as the server or iPXE names it.
+    pub file: String,
+    pub bytes: Option<u64>,
+    pub total: Option<u64>,
+    pub percent: Option<u8>,
 }
 
 /// The status file of a state directory.
@@ -327,28 +353,73 @@ pub(crate) fn render(state_dir: &Path, r: &Report) -> String {
         (true, None) => "yes".into(),
         (false, _) => "no".into(),
     };
-    let rows: Vec<(&str, String)> = vec![
-        ("stage", stage),
+    let mut rows: Vec<(&str, String)> = vec![("stage", stage)];
+    if let Some(d) = &s.download {
+        rows.push(("download", download_text(d)));
+    }
+    rows.extend([
         ("ready", ready),
         ("boot URL", s.boot_url.clone().unwrap_or_else(|| "(built-in diagnostics)".into())),
+    ]);
+    if let Some(src) = s.boot_source {
+        let src = match src {
+            BootSource::Origin => "origin (through the boot cache)",
+            BootSource::Cache => "cache (the last good set: the origin failed)",
+            BootSource::Direct => "direct (iPXE fetches the boot URL itself)",
+        };
+        rows.push(("boot source", src.to_owned()));
+    }
+    if let Some(c) = &s.boot_cache {
+        rows.push((
+            "boot cache",
+            format!(
+                "{} hits, {} revalidated, {} bytes fetched, {} bytes served{}",
+                c.hits,
+                c.revalidated,
+                c.fetched_bytes,
+                c.served_bytes,
+                c.origin_error.as_deref().map(|e| format!("; origin error: {e}")).unwrap_or_default()
+            ),
+        ));
+    }
+    rows.extend([
         ("boot address", or_none(&s.boot_address)),
         ("LAN interface", or_none(&s.lan_interface)),
         ("LAN MAC", or_none(&s.lan_mac)),
         ("LAN address", or_none(&s.lan_address)),
         ("accel", s.accel.clone()),
         ("vhost", s.vhost.clone()),
+        ("credentials", if s.credentials.is_empty() { "-".into() } else { s.credentials.join(" ") }),
         ("last error", or_none(&s.last_error)),
         ("updated", s.updated_at.clone()),
-    ];
+    ]);
     for (k, v) in rows {
         out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
     }
     out
 }
 
+/// `initrd: 43% (28.0 of 64.0 MiB)`, or `initrd: 43%` from iPXE's progress alone.
+fn download_text(d: &Download) -> String {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let pct = d.percent.map_or(String::new(), |p| format!(" {p}%"));
+    match (d.bytes, d.total) {
+        (Some(b), Some(t)) => format!("{}:{pct} ({:.1} of {:.1} MiB)", d.file, mib(b), mib(t)),
+        _ => format!("{}:{pct}", d.file),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn download_lines() {
+        let d = Download { file: "initrd".into(), bytes: Some(28 << 20), total: Some(64 << 20), percent: Some(43) };
+        assert_eq!(download_text(&d), "initrd: 43% (28.0 of 64.0 MiB)");
+        let d = Download { file: "http://x/bzImage".into(), bytes: None, total: None, percent: Some(7) };
+        assert_eq!(download_text(&d), "http://x/bzImage: 7%");
+    }
 
     #[test]
     fn rfc3339_dates() {

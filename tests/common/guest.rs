@@ -68,6 +68,29 @@ pub fn write_boot_dir(www: &Path, guest: &Path, cmdline: &str, initrd_size: Opti
     std::fs::write(www.join("netboot.ipxe"), script).unwrap();
 }
 
+/// The tuner emulator (vm-tests/hdhomerun-emulator.py) on the lab's LAN at [`TUNER_ADDR`], as [`TUNER_ID`]
+/// with two tuners; its log goes to `dir`. Killed on drop.
+pub fn start_tuner(lab: &Lab, dir: &Path) -> KillOnDrop {
+    lab.lan.ip(&["addr", "add", &format!("{TUNER_ADDR}/24"), "dev", &lab.lanport]);
+    let log = dir.join("emulator.log");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-tests/hdhomerun-emulator.py");
+    let child = lab
+        .lan
+        .cmd("python3")
+        .arg(&script)
+        .args(["--bind", TUNER_ADDR, "--device-id", TUNER_ID, "--tuners", "2"])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the tuner emulator");
+    let emulator = KillOnDrop(child);
+    let up = wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("listening").then_some(())
+    });
+    assert!(up.is_some(), "the tuner emulator did not start");
+    emulator
+}
+
 /// The lab for the real guest: host and LAN namespaces, dnsmasq, the tuner emulator on the LAN, a macvtap
 /// made by ec-macvtap on the uplink (deleted on drop, before the lab goes), the guest, and a state dir.
 pub struct GuestLab {
@@ -92,23 +115,7 @@ impl GuestLab {
         let lab = Lab::new();
         let tmp = tempfile::tempdir().unwrap();
 
-        lab.lan.ip(&["addr", "add", &format!("{TUNER_ADDR}/24"), "dev", &lab.lanport]);
-        let log = tmp.path().join("emulator.log");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-tests/hdhomerun-emulator.py");
-        let child = lab
-            .lan
-            .cmd("python3")
-            .arg(&script)
-            .args(["--bind", TUNER_ADDR, "--device-id", TUNER_ID, "--tuners", "2"])
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the tuner emulator");
-        let emulator = KillOnDrop(child);
-        let up = wait_for(Duration::from_secs(10), || {
-            std::fs::read_to_string(&log).unwrap_or_default().contains("listening").then_some(())
-        });
-        assert!(up.is_some(), "the tuner emulator did not start");
+        let emulator = start_tuner(&lab, tmp.path());
 
         let name = unique("gv");
         let out = macvtap(Some(&lab.host), &["--json", "create", "--link", &lab.uplink, "--name", &name]);

@@ -6,6 +6,7 @@
 pub mod guest;
 pub mod http;
 pub mod launcher;
+pub mod origin;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -78,6 +78,11 @@ inner() {
 	touch /run/netns/lab-host
 	mount --move "$work/netns-file" /run/netns/lab-host
 	install -m 0755 "$work"/bin/* /run/ec-lab/bin/
+	# A boot directory for --boot-dir (the real test guest), when the test gives one.
+	if [[ -d "$work/www" ]]; then
+		cp -r "$work/www" /run/ec-lab/www
+		chmod -R a+rX /run/ec-lab/www
+	fi
 	mkdir -p /run/ec-lab/units /run/ec-lab/empty
 	cp "$work"/units/* /run/ec-lab/units/
 
@@ -143,6 +148,11 @@ inner() {
 	# PrivateTmp= makes directories under /tmp and /var/tmp: keep them in this namespace.
 	mount -t tmpfs -o mode=1777 tmpfs /tmp
 	mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+
+	# systemd makes / shared at boot on a host (mount-setup.c) but not when $container is set, as
+	# here. Units with their own mount namespace need it: systemd 252 sets up a unit's
+	# $CREDENTIALS_DIRECTORY (LoadCredential=) in the unit's namespace and lets it propagate.
+	mount --make-rshared /
 
 	export container=ec-lab
 	export SYSTEMD_UNIT_PATH=/run/ec-lab/units

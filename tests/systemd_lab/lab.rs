@@ -18,6 +18,15 @@ pub struct SystemdLab {
 
 impl SystemdLab {
     pub fn start(dev: &'static str, unit: impl FnOnce(&str) -> Option<String>) -> Option<Self> {
+        Self::start_serving(dev, None, unit)
+    }
+
+    /// The same with `www` copied to the lab's boot directory ([`super::WWW_DIR`]).
+    pub fn start_serving(
+        dev: &'static str,
+        www: Option<&Path>,
+        unit: impl FnOnce(&str) -> Option<String>,
+    ) -> Option<Self> {
         let lab = Lab::new();
         bump_ifindex(&lab);
         let unit = unit(&lab.uplink)?;
@@ -25,6 +34,13 @@ impl SystemdLab {
         let w = work.path();
         std::fs::create_dir(w.join("units")).unwrap();
         std::fs::create_dir(w.join("bin")).unwrap();
+        if let Some(www) = www {
+            std::fs::create_dir(w.join("www")).unwrap();
+            for f in std::fs::read_dir(www).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), w.join("www").join(f.file_name())).unwrap();
+            }
+        }
         std::fs::copy(LAUNCHER, w.join("bin/ec-ipxe-qemu")).unwrap();
         std::fs::copy(MACVTAP, w.join("bin/ec-macvtap")).unwrap();
         std::fs::write(w.join("units").join(UNIT), &unit).unwrap();

@@ -21,6 +21,8 @@ pub const UNIT: &str = "every-channel-ipxe-qemu.service";
 pub const SERVICE_USER: &str = "every-channel-ipxe-qemu";
 pub const LINK: &str = "ec-lan0";
 pub const BIN_DIR: &str = "/run/ec-lab/bin";
+/// Where pid1.sh puts the lab's boot directory (a copy of WORK/www), for `boot.http`.
+pub const WWW_DIR: &str = "/run/ec-lab/www";
 pub const LEASE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The module's default state directory (the lab unit keeps it).
 pub const STATE_DIR: &str = "/var/lib/every-channel/ipxe-qemu";
@@ -54,6 +56,21 @@ pub fn requirements(test: &str) -> bool {
 /// (`scripts/find-nixos-kit.sh`), with the store paths of the binaries, QEMU and iPXE replaced by real ones
 /// and the lab's network namespace added. None (a skip, or a failure under CI=true) without the kit.
 pub fn module_unit(test: &str, uplink: &str) -> Option<String> {
+    module_unit_full(test, uplink, None, "{}")
+}
+
+/// The same with the module's `boot.http` serving `boot_dir` (a path inside the lab, e.g. [`WWW_DIR`]).
+pub fn module_unit_booting(test: &str, uplink: &str, boot_dir: Option<&str>) -> Option<String> {
+    module_unit_full(test, uplink, boot_dir, "{}")
+}
+
+/// [`module_unit`] with more module settings (`extra`: JSON merged over the lab's
+/// `services.every-channel.ipxe-qemu`).
+pub fn module_unit_with(test: &str, uplink: &str, extra: &str) -> Option<String> {
+    module_unit_full(test, uplink, None, extra)
+}
+
+fn module_unit_full(test: &str, uplink: &str, boot_dir: Option<&str>, extra: &str) -> Option<String> {
     let out = run(&mut Command::new(repo().join("scripts/find-nixos-kit.sh")));
     if !out.status.success() {
         skip_or_fail(test, String::from_utf8_lossy(&out.stderr).trim());
@@ -68,7 +85,8 @@ pub fn module_unit(test: &str, uplink: &str) -> Option<String> {
     let out = run(Command::new("nix-instantiate")
         .env("NIX_REMOTE", "")
         .args(["--store", "dummy://", "--eval", "--strict", "--json", "--arg", "nixpkgs", &kit])
-        .args(["--argstr", "interface", uplink, "--argstr", "systemdVersion", &version])
+        .args(["--argstr", "interface", uplink, "--argstr", "systemdVersion", &version, "--argstr", "extra", extra])
+        .args(boot_dir.map(|d| ["--argstr", "bootDir", d]).into_iter().flatten())
         .arg(repo().join("nix/tests/lab-unit.nix")));
     assert!(out.status.success(), "rendering the unit failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

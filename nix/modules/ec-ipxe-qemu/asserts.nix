@@ -99,6 +99,13 @@ in
           if cfg.boot.url == null then null else validate.bootUrlProblem cfg.boot.url
         ) "The launcher takes http://, https:// or tftp://HOST[:PORT]/PATH.")
         {
+          assertion = cfg.boot.cache.caFiles == [ ] || (cfg.boot.url != null && cfg.boot.cache.enable);
+          message = ''
+            ${opt.boot.cache.caFiles} is set, but the boot cache is off (it needs ${opt.boot.url}
+            and ${opt.boot.cache.enable} = true). Remove the CA files or turn the cache on.
+          '';
+        }
+        {
           assertion = cfg.boot.http.bindAddress == null || validate.isIPv4 cfg.boot.http.bindAddress;
           message = ''
             ${opt.boot.http.bindAddress} = ${show cfg.boot.http.bindAddress} is not an IPv4 address;

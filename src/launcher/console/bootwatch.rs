@@ -117,6 +117,13 @@ pub(crate) enum Event {
     Failure(BootFailure),
     /// Something worth a warning that does not stop the boot (the diagnostics' LAN DHCP got no answer).
     Warning(String),
+    /// iPXE is downloading `file` (as iPXE names it), `percent` done (its progress, redrawn with backspaces).
+    Download {
+        file: String,
+        percent: u8,
+    },
+    /// iPXE finished downloading `file` (`file... ok`).
+    Downloaded(String),
 }
 
 struct Patterns {
@@ -126,6 +133,8 @@ struct Patterns {
     script_dhcp: Regex,
     chain: Regex,
     kernel: Regex,
+    progress: Regex,
+    downloaded: Regex,
     lan: Regex,
     lan_none: Regex,
     ipxe_error: Regex,
@@ -143,7 +152,12 @@ impl Patterns {
             net0: re(r"^net0: (\d+\.\d+\.\d+\.\d+)/"),
             script_dhcp: re(r"^ec-ipxe-qemu: boot net0 \S+ ip (\d+\.\d+\.\d+\.\d+)"),
             chain: re(r"^ec-ipxe-qemu: chaining (\S+)"),
-            kernel: re(r"Linux version \d|Decompressing Linux|Booting the kernel|^\[ *\d+\.\d{6}\] "),
+            // Anchored: a kernel's own first words, not a guest program that mentions them.
+            kernel: re(
+                r"^(?:\[ *\d+\.\d+\] )?Linux version \d|^Decompressing Linux|^Booting the kernel|^\[ *\d+\.\d{6}\] ",
+            ),
+            progress: re(r"^(\S+)\.\.\. ?\s*(\d{1,3})%$"),
+            downloaded: re(r"^(\S+)\.\.\. ok$"),
             lan: re(&format!(
                 r"(?:^ec-ipxe-qemu: LAN net1 |{})([0-9a-fA-F.:]+)(?:/\d+)?\s*$",
                 regex::escape(PUBLISHER_LAN)
@@ -204,6 +218,28 @@ impl BootWatch {
         }
     }
 
+    /// The console was reset (`ESC c`, see [`super::lines::Piece::ScreenReset`]). After iPXE has started,
+    /// that is a Linux kernel's real-mode setup code setting the video mode as it takes over from iPXE: the
+    /// kernel stage, whatever the kernel's log level (with `quiet` it prints nothing for seconds). At power-on
+    /// (firmware stage) it is SeaBIOS itself, and changes nothing.
+    pub(crate) fn screen_reset(&mut self) -> Vec<Event> {
+        let mut ev = Vec::new();
+        if (Stage::Ipxe..Stage::Kernel).contains(&self.stage) {
+            self.advance(Stage::Kernel, &mut ev);
+        }
+        ev
+    }
+
+    /// The unfinished console line as it looks now: iPXE's download progress (`initrd... 43%`).
+    pub(crate) fn partial(&mut self, text: &str) -> Option<Event> {
+        if !(Stage::Ipxe..Stage::Kernel).contains(&self.stage) {
+            return None;
+        }
+        let c = self.p.progress.captures(text.trim())?;
+        let percent = c[2].parse::<u8>().ok().filter(|p| *p <= 100)?;
+        Some(Event::Download { file: c[1].to_owned(), percent })
+    }
+
     /// One clean console line.
     pub(crate) fn line(&mut self, line: &str) -> Vec<Event> {
         let mut ev = Vec::new();
@@ -236,6 +272,11 @@ impl BootWatch {
         }
         if self.p.kernel.is_match(l) {
             self.advance(Stage::Kernel, &mut ev);
+        }
+        if self.stage < Stage::Kernel
+            && let Some(c) = self.p.downloaded.captures(l)
+        {
+            ev.push(Event::Downloaded(c[1].to_owned()));
         }
         if let Some(c) = self.p.lan.captures(l)
             && let Ok(a) = c[1].parse::<IpAddr>()
@@ -547,5 +588,63 @@ mod tests {
         assert!(w.line("ec-ipxe-qemu: LAN net1 mac 52:54:00:aa:bb:cc: trying DHCP").is_empty());
         assert!(w.line("ec-publisher: lan none").is_empty());
         assert_eq!(w.line("ec-publisher: lan fd00::5"), [Event::LanAddress("fd00::5".parse().unwrap())]);
+    }
+
+    /// `quiet` and `loglevel=4`: the kernel prints nothing, but its setup code resets SeaBIOS's serial
+    /// console (`ESC c`) as it takes over from iPXE. At power-on the same reset is SeaBIOS's own.
+    #[test]
+    fn a_screen_reset_after_ipxe_is_the_kernel() {
+        let mut w = watch();
+        assert!(w.screen_reset().is_empty(), "SeaBIOS's reset at power-on is not a kernel");
+        feed(
+            &mut w,
+            &[
+                "iPXE initialising devices...ok",
+                "ec-ipxe-qemu: boot net0 52:54:00:12:34:56 ip 10.0.2.15",
+                "ec-ipxe-qemu: chaining http://10.0.2.2:8080/netboot.ipxe",
+                "initrd... ok",
+            ],
+        );
+        assert_eq!(w.screen_reset(), [Event::Stage(Stage::Kernel)]);
+        assert!(w.screen_reset().is_empty());
+        assert_eq!(stages(&w.line("ec-publisher: ready")), [Stage::Ready]);
+        assert!(w.screen_reset().is_empty(), "a reset of a running guest's console changes nothing");
+    }
+
+    /// Kernel patterns are anchored: SeaBIOS leftovers or a program quoting them are not a kernel.
+    #[test]
+    fn kernel_patterns_are_anchored() {
+        let mut w = watch();
+        w.line("ec-ipxe-qemu: chaining http://10.0.2.2:8080/netboot.ipxe");
+        assert!(stages(&w.line("grep 'Linux version 6' /proc/version")).is_empty());
+        assert!(stages(&w.line("echo [    1.000000] x")).is_empty());
+        assert_eq!(
+            stages(&w.line("Linux version 6.1.0-48-cloud-amd64 (debian-kernel@lists.debian.org)")),
+            [Stage::Kernel]
+        );
+        let mut w = watch();
+        w.line("ec-ipxe-qemu: chaining http://10.0.2.2:8080/netboot.ipxe");
+        assert_eq!(stages(&w.line("[    0.000000] Command line: console=ttyS0")), [Stage::Kernel]);
+    }
+
+    /// iPXE's progress (redrawn in place with backspaces) and its `ok`.
+    #[test]
+    fn download_progress_and_completion() {
+        let mut w = watch();
+        assert_eq!(w.partial("initrd.img... 19%"), None, "not before iPXE runs");
+        w.line("iPXE initialising devices...ok");
+        assert_eq!(w.partial("initrd.img... 19%"), Some(Event::Download { file: "initrd.img".into(), percent: 19 }));
+        assert_eq!(
+            w.partial("http://10.0.2.2:80/nixos/initrd...100%"),
+            Some(Event::Download { file: "http://10.0.2.2:80/nixos/initrd".into(), percent: 100 })
+        );
+        assert_eq!(w.partial("initrd.img..."), None);
+        assert_eq!(w.partial("Configuring (net0 52:54:00:12:34:56)...."), None);
+        assert_eq!(w.partial("a... 101%"), None);
+        assert_eq!(w.line("initrd.img... ok"), [Event::Downloaded("initrd.img".into())]);
+        w.line("ec-ipxe-qemu: chaining http://10.0.2.2:8080/netboot.ipxe");
+        w.screen_reset();
+        assert!(w.line("x... ok").is_empty(), "a guest's own `... ok` is no download");
+        assert_eq!(w.partial("initrd.img... 19%"), None);
     }
 }

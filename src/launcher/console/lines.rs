@@ -36,6 +36,17 @@ enum Esc {
     Charset,
 }
 
+/// What the assembler hands out, in console order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// A complete clean line.
+    Line(String),
+    /// The terminal was reset (`ESC c`): SeaBIOS's serial console sends it when a video mode is set, at
+    /// power-on and when a Linux kernel's real-mode setup code takes over from the boot loader. Whatever was
+    /// on the unfinished line has been handed out as a line of its own just before.
+    ScreenReset,
+}
+
 /// Assembles clean lines from raw console bytes. Invalid UTF-8 becomes U+FFFD.
 #[derive(Debug)]
 pub(crate) struct LineAssembler {
@@ -70,15 +81,42 @@ impl LineAssembler {
     }
 
     /// Feed raw bytes; complete lines are passed to `out` (without the newline, trailing blanks trimmed).
+    #[cfg(test)]
     pub(crate) fn push(&mut self, bytes: &[u8], out: &mut impl FnMut(String)) {
+        self.push_pieces(bytes, &mut |p| {
+            if let Piece::Line(l) = p {
+                out(l);
+            }
+        });
+    }
+
+    /// Feed raw bytes; lines and terminal resets are passed to `out` in order.
+    pub(crate) fn push_pieces(&mut self, bytes: &[u8], out: &mut impl FnMut(Piece)) {
         for &b in bytes {
             self.byte(b, out);
         }
     }
 
+    /// The visible text of the unfinished line (iPXE's download progress, redrawn with backspaces), trailing
+    /// blanks trimmed; empty while a wrapped line waits for its continuation.
+    pub(crate) fn partial_text(&self) -> String {
+        if self.wrapped.is_some() {
+            return String::new();
+        }
+        self.screen.iter().collect::<String>().trim_end().to_owned()
+    }
+
     /// What is on the current, unfinished line (and a wrapped line waiting for its continuation), handed out
     /// as a line of its own: for a guest that went quiet without a newline (a login prompt).
     pub(crate) fn flush(&mut self, out: &mut impl FnMut(String)) {
+        self.flush_pieces(&mut |p| {
+            if let Piece::Line(l) = p {
+                out(l);
+            }
+        });
+    }
+
+    fn flush_pieces(&mut self, out: &mut impl FnMut(Piece)) {
         let pending = self.wrapped.take();
         let current: String = self.screen.iter().collect();
         self.screen.clear();
@@ -89,7 +127,7 @@ impl LineAssembler {
         };
         let line = line.trim_end().to_owned();
         if !line.is_empty() {
-            out(line);
+            out(Piece::Line(line));
         }
     }
 
@@ -106,7 +144,7 @@ impl LineAssembler {
                 .is_some_and(|c| matches!(c, ':' | '#' | '$' | '>' | '?'))
     }
 
-    fn byte(&mut self, b: u8, out: &mut impl FnMut(String)) {
+    fn byte(&mut self, b: u8, out: &mut impl FnMut(Piece)) {
         match self.esc {
             Esc::None => {}
             Esc::Start => {
@@ -114,6 +152,14 @@ impl LineAssembler {
                     b'[' => Esc::Csi,
                     b']' | b'P' | b'X' | b'^' | b'_' => Esc::Str,
                     b'(' | b')' | b'*' | b'+' | b'#' | b'%' => Esc::Charset,
+                    // `ESC c`, a full reset: a new screen. What was on the unfinished line (SeaBIOS's
+                    // `Probing EDD ... o` before a kernel's first line) goes as a line of its own.
+                    b'c' => {
+                        self.esc = Esc::None;
+                        self.flush_pieces(out);
+                        out(Piece::ScreenReset);
+                        return;
+                    }
                     // A two-byte sequence such as `ESC c` (reset) or `ESC 7`.
                     _ => Esc::None,
                 };
@@ -196,7 +242,7 @@ impl LineAssembler {
         self.cursor += 1;
     }
 
-    fn newline(&mut self, out: &mut impl FnMut(String)) {
+    fn newline(&mut self, out: &mut impl FnMut(Piece)) {
         let text: String = self.screen.iter().collect();
         let full = self.screen.len() == WRAP_COLUMNS;
         self.screen.clear();
@@ -210,7 +256,7 @@ impl LineAssembler {
             self.wrapped = Some(line);
             return;
         }
-        out(line.trim_end().to_owned());
+        out(Piece::Line(line.trim_end().to_owned()));
     }
 }
 
@@ -425,5 +471,79 @@ mod tests {
         assert_eq!(summaries.len(), 1);
         assert_eq!(summaries[0].suppressed + logged, 6000);
         assert!(summaries[0].secs > 55.0, "{:?}", summaries[0]);
+    }
+
+    #[test]
+    fn a_kernel_burst_is_one_suppression_episode() {
+        // 2000 lines at 500 per second (a kernel boot under TCG), then quiet: one summary with the total.
+        let t0 = Instant::now();
+        let quiet = Duration::from_secs(1);
+        let mut r = RateLimit::new(200, 50);
+        let (mut logged, mut notes, mut dropped) = (0u64, Vec::new(), 0u64);
+        for i in 0..2000u64 {
+            let now = t0 + Duration::from_millis(i * 2);
+            notes.extend(r.ended(now, quiet));
+            match r.check(now) {
+                Verdict::Log => logged += 1,
+                Verdict::Drop => dropped += 1,
+            }
+        }
+        assert!(notes.is_empty(), "notes during the burst: {notes:?}");
+        let s = r.ended(t0 + Duration::from_secs(6), quiet).unwrap();
+        assert_eq!(s.suppressed, dropped);
+        assert_eq!(logged + s.suppressed, 2000);
+        // A line after the episode carries no old count.
+        assert_eq!(r.check(t0 + Duration::from_secs(7)), Verdict::Log);
+        assert_eq!(r.finish(), None);
+    }
+
+    /// A terminal reset (`ESC c`) ends the unfinished line (SeaBIOS's `Probing EDD ... o` before a kernel's
+    /// first line) and is handed out in order.
+    #[test]
+    fn a_screen_reset_splits_firmware_leftovers_from_the_kernel() {
+        let mut a = LineAssembler::new();
+        let mut v = Vec::new();
+        a.push_pieces(
+            b"initrd.img... ok\r\nProbing EDD (edd=off to disable)... o\x1bc\x1b[?7l\x1b[2J[    0.000000] Linux version 6.1.0\r\n",
+            &mut |p| v.push(p),
+        );
+        assert_eq!(
+            v,
+            [
+                Piece::Line("initrd.img... ok".into()),
+                Piece::Line("Probing EDD (edd=off to disable)... o".into()),
+                Piece::ScreenReset,
+                Piece::Line("[    0.000000] Linux version 6.1.0".into()),
+            ]
+        );
+        // With `quiet`: the reset straight after iPXE's last line, nothing before it.
+        let mut v = Vec::new();
+        a.push_pieces(b"\x1bc\x1b[?7l\x1b[2Jec-guest: init started\r\n", &mut |p| v.push(p));
+        assert_eq!(v, [Piece::ScreenReset, Piece::Line("ec-guest: init started".into())]);
+    }
+
+    /// iPXE's progress as the unfinished line shows it, percentages erased with backspaces.
+    #[test]
+    fn partial_text_follows_ipxe_progress() {
+        let mut a = LineAssembler::new();
+        let mut v = Vec::new();
+        a.push(b"vmlinuz... ok\r\ninitrd.img... 19%", &mut |l| v.push(l));
+        assert_eq!(a.partial_text(), "initrd.img... 19%");
+        a.push(b"\x08\x08\x08\x08    \x08\x08\x08\x08 43%", &mut |l| v.push(l));
+        assert_eq!(a.partial_text(), "initrd.img... 43%");
+        a.push(b"\x08\x08\x08\x08    \x08\x08\x08\x08 ok\r\n", &mut |l| v.push(l));
+        assert_eq!(v, ["vmlinuz... ok", "initrd.img... ok"]);
+        assert_eq!(a.partial_text(), "");
+    }
+
+    /// After the firmware (joining off), a guest line of exactly 80 columns stays its own line.
+    #[test]
+    fn eighty_columns_stay_a_line_once_joining_is_off() {
+        let line80 = format!("ec-guest: {}", "0".repeat(70));
+        let mut a = LineAssembler::new();
+        a.join_wrapped = false;
+        let mut v = Vec::new();
+        a.push(format!("{line80}\r\nec-publisher: ready\r\n").as_bytes(), &mut |l| v.push(l));
+        assert_eq!(v, [line80.as_str(), "ec-publisher: ready"]);
     }
 }

@@ -39,7 +39,7 @@ pub(crate) mod lines;
 pub(crate) mod seriallog;
 pub(crate) mod sink;
 
-use lines::LineAssembler;
+use lines::{LineAssembler, Piece};
 use seriallog::SerialLog;
 
 /// Clients at once.
@@ -66,6 +66,10 @@ pub(crate) trait LineSink: Send + 'static {
     /// Every byte the guest prints, as read (before it is cut into lines).
     fn bytes(&mut self, _chunk: &[u8]) {}
     fn line(&mut self, line: String);
+    /// The terminal was reset (`ESC c`), in order with the lines.
+    fn screen_reset(&mut self) {}
+    /// The unfinished line after a chunk (progress redrawn in place), when there is one.
+    fn partial(&mut self, _text: &str) {}
     /// About once a second.
     fn tick(&mut self) {}
     /// Whether lines wrapped at 80 columns are joined (firmware and iPXE output; see [`lines`]).
@@ -304,7 +308,14 @@ async fn broker(
                 let chunk = &chunk[..];
                 sink.bytes(chunk);
                 asm.join_wrapped = sink.join_wrapped();
-                asm.push(chunk, &mut |l| sink.line(l));
+                asm.push_pieces(chunk, &mut |p| match p {
+                    Piece::Line(l) => sink.line(l),
+                    Piece::ScreenReset => sink.screen_reset(),
+                });
+                let partial = asm.partial_text();
+                if !partial.is_empty() {
+                    sink.partial(&partial);
+                }
                 log.write(chunk);
                 lock(&hub).broadcast(chunk);
                 last = Instant::now();

@@ -46,6 +46,22 @@ impl BootFeed {
         }
     }
 
+    /// The console was reset (`ESC c`): a kernel taking over, once iPXE ran.
+    pub(crate) fn screen_reset(&self) {
+        let mut f = self.lock();
+        for ev in f.watch.screen_reset() {
+            let _ = f.events.send(ev);
+        }
+    }
+
+    /// The unfinished console line changed (iPXE's download progress).
+    pub(crate) fn partial(&self, text: &str) {
+        let mut f = self.lock();
+        if let Some(ev) = f.watch.partial(text) {
+            let _ = f.events.send(ev);
+        }
+    }
+
     /// QEMU reset the guest (its RESET event): the stages start over.
     pub(crate) fn reset(&self) {
         let mut f = self.lock();
@@ -63,12 +79,14 @@ pub(crate) struct GuestSink {
     boot: BootFeed,
     rate: RateLimit,
     banner: Option<Spotter>,
+    /// The unfinished line last handed to the boot watch.
+    partial: String,
 }
 
 impl GuestSink {
     /// `banner`: on the default boot path, the watch for the NIC ROM's Ctrl-B banner (see [`super::banner`]).
     pub(crate) fn new(boot: BootFeed, banner: Option<Spotter>) -> GuestSink {
-        GuestSink { boot, rate: RateLimit::new(LOG_BURST, LOG_PER_SEC), banner }
+        GuestSink { boot, rate: RateLimit::new(LOG_BURST, LOG_PER_SEC), banner, partial: String::new() }
     }
 
     fn suppressed(s: Summary) {
@@ -89,6 +107,7 @@ impl LineSink for GuestSink {
     }
 
     fn line(&mut self, line: String) {
+        self.partial.clear();
         if !line.is_empty() {
             let now = Instant::now();
             if let Some(s) = self.rate.ended(now, EPISODE_QUIET) {
@@ -99,6 +118,17 @@ impl LineSink for GuestSink {
             }
         }
         self.boot.line(&line);
+    }
+
+    fn screen_reset(&mut self) {
+        self.boot.screen_reset();
+    }
+
+    fn partial(&mut self, text: &str) {
+        if text != self.partial {
+            text.clone_into(&mut self.partial);
+            self.boot.partial(text);
+        }
     }
 
     fn tick(&mut self) {

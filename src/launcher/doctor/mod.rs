@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::bootcache;
 use crate::error::Error;
-use crate::launcher::config::LaunchConfig;
+use crate::launcher::config::{self, LaunchConfig};
 use crate::launcher::layout::{DISK_IMAGE, LOCK_FILE};
 use crate::launcher::options::LaunchOptions;
 use crate::launcher::vhost::{self, VhostMode};
-use crate::launcher::{fscheck, ipxe_image, status};
+use crate::launcher::{credentials, fscheck, ipxe_image, status};
 
 mod lan;
 mod qemu;
@@ -213,8 +214,12 @@ pub(crate) fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
     out.push(check_accel(o.accel, qemu_path.as_deref(), &dev.kvm));
     out.push(check_ipxe(o));
     out.push(check_boot(o));
+    if let Some(c) = check_cache(o) {
+        out.push(c);
+    }
     out.push(check_state(o));
     out.push(check_disk(o));
+    out.push(check_credentials(o));
     match &o.lan_interface {
         Some(name) => out.extend(check_lan(name, o.lan_queues)),
         None => out.push(Check::ok("lan-link", "no --lan-interface: the guest gets the user-mode boot NIC only")),
@@ -223,11 +228,34 @@ pub(crate) fn run_checks(o: &LaunchOptions, dev: &Devices) -> Vec<Check> {
     out
 }
 
+/// `credentials`: every credential file exists, is a regular file within the limits and opens for reading as
+/// this user (the user QEMU runs as, which reads them).
+fn check_credentials(o: &LaunchOptions) -> Check {
+    const NAME: &str = "credentials";
+    if o.credentials.is_empty() && o.credentials_from.is_none() {
+        return Check::ok(NAME, "none (no --credential, --credentials-from or $CREDENTIALS_DIRECTORY)");
+    }
+    match credentials::collect(&o.credentials, o.credentials_from.as_deref()) {
+        Ok(c) if c.is_empty() => Check::ok(NAME, "none: the credentials directory is empty"),
+        Ok(c) => Check::ok(
+            NAME,
+            format!("readable by this user (uid {}): {}", nix::unistd::geteuid(), credentials::describe(&c)),
+        ),
+        Err(e) => fail_from(
+            NAME,
+            &e,
+            "the user run runs as (and QEMU with it) must read each file; under systemd, LoadCredential= copies \
+             root-only files into $CREDENTIALS_DIRECTORY for the unit's user",
+        ),
+    }
+}
+
 /// `ipxe`: what runs iPXE for the boot NIC (the `--ipxe` image or QEMU's NIC option ROM), and HTTPS when the
 /// boot URL needs it.
 fn check_ipxe(o: &LaunchOptions) -> Check {
     const NAME: &str = "ipxe";
-    let https = o.boot_url.as_ref().is_some_and(|u| u.scheme() == "https");
+    // With the boot cache, the host fetches the https URL: iPXE talks plain HTTP to the launcher.
+    let https = o.boot_url.as_ref().is_some_and(|u| u.scheme() == "https") && !config::cache_wanted(o);
     let image = match &o.ipxe {
         Some(p) => {
             match fscheck::absolute("--ipxe", p).and_then(|p| fscheck::check_readable_file("--ipxe", &p).map(|()| p)) {
@@ -265,6 +293,21 @@ fn check_ipxe(o: &LaunchOptions) -> Check {
 /// `boot-url` / `boot-dir`: where the boot script chains to, reachable from the host.
 fn check_boot(o: &LaunchOptions) -> Check {
     match (&o.boot_url, &o.boot_dir) {
+        (Some(u), _) if config::cache_wanted(o) => match bootcache::check_origin(u.as_str(), &o.boot_ca, URL_TIMEOUT) {
+            Ok(detail) => Check::ok("boot-url", format!("{detail}; fetched by the boot cache on the host")),
+            Err(why) => {
+                let hint = if why.ends_with("connection refused") {
+                    "nothing listens there: start the boot server or fix the port"
+                } else {
+                    "check the URL, the host's network and its TLS roots (--boot-ca FILE for a private CA)"
+                };
+                Check::fail(
+                    "boot-url",
+                    format!("the boot cache cannot fetch it: {why}"),
+                    format!("{hint}; with a last good set the guest still boots from the cache"),
+                )
+            }
+        },
         (Some(u), _) => check_boot_url(u.as_str(), URL_TIMEOUT),
         (None, Some(d)) => {
             match fscheck::absolute("--boot-dir", d).and_then(|d| fscheck::check_boot_dir(&d).map(|()| d)) {
@@ -274,6 +317,29 @@ fn check_boot(o: &LaunchOptions) -> Check {
         }
         (None, None) => Check::ok("boot-url", "no --boot-url: the built-in diagnostics script runs"),
     }
+}
+
+/// `boot-cache` (with `--boot-cache on`): whether a last good set exists, the boot when the origin fails.
+fn check_cache(o: &LaunchOptions) -> Option<Check> {
+    const NAME: &str = "boot-cache";
+    let u = o.boot_url.as_ref().filter(|_| config::cache_wanted(o))?;
+    let state = fscheck::absolute("--state-dir", &o.state_dir).ok()?;
+    Some(match bootcache::read_good_set(&state, u.as_str()) {
+        Some(g) => Check::ok(
+            NAME,
+            format!(
+                "on: a last good set of {} files ({} bytes){}; the guest boots from it when the origin fails",
+                g.files,
+                g.bytes,
+                g.marked.map(|(stage, at)| format!(", marked at {stage} {}", status::rfc3339(at))).unwrap_or_default()
+            ),
+        ),
+        None => Check::warn(
+            NAME,
+            format!("on: no last good set for {u} yet in {}", state.join(bootcache::store::DIR).display()),
+            "until a boot reaches ready, an origin failure leaves the guest in iPXE's retry loop",
+        ),
+    })
 }
 
 /// `state-dir`: usable (or creatable) by this user, not locked by a running launcher, the serial log writable.

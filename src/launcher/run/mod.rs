@@ -27,9 +27,10 @@
 //! loop and [`StopReason`](watch::StopReason)), [`stop`] (the stop ladder) and [`tracker`] (events to
 //! `status.json` and the service manager).
 
+use crate::bootcache::BootSource;
 use crate::error::{Error, Result};
 use crate::launcher::accel;
-use crate::launcher::config::LaunchConfig;
+use crate::launcher::config::{BootTarget, LaunchConfig};
 use crate::launcher::notify::Notifier;
 use crate::launcher::statedir::StateDir;
 use crate::launcher::status::{RunStatus, StatusFile};
@@ -102,14 +103,24 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
     }
     let status = RunStatus {
         pid: std::process::id(),
-        boot_url: prepared.chain.clone(),
+        boot_url: match &prepared.cache {
+            Some(c) => Some(c.boot_url().url.clone()),
+            None => prepared.chain.clone(),
+        },
         lan_interface: tap.as_ref().map(|l| l.tap.name.to_string()),
         lan_mac: tap.as_ref().map(|l| l.tap.mac.to_string()),
         accel: accel.as_str().to_owned(),
         vhost: tap.as_ref().map_or("off", |l| l.vhost.as_str()).to_owned(),
+        boot_source: match (&cfg.boot, &prepared.cache) {
+            (_, Some(_)) => Some(BootSource::Origin),
+            (BootTarget::Url(u), None) if matches!(u.scheme(), "http" | "https") => Some(BootSource::Direct),
+            _ => None,
+        },
+        credentials: crate::launcher::credentials::names(&cfg.credentials),
         ..RunStatus::default()
     };
-    let mut tracker = Tracker::new(StatusFile::new(&cfg.state_dir, status), notify);
+    let mut tracker = Tracker::new(StatusFile::new(&cfg.state_dir, status), notify).with_cache(prepared.cache.clone());
+    tracker.http = prepared.http_progress();
     let result = rt.block_on(async {
         let guest = match qemu::start(cfg, accel, &mut prepared, tap, &mut signals, &mut tracker).await {
             Ok(Some(g)) => g,

@@ -6,15 +6,17 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
+use crate::bootcache::{self, BootCache, OpenError};
 use crate::error::{Error, Result};
 use crate::launcher::accel::Accel;
-use crate::launcher::config::{BootTarget, LaunchConfig};
+use crate::launcher::config::{BootTarget, CacheSpec, LaunchConfig};
 use crate::launcher::console::seriallog::SerialLog;
 use crate::launcher::console::{self};
 use crate::launcher::httpd::BootServer;
 use crate::launcher::ipxe::{self, ScriptSpec};
 use crate::launcher::lanlock::LanLock;
 use crate::launcher::layout::BOOT_SCRIPT;
+use crate::launcher::layout::usernet;
 use crate::launcher::option_values::{HostForward, Proto};
 use crate::launcher::qemu_args::{self, FdPlan};
 use crate::launcher::statedir;
@@ -38,6 +40,16 @@ pub(super) struct Prepared {
     /// The guest console, until QEMU starts.
     pub(super) console: Option<ConsoleParts>,
     _http: Option<BootServer>,
+    /// The boot cache (`--boot-cache on`), served by its own loopback server.
+    pub(super) cache: Option<BootCache>,
+    _cache_http: Option<BootServer>,
+}
+
+impl Prepared {
+    /// The `--boot-dir` server's progress, when it serves the boot.
+    pub(super) fn http_progress(&self) -> Option<crate::launcher::httpd::Progress> {
+        self._http.as_ref().map(BootServer::progress)
+    }
 }
 
 /// The guest console before it runs: the launcher's end of the serial socket pair, QEMU's end, the log, the
@@ -134,7 +146,7 @@ pub(super) fn prepare(cfg: &LaunchConfig, accel: Accel, lan: Option<&OpenedLan>)
         BootTarget::Dir { dir, bind, port } => Some(BootServer::start(dir, *bind, *port)?),
         _ => None,
     };
-    let spec = ScriptSpec::new(
+    let mut spec = ScriptSpec::new(
         &cfg.boot,
         http.as_ref().map(|h| h.addr().port()),
         &cfg.dns,
@@ -147,14 +159,33 @@ pub(super) fn prepare(cfg: &LaunchConfig, accel: Accel, lan: Option<&OpenedLan>)
         (1, Some(_)) => {}
         (_, Some(d)) => tracing::info!("--dns: iPXE takes one DNS server; using {d}"),
     }
+    let (cache, cache_http) = match &cfg.boot_cache {
+        Some(c) => {
+            let cache = open_cache(cfg, c)?;
+            let server = BootServer::start_cache(cache.clone())?;
+            spec.chain = Some(cache.boot_url().chain_url(&usernet::HOST.to_string(), server.addr().port()));
+            tracing::info!(
+                "boot cache on: the launcher fetches {} with the host's TLS and keeps it in {}",
+                c.url,
+                cache.dir().display()
+            );
+            match cache.good_set() {
+                Some(g) => tracing::info!("boot cache: a last good set of {} files ({} bytes)", g.files, g.bytes),
+                None => tracing::info!("boot cache: no last good set yet"),
+            }
+            (Some(cache), Some(server))
+        }
+        None => (None, None),
+    };
     if let Some(url) = &spec.chain {
         tracing::info!("boot script chains to {url}");
-        if url.to_ascii_lowercase().starts_with("https://") {
+        if cache.is_none() && url.to_ascii_lowercase().starts_with("https://") {
             crate::launcher::warn_without_https(cfg, url);
         }
     } else {
         tracing::info!("boot script: built-in diagnostics");
     }
+    crate::launcher::credentials::log(&cfg.credentials);
     tftp_dir(&cfg.tftp_dir())?;
     statedir::write_atomically(&cfg.boot_script(), ipxe::script(&spec).as_bytes())?;
     if let (Some(d), Some(img)) = (&cfg.disk, &cfg.qemu_img) {
@@ -173,6 +204,23 @@ pub(super) fn prepare(cfg: &LaunchConfig, accel: Accel, lan: Option<&OpenedLan>)
         chain: spec.chain.clone(),
         console: Some(ConsoleParts { ours, theirs: OwnedFd::from(theirs), log, listener }),
         _http: http,
+        cache,
+        _cache_http: cache_http,
+    })
+}
+
+/// Open the boot cache in the state directory (blocking: before the runtime runs).
+fn open_cache(cfg: &LaunchConfig, c: &CacheSpec) -> Result<BootCache> {
+    let bc = bootcache::Config {
+        boot_url: c.url.clone(),
+        state_dir: cfg.state_dir.clone(),
+        extra_ca: c.extra_ca.clone(),
+        limits: bootcache::origin::Limits::default(),
+    };
+    BootCache::open(&bc).map_err(|e| match e {
+        OpenError::Url(m) => Error::invalid("--boot-cache on", m),
+        OpenError::Ca(m) => Error::invalid("--boot-ca", m),
+        OpenError::Store { dir, source } => Error::io(format!("open the boot cache {}", dir.display()), source),
     })
 }
 

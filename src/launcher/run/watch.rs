@@ -19,6 +19,8 @@ use crate::launcher::qmp::QmpEvent;
 
 /// How often the guest's run state is polled, as a backstop to the STOP event.
 const STATUS_POLL: Duration = Duration::from_secs(1);
+/// How often `status.json`'s `download` follows the `--boot-dir` server's byte counts while iPXE loads.
+const DOWNLOAD_POLL: Duration = Duration::from_millis(250);
 
 /// Why the watch ended while QEMU still ran.
 #[derive(Debug, PartialEq)]
@@ -124,6 +126,8 @@ async fn watch_over(
     let ready_by = cfg.ready_timeout.map(|t| tokio::time::Instant::now() + t);
     let mut events_open = true;
     let mut boot_open = true;
+    let mut downloads = tokio::time::interval(DOWNLOAD_POLL);
+    downloads.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reason = loop {
         let not_ready_at = ready_by.filter(|_| !tracker.is_ready());
         let not_ready = async move {
@@ -159,7 +163,9 @@ async fn watch_over(
                 // QEMU closed the connection: it is exiting, which child.wait() reports.
                 None => events_open = false,
             },
+            _ = downloads.tick(), if tracker.watching_downloads() => tracker.poll_http(),
             _ = poll.tick() => {
+                tracker.refresh_cache();
                 if let Some(st) = run_state(&g.qmp).await {
                     if !st.is_empty() && !state_is_fine(&st) {
                         break StopReason::GuestFailed { reason: failure_reason(&st, accel), at: None };

@@ -1,0 +1,330 @@
+# Module-eval, part 3: the option types reject and accept values, each definition forced on
+# its own.
+{
+  lib,
+  evalConfig,
+  opt,
+  enabled,
+  expect,
+  ...
+}:
+
+let
+  # [ option path (below services.every-channel.ipxe-qemu), value ]
+  rejected = [
+    [
+      "enable"
+      "yes"
+    ]
+    [
+      "memory"
+      0
+    ]
+    [
+      "memory"
+      "2048"
+    ]
+    [
+      "memory"
+      (-512)
+    ]
+    [
+      "cpus"
+      0
+    ]
+    [
+      "accel"
+      "hvf"
+    ]
+    [
+      "stateDir"
+      "var/lib/ec"
+    ]
+    [
+      "stateDir"
+      "/var/lib/ec guest"
+    ]
+    [
+      "disk.path"
+      "disk.qcow2"
+    ]
+    [
+      "disk.size"
+      "lots"
+    ]
+    [
+      "disk.size"
+      "0G"
+    ]
+    [
+      "boot.userNet.dnsServers"
+      "9.9.9.9"
+    ]
+    [
+      "boot.http.port"
+      70000
+    ]
+    [
+      "lan.macvtap.mode"
+      "bridged"
+    ]
+    [
+      "lan.macvtap.macAddress"
+      "52:54:00:ec:00"
+    ]
+    [
+      "lan.macvtap.macAddress"
+      "52-54-00-ec-00-01"
+    ]
+    [
+      "lan.macvtap.macAddress"
+      "52:54:00:ec:00:0g"
+    ]
+    [
+      "lan.macvtap.macAddress"
+      42
+    ]
+    [
+      "lan.macvtap.queues"
+      0
+    ]
+    [
+      "lan.vhost"
+      "yes"
+    ]
+    [
+      "lan.vhost"
+      true
+    ]
+    [
+      "extraArgs"
+      "-snapshot"
+    ]
+    [
+      "credentials.key.file"
+      ./types.nix
+    ]
+    [
+      "credentials.key.file"
+      "run/keys/key"
+    ]
+    [
+      "credentials.key.file"
+      "/run/keys/a key"
+    ]
+    [
+      "credentials.key.file"
+      "/run/keys/%n"
+    ]
+    [
+      "credentials.key.secret"
+      "no"
+    ]
+    [
+      "memory"
+      63
+    ]
+    [
+      "memory"
+      1048577
+    ]
+    [
+      "cpus"
+      256
+    ]
+    [
+      "lan.macvtap.queues"
+      17
+    ]
+    [
+      "disk.size"
+      "100K"
+    ]
+    [
+      "disk.size"
+      "1023K"
+    ]
+    [
+      "disk.size"
+      "1048575"
+    ]
+    [
+      "disk.size"
+      "0"
+    ]
+    [
+      "disk.size"
+      "65T"
+    ]
+    [
+      "disk.size"
+      "70368744177665"
+    ]
+    [
+      "disk.size"
+      "99999999999999999999999"
+    ]
+    [
+      "disk.size"
+      "99999999999999999999999T"
+    ]
+    [
+      "disk.size"
+      "1.5G"
+    ]
+    [
+      "disk.size"
+      "8X"
+    ]
+    [
+      "disk.size"
+      "8GB"
+    ]
+    [
+      "disk.size"
+      "G"
+    ]
+    [
+      "disk.size"
+      ""
+    ]
+    [
+      "disk.size"
+      "-1G"
+    ]
+    [
+      "disk.size"
+      "8 G"
+    ]
+    [
+      "disk.size"
+      8
+    ]
+  ];
+  accepted = [
+    [
+      "memory"
+      256
+    ]
+    [
+      "accel"
+      "tcg"
+    ]
+    [
+      "stateDir"
+      "/srv/ec"
+    ]
+    [
+      "disk.size"
+      "100G"
+    ]
+    [
+      "boot.http.port"
+      8080
+    ]
+    [
+      "lan.macvtap.mode"
+      "passthru"
+    ]
+    [
+      "lan.macvtap.macAddress"
+      "52:54:00:EC:00:01"
+    ]
+    [
+      "lan.macvtap.queues"
+      4
+    ]
+    [
+      "memory"
+      64
+    ]
+    [
+      "memory"
+      1048576
+    ]
+    [
+      "cpus"
+      1
+    ]
+    [
+      "cpus"
+      255
+    ]
+    [
+      "lan.macvtap.queues"
+      1
+    ]
+    [
+      "lan.macvtap.queues"
+      16
+    ]
+    [
+      "disk.size"
+      "1M"
+    ]
+    [
+      "disk.size"
+      "1024K"
+    ]
+    [
+      "disk.size"
+      "1048576"
+    ]
+    [
+      "disk.size"
+      "1048576B"
+    ]
+    [
+      "disk.size"
+      "512MiB"
+    ]
+    [
+      "disk.size"
+      "8gib"
+    ]
+    [
+      "disk.size"
+      "2t"
+    ]
+    [
+      "disk.size"
+      "64T"
+    ]
+    [
+      "disk.size"
+      "70368744177664"
+    ]
+    [
+      "disk.size"
+      "008G"
+    ]
+  ];
+  tryOption =
+    entry:
+    let
+      path = opt ++ lib.splitString "." (builtins.elemAt entry 0);
+      value = builtins.elemAt entry 1;
+      config = evalConfig [
+        enabled
+        (lib.setAttrByPath path value)
+      ];
+      forced = lib.getAttrFromPath path config;
+    in
+    (builtins.tryEval (builtins.deepSeq forced forced)).success;
+  typeChecks =
+    map (
+      entry:
+      expect "type rejects ${builtins.elemAt entry 0} = ${builtins.toJSON (builtins.elemAt entry 1)}" (
+        !(tryOption entry)
+      ) "the definition was accepted"
+    ) rejected
+    ++ map (
+      entry:
+      expect "type accepts ${builtins.elemAt entry 0} = ${builtins.toJSON (builtins.elemAt entry 1)}"
+        (tryOption entry)
+        "the definition was rejected"
+    ) accepted;
+in
+{
+  inherit typeChecks;
+}

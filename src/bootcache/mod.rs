@@ -1,0 +1,660 @@
+//! The verified boot cache (`--boot-cache on`): iPXE fetches everything under the boot URL's directory from
+//! the launcher's loopback server; the launcher fetches it from the origin with the host's TLS, streams it to
+//! the guest while writing it to `<state>/boot-cache/`, revalidates it on every boot and, when the origin
+//! fails, serves the last good set.
+//!
+//! - [`target`]: the boot URL, the confinement of guest paths, redirects (pure);
+//! - [`generation`]: revalidation candidates, the fallback's one-generation rule, the next good set (pure);
+//! - [`store`]: the files on disk;
+//! - [`origin`]: the HTTP client;
+//! - [`BootCache`]: one request's way through them. All blocking I/O (the origin, the disk) runs on a thread
+//!   of its own per request, never on the async runtime; the body reaches the runtime through a bounded
+//!   channel, so a slow guest slows the origin download rather than filling memory.
+//!
+//! Counters ([`Counters`]) and the progress of the file being sent ([`Download`]) are per boot:
+//! [`BootCache::begin_boot`] resets them with the session.
+
+pub mod generation;
+pub mod origin;
+pub mod store;
+pub mod target;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use generation::Session;
+use origin::{Answer, Client, Fresh, Limits, Roots};
+use store::{Entry, Manifest, Store};
+use target::{BootUrl, RelPath};
+
+/// Bytes read from the origin or the disk per chunk.
+const CHUNK: usize = 64 * 1024;
+/// Chunks buffered between a request's thread and the guest's connection (4 MiB).
+const CHANNEL_CHUNKS: usize = 64;
+/// Requests handled at the same time; more are answered 503.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// Bytes of the script kept to look for absolute URLs in it.
+const SCRIPT_SCAN_BYTES: usize = 256 * 1024;
+
+/// Where the guest's files come from (`status.json`'s `boot_source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootSource {
+    /// Fetched or revalidated with the origin.
+    Origin,
+    /// The last good set, because the origin failed.
+    Cache,
+    /// No cache: iPXE talks to the boot URL itself (`--boot-cache off`).
+    Direct,
+}
+
+/// `status.json`'s `boot_cache`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Requests answered with a cached copy (after a 304, or from the last good set).
+    pub hits: u64,
+    /// Requests the origin answered 304.
+    pub revalidated: u64,
+    /// Body bytes received from the origin.
+    pub fetched_bytes: u64,
+    /// Body bytes sent to the guest.
+    pub served_bytes: u64,
+    /// The origin's last error in this boot, if any.
+    pub origin_error: Option<String>,
+}
+
+/// `status.json`'s `download`: the file being sent to the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Download {
+    pub file: String,
+    pub bytes: u64,
+    pub total: Option<u64>,
+    pub percent: Option<u8>,
+}
+
+/// What `status` shows of the cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    pub boot_source: BootSource,
+    pub boot_cache: Counters,
+    pub download: Option<Download>,
+    /// Absolute URLs in the chained script: iPXE fetches them itself, not through the cache.
+    pub not_cached: Vec<String>,
+}
+
+/// How the cache is set up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub boot_url: String,
+    pub state_dir: PathBuf,
+    /// `--boot-ca` files.
+    pub extra_ca: Vec<PathBuf>,
+    pub limits: Limits,
+}
+
+/// What the good set holds, for `doctor` and the logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoodSet {
+    pub files: usize,
+    pub bytes: u64,
+    pub marked: Option<(String, u64)>,
+}
+
+struct State {
+    session: Session,
+    fetching: Manifest,
+    good: Option<Manifest>,
+    counters: Counters,
+    download: Option<Download>,
+    not_cached: Vec<String>,
+    in_flight: usize,
+    warned_fallback: bool,
+}
+
+struct Shared {
+    boot: BootUrl,
+    store: Store,
+    client: Client,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the counters unusable: take them as they are.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The boot cache of one `run`. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct BootCache {
+    shared: Arc<Shared>,
+}
+
+/// Why the cache cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("--boot-url {0}")]
+    Url(String),
+    #[error("{0}")]
+    Ca(String),
+    #[error("boot cache \"{dir}\": {source}")]
+    Store {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BootCache {
+    /// Parse the URL, load the roots, open the store (removing leftovers). Blocking: call it before the
+    /// runtime runs or on a blocking thread.
+    pub fn open(cfg: &Config) -> Result<BootCache, OpenError> {
+        let boot = BootUrl::parse(&cfg.boot_url).map_err(|e| OpenError::Url(e.0))?;
+        let roots = Roots::load(&cfg.extra_ca).map_err(OpenError::Ca)?;
+        let store = Store::open(&cfg.state_dir)
+            .map_err(|source| OpenError::Store { dir: cfg.state_dir.join(store::DIR), source })?;
+        let good = store.good();
+        let fetching = store.fetching().filter(|f| f.boot_url == boot.url).unwrap_or_else(|| Manifest::new(&boot.url));
+        let client = Client::new(&roots, cfg.limits.clone());
+        let state = State {
+            session: Session::default(),
+            fetching,
+            good,
+            counters: Counters::default(),
+            download: None,
+            not_cached: Vec::new(),
+            in_flight: 0,
+            warned_fallback: false,
+        };
+        Ok(BootCache { shared: Arc::new(Shared { boot, store, client, state: Mutex::new(state) }) })
+    }
+
+    pub fn boot_url(&self) -> &BootUrl {
+        &self.shared.boot
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.shared.store.dir()
+    }
+
+    /// Start a new boot: a new session, counters from zero.
+    pub fn begin_boot(&self) {
+        let mut st = self.shared.state();
+        st.session = Session::default();
+        st.counters = Counters::default();
+        st.download = None;
+        st.not_cached.clear();
+        st.warned_fallback = false;
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let st = self.shared.state();
+        Snapshot {
+            boot_source: if st.session.fallback.is_some() { BootSource::Cache } else { BootSource::Origin },
+            boot_cache: st.counters.clone(),
+            download: st.download.clone(),
+            not_cached: st.not_cached.clone(),
+        }
+    }
+
+    /// The last good set for this boot URL, if there is one.
+    pub fn good_set(&self) -> Option<GoodSet> {
+        let st = self.shared.state();
+        generation::usable_good(st.good.as_ref(), &self.shared.boot.url).map(|g| GoodSet {
+            files: g.files.len(),
+            bytes: g.bytes(),
+            marked: g.marked.clone(),
+        })
+    }
+
+    /// The boot reached `stage` (`ready`, or `kernel` when no ready line can come): what it was given
+    /// becomes the last good set and everything else is removed. Blocking (disk): call it on a blocking
+    /// thread. Returns whether the good set changed.
+    pub fn mark_good(&self, stage: &str) -> std::io::Result<bool> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let next = {
+            let st = self.shared.state();
+            generation::next_good(&st.session, &self.shared.boot.url, stage, now)
+        };
+        let Some(next) = next else { return Ok(false) };
+        self.shared.store.mark_good(&next)?;
+        let (files, bytes) = (next.files.len(), next.bytes());
+        let mut st = self.shared.state();
+        st.good = Some(next);
+        st.fetching = Manifest::new(&self.shared.boot.url);
+        drop(st);
+        tracing::info!("boot cache: the {files} files of this boot ({bytes} bytes) are the last good set ({stage})");
+        Ok(true)
+    }
+
+    /// Answer a guest's request (`GET`/`HEAD` target). The work runs on a thread of its own; this returns once
+    /// the status is known, with the body to follow.
+    pub async fn get(&self, target: &str) -> Reply {
+        let rel = match target::confine(target) {
+            Ok(r) => r,
+            Err(e) => return Reply::text(403, e.0),
+        };
+        {
+            let mut st = self.shared.state();
+            if st.in_flight >= MAX_IN_FLIGHT {
+                return Reply::text(503, format!("{MAX_IN_FLIGHT} requests in flight; try again"));
+            }
+            st.in_flight += 1;
+        }
+        let (head_tx, head_rx) = oneshot::channel();
+        let (body_tx, body_rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let shared = Arc::clone(&self.shared);
+        let spawned = std::thread::Builder::new().name("boot-cache".into()).spawn(move || {
+            let mut req = Request { shared: &shared, rel, head: Some(head_tx), body: body_tx, script: None };
+            req.run();
+            shared.state().in_flight -= 1;
+        });
+        if let Err(e) = spawned {
+            self.shared.state().in_flight -= 1;
+            return Reply::text(503, format!("cannot start a thread: {e}"));
+        }
+        match head_rx.await {
+            Ok(head) => Reply { status: head.status, length: head.length, body: ReplyBody::Stream(body_rx) },
+            Err(_) => Reply::text(500, "the request's thread ended without an answer".into()),
+        }
+    }
+}
+
+/// `doctor`: ask the origin for the boot URL with the host's TLS (system roots plus `extra_ca`), as the cache
+/// would, reading at most a little of the body. `Ok` describes the answer; `Err` is why the cache would fall
+/// back (or what the guest would be told).
+pub fn check_origin(url: &str, extra_ca: &[PathBuf], timeout: std::time::Duration) -> Result<String, String> {
+    let boot = BootUrl::parse(url).map_err(|e| e.0)?;
+    let roots = Roots::load(extra_ca)?;
+    let limits = Limits { connect_timeout: timeout, idle_timeout: timeout, ..Limits::default() };
+    let client = Client::new(&roots, limits);
+    let script = target::confine(&format!("/{}", boot.script)).map_err(|e| e.0)?;
+    let origin_url = boot.origin_url(&script);
+    let tls = if boot.origin.is_https() { "TLS verified with the host's roots; " } else { "" };
+    match client.get(&origin_url, None) {
+        Ok(Answer::Fresh(f)) => Ok(format!(
+            "{origin_url}: 200 ({tls}{})",
+            f.length.map_or_else(|| "length not announced".to_owned(), |l| format!("{l} bytes"))
+        )),
+        Ok(Answer::NotModified { .. }) => Ok(format!("{origin_url}: 304 ({tls}not modified)")),
+        Ok(Answer::Status(s)) => Err(format!("{origin_url}: the origin answered {s}")),
+        Err(e) => Err(e.0),
+    }
+}
+
+/// `doctor`: the last good set of `boot_url` in `state_dir`, read without creating or changing anything.
+pub fn read_good_set(state_dir: &Path, boot_url: &str) -> Option<GoodSet> {
+    let text = std::fs::read_to_string(state_dir.join(store::DIR).join("good.json")).ok()?;
+    let m: Manifest = serde_json::from_str(&text).ok()?;
+    generation::usable_good(Some(&m), boot_url).map(|g| GoodSet {
+        files: g.files.len(),
+        bytes: g.bytes(),
+        marked: g.marked.clone(),
+    })
+}
+
+/// The status line of a reply.
+struct Head {
+    status: u16,
+    length: Option<u64>,
+}
+
+/// An answer to the guest.
+pub struct Reply {
+    pub status: u16,
+    /// `Content-Length` when known.
+    pub length: Option<u64>,
+    pub body: ReplyBody,
+}
+
+pub enum ReplyBody {
+    Text(String),
+    /// Chunks; an `Err` cuts the body (the guest sees a short download and fails it).
+    Stream(mpsc::Receiver<std::io::Result<Bytes>>),
+}
+
+impl Reply {
+    fn text(status: u16, reason: String) -> Reply {
+        let body = format!("{reason}\n");
+        Reply { status, length: Some(body.len() as u64), body: ReplyBody::Text(body) }
+    }
+
+    /// The whole body in memory (for tests and small files); `Err` when it was cut.
+    pub async fn into_bytes(self) -> std::io::Result<Vec<u8>> {
+        match self.body {
+            ReplyBody::Text(t) => Ok(t.into_bytes()),
+            ReplyBody::Stream(mut rx) => {
+                let mut out = Vec::new();
+                while let Some(chunk) = rx.recv().await {
+                    out.extend_from_slice(&chunk?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// As a hyper response.
+    pub fn into_response(self) -> hyper::Response<http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>> {
+        use http_body_util::{BodyExt, Full, StreamBody};
+        let body = match self.body {
+            ReplyBody::Text(t) => Full::new(Bytes::from(t)).map_err(|never| match never {}).boxed_unsync(),
+            ReplyBody::Stream(mut rx) => {
+                let stream = futures::stream::poll_fn(move |cx| {
+                    rx.poll_recv(cx).map(|o| o.map(|r| r.map(hyper::body::Frame::data)))
+                });
+                StreamBody::new(stream).boxed_unsync()
+            }
+        };
+        let mut r = hyper::Response::new(body);
+        *r.status_mut() = hyper::StatusCode::from_u16(self.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        if let Some(l) = self.length {
+            r.headers_mut().insert(hyper::header::CONTENT_LENGTH, l.into());
+        }
+        r.headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));
+        r
+    }
+}
+
+/// One request on its thread.
+struct Request<'a> {
+    shared: &'a Shared,
+    rel: RelPath,
+    head: Option<oneshot::Sender<Head>>,
+    body: mpsc::Sender<std::io::Result<Bytes>>,
+    /// The script's first bytes, when this is the script.
+    script: Option<Vec<u8>>,
+}
+
+enum Outcome {
+    /// Serve this cached copy.
+    Cached(Entry),
+    Fresh(Fresh),
+    Status(u16, String),
+}
+
+impl Request<'_> {
+    fn key(&self) -> String {
+        self.rel.key()
+    }
+
+    fn reply_head(&mut self, status: u16, length: Option<u64>) {
+        if let Some(tx) = self.head.take() {
+            let _ = tx.send(Head { status, length });
+        }
+    }
+
+    fn reply_text(&mut self, status: u16, reason: &str) {
+        let body = format!("{reason}\n");
+        self.reply_head(status, Some(body.len() as u64));
+        let _ = self.body.blocking_send(Ok(Bytes::from(body)));
+    }
+
+    fn run(&mut self) {
+        let key = self.key();
+        let boot = &self.shared.boot;
+        if key == boot.script {
+            self.script = Some(Vec::new());
+        }
+        match self.decide(&key) {
+            Outcome::Cached(e) => self.serve_cached(&key, &e),
+            Outcome::Fresh(f) => self.serve_fresh(&key, f),
+            Outcome::Status(s, why) => {
+                tracing::warn!("boot cache: {key}: {s} ({why})");
+                self.reply_text(s, &why);
+            }
+        }
+        if let Some(script) = self.script.take() {
+            let urls = generation::absolute_urls(&String::from_utf8_lossy(&script));
+            if !urls.is_empty() {
+                tracing::warn!(
+                    "boot cache: the script names absolute URLs, fetched by iPXE past the cache: {}",
+                    urls.join(" ")
+                );
+            }
+            self.shared.state().not_cached = urls;
+        }
+    }
+
+    /// Ask the origin (unless this boot already fell back) and choose the answer.
+    fn decide(&self, key: &str) -> Outcome {
+        let sh = self.shared;
+        let boot = &sh.boot;
+        let (cand, in_fallback) = {
+            let st = sh.state();
+            let cand = generation::candidate(key, &st.session, Some(&st.fetching), st.good.as_ref(), &boot.url, |e| {
+                sh.store.has(e)
+            });
+            (cand, st.session.fallback.clone())
+        };
+        if let Some(err) = in_fallback {
+            return self.fall_back(key, &err);
+        }
+        let url = boot.origin_url(&self.rel);
+        match sh.client.get(&url, cand.as_ref()) {
+            Ok(Answer::NotModified { etag, last_modified }) => {
+                let Some(mut e) = cand else { return Outcome::Status(502, "304 without a cached copy".into()) };
+                if etag.is_some() {
+                    e.etag = etag;
+                }
+                if last_modified.is_some() {
+                    e.last_modified = last_modified;
+                }
+                let mut st = sh.state();
+                st.counters.revalidated += 1;
+                st.counters.origin_error = None;
+                drop(st);
+                self.admit_entry(key, &e);
+                Outcome::Cached(e)
+            }
+            Ok(Answer::Fresh(f)) => {
+                sh.state().counters.origin_error = None;
+                Outcome::Fresh(f)
+            }
+            Ok(Answer::Status(s)) => Outcome::Status(s, format!("the origin answered {s} for {url}")),
+            Err(e) => self.fall_back(key, &e.0),
+        }
+    }
+
+    fn fall_back(&self, key: &str, err: &str) -> Outcome {
+        let sh = self.shared;
+        let mut st = sh.state();
+        st.counters.origin_error = Some(err.to_owned());
+        let st = &mut *st;
+        match generation::fallback(key, &sh.boot.script, &mut st.session, st.good.as_ref(), &sh.boot.url, err) {
+            Ok(e) => {
+                if !st.warned_fallback {
+                    st.warned_fallback = true;
+                    tracing::warn!("boot cache: booting from the last good set: the origin failed: {err}");
+                }
+                st.session.served.insert(key.to_owned(), e.clone());
+                Outcome::Cached(e)
+            }
+            Err(why) => Outcome::Status(503, why),
+        }
+    }
+
+    /// Record a copy the origin sent or confirmed in the session and the set being fetched (on disk).
+    fn admit_entry(&self, key: &str, e: &Entry) {
+        let sh = self.shared;
+        let fetching = {
+            let mut st = sh.state();
+            let st = &mut *st;
+            generation::record(&mut st.session, key, e, st.good.as_ref(), &sh.boot.url, true);
+            st.fetching.files.insert(key.to_owned(), e.clone());
+            st.fetching.clone()
+        };
+        if let Err(err) = sh.store.save_fetching(&fetching) {
+            tracing::warn!("boot cache: cannot save the set being fetched: {err}");
+        }
+    }
+
+    fn progress(&self, key: &str, bytes: u64, total: Option<u64>) {
+        let percent = total.filter(|t| *t > 0).map(|t| (bytes.saturating_mul(100) / t).min(100) as u8);
+        self.shared.state().download = Some(Download { file: key.to_owned(), bytes, total, percent });
+    }
+
+    fn done(&self) {
+        self.shared.state().download = None;
+    }
+
+    /// Send a chunk to the guest; false when the guest went away (the download for the cache goes on).
+    fn send(&mut self, chunk: &[u8], guest: &mut bool) {
+        if let Some(s) = &mut self.script
+            && s.len() < SCRIPT_SCAN_BYTES
+        {
+            s.extend_from_slice(&chunk[..chunk.len().min(SCRIPT_SCAN_BYTES - s.len())]);
+        }
+        if *guest {
+            if self.body.blocking_send(Ok(Bytes::copy_from_slice(chunk))).is_err() {
+                *guest = false;
+            } else {
+                self.shared.state().counters.served_bytes += chunk.len() as u64;
+            }
+        }
+    }
+
+    fn cut(&mut self, why: String) {
+        let _ = self.body.blocking_send(Err(std::io::Error::other(why)));
+    }
+
+    /// Serve a cached copy, checking its SHA-256 as it goes: the last chunk is held back until the hash
+    /// matches, so the guest never gets a complete file that differs from what was admitted.
+    fn serve_cached(&mut self, key: &str, e: &Entry) {
+        let sh = self.shared;
+        let mut file = match sh.store.open_object(e) {
+            Ok(f) => f,
+            Err(err) => {
+                tracing::warn!("boot cache: {key}: cached copy unusable: {err}");
+                sh.store.discard(&e.sha256);
+                return self.reply_text(503, &format!("cached copy of {key} unusable; try again"));
+            }
+        };
+        sh.state().counters.hits += 1;
+        self.reply_head(200, Some(e.length));
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut held: Vec<u8> = Vec::new();
+        let mut sent = 0u64;
+        let mut guest = true;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(n) => n,
+                Err(err) => {
+                    self.done();
+                    return self.cut(format!("read the cached copy of {key}: {err}"));
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            if !held.is_empty() {
+                let h = std::mem::take(&mut held);
+                self.send(&h, &mut guest);
+                sent += h.len() as u64;
+                self.progress(key, sent, Some(e.length));
+            }
+            held.extend_from_slice(&buf[..n]);
+        }
+        let sha = store::hex(&hasher.finalize());
+        if sha != e.sha256 {
+            tracing::warn!("boot cache: {key}: the cached copy does not match its SHA-256; removed");
+            sh.store.discard(&e.sha256);
+            self.done();
+            return self.cut(format!("cached copy of {key} is corrupt"));
+        }
+        self.send(&held, &mut guest);
+        self.done();
+        tracing::info!("boot cache: {key}: {} bytes from the cache", e.length);
+    }
+
+    /// Stream a 200 from the origin to the guest and into a temporary file; admit it when complete.
+    fn serve_fresh(&mut self, key: &str, mut f: Fresh) {
+        let sh = self.shared;
+        let mut tmp = match sh.store.temp() {
+            Ok(t) => Some(t),
+            Err(err) => {
+                tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
+                None
+            }
+        };
+        self.reply_head(200, f.length);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut got = 0u64;
+        let mut guest = true;
+        loop {
+            let n = match f.body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(err) => {
+                    let msg = format!("{}: cut off after {got} bytes: {err}", f.url);
+                    tracing::warn!("boot cache: {key}: {msg}; nothing admitted");
+                    // The partial file goes before the guest learns of the failure.
+                    drop(tmp.take());
+                    self.origin_failed_midway(&msg);
+                    self.done();
+                    return self.cut(msg);
+                }
+            };
+            hasher.update(&buf[..n]);
+            if let Some(t) = &mut tmp
+                && let Err(err) = t.file.write_all(&buf[..n])
+            {
+                tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
+                tmp = None;
+            }
+            got += n as u64;
+            sh.state().counters.fetched_bytes += n as u64;
+            self.send(&buf[..n], &mut guest);
+            self.progress(key, got, f.length);
+        }
+        self.done();
+        let complete = match f.length {
+            Some(l) => l == got,
+            None => f.chunked,
+        };
+        if !complete {
+            tracing::warn!(
+                "boot cache: {key}: {got} bytes, {} announced: not admitted",
+                f.length.map(|l| l.to_string()).unwrap_or_else(|| "no length".into())
+            );
+            return;
+        }
+        let Some(tmp) = tmp else { return };
+        let sha = store::hex(&hasher.finalize());
+        if let Err(err) = sh.store.admit(tmp, &sha) {
+            tracing::warn!("boot cache: {key}: cannot admit to the cache: {err}");
+            return;
+        }
+        let e = Entry {
+            sha256: sha,
+            length: got,
+            etag: f.etag.take(),
+            last_modified: f.last_modified.take(),
+            url: f.url.clone(),
+        };
+        self.admit_entry(key, &e);
+        tracing::info!("boot cache: {key}: {got} bytes from {} (admitted)", f.url);
+    }
+
+    /// The origin broke off a body: the error is recorded and, when a good set exists, this boot goes on
+    /// from it (the guest's retry is served from the cache).
+    fn origin_failed_midway(&self, msg: &str) {
+        let sh = self.shared;
+        let mut st = sh.state();
+        st.counters.origin_error = Some(msg.to_owned());
+        if st.session.fallback.is_none() && generation::usable_good(st.good.as_ref(), &sh.boot.url).is_some() {
+            st.session.fallback = Some(msg.to_owned());
+            st.session.consistent = !st.session.new_from_origin;
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The boot cache against a real HTTPS origin with a private CA, in a namespace of its own behind a 50 Mbit/s
+//! veth (tests/common/origin.rs): cold, warm (304), changed, 503, down, cut mid-file, stalled, endless,
+//! a first boot with no cache, the TLS trust rule and the redirect rule. The cache runs on the test's own
+//! thread, moved into the client namespace.
+
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::origin::{OriginLab, random_bytes};
+use common::{require_programs, require_root};
+use ec_ipxe_qemu::bootcache::{BootCache, BootSource, Config, origin::Limits};
+
+const BIG: usize = 8 << 20;
+
+fn enter(netns: &str) {
+    let file = std::fs::File::open(netns).expect("open netns");
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+fn cache(lab: &OriginLab, state: &Path, ca: bool) -> BootCache {
+    let cfg = Config {
+        boot_url: lab.url("boot.ipxe"),
+        state_dir: state.to_owned(),
+        extra_ca: if ca { vec![lab.ca()] } else { vec![] },
+        limits: Limits {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3),
+            max_file_bytes: 32 << 20,
+        },
+    };
+    BootCache::open(&cfg).expect("open the cache")
+}
+
+fn get(rt: &tokio::runtime::Runtime, c: &BootCache, path: &str) -> (u16, std::io::Result<Vec<u8>>) {
+    rt.block_on(async {
+        let r = c.get(path).await;
+        (r.status, r.into_bytes().await)
+    })
+}
+
+fn objects(state: &Path) -> Vec<(String, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut v: Vec<_> = std::fs::read_dir(state.join("boot-cache/objects"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().mode() & 0o777)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn prepared(test: &str) -> bool {
+    require_root(test);
+    require_programs(test, &["python3", "openssl", "tc"])
+}
+
+#[test]
+#[ignore = "needs root"]
+fn cold_warm_changed_and_every_fallback() {
+    if !prepared("cold_warm_changed_and_every_fallback") {
+        return;
+    }
+    let mut lab = OriginLab::new(true);
+    let script = b"#!ipxe\nimgfetch big\necho ready\n".to_vec();
+    let big1 = random_bytes(BIG);
+    lab.write("boot.ipxe", &script);
+    lab.write("big", &big1);
+    let state = tempfile::tempdir().unwrap();
+    enter(&lab.client.path());
+    let rt = runtime();
+    let c = cache(&lab, state.path(), true);
+    assert!(c.good_set().is_none());
+
+    // Cold: both from the origin, streamed and admitted.
+    assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    assert_eq!(get(&rt, &c, "/big").1.unwrap(), big1);
+    let s = c.snapshot();
+    assert_eq!(s.boot_source, BootSource::Origin);
+    assert_eq!(s.boot_cache.fetched_bytes, (BIG + script.len()) as u64, "{s:?}");
+    assert_eq!(s.boot_cache.served_bytes, (BIG + script.len()) as u64);
+    assert_eq!((s.boot_cache.hits, s.boot_cache.revalidated), (0, 0));
+    assert!(s.download.is_none() && s.not_cached.is_empty());
+    assert!(c.mark_good("ready").unwrap());
+    assert_eq!(c.good_set().unwrap().files, 2);
+
+    // Warm, origin unchanged: two 304s, nothing fetched.
+    lab.clear_log();
+    c.begin_boot();
+    assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    assert_eq!(get(&rt, &c, "/big").1.unwrap(), big1);
+    let s = c.snapshot();
+    assert_eq!((s.boot_cache.hits, s.boot_cache.revalidated, s.boot_cache.fetched_bytes), (2, 2, 0), "{s:?}");
+    assert_eq!(lab.requests().iter().map(|r| r.2).collect::<Vec<_>>(), [304, 304]);
+    c.mark_good("ready").unwrap();
+
+    // The origin changed: the new file, and after ready the old one is gone (bounded).
+    let big2 = random_bytes(BIG);
+    std::thread::sleep(Duration::from_millis(20));
+    lab.write("big", &big2);
+    c.begin_boot();
+    assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    assert_eq!(get(&rt, &c, "/big").1.unwrap(), big2);
+    assert_eq!(c.snapshot().boot_cache.fetched_bytes, BIG as u64);
+    assert_eq!(objects(state.path()).len(), 3, "during the boot: the good set plus the set being fetched");
+    c.mark_good("ready").unwrap();
+    let objs = objects(state.path());
+    assert_eq!(objs.len(), 2, "after ready: the last good set only: {objs:?}");
+    assert!(objs.iter().all(|(n, mode)| n.len() == 64 && *mode == 0o600), "{objs:?}");
+
+    // 503: ready from the last good set.
+    lab.set_mode("503");
+    c.begin_boot();
+    assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    assert_eq!(get(&rt, &c, "/big").1.unwrap(), big2);
+    let s = c.snapshot();
+    assert_eq!(s.boot_source, BootSource::Cache);
+    assert!(s.boot_cache.origin_error.as_deref().unwrap().contains("HTTP 503"), "{s:?}");
+    assert_eq!(s.boot_cache.hits, 2);
+    assert!(!c.mark_good("ready").unwrap(), "a boot from the good set keeps it");
+
+    // Down: the same.
+    lab.set_mode("ok");
+    lab.stop();
+    c.begin_boot();
+    assert_eq!(get(&rt, &c, "/big").1.unwrap(), big2);
+    let s = c.snapshot();
+    assert_eq!(s.boot_source, BootSource::Cache);
+    assert!(s.boot_cache.origin_error.as_deref().unwrap().contains("connection refused"), "{s:?}");
+
+    // Cut mid-file, stalled, endless: the guest's download fails, the cached copy is unchanged, the retry is
+    // served from the last good set.
+    lab.start();
+    let good_before = objects(state.path());
+    for mode in ["cut", "stall", "endless"] {
+        let big3 = random_bytes(BIG);
+        std::thread::sleep(Duration::from_millis(20));
+        lab.write("big", &big3);
+        lab.set_mode(mode);
+        c.begin_boot();
+        assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script, "{mode}");
+        let started = std::time::Instant::now();
+        let (status, body) = get(&rt, &c, "/big");
+        assert_eq!(status, 200, "{mode}");
+        assert!(
+            body.is_err(),
+            "{mode}: the guest's copy is cut, not complete: {:?} {:?} {:?}",
+            body.as_ref().map(|b| b.len()),
+            c.snapshot(),
+            lab.requests()
+        );
+        assert!(started.elapsed() < Duration::from_secs(60), "{mode}: cut off in time");
+        assert_eq!(objects(state.path()), good_before, "{mode}: nothing admitted, nothing replaced");
+        let (status, body) = get(&rt, &c, "/big");
+        assert_eq!(status, 200, "{mode}");
+        assert_eq!(body.unwrap(), big2, "{mode}: the retry gets the last good set");
+        let s = c.snapshot();
+        assert_eq!(s.boot_source, BootSource::Cache, "{mode}");
+        assert!(s.boot_cache.origin_error.is_some(), "{mode}");
+        // No temporary file is left behind.
+        assert!(objects(state.path()).iter().all(|(n, _)| !n.starts_with(".tmp")), "{mode}");
+    }
+    lab.set_mode("ok");
+
+    // Confinement.
+    for bad in ["/../etc/passwd", "/%2e%2e/x", "http://evil.example/x"] {
+        assert_eq!(get(&rt, &c, bad).0, 403, "{bad}");
+    }
+    // A 404 is passed on, not a fallback.
+    c.begin_boot();
+    assert_eq!(get(&rt, &c, "/nope").0, 404);
+
+    // A redirect from HTTPS to plain HTTP is refused (and falls back).
+    lab.set_mode("redirect-http");
+    c.begin_boot();
+    assert_eq!(get(&rt, &c, "/big").1.unwrap(), big2);
+    let e = c.snapshot().boot_cache.origin_error.unwrap();
+    assert!(e.contains("redirect to http://") && e.contains("refused"), "{e}");
+    lab.set_mode("ok");
+
+    // A restart (a new launcher) finds the good set; the leftover of a killed download goes.
+    std::fs::write(state.path().join("boot-cache/objects/.tmp-killed"), b"x").unwrap();
+    drop(c);
+    let c = cache(&lab, state.path(), true);
+    assert_eq!(c.good_set().unwrap().files, 2);
+    assert_eq!(objects(state.path()), good_before);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn first_boot_with_the_origin_down_and_no_cache() {
+    if !prepared("first_boot_with_the_origin_down_and_no_cache") {
+        return;
+    }
+    let mut lab = OriginLab::new(true);
+    lab.write("boot.ipxe", b"#!ipxe\n");
+    lab.stop();
+    let state = tempfile::tempdir().unwrap();
+    enter(&lab.client.path());
+    let rt = runtime();
+    let c = cache(&lab, state.path(), true);
+    for _ in 0..3 {
+        let (status, body) = get(&rt, &c, "/boot.ipxe");
+        assert_eq!(status, 503);
+        let body = String::from_utf8(body.unwrap()).unwrap();
+        assert!(body.contains("no last good set"), "{body}");
+    }
+    assert_eq!(c.snapshot().boot_source, BootSource::Origin);
+    assert!(!c.mark_good("ready").unwrap());
+    // The origin comes back: the next try works.
+    lab.start();
+    let (status, body) = get(&rt, &c, "/boot.ipxe");
+    assert_eq!((status, body.unwrap()), (200, b"#!ipxe\n".to_vec()));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn the_private_ca_is_needed_and_absolute_urls_are_reported() {
+    if !prepared("the_private_ca_is_needed_and_absolute_urls_are_reported") {
+        return;
+    }
+    let lab = OriginLab::new(true);
+    lab.write("boot.ipxe", b"#!ipxe\nkernel http://cdn.example/k\ninitrd initrd\n");
+    let state = tempfile::tempdir().unwrap();
+    enter(&lab.client.path());
+    let rt = runtime();
+    // Without --boot-ca the system roots do not know the private CA: refused, nothing cached.
+    let c = cache(&lab, state.path(), false);
+    let (status, _) = get(&rt, &c, "/boot.ipxe");
+    assert_eq!(status, 503);
+    let e = c.snapshot().boot_cache.origin_error.unwrap();
+    assert!(e.to_lowercase().contains("certificate") || e.contains("UnknownIssuer"), "{e}");
+    drop(c);
+    let c = cache(&lab, state.path(), true);
+    assert_eq!(get(&rt, &c, "/boot.ipxe").0, 200);
+    assert_eq!(c.snapshot().not_cached, ["http://cdn.example/k"]);
+    // A --boot-ca that is not PEM is refused when the cache is set up.
+    let junk = state.path().join("junk.pem");
+    std::fs::write(&junk, b"not a certificate").unwrap();
+    let cfg = Config {
+        boot_url: lab.url("boot.ipxe"),
+        state_dir: state.path().to_owned(),
+        extra_ca: vec![junk],
+        limits: Limits::default(),
+    };
+    let e = BootCache::open(&cfg).err().unwrap().to_string();
+    assert!(e.starts_with("--boot-ca \""), "{e}");
+}
