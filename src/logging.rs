@@ -12,10 +12,15 @@
 //! `<6>` info, `<7>` debug and trace) instead of a timestamp and a level word: journald files every line
 //! at its own priority (`journalctl -p warning` works) and adds the time itself. Every line of a multi-line
 //! message carries the prefix, since journald splits the stream into lines.
+//!
+//! Output can never end a run: a line that cannot be written (stderr is a pipe whose reader went away, a
+//! closed or full file) is dropped and counted ([`dropped_lines`], which `status.json` reports), never a panic
+//! and never a retry that blocks.
 
 use std::fmt;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
@@ -84,6 +89,65 @@ pub fn stderr_text(level: Level, text: &str) -> String {
     if stderr_is_journal() { with_priority(level, text) } else { format!("{}\n", text.trim_end_matches('\n')) }
 }
 
+/// Write one such line to stderr (see [`stderr_text`]); a failed write is dropped and counted.
+pub fn stderr_line(level: Level, text: &str) {
+    write_stderr(&stderr_text(level, text));
+}
+
+/// Lines written to stderr (log events and the final error of a command) that could not be written.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// How many stderr lines were dropped so far because writing them failed.
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+fn count_dropped(text: &[u8]) {
+    let lines = text.iter().filter(|&&b| b == b'\n').count().max(1);
+    DROPPED.fetch_add(lines as u64, Ordering::Relaxed);
+}
+
+/// Write `text` to stderr as it is; a failure drops it and counts its lines.
+pub fn write_stderr(text: &str) {
+    let mut err = std::io::stderr().lock();
+    if err.write_all(text.as_bytes()).and_then(|()| err.flush()).is_err() {
+        count_dropped(text.as_bytes());
+    }
+}
+
+/// The writer behind every log event: stderr, where a failed write is dropped and counted instead of being
+/// reported (tracing-subscriber would print the error to the same broken stderr, which panics on EPIPE).
+pub struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        if err.write_all(buf).is_err() {
+            count_dropped(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Make sure file descriptors 0, 1 and 2 are open (on `/dev/null` when they were closed), so a file the
+/// program opens later never becomes "stderr" and receives log lines.
+pub fn ensure_std_fds() {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    for _ in 0..3 {
+        let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") else { return };
+        if null.as_raw_fd() > 2 {
+            return;
+        }
+        // The lowest free descriptor was one of 0, 1, 2: keep it open for the life of the process.
+        let _ = null.into_raw_fd();
+    }
+}
+
 /// Events for the journal: `<N>`, the target when it is not ours, the message and its fields.
 struct JournalFormat;
 
@@ -113,7 +177,8 @@ pub fn init(verbose: u8, quiet: bool) {
         .unwrap_or_else(|| EnvFilter::new(directives(verbose, quiet)));
     // Whose event it is matters once other crates speak.
     let targets = from_env.is_some() || verbose >= 3;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| LossyStderr).log_internal_errors(false);
     let _ = if stderr_is_journal() {
         builder.with_ansi(false).event_format(JournalFormat).try_init()
     } else {

@@ -1,13 +1,13 @@
 use std::process::ExitCode;
 
-use clap::Parser;
 use ec_ipxe_qemu::cli::{self, launcher::LauncherCli};
 use ec_ipxe_qemu::commands;
 
 fn main() -> ExitCode {
-    let cli = match LauncherCli::try_parse() {
+    ec_ipxe_qemu::logging::ensure_std_fds();
+    let cli: LauncherCli = match cli::parse("ec-ipxe-qemu") {
         Ok(cli) => cli,
-        Err(e) => return cli::parse_failed("ec-ipxe-qemu", &e),
+        Err(code) => return code,
     };
     ec_ipxe_qemu::logging::init(cli.verbose, cli.quiet);
     match commands::launcher::dispatch(&cli) {

@@ -1,13 +1,13 @@
 use std::process::ExitCode;
 
-use clap::Parser;
 use ec_ipxe_qemu::cli::{self, macvtap::MacvtapCli};
 use ec_ipxe_qemu::commands;
 
 fn main() -> ExitCode {
-    let cli = match MacvtapCli::try_parse() {
+    ec_ipxe_qemu::logging::ensure_std_fds();
+    let cli: MacvtapCli = match cli::parse("ec-macvtap") {
         Ok(cli) => cli,
-        Err(e) => return cli::parse_failed("ec-macvtap", &e),
+        Err(code) => return code,
     };
     ec_ipxe_qemu::logging::init(cli.global.verbose, cli.global.quiet);
     match commands::macvtap::dispatch(&cli) {

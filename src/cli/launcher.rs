@@ -30,11 +30,13 @@ use crate::names::IfName;
              through a macvtap",
     long_about = "Prepares a state directory (boot script, persistent qcow2, lock), starts QEMU with a user-mode boot \
                   NIC whose iPXE chains to a boot URL, optionally adds a LAN NIC on an existing macvtap (see \
-                  ec-macvtap), and supervises QEMU until it exits or a stop signal arrives.\n\n\
+                  ec-macvtap), and supervises QEMU until it exits or a stop signal (SIGTERM, SIGINT or SIGHUP; SIGPIPE, \
+                  SIGUSR1 and SIGUSR2 are ignored) arrives.\n\n\
                   Exit codes: 0 ok (guest powered off, or stop requested), 1 runtime failure (QEMU failed or was \
                   killed, the guest stopped running, the LAN link vanished), 2 usage or invalid input (also a QEMU \
                   that rejects its command line), 3 not found (the --lan-interface link), 4 conflict (the state \
-                  directory or the macvtap is in use by another run, a port is taken), 5 permission denied."
+                  directory or the macvtap is in use by another run, a port is taken, the disk is locked by another \
+                  process), 5 permission denied."
 )]
 pub struct LauncherCli {
     /// More logs on stderr: -v our debug lines (each netlink request, each decision), -vv our trace, -vvv the

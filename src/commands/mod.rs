@@ -20,7 +20,8 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
 }
 
 /// Write text (a JSON document, report lines) and a newline to stdout. A reader that went away
-/// (`print-args | head -c1`, `probe | head -1`) is not an error: there is no one left to tell.
+/// (`print-args | head -c1`, `probe | head -1`) is not an error: there is no one left to tell. Any other
+/// failure is an error of the command (exit 1), never a panic.
 pub fn write_stdout(text: &str) -> Result<(), Error> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -35,8 +36,9 @@ pub fn write_stdout(text: &str) -> Result<(), Error> {
 /// `--json`, and the documented exit code for `main` to return.
 pub fn fail(program: &str, err: &Error, json: bool) -> ExitCode {
     if json {
-        println!("{}", err.to_json());
+        // Nothing is left to report a stdout that cannot take the error to.
+        let _ = write_stdout(&err.to_json().to_string());
     }
-    eprint!("{}", crate::logging::stderr_text(tracing::Level::ERROR, &format!("{program}: {err}")));
+    crate::logging::stderr_line(tracing::Level::ERROR, &format!("{program}: {err}"));
     ExitCode::from(err.exit_code())
 }

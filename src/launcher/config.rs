@@ -189,7 +189,7 @@ impl LaunchConfig {
                 Some(p) => absolute("--disk", p)?,
                 None => state_dir.join(DISK_IMAGE),
             };
-            let exists = check_disk("--disk", &path)?;
+            let exists = check_disk("--disk", &path, a.disk.is_none())?;
             if exists {
                 tracing::debug!("disk {}: a qcow2 image, used as it is", path.display());
             } else {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{AccessFlags, access};
 
 use crate::error::{Error, Result};
-use crate::launcher::layout::NETBOOT_SCRIPT;
+use crate::launcher::layout::{CONSOLE_SOCKET, NETBOOT_SCRIPT, QMP_SOCKET, STATUS_FILE};
 
 pub(crate) fn show(p: &Path) -> String {
     p.display().to_string()
@@ -34,6 +34,12 @@ pub(crate) fn check_state_dir(dir: &Path) -> Result<()> {
             if access(dir, AccessFlags::W_OK | AccessFlags::X_OK).is_err() {
                 return Err(Error::invalid(what, "is not writable"));
             }
+            crate::launcher::private::check_private(dir)?;
+            // What the launcher and QEMU put there must be of the right kind (a stale socket is fine).
+            for name in [QMP_SOCKET, CONSOLE_SOCKET] {
+                crate::launcher::private::expect_socket(&dir.join(name), false)?;
+            }
+            crate::launcher::private::expect_file(&dir.join(STATUS_FILE))?;
             Ok(())
         }
         Ok(_) => Err(Error::invalid(what, "is not a directory")),
@@ -118,8 +124,33 @@ pub(crate) fn check_output_file(option: &str, p: &Path) -> Result<()> {
 
 /// An existing disk must be a readable, writable qcow2 image; a missing one needs a place to be created in
 /// (the state directory, or an existing writable directory). Returns whether it exists.
-pub(crate) fn check_disk(option: &str, p: &Path) -> Result<bool> {
+pub(crate) fn check_disk(option: &str, p: &Path, in_state_dir: bool) -> Result<bool> {
     let what = format!("{option} \"{}\"", show(p));
+    if let Ok(l) = std::fs::symlink_metadata(p) {
+        if l.file_type().is_symlink() {
+            let target = std::fs::read_link(p).map(|t| show(&t)).unwrap_or_default();
+            if std::fs::metadata(p).is_err() {
+                return Err(Error::invalid(
+                    what,
+                    format!(
+                        "is a dangling symlink (to \"{target}\") where the disk belongs; remove it, or pass --disk \
+                         with the image's own path"
+                    ),
+                ));
+            }
+            if in_state_dir {
+                return Err(Error::invalid(
+                    what,
+                    format!(
+                        "is a symlink (to \"{target}\"); nothing in the state directory is followed: pass --disk \
+                         \"{target}\", or remove the symlink"
+                    ),
+                ));
+            }
+        } else if l.is_dir() {
+            return Err(crate::launcher::private::misplaced(p, "a directory", "the disk image"));
+        }
+    }
     match std::fs::metadata(p) {
         Ok(m) if m.is_file() => {
             if access(p, AccessFlags::R_OK | AccessFlags::W_OK).is_err() {

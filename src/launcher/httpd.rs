@@ -3,7 +3,11 @@
 //!
 //! GET and HEAD only (405 otherwise). Files are streamed from disk with their length, never read into memory
 //! (initrds are hundreds of MB). A request path is percent-decoded, `..` is refused, and the canonical path
-//! must stay inside the served directory, so a symlink that leaves it is refused too. No directory listings.
+//! must stay inside the served directory, so a symlink that leaves it is refused too. Regular files and
+//! directory listings are served; anything else (a FIFO, a device, a socket) is 403 and never opened, since
+//! opening a FIFO would wait for a writer. Every file-system call (resolving, opening, listing, reading)
+//! runs on tokio's blocking pool, never on the event loop, so a file system that stalls stalls only its
+//! own request.
 //!
 //! Any local process and the guest (at 10.0.2.2) can connect, so the server is bounded: at most
 //! [`MAX_CONNECTIONS`] connections at once (more are answered 503 and closed at once, so a flood never queues
@@ -85,9 +89,6 @@ pub(super) fn resolve(root: &Path, target: &str) -> std::result::Result<PathBuf,
             p => rel.push(std::ffi::OsStr::from_bytes(p)),
         }
     }
-    if rel.as_os_str().is_empty() {
-        return Err(refuse(404, "no directory listings"));
-    }
     let canonical = match root.join(&rel).canonicalize() {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(refuse(404, "not found")),
@@ -99,18 +100,68 @@ pub(super) fn resolve(root: &Path, target: &str) -> std::result::Result<PathBuf,
     Ok(canonical)
 }
 
-/// Open a resolved path without following a symlink swapped in since, and require a regular file.
-fn open_regular(path: &Path) -> std::result::Result<(File, u64), Refusal> {
+/// What a resolved path serves.
+enum Served {
+    File(File, u64),
+    Listing(String),
+}
+
+/// Look at a resolved path before opening it: only a regular file is opened, and never in a way that waits
+/// (`O_NONBLOCK`: a FIFO swapped in since opens at once and is then refused); a directory is listed.
+fn open_served(path: &Path, target: &str) -> std::result::Result<Served, Refusal> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| refuse(403, format!("cannot stat: {e}")))?;
+    if meta.is_dir() {
+        return list(path, target).map(Served::Listing);
+    }
+    if !meta.is_file() {
+        return Err(refuse(
+            403,
+            format!("is {}, not a regular file; refused", crate::launcher::private::describe(&meta)),
+        ));
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| refuse(403, format!("cannot open: {e}")))?;
     let meta = file.metadata().map_err(|e| refuse(500, format!("cannot stat: {e}")))?;
     if !meta.is_file() {
-        return Err(refuse(404, "not a regular file"));
+        return Err(refuse(403, "is not a regular file; refused"));
     }
-    Ok((file, meta.len()))
+    Ok(Served::File(file, meta.len()))
+}
+
+/// A directory listing: one link per entry, directories with a trailing `/`.
+fn list(dir: &Path, target: &str) -> std::result::Result<String, Refusal> {
+    let entries = std::fs::read_dir(dir).map_err(|e| refuse(403, format!("cannot list: {e}")))?;
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| {
+            let mut n = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                n.push('/');
+            }
+            n
+        })
+        .collect();
+    names.sort();
+    let base = target.split(['?', '#']).next().unwrap_or("/");
+    let base = if base.ends_with('/') { base.to_owned() } else { format!("{base}/") };
+    let mut html = format!("<!DOCTYPE html>\n<title>{}</title>\n<ul>\n", escape(&base));
+    for n in names {
+        let href: String = percent_encoding::utf8_percent_encode(&n, LINK).collect();
+        html.push_str(&format!("<li><a href=\"{}{href}\">{}</a></li>\n", escape(&base), escape(&n)));
+    }
+    html.push_str("</ul>\n");
+    Ok(html)
+}
+
+/// What a link percent-encodes (all but unreserved characters and `/`).
+const LINK: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// What one server allows.
@@ -414,7 +465,7 @@ async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> R
         return r;
     }
     let root = match &shared.backend {
-        Backend::Dir(root) => root.as_path(),
+        Backend::Dir(root) => root.clone(),
         Backend::Cache(cache) => {
             let reply = cache.get(target).await;
             let status = reply.status;
@@ -431,8 +482,21 @@ async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> R
             return r;
         }
     };
-    match resolve(root, target).and_then(|p| open_regular(&p)) {
-        Ok((file, len)) => {
+    let t = target.to_owned();
+    let served = tokio::task::spawn_blocking(move || resolve(&root, &t).and_then(|p| open_served(&p, &t)))
+        .await
+        .unwrap_or_else(|e| Err(refuse(500, format!("file lookup failed: {e}"))));
+    match served {
+        Ok(Served::Listing(html)) => {
+            tracing::info!("boot HTTP: {method} {target} from {peer}: 200 (listing)");
+            let len = html.len();
+            let body = if method == Method::HEAD { empty() } else { text(html) };
+            let mut r = status_response(200, body);
+            r.headers_mut().insert(CONTENT_LENGTH, len.into());
+            r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/html; charset=utf-8"));
+            r
+        }
+        Ok(Served::File(file, len)) => {
             tracing::info!("boot HTTP: {method} {target} from {peer}: 200 ({len} bytes)");
             let body = if method == Method::HEAD || len == 0 {
                 empty()
@@ -468,6 +532,7 @@ mod tests {
         std::os::unix::fs::symlink(tmp.path().join("secret"), root.join("escape")).unwrap();
         std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
         std::os::unix::fs::symlink("netboot.ipxe", root.join("inside")).unwrap();
+        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         let root = root.canonicalize().unwrap();
         (tmp, root)
     }
@@ -501,7 +566,7 @@ mod tests {
         assert_eq!(status("/escape"), 403);
         assert_eq!(status("/etc/passwd"), 403);
         assert_eq!(status("/missing"), 404);
-        assert_eq!(status("/"), 404);
+        assert_eq!(resolve(&root, "/").unwrap(), root, "the directory itself (listed)");
         assert_eq!(status("/a%00b"), 400);
         assert_eq!(status("netboot.ipxe"), 400);
         assert!(resolve(&root, "/escape").unwrap_err().reason.contains("outside the served directory"));
@@ -592,6 +657,10 @@ mod tests {
         assert!(h.to_ascii_lowercase().contains("content-length: 15"), "{h}");
         assert!(body.is_empty());
 
+        let (h, body) = raw(a, "GET /sub HTTP/1.0\r\n\r\n");
+        assert!(h.starts_with("HTTP/1.0 200") && h.contains("text/html"), "{h}");
+        assert!(String::from_utf8_lossy(&body).contains("<a href=\"/sub/a%20b.txt\">a b.txt</a>"), "{body:?}");
+
         let (h, body) = raw(a, "GET /initrd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         assert!(h.to_ascii_lowercase().contains(&format!("content-length: {}", 64 << 20)), "{h}");
         assert_eq!(body.len(), 64 << 20);
@@ -604,7 +673,7 @@ mod tests {
             ("GET /%2e%2e/secret HTTP/1.0\r\n\r\n", "403"),
             ("GET /escape HTTP/1.0\r\n\r\n", "403"),
             ("GET /etc/passwd HTTP/1.0\r\n\r\n", "403"),
-            ("GET /sub HTTP/1.0\r\n\r\n", "404"),
+            ("GET /fifo HTTP/1.0\r\n\r\n", "403"),
             ("GET /nope HTTP/1.0\r\n\r\n", "404"),
         ] {
             let (h, body) = raw(a, req);

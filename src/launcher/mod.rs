@@ -29,6 +29,7 @@ mod linkwatch;
 mod notify;
 pub(crate) mod option_values;
 pub(crate) mod options;
+pub(crate) mod private;
 mod qemu_args;
 mod qmp;
 pub(crate) mod run;
@@ -106,5 +107,12 @@ pub(crate) fn print_args(cfg: &LaunchConfig) -> Result<Vec<String>> {
         }
         None => None,
     };
-    Ok(qemu_args::build(cfg, accel, &qemu_args::FdPlan::new(lan)))
+    let argv = qemu_args::build(cfg, accel, &qemu_args::FdPlan::new(lan));
+    private::check_argv_here(&argv)?;
+    Ok(argv)
+}
+
+/// The checks of [`print_args`] on QEMU's command line for `run`, before anything is created.
+pub(crate) fn run_argv_fits(cfg: &LaunchConfig, accel: accel::Accel) -> Result<()> {
+    private::check_argv_here(&qemu_args::build(cfg, accel, &qemu_args::FdPlan::new(None)))
 }

@@ -4,7 +4,7 @@
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -38,7 +38,15 @@ impl StateDir {
         for _ in 0..ATTEMPTS {
             let created = create_missing(path)?;
             match Self::lock(path) {
-                Ok(Some(lock)) => return Ok(StateDir { path: path.to_owned(), created, _lock: lock }),
+                Ok(Some(lock)) => {
+                    let dir = StateDir { path: path.to_owned(), created, _lock: lock };
+                    // Checked before (by the configuration); again now that it is ours, in case it changed.
+                    if let Err(e) = crate::launcher::private::check_private(path) {
+                        dir.abandon();
+                        return Err(e);
+                    }
+                    return Ok(dir);
+                }
                 // Removed under us before we held it: start over (nothing of ours is in it).
                 Ok(None) => continue,
                 Err(e) => return Err(e),
@@ -131,35 +139,12 @@ fn create_missing(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(created)
 }
 
-/// Write `content` to `path` via a temporary file and a rename, so QEMU never reads half a script.
+/// Write `content` to `path` via a new temporary file (unpredictable name, `O_EXCL|O_NOFOLLOW`, mode 0600)
+/// and a rename, so QEMU never reads half a script and no symlink is written through.
 pub(super) fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
-    write_atomically_mode(path, content, 0o600)
-}
-
-/// [`write_atomically`] with the file mode of the new file.
-pub(super) fn write_atomically_mode(path: &Path, content: &[u8], mode: u32) -> Result<()> {
-    let tmp = tmp_path(path);
-    let r = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
-        f.write_all(content).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("rename to {}", path.display()), e))
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
+    crate::launcher::private::expect_file(path)?;
+    crate::launcher::private::replace(path, content, 0o600)
+        .map_err(|e| Error::io(format!("write {}", path.display()), e))
 }
 
 /// Create the qcow2 at `path` unless it exists. The image is made under a temporary name and linked into
@@ -169,8 +154,7 @@ pub(super) fn ensure_disk(qemu_img: &Path, path: &Path, size: ByteSize) -> Resul
     if path.exists() {
         return Ok(false);
     }
-    let tmp = tmp_path(path);
-    let _ = std::fs::remove_file(&tmp);
+    let tmp = crate::launcher::private::tmp_path(path);
     let out = Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&tmp)
@@ -188,6 +172,9 @@ pub(super) fn ensure_disk(qemu_img: &Path, path: &Path, size: ByteSize) -> Resul
                 out.status
             )));
         }
+        // 0600 whatever the umask (qemu-img creates it 0644 less the umask).
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("chmod the new disk {}", tmp.display()), e))?;
         std::fs::hard_link(&tmp, path).map_err(|e| Error::io(format!("put the new disk at {}", path.display()), e))
     });
     let _ = std::fs::remove_file(&tmp);

@@ -7,7 +7,8 @@
 //! fail with "in use".
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,9 @@ pub(crate) struct RunStatus {
     pub updated_at: String,
     /// When the launcher ended (set as it exits).
     pub ended_at: Option<String>,
+    /// Log lines the launcher could not write (its stderr went away or failed) and dropped.
+    #[serde(default)]
+    pub dropped_log_lines: u64,
     /// The file iPXE is downloading, while it does (`null` otherwise); with the boot cache, its byte counts.
     #[serde(default)]
     pub download: Option<Download>,
@@ -102,15 +106,61 @@ pub(crate) fn rfc3339(secs: u64) -> String {
 }
 
 /// The status the launcher keeps, written to disk at every change.
+///
+/// The writing happens on a thread of its own, never on the supervisor's event loop: a file system that
+/// stalls (NFS, a dying disk) stalls only that thread. A write that fails (ENOSPC, EIO) is said once per
+/// episode and tried again every [`RETRY`] with the latest status, so `status.json` catches up within a
+/// fraction of a second of the file system's recovery. The count of log lines that could not be written
+/// ([`crate::logging::dropped_lines`]) is refreshed at most every [`REFRESH`].
 pub(crate) struct StatusFile {
     path: PathBuf,
     pub status: RunStatus,
-    failed: bool,
+    writer: Option<Writer>,
+}
+
+/// How often a failed write is tried again.
+const RETRY: Duration = Duration::from_millis(250);
+/// How often the dropped-lines count is looked at.
+const REFRESH: Duration = Duration::from_secs(1);
+/// How long the last status may take to reach the disk as the launcher ends.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+struct Writer {
+    shared: Arc<Shared>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+#[derive(Default)]
+struct Shared {
+    slot: Mutex<Slot>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The newest status not yet picked up by the writer.
+    latest: Option<RunStatus>,
+    closing: bool,
 }
 
 impl StatusFile {
     pub(crate) fn new(state_dir: &Path, status: RunStatus) -> StatusFile {
-        StatusFile { path: path(state_dir), status, failed: false }
+        let path = path(state_dir);
+        let shared = Arc::new(Shared::default());
+        let (tx, done) = std::sync::mpsc::channel();
+        let (p, sh) = (path.clone(), Arc::clone(&shared));
+        let spawned = std::thread::Builder::new().name("status.json".into()).spawn(move || {
+            write_loop(&p, &sh);
+            let _ = tx.send(());
+        });
+        let writer = match spawned {
+            Ok(_) => Some(Writer { shared, done }),
+            Err(e) => {
+                tracing::warn!("status file: no writer thread ({e}); writing on the event loop");
+                None
+            }
+        };
+        StatusFile { path, status, writer }
     }
 
     /// Change the status and write it; nothing is written when nothing changed.
@@ -122,22 +172,100 @@ impl StatusFile {
         }
     }
 
-    /// Write it now. A failure is logged once; the guest goes on.
+    /// Write it (hand it to the writer).
     pub(crate) fn write(&mut self) {
-        self.status.updated_at = now_rfc3339();
-        let r = serde_json::to_vec_pretty(&self.status)
-            .map_err(|e| Error::Runtime(format!("encode {}: {e}", self.path.display())))
-            .and_then(|mut text| {
-                text.push(b'\n');
-                crate::launcher::statedir::write_atomically_mode(&self.path, &text, 0o640)
-            });
-        match r {
-            Ok(()) => self.failed = false,
-            Err(e) if !self.failed => {
-                self.failed = true;
-                tracing::warn!("status file: {e}");
+        match &self.writer {
+            Some(w) => {
+                lock(&w.shared.slot).latest = Some(self.status.clone());
+                w.shared.wake.notify_one();
             }
-            Err(_) => {}
+            None => {
+                let _ = write_once(&self.path, &self.status);
+            }
+        }
+    }
+
+    /// Wait (at most [`CLOSE_WAIT`]) until the last status is on disk, and stop the writer.
+    pub(crate) fn close(&mut self) {
+        if let Some(w) = self.writer.take() {
+            lock(&w.shared.slot).closing = true;
+            w.shared.wake.notify_one();
+            if w.done.recv_timeout(CLOSE_WAIT).is_err() {
+                tracing::warn!("status file {}: the last status could not be written in time", self.path.display());
+            }
+        }
+    }
+}
+
+impl Drop for StatusFile {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn lock(m: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_once(path: &Path, status: &RunStatus) -> Result<()> {
+    let mut status = status.clone();
+    status.updated_at = now_rfc3339();
+    status.dropped_log_lines = crate::logging::dropped_lines();
+    let mut text =
+        serde_json::to_vec_pretty(&status).map_err(|e| Error::Runtime(format!("encode {}: {e}", path.display())))?;
+    text.push(b'\n');
+    crate::launcher::private::replace(path, &text, 0o640).map_err(|e| Error::io(format!("write {}", path.display()), e))
+}
+
+/// The writer thread: the latest status, written when it changes; a failed write tried again every
+/// [`RETRY`] (one warning per episode); the dropped-lines count refreshed.
+fn write_loop(path: &Path, shared: &Shared) {
+    let mut current: Option<RunStatus> = None;
+    let (mut dirty, mut failing, mut reported) = (false, false, 0u64);
+    let mut closing_since: Option<std::time::Instant> = None;
+    loop {
+        {
+            let mut slot = lock(&shared.slot);
+            if slot.latest.is_none() && !slot.closing {
+                let wait = if failing { RETRY } else { REFRESH };
+                slot = shared.wake.wait_timeout(slot, wait).map_or_else(|e| e.into_inner().0, |r| r.0);
+            }
+            if let Some(s) = slot.latest.take() {
+                current = Some(s);
+                dirty = true;
+            }
+            if slot.closing && closing_since.is_none() {
+                closing_since = Some(std::time::Instant::now());
+            }
+        }
+        let dropped = crate::logging::dropped_lines();
+        if dropped != reported {
+            dirty = true;
+        }
+        if dirty && let Some(s) = &current {
+            match write_once(path, s) {
+                Ok(()) => {
+                    dirty = false;
+                    reported = dropped;
+                    if std::mem::replace(&mut failing, false) {
+                        tracing::info!("status file {}: written again", path.display());
+                    }
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(
+                            "status file: {e}; trying again every {} ms (the guest is not affected)",
+                            RETRY.as_millis()
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(since) = closing_since {
+            if !dirty || current.is_none() || since.elapsed() >= CLOSE_WAIT {
+                return;
+            }
+            std::thread::sleep(RETRY);
         }
     }
 }
@@ -331,6 +459,7 @@ mod tests {
         );
         f.write();
         f.update(|s| s.lan_address = Some("192.168.77.53".into()));
+        f.close();
         let r = read(dir).unwrap();
         assert!(!r.running, "no lock file, no launcher");
         assert_eq!(r.status.lan_address.as_deref(), Some("192.168.77.53"));

@@ -69,6 +69,17 @@ pub struct CreateRequest {
 
 /// Resolve `USER[:GROUP]` (names or numbers) to ids; without a group, the user's primary group.
 pub fn resolve_owner(owner: &OwnerSpec) -> Result<(Uid, Gid)> {
+    // (uid_t)-1 and (gid_t)-1 mean "leave unchanged" to chown(2): such an owner could never be set.
+    for (kind, id_type, id) in [("user", "uid", Some(owner.user.as_str())), ("group", "gid", owner.group.as_deref())] {
+        if let Some(id) = id
+            && id.parse::<u32>() == Ok(u32::MAX)
+        {
+            return Err(Error::invalid(
+                format!("--owner {kind} {id}"),
+                format!("4294967295 is ({}_t)-1, which chown(2) reads as \"leave unchanged\"; name a real id", id_type),
+            ));
+        }
+    }
     let user = match owner.user.parse::<u32>() {
         Ok(n) => User::from_uid(Uid::from_raw(n)),
         Err(_) => User::from_name(&owner.user),

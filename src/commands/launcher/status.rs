@@ -17,15 +17,12 @@ pub fn run(args: &StatusArgs) -> Result<u8> {
     if report.running {
         return Ok(0);
     }
-    eprint!(
-        "{}",
-        crate::logging::stderr_text(
-            tracing::Level::WARN,
-            &format!(
-                "ec-ipxe-qemu: --state-dir \"{}\": no launcher is running there (the last known status is shown)",
-                args.state_dir.display()
-            )
-        )
+    crate::logging::stderr_line(
+        tracing::Level::WARN,
+        &format!(
+            "ec-ipxe-qemu: --state-dir \"{}\": no launcher is running there (the last known status is shown)",
+            args.state_dir.display()
+        ),
     );
     Ok(Kind::NotFound.exit_code())
 }

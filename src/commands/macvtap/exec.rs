@@ -1,7 +1,7 @@
 use std::ffi::CString;
 
 use crate::cli::macvtap::{ExecArgs, Global};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::{macvtap, tap};
 
 /// Replace `{fd}` with the first fd and `{fds}` with the colon-separated list.
@@ -24,11 +24,28 @@ pub fn run(global: &Global, args: &ExecArgs) -> Result<()> {
         Err(e) => e,
         Ok(never) => match never {},
     };
-    let what = format!("exec {:?}", args.program[0]);
-    Err(match err {
-        nix::errno::Errno::ENOENT => Error::not_found(format!("program {:?}", args.program[0])),
-        e => Error::errno(what, e),
-    })
+    Err(exec_error(&args.program[0], err))
+}
+
+/// What a failed `execvp` of `program` means, in words about the program (not about the tap node, which was
+/// already opened).
+fn exec_error(program: &str, err: nix::errno::Errno) -> Error {
+    use nix::errno::Errno;
+    let what = format!("program {program:?}");
+    let not_runnable = |reason: &str| Error::unusable(Kind::Permission, what.clone(), reason.to_owned());
+    match err {
+        Errno::ENOENT => Error::not_found(what),
+        Errno::EACCES => match std::fs::metadata(program) {
+            Ok(m) if m.is_dir() => not_runnable("is a directory, not a program"),
+            Ok(m) if !m.is_file() => not_runnable("is not a regular file, so it cannot be executed"),
+            _ => not_runnable(
+                "cannot be executed: permission denied (no execute permission, or on a noexec file system)",
+            ),
+        },
+        Errno::ENOEXEC => not_runnable("is not an executable format the kernel can run"),
+        Errno::EPERM => not_runnable("execution not permitted (a security module or a nosuid rule refused it)"),
+        e => Error::errno(format!("exec {what}"), e),
+    }
 }
 
 #[cfg(test)]

@@ -78,18 +78,21 @@ pub(crate) fn attach(state_dir: &Path) -> Result<End> {
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).map_err(|e| Error::errno("signalfd", e))?;
     let raw = if interactive { RawMode::enter(stdin.as_fd())? } else { None };
     if interactive {
-        eprint!("Connected to the guest console of {} (Ctrl-] detaches).\r\n", state_dir.display());
+        crate::logging::write_stderr(&format!(
+            "Connected to the guest console of {} (Ctrl-] detaches).\r\n",
+            state_dir.display()
+        ));
     }
     let end = pump(&sock, stdin.as_fd(), stdout.as_fd(), &sigfd);
     drop(raw);
     let _ = mask.thread_unblock();
     let end = end?;
     if interactive {
-        match end {
-            End::Detached => eprintln!("\nDetached from the guest console."),
-            End::Closed => eprintln!("\nThe launcher closed the console (it stopped, or dropped this client)."),
-            End::Signal(s) => eprintln!("\nConsole left on {s}."),
-        }
+        crate::logging::write_stderr(&match end {
+            End::Detached => "\nDetached from the guest console.\n".to_owned(),
+            End::Closed => "\nThe launcher closed the console (it stopped, or dropped this client).\n".to_owned(),
+            End::Signal(s) => format!("\nConsole left on {s}.\n"),
+        });
     }
     Ok(end)
 }
@@ -97,12 +100,14 @@ pub(crate) fn attach(state_dir: &Path) -> Result<End> {
 fn pump(sock: &UnixStream, input: BorrowedFd, output: BorrowedFd, sigfd: &SignalFd) -> Result<End> {
     let mut buf = [0u8; 4096];
     let mut out = std::fs::File::from(output.try_clone_to_owned().map_err(|e| Error::io("stdout", e))?);
+    // Whether stdin is still open: at its end (`console </dev/null`) the socket's sending half is closed and
+    // the output goes on until the launcher closes the console or a signal comes.
+    let mut input_open = true;
     loop {
-        let mut fds = [
-            PollFd::new(sock.as_fd(), PollFlags::POLLIN),
-            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(input, PollFlags::POLLIN),
-        ];
+        let mut fds = vec![PollFd::new(sock.as_fd(), PollFlags::POLLIN), PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+        if input_open {
+            fds.push(PollFd::new(input, PollFlags::POLLIN));
+        }
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
@@ -125,7 +130,9 @@ fn pump(sock: &UnixStream, input: BorrowedFd, output: BorrowedFd, sigfd: &Signal
         if in_ready {
             let n = nix::unistd::read(input, &mut buf).map_err(|e| Error::errno("read the terminal", e))?;
             if n == 0 {
-                return Ok(End::Detached);
+                input_open = false;
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+                continue;
             }
             let data = &buf[..n];
             let (send, detach) = match data.iter().position(|b| *b == DETACH_KEY) {

@@ -260,28 +260,39 @@ impl LineAssembler {
     }
 }
 
-/// A token bucket for guest lines in the log: `burst` lines at once, `per_sec` on average. Lines over the
-/// limit are counted, and the count is reported once lines flow again.
+/// A token bucket for guest lines in the log: `burst` lines at once, `per_sec` on average after that. Lines
+/// over the limit are left out. A suppression episode begins with the first line left out and ends once
+/// none has been left out for a quiet spell; it then gets one summary (how many, over how long), so the
+/// summaries never add to the rate.
 #[derive(Debug)]
 pub(crate) struct RateLimit {
     burst: f64,
     per_sec: f64,
     tokens: f64,
     last: Instant,
-    suppressed: u64,
-    /// When the last line was left out: a suppression episode lasts until none was for [`EPISODE_GAP`].
-    last_drop: Instant,
+    episode: Option<Episode>,
 }
 
-/// Without a line left out for this long, a suppression episode is over and its one summary is due.
-const EPISODE_GAP: Duration = Duration::from_secs(1);
+/// Lines left out since `first`, the latest at `last`.
+#[derive(Debug, Clone, Copy)]
+struct Episode {
+    first: Instant,
+    last: Instant,
+    suppressed: u64,
+}
+
+/// One suppression episode, ended: `suppressed` lines left out over `secs` seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Summary {
+    pub(crate) suppressed: u64,
+    pub(crate) secs: f64,
+}
 
 /// What to do with one line.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// Log it; `suppressed` lines were left out before it.
-    Log { suppressed: u64 },
-    /// Leave it out.
+    Log,
+    /// Leave it out (counted in the episode).
     Drop,
 }
 
@@ -292,8 +303,7 @@ impl RateLimit {
             per_sec: f64::from(per_sec),
             tokens: f64::from(burst),
             last: Instant::now(),
-            suppressed: 0,
-            last_drop: Instant::now(),
+            episode: None,
         }
     }
 
@@ -303,25 +313,30 @@ impl RateLimit {
         self.tokens = (self.tokens + dt * self.per_sec).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            // One summary per episode: only once nothing has been left out for a while.
-            let over = now.saturating_duration_since(self.last_drop) >= EPISODE_GAP;
-            let suppressed = if over { std::mem::take(&mut self.suppressed) } else { 0 };
-            Verdict::Log { suppressed }
+            Verdict::Log
         } else {
-            self.suppressed += 1;
-            self.last_drop = now;
+            let ep = self.episode.get_or_insert(Episode { first: now, last: now, suppressed: 0 });
+            ep.suppressed += 1;
+            ep.last = now;
             Verdict::Drop
         }
     }
 
-    /// Lines left out and not yet reported, when none has been left out for `quiet` (the episode is over):
-    /// report them now.
-    pub(crate) fn take_if_quiet(&mut self, now: Instant, quiet: Duration) -> u64 {
-        if self.suppressed > 0 && now.saturating_duration_since(self.last_drop) >= quiet {
-            std::mem::take(&mut self.suppressed)
-        } else {
-            0
-        }
+    /// The summary of the episode, once no line has been left out for `quiet`.
+    pub(crate) fn ended(&mut self, now: Instant, quiet: Duration) -> Option<Summary> {
+        let ep = self.episode?;
+        (now.saturating_duration_since(ep.last) >= quiet).then(|| self.take(ep))
+    }
+
+    /// The summary of the episode in progress, if any (the console ended).
+    pub(crate) fn finish(&mut self) -> Option<Summary> {
+        let ep = self.episode?;
+        Some(self.take(ep))
+    }
+
+    fn take(&mut self, ep: Episode) -> Summary {
+        self.episode = None;
+        Summary { suppressed: ep.suppressed, secs: ep.last.saturating_duration_since(ep.first).as_secs_f64() }
     }
 }
 
@@ -420,44 +435,66 @@ mod tests {
     #[test]
     fn rate_limit_counts_what_it_leaves_out() {
         let t0 = Instant::now();
+        let quiet = Duration::from_secs(1);
         let mut r = RateLimit::new(3, 10);
         for _ in 0..3 {
-            assert_eq!(r.check(t0), Verdict::Log { suppressed: 0 });
+            assert_eq!(r.check(t0), Verdict::Log);
         }
         assert_eq!(r.check(t0), Verdict::Drop);
         assert_eq!(r.check(t0), Verdict::Drop);
-        // 100 ms later one token is back: the line is logged, but the episode goes on, so no note yet.
-        assert_eq!(r.check(t0 + Duration::from_millis(100)), Verdict::Log { suppressed: 0 });
-        assert_eq!(r.check(t0 + Duration::from_millis(100)), Verdict::Drop);
-        assert_eq!(r.take_if_quiet(t0 + Duration::from_millis(150), Duration::from_secs(1)), 0);
-        // One note for the whole episode, once nothing has been dropped for a second.
-        assert_eq!(r.take_if_quiet(t0 + Duration::from_secs(2), Duration::from_secs(1)), 3);
-        assert_eq!(r.take_if_quiet(t0 + Duration::from_secs(3), Duration::from_secs(1)), 0);
+        // 100 ms later one token is back: logged, and no note yet (the episode goes on).
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(r.check(t1), Verdict::Log);
+        assert_eq!(r.check(t1), Verdict::Drop);
+        assert_eq!(r.ended(t1 + Duration::from_millis(500), quiet), None);
+        assert_eq!(r.ended(t1 + quiet, quiet), Some(Summary { suppressed: 3, secs: 0.1 }));
+        assert_eq!(r.ended(t1 + quiet * 2, quiet), None, "one summary per episode");
+        assert_eq!(r.finish(), None);
+    }
+
+    /// A flood of 100 lines/s for 60 s: 200 at once, then 50/s, and one summary with the rest.
+    #[test]
+    fn a_long_flood_is_200_then_50_per_second_with_one_summary() {
+        let t0 = Instant::now();
+        let quiet = Duration::from_secs(1);
+        let mut r = RateLimit::new(200, 50);
+        let (mut logged, mut summaries) = (0u64, Vec::new());
+        for i in 0..6000u64 {
+            let now = t0 + Duration::from_millis(i * 10);
+            summaries.extend(r.ended(now, quiet));
+            if r.check(now) == Verdict::Log {
+                logged += 1;
+            }
+        }
+        summaries.extend(r.ended(t0 + Duration::from_secs(62), quiet));
+        assert!((3190..=3210).contains(&logged), "{logged}");
+        assert_eq!(summaries.len(), 1);
+        assert_eq!(summaries[0].suppressed + logged, 6000);
+        assert!(summaries[0].secs > 55.0, "{:?}", summaries[0]);
     }
 
     #[test]
     fn a_kernel_burst_is_one_suppression_episode() {
         // 2000 lines at 500 per second (a kernel boot under TCG), then quiet: one summary with the total.
         let t0 = Instant::now();
+        let quiet = Duration::from_secs(1);
         let mut r = RateLimit::new(200, 50);
         let (mut logged, mut notes, mut dropped) = (0u64, Vec::new(), 0u64);
         for i in 0..2000u64 {
-            match r.check(t0 + Duration::from_millis(i * 2)) {
-                Verdict::Log { suppressed } => {
-                    logged += 1;
-                    if suppressed > 0 {
-                        notes.push(suppressed);
-                    }
-                }
+            let now = t0 + Duration::from_millis(i * 2);
+            notes.extend(r.ended(now, quiet));
+            match r.check(now) {
+                Verdict::Log => logged += 1,
                 Verdict::Drop => dropped += 1,
             }
         }
         assert!(notes.is_empty(), "notes during the burst: {notes:?}");
-        let n = r.take_if_quiet(t0 + Duration::from_secs(6), Duration::from_secs(1));
-        assert_eq!(n, dropped);
-        assert_eq!(logged + n, 2000);
+        let s = r.ended(t0 + Duration::from_secs(6), quiet).unwrap();
+        assert_eq!(s.suppressed, dropped);
+        assert_eq!(logged + s.suppressed, 2000);
         // A line after the episode carries no old count.
-        assert_eq!(r.check(t0 + Duration::from_secs(7)), Verdict::Log { suppressed: 0 });
+        assert_eq!(r.check(t0 + Duration::from_secs(7)), Verdict::Log);
+        assert_eq!(r.finish(), None);
     }
 
     /// A terminal reset (`ESC c`) ends the unfinished line (SeaBIOS's `Probing EDD ... o` before a kernel's

@@ -51,6 +51,12 @@ pub(crate) const REPLAY: usize = 4096;
 /// Ctrl-]: the byte `ec-ipxe-qemu console` detaches on.
 pub(crate) const DETACH_KEY: u8 = 0x1d;
 const READ_CHUNK: usize = 64 << 10;
+/// After a short read, the console reader waits this long before reading again, so that output the guest
+/// prints a byte at a time (QEMU's UART) is handled in chunks: one wakeup, one log write per chunk, not per
+/// byte.
+const COALESCE: Duration = Duration::from_millis(20);
+/// How often a client that half-closed its socket is checked for having gone away completely.
+const HANGUP_CHECK: Duration = Duration::from_secs(1);
 const INPUT_QUEUE: usize = 64;
 /// A prompt without a newline (`login: `) is handed out as a line after this much quiet.
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
@@ -70,6 +76,8 @@ pub(crate) trait LineSink: Send + 'static {
     fn join_wrapped(&self) -> bool {
         true
     }
+    /// The console ended (QEMU's end closed): say what is still pending.
+    fn finish(&mut self) {}
 }
 
 struct Client {
@@ -162,16 +170,14 @@ pub(crate) struct Console {
     hub: Arc<Mutex<Hub>>,
     broker: Option<JoinHandle<()>>,
     tasks: Vec<AbortHandle>,
+    /// Tells the serial reader thread to stop.
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Bind `console.sock` (0600; a stale one is removed: the caller holds the state directory's lock).
 pub(crate) fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("remove stale {}", path.display()), e)),
-    }
+    crate::launcher::private::expect_socket(path, true)?;
     let l = std::os::unix::net::UnixListener::bind(path)
         .map_err(|e| Error::io(format!("listen on {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -191,16 +197,21 @@ impl Console {
         sink: impl LineSink,
     ) -> Result<Console> {
         serial.set_nonblocking(true).map_err(|e| Error::io("serial socket pair", e))?;
-        let serial = UnixStream::from_std(serial).map_err(|e| Error::io("serial socket pair", e))?;
+        let reading = serial.try_clone().map_err(|e| Error::io("serial socket pair", e))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let output = read_serial(reading, Arc::clone(&stop))?;
         let listener = UnixListener::from_std(listener)
             .map_err(|e| Error::io(format!("console socket {}", socket.display()), e))?;
-        let (rd, wr) = serial.into_split();
         let hub = Arc::new(Mutex::new(Hub::default()));
         let (input_tx, input_rx) = mpsc::channel::<Bytes>(INPUT_QUEUE);
-        let broker = tokio::spawn(broker(rd, log, Arc::clone(&hub), sink));
-        let writer = tokio::spawn(serial_writer(wr, input_rx));
+        // The serial socket is never on the event loop: its reader and its writer are threads.
+        std::thread::Builder::new()
+            .name("console input".into())
+            .spawn(move || write_serial(serial, input_rx))
+            .map_err(|e| Error::io("start the console input thread", e))?;
+        let broker = tokio::spawn(broker(output, log, Arc::clone(&hub), sink));
         let accept = tokio::spawn(accept(listener, Arc::clone(&hub), input_tx));
-        Ok(Console { hub, broker: Some(broker), tasks: vec![writer.abort_handle(), accept.abort_handle()] })
+        Ok(Console { hub, broker: Some(broker), tasks: vec![accept.abort_handle()], stop })
     }
 
     /// Wait (at most `limit`) for the broker to read the rest of QEMU's output, after QEMU exited.
@@ -214,6 +225,7 @@ impl Console {
 
 impl Drop for Console {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         if let Some(b) = self.broker.take() {
             b.abort();
         }
@@ -227,24 +239,73 @@ impl Drop for Console {
     }
 }
 
-async fn broker(mut rd: OwnedReadHalf, mut log: SerialLog, hub: Arc<Mutex<Hub>>, mut sink: impl LineSink) {
+/// QEMU's serial output, read on a thread of its own: whatever is there (up to [`READ_CHUNK`]), then a pause
+/// of [`COALESCE`] after a short read. QEMU writes the guest's output a byte at a time; read from the event
+/// loop, every byte would be a wakeup (epoll reports each arrival), read here it is one chunk per pause.
+/// `None` at the end (QEMU closed its end).
+fn read_serial(
+    serial: std::os::unix::net::UnixStream,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<mpsc::UnboundedReceiver<Option<Bytes>>> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut serial = serial;
+    std::thread::Builder::new()
+        .name("console".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; READ_CHUNK];
+            while !stop.load(Ordering::Relaxed) {
+                let mut fds = [PollFd::new(serial.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::from(1000u16)) {
+                    Ok(0) => continue,
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => {
+                        tracing::debug!("guest console: poll: {e}");
+                        break;
+                    }
+                }
+                match serial.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx.send(Some(Bytes::copy_from_slice(&buf[..n]))).is_err() {
+                            return;
+                        }
+                        if n < READ_CHUNK {
+                            std::thread::sleep(COALESCE);
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
+                    Err(e) => {
+                        tracing::debug!("guest console: {e}");
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(None);
+        })
+        .map_err(|e| Error::io("start the console reader thread", e))?;
+    Ok(rx)
+}
+
+async fn broker(
+    mut output: mpsc::UnboundedReceiver<Option<Bytes>>,
+    log: SerialLog,
+    hub: Arc<Mutex<Hub>>,
+    mut sink: impl LineSink,
+) {
+    let mut log = seriallog::LogWriter::start(log);
     let mut asm = LineAssembler::new();
-    let mut buf = vec![0u8; READ_CHUNK];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = Instant::now();
     loop {
         tokio::select! {
-            r = rd.read(&mut buf) => {
-                let n = match r {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::debug!("guest console: {e}");
-                        break;
-                    }
-                };
-                let chunk = &buf[..n];
+            r = output.recv() => {
+                let Some(Some(chunk)) = r else { break };
+                let chunk = &chunk[..];
                 sink.bytes(chunk);
                 asm.join_wrapped = sink.join_wrapped();
                 asm.push_pieces(chunk, &mut |p| match p {
@@ -270,13 +331,33 @@ async fn broker(mut rd: OwnedReadHalf, mut log: SerialLog, hub: Arc<Mutex<Hub>>,
         }
     }
     asm.flush(&mut |l| sink.line(l));
+    sink.finish();
+    // The writer thread writes what it still has; waiting for it is a blocking call, kept off the loop.
+    let _ = tokio::task::spawn_blocking(move || log.finish(Duration::from_secs(2))).await;
 }
 
-async fn serial_writer(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
-    while let Some(b) = rx.recv().await {
-        if let Err(e) = wr.write_all(&b).await {
-            tracing::debug!("guest console input: {e}");
-            break;
+/// What the typist types, to QEMU's serial port (a thread: the socket is non-blocking, so a guest that does
+/// not read its UART makes this thread wait in poll(2), and only the typist behind it).
+fn write_serial(serial: std::os::unix::net::UnixStream, mut rx: mpsc::Receiver<Bytes>) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let mut serial = serial;
+    while let Some(b) = rx.blocking_recv() {
+        let mut rest = &b[..];
+        while !rest.is_empty() {
+            match serial.write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut fds = [PollFd::new(serial.as_fd(), PollFlags::POLLOUT)];
+                    let _ = poll(&mut fds, PollTimeout::from(1000u16));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!("guest console input: {e}");
+                    return;
+                }
+            }
         }
     }
 }
@@ -307,28 +388,44 @@ async fn accept(listener: UnixListener, hub: Arc<Mutex<Hub>>, input: mpsc::Sende
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(replay.len()));
-        let writer = tokio::spawn(client_writer(wr, rx, Arc::clone(&queued), replay));
+        let writer = tokio::spawn(client_writer(id, wr, rx, Arc::clone(&queued), replay, Arc::clone(&hub)));
         let reader = tokio::spawn(client_reader(id, rd, Arc::clone(&hub), input.clone()));
         h.clients.push(Client { id, tx, queued, tasks: vec![writer.abort_handle(), reader.abort_handle()] });
         tracing::info!("console client {id} attached ({} attached)", h.clients.len());
     }
 }
 
+/// A client's output. A client that cannot take it any more (closed) is removed.
 async fn client_writer(
+    id: u64,
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     queued: Arc<AtomicUsize>,
     replay: Vec<u8>,
+    hub: Arc<Mutex<Hub>>,
 ) {
-    if wr.write_all(&replay).await.is_err() {
-        return;
-    }
-    queued.fetch_sub(replay.len(), Ordering::Relaxed);
-    while let Some(b) = rx.recv().await {
-        if wr.write_all(&b).await.is_err() {
-            return;
+    if wr.write_all(&replay).await.is_ok() {
+        queued.fetch_sub(replay.len(), Ordering::Relaxed);
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+            queued.fetch_sub(b.len(), Ordering::Relaxed);
         }
-        queued.fetch_sub(b.len(), Ordering::Relaxed);
+    }
+    lock(&hub).remove(id);
+}
+
+/// Whether the peer of a client whose input ended has closed its socket completely (POLLHUP), not only
+/// its sending half.
+fn hung_up(rd: &OwnedReadHalf) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let stream: &UnixStream = rd.as_ref();
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        Err(_) => true,
     }
 }
 
@@ -337,7 +434,21 @@ async fn client_reader(id: u64, mut rd: OwnedReadHalf, hub: Arc<Mutex<Hub>>, inp
     let mut told = false;
     loop {
         let n = match rd.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) => {
+                // Input ended. A viewer that only half-closed (`console </dev/null`, `socat -u`) goes on
+                // receiving output until it closes completely; it gives up the keyboard now.
+                {
+                    let mut h = lock(&hub);
+                    if h.typist == Some(id) {
+                        h.typist = None;
+                    }
+                }
+                while !hung_up(&rd) {
+                    tokio::time::sleep(HANGUP_CHECK).await;
+                }
+                break;
+            }
+            Err(_) => break,
             Ok(n) => n,
         };
         let typist = {

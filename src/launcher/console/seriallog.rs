@@ -15,6 +15,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::launcher::option_values::LogCap;
@@ -35,8 +37,10 @@ pub(crate) struct SerialLog {
     cut: u64,
     /// The length of the marker after the head.
     marker_len: u64,
-    /// Whether a write failed (reported once).
-    failed: bool,
+    /// Bytes of console output that could not be written in the current failure episode.
+    lost: u64,
+    /// Why writing fails now (None: it works); said once per episode.
+    failing: Option<String>,
 }
 
 /// `PATH.1`.
@@ -50,7 +54,12 @@ impl SerialLog {
     /// Open `path` for this boot: a regular file is rotated to `PATH.1` first and created anew (0600).
     pub(crate) fn open(path: &Path, cap: u64) -> Result<SerialLog> {
         let cap = cap.max(MIN_CAP);
+        // A symlink is never written through: it is moved aside like a previous log.
         let (regular, empty) = match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => {
+                return Err(crate::launcher::private::misplaced(path, "a directory", "the serial log"));
+            }
+            Ok(m) if m.file_type().is_symlink() => (true, false),
             Ok(m) => (m.is_file(), m.len() == 0),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (true, true),
             Err(e) => return Err(Error::io(format!("stat serial log {}", path.display()), e)),
@@ -70,7 +79,8 @@ impl SerialLog {
                 head_end: None,
                 cut: 0,
                 marker_len: 0,
-                failed: false,
+                lost: 0,
+                failing: None,
             });
         }
         // An empty log (a start that failed before the guest printed anything) does not push the last boot's
@@ -99,40 +109,76 @@ impl SerialLog {
             head_end: None,
             cut: 0,
             marker_len: 0,
-            failed: false,
+            lost: 0,
+            failing: None,
         })
     }
 
-    /// Append console bytes. A failing write is logged once and the console goes on (the guest must never
-    /// wait for the disk).
-    pub(crate) fn write(&mut self, mut bytes: &[u8]) {
-        if self.failed {
-            return;
-        }
-        let r = (|| -> std::io::Result<()> {
-            let Some(cap) = self.cap else {
-                return match self.file.write_all(bytes) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-                    r => r,
-                };
-            };
-            while !bytes.is_empty() {
-                let room = cap.saturating_sub(self.len);
-                if room == 0 {
-                    self.cut_back(cap)?;
-                    continue;
-                }
-                let n = (bytes.len() as u64).min(room) as usize;
-                self.file.write_all(&bytes[..n])?;
-                self.len += n as u64;
-                bytes = &bytes[n..];
+    /// Append console bytes. The guest must never wait for the disk: a failing write (ENOSPC, EIO) loses
+    /// these bytes, is said once per episode, and the next write tries again, first with a note in the log of
+    /// how much was lost.
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
+        if let Some(why) = self.failing.clone() {
+            let note = format!("\r\n[ec-ipxe-qemu: {} bytes of guest console output were lost: {why}]\r\n", self.lost);
+            if self.append(note.as_bytes()).is_err() {
+                self.lost += bytes.len() as u64;
+                self.resync();
+                return;
             }
-            Ok(())
-        })();
-        if let Err(e) = r {
-            self.failed = true;
-            tracing::warn!("serial log {}: {e}; the console goes on without it", self.path.display());
+            tracing::info!("serial log {}: writing again ({} bytes were lost)", self.path.display(), self.lost);
+            self.failing = None;
+            self.lost = 0;
         }
+        if let Err(e) = self.append(bytes) {
+            self.fail(bytes.len() as u64, &e.to_string());
+            self.resync();
+        }
+    }
+
+    /// `n` bytes never reached this log (`why`): counted into the current episode, or starting one.
+    pub(crate) fn lose(&mut self, n: u64, why: &str) {
+        self.fail(n, why);
+    }
+
+    fn fail(&mut self, n: u64, why: &str) {
+        self.lost += n;
+        if self.failing.is_none() {
+            tracing::warn!(
+                "serial log {}: {why}; trying again on the next write (the guest is not affected)",
+                self.path.display()
+            );
+            self.failing = Some(why.to_owned());
+        }
+    }
+
+    /// After a failed write: the file's real length (a write may have got part of the way).
+    fn resync(&mut self) {
+        if self.cap.is_some()
+            && let Ok(end) = self.file.seek(SeekFrom::End(0))
+        {
+            self.len = end;
+        }
+    }
+
+    fn append(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        let Some(cap) = self.cap else {
+            return match self.file.write_all(bytes) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                r => r,
+            };
+        };
+        while !bytes.is_empty() {
+            let room = cap.saturating_sub(self.len);
+            if room == 0 {
+                self.cut_back(cap)?;
+                continue;
+            }
+            let n = (bytes.len() as u64).min(room) as usize;
+            self.file.write_all(&bytes[..n])?;
+            self.len += n as u64;
+            bytes = &bytes[n..];
+        }
+        Ok(())
     }
 
     /// The file is full: keep the head (first half), write the marker, drop the rest.
@@ -150,6 +196,72 @@ impl SerialLog {
         self.marker_len = marker.len() as u64;
         self.len = head + self.marker_len;
         Ok(())
+    }
+}
+
+/// `serial.log` off the event loop: a thread of its own writes what the console broker hands it, so a file
+/// system that stalls stalls only that thread. What queues up beyond [`MAX_QUEUED`] meanwhile is left out
+/// and counted (the log notes it when it can).
+pub(crate) struct LogWriter {
+    tx: Option<std::sync::mpsc::Sender<Vec<u8>>>,
+    queued: Arc<AtomicU64>,
+    overflow: Arc<AtomicU64>,
+    done: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+/// Console bytes waiting for the writer before new ones are left out.
+const MAX_QUEUED: u64 = 16 << 20;
+
+impl LogWriter {
+    pub(crate) fn start(mut log: SerialLog) -> LogWriter {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let queued = Arc::new(AtomicU64::new(0));
+        let overflow = Arc::new(AtomicU64::new(0));
+        let (q, o) = (Arc::clone(&queued), Arc::clone(&overflow));
+        let spawned = std::thread::Builder::new().name("serial.log".into()).spawn(move || {
+            while let Ok(mut buf) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    buf.extend_from_slice(&more);
+                }
+                q.fetch_sub(buf.len() as u64, Ordering::Relaxed);
+                let over = o.swap(0, Ordering::Relaxed);
+                if over > 0 {
+                    log.lose(over, "the file system did not keep up");
+                }
+                log.write(&buf);
+            }
+            let _ = done_tx.send(());
+        });
+        match spawned {
+            Ok(_) => LogWriter { tx: Some(tx), queued, overflow, done: Some(done) },
+            Err(e) => {
+                tracing::warn!("serial log: no writer thread ({e}); the console goes on without the log");
+                LogWriter { tx: None, queued, overflow, done: None }
+            }
+        }
+    }
+
+    /// Hand console bytes to the writer; never waits.
+    pub(crate) fn write(&mut self, chunk: &[u8]) {
+        let Some(tx) = &self.tx else { return };
+        let n = chunk.len() as u64;
+        if self.queued.load(Ordering::Relaxed) + n > MAX_QUEUED {
+            self.overflow.fetch_add(n, Ordering::Relaxed);
+            return;
+        }
+        self.queued.fetch_add(n, Ordering::Relaxed);
+        if tx.send(chunk.to_vec()).is_err() {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// No more bytes: wait (at most `limit`, blocking) for the writer to write what it has.
+    pub(crate) fn finish(mut self, limit: std::time::Duration) {
+        self.tx = None;
+        if let Some(done) = self.done.take() {
+            let _ = done.recv_timeout(limit);
+        }
     }
 }
 

@@ -11,11 +11,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::launcher::console::LineSink;
 use crate::launcher::console::banner::Spotter;
 use crate::launcher::console::bootwatch::{BootWatch, Event, Stage};
-use crate::launcher::console::lines::{RateLimit, Verdict};
+use crate::launcher::console::lines::{RateLimit, Summary, Verdict};
 
 /// Guest lines logged at once before the rate limit applies, and per second after.
 const LOG_BURST: u32 = 200;
 const LOG_PER_SEC: u32 = 50;
+/// A suppression episode ends when no line has been left out for this long.
+const EPISODE_QUIET: Duration = Duration::from_secs(1);
 
 /// The boot watch and where its events go, shared by the console sink (lines) and the supervisor (QEMU's
 /// RESET event).
@@ -87,10 +89,12 @@ impl GuestSink {
         GuestSink { boot, rate: RateLimit::new(LOG_BURST, LOG_PER_SEC), banner, partial: String::new() }
     }
 
-    fn suppressed(n: u64) {
+    fn suppressed(s: Summary) {
         tracing::warn!(
-            "{n} guest console lines suppressed (more than {LOG_PER_SEC} per second); serial.log and the console \
-             have them"
+            "{} guest console lines suppressed in {:.1} s (the log takes {LOG_BURST} at once, then \
+             {LOG_PER_SEC} per second); serial.log and the console have them",
+            s.suppressed,
+            s.secs
         );
     }
 }
@@ -105,14 +109,12 @@ impl LineSink for GuestSink {
     fn line(&mut self, line: String) {
         self.partial.clear();
         if !line.is_empty() {
-            match self.rate.check(Instant::now()) {
-                Verdict::Log { suppressed } => {
-                    if suppressed > 0 {
-                        Self::suppressed(suppressed);
-                    }
-                    tracing::info!("guest: {line}");
-                }
-                Verdict::Drop => {}
+            let now = Instant::now();
+            if let Some(s) = self.rate.ended(now, EPISODE_QUIET) {
+                Self::suppressed(s);
+            }
+            if self.rate.check(now) == Verdict::Log {
+                tracing::info!("guest: {line}");
             }
         }
         self.boot.line(&line);
@@ -130,9 +132,14 @@ impl LineSink for GuestSink {
     }
 
     fn tick(&mut self) {
-        let n = self.rate.take_if_quiet(Instant::now(), Duration::from_secs(1));
-        if n > 0 {
-            Self::suppressed(n);
+        if let Some(s) = self.rate.ended(Instant::now(), EPISODE_QUIET) {
+            Self::suppressed(s);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(s) = self.rate.finish() {
+            Self::suppressed(s);
         }
     }
 

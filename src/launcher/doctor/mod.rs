@@ -390,7 +390,7 @@ fn check_disk(o: &LaunchOptions) -> Check {
         Ok(p) => p,
         Err(e) => return fail_from(NAME, &e, "give a file path"),
     };
-    match fscheck::check_disk("--disk", &path) {
+    match fscheck::check_disk("--disk", &path, o.disk.is_none()) {
         Err(e) => fail_from(NAME, &e, "move the file away or point --disk elsewhere"),
         Ok(true) => Check::ok(NAME, format!("{}: a qcow2 image, used as it is", path.display())),
         Ok(false) => match fscheck::find_program("--qemu-img", &o.qemu_img) {

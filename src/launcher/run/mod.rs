@@ -51,6 +51,9 @@ const BLOCKING_THREADS: usize = 2;
 
 /// `ec-ipxe-qemu run`: the whole life of one guest.
 pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
+    // Whatever the caller's umask, nothing the launcher, qemu-img or QEMU creates is open to group or others
+    // (files with a documented mode get it explicitly).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(BLOCKING_THREADS)
@@ -63,10 +66,19 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
     let mut notify = Notifier::from_env();
     notify.status("preparing: checking the configuration and the state directory");
     let accel = accel::resolve(cfg.accel)?;
+    // Nothing is created when QEMU's command line could not be executed (the LAN NIC adds a few short
+    // arguments only).
+    crate::launcher::run_argv_fits(cfg, accel)?;
     prepare::check_host_forwards(&cfg.host_forwards)?;
     // The locks come before the LAN tap: a refused second run must not open (and so add a queue to) the
     // first guest's macvtap.
     let state = StateDir::create_and_lock(&cfg.state_dir)?;
+    // What a killed run left behind: temporary files, a half-created disk.
+    crate::launcher::private::remove_leftovers(&cfg.state_dir);
+    crate::launcher::private::remove_leftovers(&cfg.tftp_dir());
+    if let Some(d) = cfg.disk.as_ref().filter(|d| !d.path.starts_with(&cfg.state_dir)) {
+        crate::launcher::private::remove_leftovers_of(&d.path);
+    }
     let prepared = prepare::lock_lan(cfg).and_then(|lock| {
         let tap = prepare::open_lan(cfg, lock.as_ref())?;
         let _guard = rt.enter();

@@ -191,7 +191,7 @@ pub(super) fn prepare(cfg: &LaunchConfig, accel: Accel, lan: Option<&OpenedLan>)
     if let (Some(d), Some(img)) = (&cfg.disk, &cfg.qemu_img) {
         statedir::ensure_disk(img, &d.path, d.size)?;
     }
-    remove_if_exists(&cfg.qmp_socket());
+    crate::launcher::private::expect_socket(&cfg.qmp_socket(), true)?;
     let log = SerialLog::open(&cfg.serial_log, cfg.serial_log_max)?;
     let listener = console::bind(&cfg.console_socket())?;
     let (ours, theirs) =
@@ -260,7 +260,11 @@ fn tftp_dir(dir: &Path) -> Result<()> {
 }
 
 /// Remove a socket or file of a previous run (a missing one is fine).
+/// Remove the socket at `p`, if a socket is there (nothing else is ever removed).
 pub(super) fn remove_if_exists(p: &Path) {
+    if !std::fs::symlink_metadata(p).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+        return;
+    }
     match std::fs::remove_file(p) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

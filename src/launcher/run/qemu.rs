@@ -36,8 +36,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// QEMU's last stderr lines kept for error messages.
 const STDERR_TAIL: usize = 8;
 
-/// How a run that got as far as spawning QEMU failed: `Rejected` (QEMU refused its command line, so nothing
-/// ran and the run's directories go) or anything else.
+/// How a run that got as far as spawning QEMU failed: `Rejected` (QEMU exited before the guest ran, e.g. it
+/// refused its command line or found its disk locked, so the run's directories go) or anything else.
 pub(super) enum RunFailure {
     Rejected(Error),
     Other(Error),
@@ -168,7 +168,7 @@ pub(super) async fn start(
         r = tokio::time::timeout(STARTUP_TIMEOUT, handshake) => r,
         status = child.wait() => {
             let status = status.map_err(|e| Error::io("wait for QEMU", e))?;
-            return exited_early(status, &mut stderr, accel).await;
+            return exited_early(cfg, pid, status, &mut stderr, accel).await;
         }
         sig = signals.recv() => {
             tracing::info!("{sig} while QEMU was starting: stopping it");
@@ -181,7 +181,7 @@ pub(super) async fn start(
         Ok(Err(e)) => {
             // The connection failed: QEMU is most likely exiting; its status and message say why.
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
-                return exited_early(status, &mut stderr, accel).await;
+                return exited_early(cfg, pid, status, &mut stderr, accel).await;
             }
             stop::Process::kill(&mut child).await;
             return Err(Error::Runtime(format!("QEMU (pid {pid}) did not answer on QMP: {e}; killed it")).into());
@@ -206,13 +206,23 @@ pub(super) async fn start(
         cfg.console_socket().display(),
         cfg.serial_log.display()
     );
+    // QEMU bound qmp.sock under the launcher's umask (077): owner only; 0600 as documented.
+    if let Err(e) = std::fs::set_permissions(cfg.qmp_socket(), std::os::unix::fs::PermissionsExt::from_mode(0o600)) {
+        tracing::warn!("chmod 0600 {}: {e}", cfg.qmp_socket().display());
+    }
     tracker.qemu_started(pid);
     Ok(Some(Guest { child, qmp, events, watch, lan, stderr, console, boot_feed, boot }))
 }
 
 /// QEMU exited before it answered on QMP. Success: it is simply gone. Otherwise its command line (or
 /// something it names) was refused; or, under KVM, the accelerator failed.
-async fn exited_early(status: ExitStatus, stderr: &mut Stderr, accel: Accel) -> Result<Option<Guest>, RunFailure> {
+async fn exited_early(
+    cfg: &LaunchConfig,
+    pid: u32,
+    status: ExitStatus,
+    stderr: &mut Stderr,
+    accel: Accel,
+) -> Result<Option<Guest>, RunFailure> {
     stderr.finish().await;
     if status.success() {
         tracing::info!("QEMU exited at once ({})", describe(status));
@@ -226,7 +236,42 @@ async fn exited_early(status: ExitStatus, stderr: &mut Stderr, accel: Accel) -> 
     }
     let msg = stderr.text();
     let msg = if msg.is_empty() { format!("QEMU exited with {}", describe(status)) } else { msg };
-    Err(RunFailure::Rejected(Error::invalid("QEMU rejected its command line", msg)))
+    let disk = cfg.disk.as_ref().map(|d| d.path.as_path());
+    Err(RunFailure::Rejected(early_failure(&msg, disk, &[pid as i32])))
+}
+
+/// What QEMU's last words at start mean. Exit 2 (a restart cannot help) is kept for what is wrong with the
+/// command line itself; a resource someone else holds is exit 4 (the unit retries), a refused file 5, a
+/// missing one 3, a shortage of memory or space 1.
+fn early_failure(msg: &str, disk: Option<&Path>, ours: &[i32]) -> Error {
+    let lower = msg.to_ascii_lowercase();
+    if lower.contains("failed to get") && lower.contains("lock") {
+        let Some(disk) = disk else { return Error::conflict("QEMU", format!("an image it opens is locked: {msg}")) };
+        let holders = crate::launcher::private::file_holders(disk, ours);
+        let who = if holders.is_empty() {
+            "another process (not visible from here)".to_owned()
+        } else {
+            crate::tap::describe_holders(&holders)
+        };
+        return Error::conflict(
+            format!("--disk \"{}\"", disk.display()),
+            format!("is locked by {who}, which has it open; the run fails for now and is retried (QEMU: {msg})"),
+        );
+    }
+    let has = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
+    if has(&["address already in use", "could not set up host forwarding rule", "device or resource busy"]) {
+        return Error::conflict("QEMU", format!("a resource it needs is in use: {msg}"));
+    }
+    if has(&["permission denied", "operation not permitted"]) {
+        return Error::unusable(crate::error::Kind::Permission, "QEMU", format!("was refused access: {msg}"));
+    }
+    if has(&["no such file or directory"]) {
+        return Error::unusable(crate::error::Kind::NotFound, "QEMU", format!("a file it needs is missing: {msg}"));
+    }
+    if has(&["cannot allocate memory", "out of memory", "no space left", "resource temporarily unavailable"]) {
+        return Error::Runtime(format!("QEMU failed to start: {msg}"));
+    }
+    Error::invalid("QEMU rejected its command line", msg)
 }
 
 impl Guest {
@@ -263,4 +308,36 @@ fn kvm_failure(stderr: &Stderr, status: ExitStatus, accel: Accel) -> Option<Erro
             describe(status)
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The audit of QEMU's start failures: exit 2 only for what is wrong with the command line.
+    #[test]
+    fn start_failures_map_to_what_a_restart_can_change() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = tmp.path().join("d.qcow2");
+        std::fs::write(&disk, "x").unwrap();
+        let code = |msg: &str| early_failure(msg, Some(&disk), &[]).exit_code();
+        let e = early_failure(
+            "qemu-system-x86_64: -drive if=none,id=disk0,file=/x: Failed to get \"write\" lock; Is another process using the image [/x]?",
+            Some(&disk),
+            &[],
+        );
+        assert_eq!(e.exit_code(), 4);
+        assert!(e.to_string().starts_with(&format!("--disk \"{}\": is locked by ", disk.display())), "{e}");
+        assert_eq!(code("Failed to get shared \"write\" lock"), 4);
+        assert_eq!(code("Could not set up host forwarding rule 'tcp::2222-:22'"), 4);
+        assert_eq!(code("-chardev socket,id=qmp,path=/s/qmp.sock: Failed to bind socket: Address already in use"), 4);
+        assert_eq!(code("-kernel /x: Could not open '/x': Permission denied"), 5);
+        assert_eq!(code("Could not open '/usr/share/qemu/efi-virtio.rom': No such file or directory"), 3);
+        assert_eq!(code("cannot set up guest memory 'pc.ram': Cannot allocate memory"), 1);
+        assert_eq!(code("-foo: invalid option"), 2);
+        assert_eq!(code("-device virtio: 'virtio' is not a valid device model name"), 2);
+        assert!(
+            early_failure("-foo: invalid option", None, &[]).to_string().starts_with("QEMU rejected its command line")
+        );
+    }
 }

@@ -28,25 +28,48 @@ pub(super) const QUICK_GRACE: Duration = Duration::from_millis(600);
 /// How long one QMP exchange may take.
 pub(super) const QMP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// SIGTERM and SIGINT, registered before any preparation so a stop request during it is not lost (nor fatal).
+/// The stop signals (SIGTERM, SIGINT and SIGHUP: the same graceful stop) and the ones that are ignored
+/// (SIGPIPE, SIGUSR1, SIGUSR2: each said once), registered before any preparation so a signal during it is
+/// neither lost nor fatal.
 pub(super) struct StopSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    ignored: [(tokio::signal::unix::Signal, &'static str, bool); 3],
 }
 
 impl StopSignals {
     /// Call inside the runtime.
     pub(super) fn new() -> Result<StopSignals> {
+        let handle = |kind: SignalKind, name: &str| signal(kind).map_err(|e| Error::io(format!("handle {name}"), e));
         Ok(StopSignals {
-            term: signal(SignalKind::terminate()).map_err(|e| Error::io("handle SIGTERM", e))?,
-            int: signal(SignalKind::interrupt()).map_err(|e| Error::io("handle SIGINT", e))?,
+            term: handle(SignalKind::terminate(), "SIGTERM")?,
+            int: handle(SignalKind::interrupt(), "SIGINT")?,
+            hup: handle(SignalKind::hangup(), "SIGHUP")?,
+            ignored: [
+                (handle(SignalKind::pipe(), "SIGPIPE")?, "SIGPIPE", false),
+                (handle(SignalKind::user_defined1(), "SIGUSR1")?, "SIGUSR1", false),
+                (handle(SignalKind::user_defined2(), "SIGUSR2")?, "SIGUSR2", false),
+            ],
         })
     }
 
+    /// The next stop signal; the ignored ones are said once each on the way.
     pub(super) async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+        loop {
+            let [pipe, usr1, usr2] = &mut self.ignored;
+            let i = tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => return "SIGHUP",
+                _ = pipe.0.recv() => 0,
+                _ = usr1.0.recv() => 1,
+                _ = usr2.0.recv() => 2,
+            };
+            let (_, name, said) = &mut self.ignored[i];
+            if !std::mem::replace(said, true) {
+                tracing::info!("{name}: ignored (SIGTERM, SIGINT or SIGHUP stop the guest); further ones silently");
+            }
         }
     }
 

@@ -283,6 +283,7 @@ impl Tracker {
             s.qemu_pid = None;
             s.ended_at = Some(now_rfc3339());
         });
+        self.file.close();
     }
 }
 
