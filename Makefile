@@ -14,6 +14,7 @@ bench:
 	cargo bench --bench macvtap
 	cargo bench --bench launcher
 	cargo bench --bench boot
+	cargo bench --bench flood
 
 build:
 	cargo build --release
