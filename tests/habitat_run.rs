@@ -186,9 +186,29 @@ fn a_console_flood_is_rate_limited_with_one_summary_and_nothing_lost() {
     run.wait_stderr("guest console lines suppressed in", Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(2));
     let log = run.stderr();
-    let logged = log.lines().filter(|l| l.contains("guest: FLOOD ")).count() as u64;
+    let serial = run.serial();
+    let seen = watching.join().unwrap();
+    // The launcher's record is checked against what QEMU handed it (serial.log), not against the script's
+    // text: under TCG the emulated UART now and then garbles a byte of a flood ("FLOOOD 93 0 ..."), which is
+    // QEMU's, and the launcher must pass on exactly that.
+    let span = |text: &str| -> Option<String> {
+        let from = text.find("FLOOD-WAITING")?;
+        let to = from + text[from..].find("FLOOD-DONE")?;
+        Some(text[from..to].to_owned())
+    };
+    let flood = span(&serial).unwrap_or_else(|| panic!("serial.log lacks the flood:\n{serial}"));
+    // Every console line of the flood (after FLOOD-WAITING's own line, before FLOOD-DONE).
+    let flood_lines = flood.lines().skip(1).filter(|l| !l.trim().is_empty()).count() as u64;
+    // The guest lines the log let through in that span.
+    let logged = log
+        .lines()
+        .skip_while(|l| !l.contains("guest: FLOOD-WAITING"))
+        .skip(1)
+        .take_while(|l| !l.contains("guest: FLOOD-DONE"))
+        .filter(|l| l.contains(" guest: ") && !l.contains("guest console lines suppressed"))
+        .count() as u64;
     let sums = summaries(&log);
-    eprintln!("FIGURE flood: 1000 lines in {flood_secs:.1} s; {logged} logged; summaries {sums:?}");
+    eprintln!("FIGURE flood: {flood_lines} lines in {flood_secs:.1} s; {logged} logged; summaries {sums:?}");
     assert_eq!(
         sums.len(),
         1,
@@ -197,20 +217,26 @@ fn a_console_flood_is_rate_limited_with_one_summary_and_nothing_lost() {
     );
     // FLOOD-DONE, right after the flood, may have been left out too.
     let done_left_out = u64::from(!log.contains("guest: FLOOD-DONE"));
-    assert_eq!(sums[0].0, 1000 - logged + done_left_out, "the summary counts exactly the lines left out");
+    assert_eq!(
+        sums[0].0,
+        flood_lines - logged + done_left_out,
+        "the summary counts exactly the lines left out; the log without the flood's lines:\n{}",
+        log.lines().filter(|l| !l.contains("guest: FLOOD ")).collect::<Vec<_>>().join("\n")
+    );
     assert!(logged >= 200, "the burst of 200 is logged: {logged}");
     assert!(logged as f64 <= 200.0 + 50.0 * (flood_secs + 1.0), "{logged} lines in {flood_secs:.1} s");
     assert_eq!(log.matches("suppressed").count(), 1, "no other suppression line");
-    // serial.log and the viewer have every line.
-    let serial = run.serial();
-    let seen = watching.join().unwrap();
+    // The half-closed viewer got exactly what serial.log holds; serial.log has the script's 1,000 lines, but
+    // for the rare byte the emulated UART garbles.
+    let viewed = span(&seen).unwrap_or_else(|| panic!("the half-closed viewer lacks the flood:\n{seen}"));
+    assert!(viewed == flood, "the half-closed viewer and serial.log differ in the flood");
+    let mut intact = 0;
     for i in 0..100 {
         for k in 0..10 {
-            let line = format!("FLOOD {i} {k} abcdefghijklmnopqrstuvwxyz0123456789\n");
-            assert!(serial.contains(&line), "serial.log lacks {line:?}");
-            assert!(seen.contains(&line), "the half-closed viewer lacks {line:?}");
+            intact += u32::from(flood.contains(&format!("\nFLOOD {i} {k} abcdefghijklmnopqrstuvwxyz0123456789\n")));
         }
     }
+    assert!(flood_lines >= 1000 && intact >= 995, "{flood_lines} lines, {intact} of the 1,000 intact in serial.log");
     assert!(run.running(), "the launcher ended:\n{}", run.stderr());
     assert_eq!(qemu_pids(&state).len(), 1, "the guest is gone");
     run.signal(Signal::SIGTERM);
