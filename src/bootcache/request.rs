@@ -1,0 +1,306 @@
+//! One guest request of the boot cache, on a thread of its own: decide (revalidate with the origin, or fall
+//! back to the last good set), then stream the file to the guest while it is written to the store.
+
+use std::io::{Read, Write};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+
+/// One request on its thread.
+pub(super) struct Request<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) rel: RelPath,
+    pub(super) head: Option<oneshot::Sender<Head>>,
+    pub(super) body: mpsc::Sender<std::io::Result<Bytes>>,
+    /// The script's first bytes, when this is the script.
+    pub(super) script: Option<Vec<u8>>,
+}
+
+enum Outcome {
+    /// Serve this cached copy.
+    Cached(Entry),
+    Fresh(Fresh),
+    Status(u16, String),
+}
+
+impl Request<'_> {
+    fn key(&self) -> String {
+        self.rel.key()
+    }
+
+    fn reply_head(&mut self, status: u16, length: Option<u64>) {
+        if let Some(tx) = self.head.take() {
+            let _ = tx.send(Head { status, length });
+        }
+    }
+
+    fn reply_text(&mut self, status: u16, reason: &str) {
+        let body = format!("{reason}\n");
+        self.reply_head(status, Some(body.len() as u64));
+        let _ = self.body.blocking_send(Ok(Bytes::from(body)));
+    }
+
+    pub(super) fn run(&mut self) {
+        let key = self.key();
+        let boot = &self.shared.boot;
+        if key == boot.script {
+            self.script = Some(Vec::new());
+        }
+        match self.decide(&key) {
+            Outcome::Cached(e) => self.serve_cached(&key, &e),
+            Outcome::Fresh(f) => self.serve_fresh(&key, f),
+            Outcome::Status(s, why) => {
+                tracing::warn!("boot cache: {key}: {s} ({why})");
+                self.reply_text(s, &why);
+            }
+        }
+        if let Some(script) = self.script.take() {
+            let urls = generation::absolute_urls(&String::from_utf8_lossy(&script));
+            if !urls.is_empty() {
+                tracing::warn!(
+                    "boot cache: the script names absolute URLs, fetched by iPXE past the cache: {}",
+                    urls.join(" ")
+                );
+            }
+            self.shared.state().not_cached = urls;
+        }
+    }
+
+    /// Ask the origin (unless this boot already fell back) and choose the answer.
+    fn decide(&self, key: &str) -> Outcome {
+        let sh = self.shared;
+        let boot = &sh.boot;
+        let (cand, in_fallback) = {
+            let st = sh.state();
+            let cand = generation::candidate(key, &st.session, Some(&st.fetching), st.good.as_ref(), &boot.url, |e| {
+                sh.store.has(e)
+            });
+            (cand, st.session.fallback.clone())
+        };
+        if let Some(err) = in_fallback {
+            return self.fall_back(key, &err);
+        }
+        let url = boot.origin_url(&self.rel);
+        match sh.client.get(&url, cand.as_ref()) {
+            Ok(Answer::NotModified { etag, last_modified }) => {
+                let Some(mut e) = cand else { return Outcome::Status(502, "304 without a cached copy".into()) };
+                if etag.is_some() {
+                    e.etag = etag;
+                }
+                if last_modified.is_some() {
+                    e.last_modified = last_modified;
+                }
+                let mut st = sh.state();
+                st.counters.revalidated += 1;
+                st.counters.origin_error = None;
+                drop(st);
+                self.admit_entry(key, &e);
+                Outcome::Cached(e)
+            }
+            Ok(Answer::Fresh(f)) => {
+                sh.state().counters.origin_error = None;
+                Outcome::Fresh(f)
+            }
+            Ok(Answer::Status(s)) => Outcome::Status(s, format!("the origin answered {s} for {url}")),
+            Err(e) => self.fall_back(key, &e.0),
+        }
+    }
+
+    fn fall_back(&self, key: &str, err: &str) -> Outcome {
+        let sh = self.shared;
+        let mut st = sh.state();
+        st.counters.origin_error = Some(err.to_owned());
+        let st = &mut *st;
+        match generation::fallback(key, &sh.boot.script, &mut st.session, st.good.as_ref(), &sh.boot.url, err) {
+            Ok(e) => {
+                if !st.warned_fallback {
+                    st.warned_fallback = true;
+                    tracing::warn!("boot cache: booting from the last good set: the origin failed: {err}");
+                }
+                st.session.served.insert(key.to_owned(), e.clone());
+                Outcome::Cached(e)
+            }
+            Err(why) => Outcome::Status(503, why),
+        }
+    }
+
+    /// Record a copy the origin sent or confirmed in the session and the set being fetched (on disk).
+    fn admit_entry(&self, key: &str, e: &Entry) {
+        let sh = self.shared;
+        let fetching = {
+            let mut st = sh.state();
+            let st = &mut *st;
+            generation::record(&mut st.session, key, e, st.good.as_ref(), &sh.boot.url, true);
+            st.fetching.files.insert(key.to_owned(), e.clone());
+            st.fetching.clone()
+        };
+        if let Err(err) = sh.store.save_fetching(&fetching) {
+            tracing::warn!("boot cache: cannot save the set being fetched: {err}");
+        }
+    }
+
+    fn progress(&self, key: &str, bytes: u64, total: Option<u64>) {
+        let percent = total.filter(|t| *t > 0).map(|t| (bytes.saturating_mul(100) / t).min(100) as u8);
+        self.shared.state().download = Some(Download { file: key.to_owned(), bytes, total, percent });
+    }
+
+    fn done(&self) {
+        self.shared.state().download = None;
+    }
+
+    /// Send a chunk to the guest; false when the guest went away (the download for the cache goes on).
+    fn send(&mut self, chunk: &[u8], guest: &mut bool) {
+        if let Some(s) = &mut self.script
+            && s.len() < SCRIPT_SCAN_BYTES
+        {
+            s.extend_from_slice(&chunk[..chunk.len().min(SCRIPT_SCAN_BYTES - s.len())]);
+        }
+        if *guest {
+            if self.body.blocking_send(Ok(Bytes::copy_from_slice(chunk))).is_err() {
+                *guest = false;
+            } else {
+                self.shared.state().counters.served_bytes += chunk.len() as u64;
+            }
+        }
+    }
+
+    fn cut(&mut self, why: String) {
+        let _ = self.body.blocking_send(Err(std::io::Error::other(why)));
+    }
+
+    /// Serve a cached copy, checking its SHA-256 as it goes: the last chunk is held back until the hash
+    /// matches, so the guest never gets a complete file that differs from what was admitted.
+    fn serve_cached(&mut self, key: &str, e: &Entry) {
+        let sh = self.shared;
+        let mut file = match sh.store.open_object(e) {
+            Ok(f) => f,
+            Err(err) => {
+                tracing::warn!("boot cache: {key}: cached copy unusable: {err}");
+                sh.store.discard(&e.sha256);
+                return self.reply_text(503, &format!("cached copy of {key} unusable; try again"));
+            }
+        };
+        sh.state().counters.hits += 1;
+        self.reply_head(200, Some(e.length));
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut held: Vec<u8> = Vec::new();
+        let mut sent = 0u64;
+        let mut guest = true;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(n) => n,
+                Err(err) => {
+                    self.done();
+                    return self.cut(format!("read the cached copy of {key}: {err}"));
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            if !held.is_empty() {
+                let h = std::mem::take(&mut held);
+                self.send(&h, &mut guest);
+                sent += h.len() as u64;
+                self.progress(key, sent, Some(e.length));
+            }
+            held.extend_from_slice(&buf[..n]);
+        }
+        let sha = store::hex(&hasher.finalize());
+        if sha != e.sha256 {
+            tracing::warn!("boot cache: {key}: the cached copy does not match its SHA-256; removed");
+            sh.store.discard(&e.sha256);
+            self.done();
+            return self.cut(format!("cached copy of {key} is corrupt"));
+        }
+        self.send(&held, &mut guest);
+        self.done();
+        tracing::info!("boot cache: {key}: {} bytes from the cache", e.length);
+    }
+
+    /// Stream a 200 from the origin to the guest and into a temporary file; admit it when complete.
+    fn serve_fresh(&mut self, key: &str, mut f: Fresh) {
+        let sh = self.shared;
+        let mut tmp = match sh.store.temp() {
+            Ok(t) => Some(t),
+            Err(err) => {
+                tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
+                None
+            }
+        };
+        self.reply_head(200, f.length);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut got = 0u64;
+        let mut guest = true;
+        loop {
+            let n = match f.body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(err) => {
+                    let msg = format!("{}: cut off after {got} bytes: {err}", f.url);
+                    tracing::warn!("boot cache: {key}: {msg}; nothing admitted");
+                    // The partial file goes before the guest learns of the failure.
+                    drop(tmp.take());
+                    self.origin_failed_midway(&msg);
+                    self.done();
+                    return self.cut(msg);
+                }
+            };
+            hasher.update(&buf[..n]);
+            if let Some(t) = &mut tmp
+                && let Err(err) = t.file.write_all(&buf[..n])
+            {
+                tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
+                tmp = None;
+            }
+            got += n as u64;
+            sh.state().counters.fetched_bytes += n as u64;
+            self.send(&buf[..n], &mut guest);
+            self.progress(key, got, f.length);
+        }
+        self.done();
+        let complete = match f.length {
+            Some(l) => l == got,
+            None => f.chunked,
+        };
+        if !complete {
+            tracing::warn!(
+                "boot cache: {key}: {got} bytes, {} announced: not admitted",
+                f.length.map(|l| l.to_string()).unwrap_or_else(|| "no length".into())
+            );
+            return;
+        }
+        let Some(tmp) = tmp else { return };
+        let sha = store::hex(&hasher.finalize());
+        if let Err(err) = sh.store.admit(tmp, &sha) {
+            tracing::warn!("boot cache: {key}: cannot admit to the cache: {err}");
+            return;
+        }
+        let e = Entry {
+            sha256: sha,
+            length: got,
+            etag: f.etag.take(),
+            last_modified: f.last_modified.take(),
+            url: f.url.clone(),
+        };
+        self.admit_entry(key, &e);
+        tracing::info!("boot cache: {key}: {got} bytes from {} (admitted)", f.url);
+    }
+
+    /// The origin broke off a body: the error is recorded and, when a good set exists, this boot goes on
+    /// from it (the guest's retry is served from the cache).
+    fn origin_failed_midway(&self, msg: &str) {
+        let sh = self.shared;
+        let mut st = sh.state();
+        st.counters.origin_error = Some(msg.to_owned());
+        if st.session.fallback.is_none() && generation::usable_good(st.good.as_ref(), &sh.boot.url).is_some() {
+            st.session.fallback = Some(msg.to_owned());
+            st.session.consistent = !st.session.new_from_origin;
+        }
+    }
+}
