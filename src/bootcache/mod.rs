@@ -39,6 +39,8 @@ const CHUNK: usize = 64 * 1024;
 const CHANNEL_CHUNKS: usize = 64;
 /// Requests handled at the same time; more are answered 503.
 pub const MAX_IN_FLIGHT: usize = 16;
+/// How long [`BootCache::mark_good`] waits for the requests in flight to finish admitting their files.
+const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Bytes of the script kept to look for absolute URLs in it.
 const SCRIPT_SCAN_BYTES: usize = 256 * 1024;
 
@@ -218,6 +220,13 @@ impl BootCache {
     /// becomes the last good set and everything else is removed. Blocking (disk): call it on a blocking
     /// thread. Returns whether the good set changed.
     pub fn mark_good(&self, stage: &str) -> std::io::Result<bool> {
+        // The guest may print its ready line as soon as it has a file's last byte, while that file's thread
+        // still fsyncs and admits it: wait for the requests in flight, so the good set holds every file of
+        // the boot (bounded; a request still running after that is not part of the boot).
+        let waited = std::time::Instant::now();
+        while self.shared.state().in_flight > 0 && waited.elapsed() < IN_FLIGHT_WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let next = {
             let st = self.shared.state();
