@@ -22,7 +22,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features --document-private
 echo "== test guest (Debian cloud kernel + busybox initramfs, cached under target/test-guest)"
 scripts/build-test-guest.sh >/dev/null
 echo "== cargo test"
-cargo test --all-features -- --include-ignored --test-threads="${EC_TEST_THREADS:-4}"
+cargo test --all-features --no-fail-fast -- --include-ignored --test-threads="${EC_TEST_THREADS:-4}"
 echo "== gen-assets (man pages and completions)"
 assets=$(mktemp -d)
 trap 'rm -rf "$assets"' EXIT
