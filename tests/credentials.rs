@@ -18,7 +18,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::guest::{GuestLab, TUNER_ADDR, TUNER_ID};
 use common::launcher::{BIN, Run, assert_exit, no_qemu_left, qemu_pids, require_qemu};
@@ -37,28 +37,6 @@ fn secret() -> (String, Vec<u8>) {
     let mut value = marker.clone().into_bytes();
     value.extend_from_slice(b"\n\xff\x00\x01 tail");
     (marker, value)
-}
-
-/// Wait for `ready` in `status --json` (or panic with the logs).
-fn wait_ready(run: &mut Run) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        if run.state.join("status.json").exists() {
-            let (_, v) = run.status_json();
-            if v["ready"] == true {
-                return v;
-            }
-        }
-        if start.elapsed() > READY_TIMEOUT || !run.running() {
-            panic!(
-                "the guest was not ready (launcher running: {})\n--- stderr ---\n{}\n--- serial ---\n{}",
-                run.running(),
-                run.stderr(),
-                run.serial()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn write(p: &Path, bytes: &[u8]) -> PathBuf {
@@ -115,7 +93,7 @@ fn credentials_reach_the_real_guest_and_nowhere_else() {
     let mut args = vec!["--ready-timeout", "600"];
     args.extend_from_slice(&cred_args);
     let mut run = g.run("ec_credentials=mesh-key,ec.tuners,absent", None, &args);
-    let status = wait_ready(&mut run);
+    let status = run.wait_ready(READY_TIMEOUT);
 
     // QEMU's command line names the file, never the value.
     let pids = qemu_pids(&run.state);

@@ -30,28 +30,6 @@ fn one_guest() -> std::sync::MutexGuard<'static, ()> {
     ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Wait until `status --json` says ready (or the launcher ends): panics with the logs when it does not.
-fn wait_ready(run: &mut Run) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        if run.state.join("status.json").exists() {
-            let (_, v) = run.status_json();
-            if v["ready"] == true {
-                return v;
-            }
-        }
-        if start.elapsed() > READY_TIMEOUT || !run.running() {
-            panic!(
-                "the guest was not ready (launcher running: {})\n--- stderr ---\n{}\n--- serial ---\n{}",
-                run.running(),
-                run.stderr(),
-                run.serial()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 /// The guest's console lines the launcher logged (`guest: LINE`), as logged.
 fn guest_lines(stderr: &str) -> Vec<&str> {
     stderr.lines().filter_map(|l| l.split_once(" guest: ").map(|(_, g)| g)).collect()
@@ -77,7 +55,7 @@ fn boot_to_ready(t: &str, g: &GuestLab, cmdline: &str, extra: &[&str]) -> Run {
     let mut args = vec!["--ready-timeout", "600"];
     args.extend_from_slice(extra);
     let mut run = g.run(cmdline, None, &args);
-    let status = wait_ready(&mut run);
+    let status = run.wait_ready(READY_TIMEOUT);
     let log = run.stderr();
     let serial = run.serial();
 

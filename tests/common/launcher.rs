@@ -168,6 +168,28 @@ impl Run {
     }
 
     /// Wait until stderr contains `needle`; panic with the logs when it does not.
+    /// Wait until `status --json` says ready (or the launcher ends): panics with the logs when it does not.
+    pub fn wait_ready(&mut self, timeout: Duration) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            if self.state.join("status.json").exists() {
+                let (_, v) = self.status_json();
+                if v["ready"] == true {
+                    return v;
+                }
+            }
+            if start.elapsed() > timeout || !self.running() {
+                panic!(
+                    "the guest was not ready (launcher running: {})\n--- stderr ---\n{}\n--- serial ---\n{}",
+                    self.running(),
+                    self.stderr(),
+                    self.serial()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     pub fn wait_stderr(&mut self, needle: &str, timeout: Duration) -> String {
         let start = Instant::now();
         loop {
