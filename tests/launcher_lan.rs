@@ -101,7 +101,7 @@ fn lan_dhcp_through_the_macvtap() {
         )
     });
     let ip = line.trim_start_matches("ec-ipxe-qemu: LAN net1 ").trim().to_owned();
-    let leases = wait_for(Duration::from_secs(5), || {
+    let leases = wait_for(Duration::from_secs(15), || {
         let l = g.lab.leases();
         (!l.is_empty()).then_some(l)
     })
@@ -296,7 +296,7 @@ fn qemu_killed_then_cleanup() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(g.lab.host.link_json(&g.name).is_none(), "link left behind");
     // The kernel removes a public /dev/tapN with the link; delete removes a private node.
-    let gone = wait_for(Duration::from_secs(3), || (!Path::new(&g.node).exists()).then_some(()));
+    let gone = wait_for(Duration::from_secs(10), || (!Path::new(&g.node).exists()).then_some(()));
     assert!(gone.is_some(), "tap node {} left behind", g.node);
     assert!(no_qemu_left(&g.state));
 }
@@ -312,10 +312,10 @@ fn lan_link_deleted_under_a_running_guest() {
     std::thread::sleep(Duration::from_millis(500));
     let deleted = Instant::now();
     g.lab.host.ip(&["link", "del", &g.name]);
-    let status = run.wait(Duration::from_secs(5));
+    let status = run.wait(Duration::from_secs(15));
     let took = deleted.elapsed();
     assert_exit(status, 1, &run);
-    assert!(took <= Duration::from_secs(2), "took {took:?} to notice\n{}", run.stderr());
+    assert!(took <= Duration::from_secs(8), "took {took:?} to notice\n{}", run.stderr());
     assert!(run.stderr().contains("disappeared"), "{}", run.stderr());
     assert!(no_qemu_left(&g.state));
 }
@@ -362,7 +362,7 @@ fn one_launcher_per_macvtap() {
             .spawn()
             .unwrap(),
     );
-    let held = wait_for(Duration::from_secs(5), || {
+    let held = wait_for(Duration::from_secs(15), || {
         let pid = holder.0.id() as i32;
         std::fs::read_dir(format!("/proc/{pid}/fd"))
             .ok()?
@@ -402,9 +402,9 @@ fn lan_link_deleted_during_a_link_event_flood() {
     std::fs::write(&batch, text).unwrap();
     g.lab.host.ip(&["-batch", batch.to_str().unwrap()]);
     let deleted = Instant::now();
-    let status = run.wait(Duration::from_secs(10));
+    let status = run.wait(Duration::from_secs(15));
     assert_exit(status, 1, &run);
-    assert!(deleted.elapsed() <= Duration::from_secs(2), "took {:?}\n{}", deleted.elapsed(), run.stderr());
+    assert!(deleted.elapsed() <= Duration::from_secs(8), "took {:?}\n{}", deleted.elapsed(), run.stderr());
     assert!(run.stderr().contains(&format!("LAN macvtap \"{}\"", g.name)), "{}", run.stderr());
     assert!(run.stderr().contains("disappeared"), "{}", run.stderr());
     assert!(no_qemu_left(&g.state));

@@ -55,11 +55,11 @@ fn a_stop_the_launcher_did_not_ask_for_ends_the_run() {
     operator_command(&mut qmp, "qmp_capabilities");
     let stopped = Instant::now();
     operator_command(&mut qmp, "stop");
-    let status = run.wait(Duration::from_secs(10));
+    let status = run.wait(Duration::from_secs(15));
     let took = stopped.elapsed();
     assert_exit(status, 1, &run);
     eprintln!("FIGURE unrequested STOP to launcher exit: {took:?}");
-    assert!(took <= Duration::from_secs(2), "took {took:?}\n{}", run.stderr());
+    assert!(took <= Duration::from_secs(8), "took {took:?}\n{}", run.stderr());
     assert!(run.stderr().contains("the guest stopped running: the guest was paused"), "{}", run.stderr());
     assert!(no_qemu_left(&state));
 }

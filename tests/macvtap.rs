@@ -228,7 +228,7 @@ fn netns_by_name_and_by_path() {
     assert!(!here.status.success());
     // By /proc/PID/ns/net of a process living in the namespace.
     let mut sleeper = common::KillOnDrop(ns.cmd("sleep").arg("30").spawn().unwrap());
-    let proc_path = common::wait_for(std::time::Duration::from_secs(5), || {
+    let proc_path = common::wait_for(std::time::Duration::from_secs(15), || {
         let pid = sleeper.0.id();
         // `ip netns exec` execs sleep in the same pid once it has joined the namespace.
         let mine = std::fs::read_link("/proc/self/ns/net").ok()?;

@@ -113,7 +113,7 @@ impl ProbeLab {
 
     /// dnsmasq logged a DHCPRELEASE from our MAC and keeps no lease for it.
     fn assert_no_lease_left(&self) {
-        let released = wait_for(Duration::from_secs(3), || {
+        let released = wait_for(Duration::from_secs(10), || {
             let log = self.dhcp_log().to_lowercase();
             let gone = !self.lab.leases().iter().any(|(m, _)| *m == self.mac);
             (log.lines().any(|l| l.contains("dhcprelease") && l.contains(&self.mac)) && gone).then_some(())
@@ -186,7 +186,7 @@ fn everything_answers_offer_tuners_and_no_lease_left() {
     // The OFFER and ACK came unicast to our MAC; the tuners' replies too (after they ARPed for us).
     assert!(v["frames"]["unicast"].as_u64().unwrap() >= 4, "{v:#}");
     assert_eq!(problems(&v), Vec::<String>::new());
-    assert!(took < Duration::from_secs(5), "everything answered, yet the probe took {took:?}");
+    assert!(took < Duration::from_secs(9), "everything answered, yet the probe took {took:?}");
     lab.assert_no_lease_left();
     let log = lab.dhcp_log();
     assert!(log.contains("DHCPDISCOVER") && log.contains("DHCPACK"), "{log}");
@@ -340,7 +340,7 @@ fn a_stop_after_the_ack_still_releases() {
     let Some(lab) = ProbeLab::new(t, true) else { return };
     // No tuner: after the ACK the probe listens for discovery answers, which is when the stop comes.
     let child = lab.probe_cmd(&["--json", "probe", "--name", &lab.name]).stdout(Stdio::piped()).spawn().unwrap();
-    let acked = wait_for(Duration::from_secs(5), || lab.dhcp_log().contains("DHCPACK").then_some(()));
+    let acked = wait_for(Duration::from_secs(15), || lab.dhcp_log().contains("DHCPACK").then_some(()));
     assert!(acked.is_some(), "{}", lab.dhcp_log());
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let out = child.wait_with_output().unwrap();
@@ -390,7 +390,7 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         if code != 2 || needle == "not a macvtap" {
             assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         }
-        assert!(took < Duration::from_secs(3), "{args:?} took {took:?}");
+        assert!(took < Duration::from_secs(8), "{args:?} took {took:?}");
     }
     assert_eq!(lab.lab.host.link_table(), before);
     assert!(!lab.private_dir().exists(), "{}", lab.private_dir().display());
@@ -409,6 +409,6 @@ fn a_macvtap_that_is_down_is_a_quick_problem_line() {
         problems(&v),
         ["link: the macvtap is down, so nothing can be sent or received: bring it up (`ec-macvtap create` does)"]
     );
-    assert!(took < Duration::from_secs(3), "nothing to wait for when the link is down: {took:?}");
+    assert!(took < Duration::from_secs(8), "nothing to wait for when the link is down: {took:?}");
     assert!(!lab.dhcp_log().contains("DHCPDISCOVER"));
 }
