@@ -326,6 +326,10 @@ fn boot_cache(a: &LaunchOptions, boot: &BootTarget) -> Result<Option<CacheSpec>>
         if a.boot_cache == Some(true) {
             return Err(Error::invalid("--boot-cache on", why));
         }
+        if !extra_ca.is_empty() {
+            // The same as `--boot-cache off` with `--boot-ca`: a CA that would silently go unused.
+            return Err(Error::invalid("--boot-ca", format!("is for the boot cache, which is off here: {why}")));
+        }
         tracing::debug!("boot cache off: {why}");
         return Ok(None);
     }
@@ -382,6 +386,15 @@ mod tests {
         std::fs::create_dir(&www).unwrap();
         std::fs::write(www.join("netboot.ipxe"), b"#!ipxe\n").unwrap();
         let (f, nd) = (file.clone(), || LaunchOptions { no_disk: true, ..base() });
+        // A PEM file with one certificate item (its DER is not looked at here).
+        let pem = d.join("ca.pem");
+        std::fs::write(&pem, b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        let with_ca = |url: &str, cache: Option<bool>| LaunchOptions {
+            boot_url: Some(url.parse().unwrap()),
+            boot_cache: cache,
+            boot_ca: vec![pem.clone()],
+            ..nd()
+        };
         let cases: Vec<(LaunchOptions, &str)> = vec![
             (LaunchOptions { state_dir: f.clone(), ..base() }, "is not a directory"),
             (LaunchOptions { state_dir: f.join("sub"), ..base() }, "is not a directory"),
@@ -461,6 +474,11 @@ mod tests {
                 },
                 "--boot-ca",
             ),
+            // A CA for a cache that is off, by flag or because the URL cannot be cached, is never ignored.
+            (with_ca("https://a/b/c.ipxe", Some(false)), "--boot-ca: is for the boot cache, which --boot-cache off"),
+            (with_ca("http://10.0.2.2:8080/c.ipxe", None), "--boot-ca: is for the boot cache, which is off here: "),
+            (with_ca("https://a/c.ipxe?m=${net0/mac}", None), "--boot-ca: is for the boot cache, which is off here: "),
+            (with_ca("tftp://a/c.ipxe", None), "--boot-ca: is for the boot cache, which needs an http://"),
             (
                 LaunchOptions { boot_url: Some("https://a/b/".parse().unwrap()), boot_cache: Some(true), ..nd() },
                 "--boot-cache on: https://a/b/: the URL must name a file",
