@@ -185,6 +185,54 @@ fn a_file_or_directory_where_one_belongs_is_one_clear_line() {
     }
 }
 
+/// The boot cache's directories are private too: `boot-cache/` or `boot-cache/objects/` as a symlink (to a
+/// directory elsewhere), as a file, or owned by another user is exit 2, one line naming the path and the fix,
+/// and nothing is followed, created or removed (before: exit 1, "open the boot cache").
+#[test]
+#[ignore = "needs root"]
+fn a_boot_cache_dir_that_is_not_ours_is_one_clear_line() {
+    let t = "a_boot_cache_dir_that_is_not_ours_is_one_clear_line";
+    require_root(t);
+    let tmp = tempfile::tempdir().unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("keep"), "do not touch").unwrap();
+    for (case, needle, fix) in [
+        ("cache-symlink", "is a symlink where a directory belongs", "remove it"),
+        ("cache-file", "is a regular file where a directory belongs", "remove it"),
+        ("objects-symlink", "is a symlink where a directory belongs", "remove it"),
+        ("cache-foreign", "is owned by uid 65534", "chown -R 0"),
+        ("objects-foreign", "is owned by uid 65534", "chown -R 0"),
+    ] {
+        let state = tmp.path().join(format!("state-{case}"));
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let cache = state.join("boot-cache");
+        let objects = cache.join("objects");
+        let bad = if case.starts_with("cache") { cache.clone() } else { objects.clone() };
+        if case.starts_with("objects") {
+            std::fs::create_dir(&cache).unwrap();
+        }
+        match case.split_once('-').unwrap().1 {
+            "symlink" => std::os::unix::fs::symlink(&elsewhere, &bad).unwrap(),
+            "file" => std::fs::write(&bad, "x").unwrap(),
+            _ => {
+                std::fs::create_dir(&bad).unwrap();
+                nix::unistd::chown(&bad, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            }
+        }
+        let before = Tree::of(tmp.path(), &[]);
+        let out = run_refused(&state, &["--no-disk", "--boot-url", "https://boot.invalid/x/boot.ipxe"], None);
+        assert_eq!(out.status.code(), Some(2), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+        let err = one_line(&out);
+        assert!(err.contains(&format!("\"{}\"", bad.display())), "{case}: {err}");
+        assert!(err.contains(needle) && err.contains(fix), "{case}: {err}");
+        before.assert_same(&Tree::of(tmp.path(), &[]), case);
+        assert!(qemu_pids(&state).is_empty());
+    }
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 1);
+}
+
 /// A killed run's leftovers (temporary files of status.json and the boot script, a half-created disk) are
 /// removed at the next start; a symlinked serial.log is moved aside, never written through.
 #[test]

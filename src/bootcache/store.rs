@@ -27,7 +27,14 @@ use nix::libc;
 use serde::{Deserialize, Serialize};
 
 pub const DIR: &str = "boot-cache";
-const OBJECTS: &str = "objects";
+pub const OBJECTS: &str = "objects";
+
+/// The cache's directories in a state directory, outermost first.
+pub fn dirs(state_dir: &Path) -> [PathBuf; 2] {
+    let dir = state_dir.join(DIR);
+    let objects = dir.join(OBJECTS);
+    [dir, objects]
+}
 const GOOD: &str = "good.json";
 const FETCHING: &str = "fetching.json";
 const TMP_PREFIX: &str = ".tmp-";

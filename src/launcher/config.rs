@@ -172,6 +172,11 @@ impl LaunchConfig {
             (None, None) => BootTarget::Diagnostics,
         };
         let boot_cache = boot_cache(a, &boot)?;
+        if boot_cache.is_some() {
+            for d in crate::bootcache::store::dirs(&state_dir) {
+                crate::launcher::private::expect_private_dir(&d)?;
+            }
+        }
         let ipxe = match &a.ipxe {
             Some(p) => {
                 let p = absolute("--ipxe", p)?;

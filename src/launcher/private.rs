@@ -105,6 +105,33 @@ pub(crate) fn expect_file(path: &Path) -> Result<()> {
     }
 }
 
+/// A private directory the launcher keeps inside the state directory (`boot-cache/`, `boot-cache/objects/`):
+/// nothing there, or a directory (never through a symlink) this user owns. A group/other-writable mode is
+/// fixed by its user (the launcher) when it opens it; anything else is refused, naming the path and the fix.
+pub(crate) fn expect_private_dir(path: &Path) -> Result<()> {
+    let m = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("stat \"{}\"", path.display()), e)),
+    };
+    if !m.is_dir() {
+        return Err(misplaced(path, kind_name(&m), "a directory"));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != me {
+        return Err(Error::invalid(
+            format!("\"{}\"", path.display()),
+            format!(
+                "is owned by uid {}, not by this user (uid {me}), inside a private state directory; \
+                 chown -R {me} \"{}\" (or remove it) and start again",
+                m.uid(),
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `"PATH": is a directory where a socket belongs; remove it`.
 pub(crate) fn misplaced(path: &Path, kind: &str, belongs: &str) -> Error {
     let fix = if kind == "a directory" { "rm -r" } else { "rm" };

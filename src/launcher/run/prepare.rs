@@ -217,6 +217,10 @@ fn open_cache(cfg: &LaunchConfig, c: &CacheSpec) -> Result<BootCache> {
         extra_ca: c.extra_ca.clone(),
         limits: bootcache::origin::Limits::default(),
     };
+    // Checked when the configuration was read; again under the state directory's lock.
+    for d in bootcache::store::dirs(&cfg.state_dir) {
+        crate::launcher::private::expect_private_dir(&d)?;
+    }
     BootCache::open(&bc).map_err(|e| match e {
         OpenError::Url(m) => Error::invalid("--boot-cache on", m),
         OpenError::Ca(m) => Error::invalid("--boot-ca", m),
