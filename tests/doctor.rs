@@ -445,3 +445,54 @@ fn a_tap_held_by_another_process_is_in_use() {
         .unwrap();
     assert_eq!(run.status.code(), Some(4), "{}", stderr(&run));
 }
+
+/// A FIFO (or a symlink) planted as `boot-cache/good.json` neither blocks doctor nor is followed: doctor
+/// ends and says there is no last good set (before: doctor hung in open() on the FIFO).
+#[test]
+fn a_fifo_or_symlink_as_the_good_set_is_no_good_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = state_dir(tmp.path());
+    let cache = Path::new(&sd).join("boot-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let outside = tmp.path().join("good.json");
+    let url = "https://127.0.0.1:1/x/boot.ipxe";
+    std::fs::write(
+        &outside,
+        format!(
+            r#"{{"boot_url":"{url}","files":{{"boot.ipxe":{{"sha256":"{}","length":1,"url":"{url}"}}}}}}"#,
+            "a".repeat(64)
+        ),
+    )
+    .unwrap();
+    for kind in ["fifo", "symlink"] {
+        let good = cache.join("good.json");
+        let _ = std::fs::remove_file(&good);
+        match kind {
+            "fifo" => nix::unistd::mkfifo(&good, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap(),
+            _ => std::os::unix::fs::symlink(&outside, &good).unwrap(),
+        }
+        let mut child = Command::new(launcher_bin())
+            .args(["doctor", "--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--boot-url", url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ended = wait_for(Duration::from_secs(60), || child.try_wait().unwrap());
+        if ended.is_none() {
+            let _ = child.kill();
+            panic!("{kind}: doctor did not end");
+        }
+        let out = child.wait_with_output().unwrap();
+        let c = find(&checks(&out), "boot-cache").clone();
+        assert_eq!(c["status"], "warn", "{kind}: {c}");
+        assert!(c["detail"].as_str().unwrap().contains("no last good set"), "{kind}: {c}");
+    }
+    // The same file, in place, is a good set: the check reads it when it is real.
+    std::fs::remove_file(cache.join("good.json")).unwrap();
+    std::fs::copy(&outside, cache.join("good.json")).unwrap();
+    let out = doctor(&[], &["--json", "--state-dir", &sd, "--no-disk", "--accel", "tcg", "--boot-url", url]);
+    let c = find(&checks(&out), "boot-cache").clone();
+    assert_eq!(c["status"], "ok", "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("a last good set of 1 files"), "{c}");
+}

@@ -300,8 +300,7 @@ pub fn check_origin(url: &str, extra_ca: &[PathBuf], timeout: std::time::Duratio
 
 /// `doctor`: the last good set of `boot_url` in `state_dir`, read without creating or changing anything.
 pub fn read_good_set(state_dir: &Path, boot_url: &str) -> Option<GoodSet> {
-    let text = std::fs::read_to_string(state_dir.join(store::DIR).join("good.json")).ok()?;
-    let m: Manifest = serde_json::from_str(&text).ok()?;
+    let m = store::peek_good(state_dir)?;
     generation::usable_good(Some(&m), boot_url).map(|g| GoodSet {
         files: g.files.len(),
         bytes: g.bytes(),

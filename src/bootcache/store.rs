@@ -107,8 +107,32 @@ fn random_name() -> std::io::Result<String> {
     Ok(format!("{TMP_PREFIX}{}", hex(&b)))
 }
 
+/// Open a regular file for reading: never through a symlink, never blocking on a FIFO (`O_NONBLOCK` does
+/// nothing to a regular file's reads), anything but a regular file refused.
 fn open_nofollow(path: &Path) -> std::io::Result<File> {
-    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
+    }
+    Ok(f)
+}
+
+/// Most bytes a set's JSON may have (a set of thousands of files is far below).
+const MANIFEST_MAX: u64 = 16 << 20;
+
+/// Read a set's JSON (regular file, no symlink, bounded).
+fn read_json(path: &Path) -> std::io::Result<String> {
+    let mut s = String::new();
+    open_nofollow(path)?.take(MANIFEST_MAX).read_to_string(&mut s)?;
+    Ok(s)
+}
+
+/// The last good set in `state_dir`, read without creating, changing or removing anything (`doctor`).
+pub fn peek_good(state_dir: &Path) -> Option<Manifest> {
+    serde_json::from_str(&read_json(&state_dir.join(DIR).join(GOOD)).ok()?).ok()
 }
 
 /// A directory we own, 0700, not a symlink; created when missing.
@@ -219,9 +243,8 @@ impl Store {
 
     fn read_manifest(&self, name: &str) -> Option<Manifest> {
         let path = self.dir.join(name);
-        let mut s = String::new();
-        match open_nofollow(&path).and_then(|mut f| f.read_to_string(&mut s)) {
-            Ok(_) => match serde_json::from_str(&s) {
+        match read_json(&path) {
+            Ok(s) => match serde_json::from_str(&s) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     tracing::warn!("boot cache: {} does not parse ({e}); ignored and removed", path.display());
