@@ -216,7 +216,7 @@ impl BootCache {
         })
     }
 
-    /// The boot reached `stage` (`ready`, or `kernel` when no ready line can come): what it was given
+    /// The boot reached `stage` (`ready`: a ready pattern is always set): what it was given
     /// becomes the last good set and everything else is removed. Blocking (disk): call it on a blocking
     /// thread. Returns whether the good set changed.
     pub fn mark_good(&self, stage: &str) -> std::io::Result<bool> {

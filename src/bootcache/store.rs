@@ -3,7 +3,7 @@
 //! ```text
 //! boot-cache/            0700
 //!   objects/<sha256>     0600, the files, named by their content's SHA-256 (one copy when two sets share it)
-//!   good.json            the last good set: the files of the last boot that reached ready (or kernel)
+//!   good.json            the last good set: the files of the last boot that reached ready
 //!   fetching.json        the set being fetched: files admitted or revalidated since then
 //!   .tmp-<random>, objects/.tmp-<random>   in-flight writes (removed at the next start when left behind)
 //! ```
@@ -58,7 +58,7 @@ pub struct Entry {
 pub struct Manifest {
     /// The boot URL the set belongs to; a set of another URL is never served.
     pub boot_url: String,
-    /// For the good set: the stage that made it good (`ready` or `kernel`) and when (Unix seconds).
+    /// For the good set: the stage that made it good (`ready`) and when (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub marked: Option<(String, u64)>,
     pub files: BTreeMap<String, Entry>,
