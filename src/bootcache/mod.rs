@@ -178,6 +178,11 @@ impl BootCache {
         Ok(BootCache { shared: Arc::new(Shared { boot, store, client, state: Mutex::new(state) }) })
     }
 
+    /// The run is ending: no write to the cache after this returns (requests still running fail theirs).
+    pub fn close(&self) {
+        self.shared.store.close();
+    }
+
     pub fn boot_url(&self) -> &BootUrl {
         &self.shared.boot
     }
@@ -228,6 +233,9 @@ impl BootCache {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        // From here to the new state, no request admits or names a file: what it admitted before is in the
+        // session (so in the next good set); what it admits after goes into the new set being fetched.
+        let _disk = self.shared.store.lock();
         let next = {
             let st = self.shared.state();
             generation::next_good(&st.session, &self.shared.boot.url, stage, now)

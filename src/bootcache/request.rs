@@ -127,8 +127,14 @@ impl Request<'_> {
         }
     }
 
-    /// Record a copy the origin sent or confirmed in the session and the set being fetched (on disk).
+    /// Record a copy the origin confirmed in the session and the set being fetched (on disk).
     fn admit_entry(&self, key: &str, e: &Entry) {
+        let _disk = self.shared.store.lock();
+        self.record(key, e);
+    }
+
+    /// [`Self::admit_entry`] with the disk lock held by the caller.
+    fn record(&self, key: &str, e: &Entry) {
         let sh = self.shared;
         let fetching = {
             let mut st = sh.state();
@@ -277,6 +283,8 @@ impl Request<'_> {
         }
         let Some(tmp) = tmp else { return };
         let sha = store::hex(&hasher.finalize());
+        // The object and its naming in the set being fetched, with no clean-up in between.
+        let _disk = sh.store.lock();
         if let Err(err) = sh.store.admit(tmp, &sha) {
             tracing::warn!("boot cache: {key}: cannot admit to the cache: {err}");
             return;
@@ -288,7 +296,7 @@ impl Request<'_> {
             last_modified: f.last_modified.take(),
             url: f.url.clone(),
         };
-        self.admit_entry(key, &e);
+        self.record(key, &e);
         tracing::info!("boot cache: {key}: {got} bytes from {} (admitted)", f.url);
     }
 

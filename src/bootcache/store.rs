@@ -210,6 +210,13 @@ impl Drop for TempFile {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    /// Held across "admit an object and name it in a set" and across "replace the good set and prune", so
+    /// a clean-up never removes an object between its admission and its naming. Lock order: this, then
+    /// the cache's state.
+    disk: std::sync::Mutex<()>,
+    /// Set when the run ends: nothing is written any more, so a successor that takes the state directory
+    /// never meets a write of ours.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -219,7 +226,7 @@ impl Store {
         let dir = state_dir.join(DIR);
         private_dir(&dir)?;
         private_dir(&dir.join(OBJECTS))?;
-        let store = Store { dir };
+        let store = Store { dir, disk: std::sync::Mutex::new(()), closed: false.into() };
         for name in store.list(&store.dir)? {
             if name.starts_with(TMP_PREFIX) {
                 let _ = std::fs::remove_file(store.dir.join(&name));
@@ -278,11 +285,13 @@ impl Store {
     }
 
     pub fn save_fetching(&self, m: &Manifest) -> std::io::Result<()> {
+        self.open_for_writes()?;
         self.write_manifest(FETCHING, m)
     }
 
     /// Make `m` the last good set, drop the set being fetched and every object `m` does not name.
     pub fn mark_good(&self, m: &Manifest) -> std::io::Result<()> {
+        self.open_for_writes()?;
         self.write_manifest(GOOD, m)?;
         match std::fs::remove_file(self.dir.join(FETCHING)) {
             Ok(()) => {}
@@ -339,11 +348,32 @@ impl Store {
 
     /// A new temporary file in `objects/`.
     pub fn temp(&self) -> std::io::Result<TempFile> {
+        self.open_for_writes()?;
         TempFile::create(&self.dir.join(OBJECTS))
+    }
+
+    /// The disk lock (see [`Store`]); a panic while it was held leaves nothing to repair.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.disk.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// No more writes: waits for one in progress under the disk lock (an admission, a clean-up), then every
+    /// write fails. For the end of a run, before the state directory's lock goes.
+    pub fn close(&self) {
+        let _disk = self.lock();
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn open_for_writes(&self) -> std::io::Result<()> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("the boot cache is closed (the run is ending)"));
+        }
+        Ok(())
     }
 
     /// Admit a complete download under its hash (fsync, rename, fsync the directory).
     pub fn admit(&self, tmp: TempFile, sha256: &str) -> std::io::Result<()> {
+        self.open_for_writes()?;
         tmp.persist(&self.object_path(sha256))
     }
 
@@ -434,6 +464,21 @@ mod tests {
         // A garbled set is ignored, not fatal.
         std::fs::write(dir.join(GOOD), b"{").unwrap();
         assert!(store.good().is_none());
+        // A FIFO as a set is not a set, and reading it does not block (the garbled one went).
+        assert!(!dir.join(GOOD).exists());
+        nix::unistd::mkfifo(&dir.join(GOOD), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(store.good().is_none() && peek_good(tmp.path()).is_none());
+        std::fs::remove_file(dir.join(GOOD)).unwrap();
+
+        // Closed (the run ends): no write of any kind any more, what is there stays.
+        let before = store.usage().unwrap();
+        let t = store.temp().unwrap();
+        store.close();
+        assert!(store.admit(t, &"e".repeat(64)).is_err());
+        assert!(store.temp().is_err());
+        assert!(store.save_fetching(&m).is_err() && store.mark_good(&m).is_err());
+        assert_eq!(store.usage().unwrap(), before);
+        assert!(!store.object_path(&"e".repeat(64)).exists() && store.fetching().is_none());
     }
 
     #[test]

@@ -48,6 +48,8 @@ use tracker::Tracker;
 
 /// Threads for tokio's blocking pool (file reads of the boot HTTP server).
 const BLOCKING_THREADS: usize = 2;
+/// How long the end of a run waits for the runtime's blocking tasks before the state directory's lock goes.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `ec-ipxe-qemu run`: the whole life of one guest.
 pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
@@ -133,7 +135,14 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
     // Remove the sockets while the lock is still held, so a successor's sockets are never removed.
     remove_if_exists(&cfg.qmp_socket());
     remove_if_exists(&cfg.console_socket());
+    // The boot cache's request threads may still be downloading: no write of theirs after this.
+    if let Some(c) = &prepared.cache {
+        c.close();
+    }
     drop(prepared);
+    // The runtime's blocking tasks (file writes) end before the state directory's lock goes; one stuck on a
+    // hung file system is abandoned after a bound (the process ends right after).
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
     match result {
         Err(RunFailure::Rejected(e)) => {
             state.abandon();
