@@ -206,9 +206,15 @@ pub(super) async fn start(
         cfg.console_socket().display(),
         cfg.serial_log.display()
     );
-    // QEMU bound qmp.sock under the launcher's umask (077): owner only; 0600 as documented.
-    if let Err(e) = std::fs::set_permissions(cfg.qmp_socket(), std::os::unix::fs::PermissionsExt::from_mode(0o600)) {
-        tracing::warn!("chmod 0600 {}: {e}", cfg.qmp_socket().display());
+    // QEMU bound qmp.sock under the launcher's umask (077): owner only; 0600 as documented. Off the event
+    // loop, like all file I/O (the state directory may be on a slow file system).
+    let qmp_socket = cfg.qmp_socket();
+    let chmod = tokio::task::spawn_blocking(move || {
+        std::fs::set_permissions(&qmp_socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| format!("chmod 0600 {}: {e}", qmp_socket.display()))
+    });
+    if let Ok(Err(e)) = chmod.await {
+        tracing::warn!("{e}");
     }
     tracker.qemu_started(pid);
     Ok(Some(Guest { child, qmp, events, watch, lan, stderr, console, boot_feed, boot }))
@@ -236,8 +242,10 @@ async fn exited_early(
     }
     let msg = stderr.text();
     let msg = if msg.is_empty() { format!("QEMU exited with {}", describe(status)) } else { msg };
-    let disk = cfg.disk.as_ref().map(|d| d.path.as_path());
-    Err(RunFailure::Rejected(early_failure(&msg, disk, &[pid as i32])))
+    let disk = cfg.disk.as_ref().map(|d| d.path.clone());
+    // Looking for the disk's holders scans /proc: off the event loop.
+    let error = tokio::task::spawn_blocking(move || early_failure(&msg, disk.as_deref(), &[pid as i32])).await;
+    Err(RunFailure::Rejected(error.unwrap_or_else(|e| Error::Runtime(format!("QEMU exited early ({e})")))))
 }
 
 /// What QEMU's last words at start mean. Exit 2 (a restart cannot help) is kept for what is wrong with the
