@@ -177,7 +177,9 @@ impl BootCache {
             in_flight: 0,
             warned_fallback: false,
         };
-        Ok(BootCache { shared: Arc::new(Shared { boot, store, client, flights: Default::default(), state: Mutex::new(state) }) })
+        Ok(BootCache {
+            shared: Arc::new(Shared { boot, store, client, flights: Default::default(), state: Mutex::new(state) }),
+        })
     }
 
     pub fn boot_url(&self) -> &BootUrl {
@@ -273,8 +275,15 @@ impl BootCache {
         let (body_tx, body_rx) = mpsc::channel(CHANNEL_CHUNKS);
         let shared = Arc::clone(&self.shared);
         let spawned = std::thread::Builder::new().name("boot-cache".into()).spawn(move || {
-            let mut req =
-                Request { shared: &shared, rel, head: Some(head_tx), body: body_tx, script: None, head_only, leader: None };
+            let mut req = Request {
+                shared: &shared,
+                rel,
+                head: Some(head_tx),
+                body: body_tx,
+                script: None,
+                head_only,
+                leader: None,
+            };
             req.run();
             shared.state().in_flight -= 1;
         });
