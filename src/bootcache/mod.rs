@@ -7,9 +7,11 @@
 //! - [`generation`]: revalidation candidates, the fallback's one-generation rule, the next good set (pure);
 //! - [`store`]: the files on disk;
 //! - [`origin`]: the HTTP client;
+//! - `inflight`: at most one origin download per file; a second request for it joins the running one;
 //! - [`BootCache`]: one request's way through them. All blocking I/O (the origin, the disk) runs on a thread
 //!   of its own per request, never on the async runtime; the body reaches the runtime through a bounded
-//!   channel, so a slow guest slows the origin download rather than filling memory.
+//!   channel, so a slow guest slows the origin download rather than filling memory. A `HEAD`
+//!   ([`BootCache::head`]) takes a `GET`'s decision without downloading a body.
 //!
 //! Counters ([`Counters`]) and the progress of the file being sent ([`Download`]) are per boot:
 //! [`BootCache::begin_boot`] resets them with the session.
