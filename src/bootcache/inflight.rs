@@ -272,3 +272,77 @@ impl Request<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn lead<'a>(flights: &'a Flights, key: &str) -> Leader<'a> {
+        match flights.enter(key) {
+            Entered::Lead(l) => l,
+            Entered::Join(_) => panic!("a leader was expected"),
+        }
+    }
+
+    fn join(flights: &Flights, key: &str) -> Arc<Flight> {
+        match flights.enter(key) {
+            Entered::Join(f) => f,
+            Entered::Lead(_) => panic!("a joiner was expected"),
+        }
+    }
+
+    #[test]
+    fn one_leader_per_key_and_joiners_follow_it() {
+        let flights = Flights::default();
+        let mut l = lead(&flights, "big");
+        let f = join(&flights, "big");
+        let other = lead(&flights, "other");
+        assert_eq!(flights.shared_length("big"), None, "still asking the origin");
+        let tmp = tempfile::tempfile().unwrap();
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| f.decision().map(|(_, length)| length));
+            l.streaming(tmp.try_clone().unwrap(), Some(10));
+            assert_eq!(waiting.join().unwrap(), Some(Some(10)), "the joiner waited for the leader's answer");
+        });
+        assert_eq!(flights.shared_length("big"), Some(Some(10)));
+        (&tmp).write_all(b"hello").unwrap();
+        l.wrote(5);
+        assert!(matches!(f.next(0), Next::Data(5)));
+        let (file, _) = f.decision().unwrap();
+        let mut buf = [0u8; 5];
+        file.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"hello");
+        l.complete("sha");
+        assert!(matches!(f.next(5), Next::Complete(s) if s == "sha"));
+        assert!(matches!(flights.enter("big"), Entered::Join(_)), "complete but not yet admitted: still shared");
+        drop(l);
+        drop(other);
+        assert!(flights.map().is_empty(), "the leaders left");
+    }
+
+    #[test]
+    fn a_resigned_or_failed_leader_lets_go() {
+        let flights = Flights::default();
+        let mut l = lead(&flights, "k");
+        let f = join(&flights, "k");
+        l.resign();
+        assert!(f.decision().is_none(), "nothing to share: the joiner goes its own way");
+        let l2 = lead(&flights, "k");
+        let f2 = join(&flights, "k");
+        drop(l);
+        assert!(matches!(flights.enter("k"), Entered::Join(_)), "an old leader does not remove a new one");
+        // A leader that ends without a word (a panic) fails its joiners.
+        drop(l2);
+        assert!(f2.decision().is_none());
+        assert!(matches!(f2.next(0), Next::Failed(_)));
+        let mut l3 = lead(&flights, "k");
+        let f3 = join(&flights, "k");
+        l3.streaming(tempfile::tempfile().unwrap(), None);
+        l3.wrote(3);
+        l3.fail("cut");
+        assert!(matches!(f3.next(0), Next::Data(3)), "what was written is still read");
+        assert!(matches!(f3.next(3), Next::Failed(w) if w == "cut"));
+        assert!(matches!(flights.enter("k"), Entered::Lead(_)), "a failed download is not joined");
+    }
+}
