@@ -255,3 +255,173 @@ fn the_private_ca_is_needed_and_absolute_urls_are_reported() {
     let e = BootCache::open(&cfg).err().unwrap().to_string();
     assert!(e.starts_with("--boot-ca \""), "{e}");
 }
+
+/// Large enough that a download takes seconds over the 50 Mbit/s link (about 4 s).
+const SHARED: usize = 24 << 20;
+
+async fn fetch(c: BootCache, path: &'static str) -> (u16, std::io::Result<Vec<u8>>) {
+    let r = c.get(path).await;
+    (r.status, r.into_bytes().await)
+}
+
+/// How many GETs of `path` the origin logged.
+fn origin_gets(lab: &OriginLab, path: &str) -> usize {
+    lab.requests().iter().filter(|r| r.0 == "GET" && r.1 == path).count()
+}
+
+/// This process's descriptors open on files under `dir`.
+fn fds_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn concurrent_requests_share_one_origin_download() {
+    if !prepared("concurrent_requests_share_one_origin_download") {
+        return;
+    }
+    let lab = OriginLab::new(true);
+    lab.write("boot.ipxe", b"#!ipxe\nimgfetch big\n");
+    let big1 = random_bytes(SHARED);
+    lab.write("big", &big1);
+    let state = tempfile::tempdir().unwrap();
+    enter(&lab.client.path());
+    let rt = runtime();
+    let c = cache(&lab, state.path(), true);
+
+    // Three requests at once: one GET at the origin, the same bytes for all three, one object.
+    let got = rt
+        .block_on(async { tokio::join!(fetch(c.clone(), "/big"), fetch(c.clone(), "/big"), fetch(c.clone(), "/big")) });
+    for (status, body) in [got.0, got.1, got.2] {
+        assert_eq!(status, 200);
+        assert!(body.unwrap() == big1, "every client gets the file");
+    }
+    assert_eq!(origin_gets(&lab, "/big"), 1, "one origin download: {:?}", lab.requests());
+    let s = c.snapshot();
+    assert_eq!(s.boot_cache.fetched_bytes, SHARED as u64, "{s:?}");
+    assert_eq!(s.boot_cache.served_bytes, 3 * SHARED as u64, "{s:?}");
+    // mark_good waits for the requests in flight; then no descriptor on the cache is left open.
+    assert!(c.mark_good("ready").unwrap());
+    let objs = objects(state.path());
+    assert_eq!(objs.len(), 1, "admitted once, no temporary file left: {objs:?}");
+    assert!(fds_under(state.path()).is_empty(), "{:?}", fds_under(state.path()));
+
+    // A request arriving mid-download joins it and gets the bytes already written at once, while the
+    // leader is still downloading.
+    let big2 = random_bytes(SHARED);
+    std::thread::sleep(Duration::from_millis(20));
+    lab.write("big", &big2);
+    lab.clear_log();
+    c.begin_boot();
+    let (leader, joiner, fetched_at_first) = rt.block_on(async {
+        let leader = tokio::spawn(fetch(c.clone(), "/big"));
+        let mid = async {
+            while c.snapshot().download.is_none_or(|d| d.bytes < 1 << 20) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), mid).await.expect("the leader's download starts");
+        let r = c.get("/big").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.length, Some(SHARED as u64));
+        let ec_ipxe_qemu::bootcache::ReplyBody::Stream(mut rx) = r.body else { panic!("a stream") };
+        let mut joined = rx.recv().await.expect("a first chunk").expect("data").to_vec();
+        let fetched_at_first = c.snapshot().boot_cache.fetched_bytes;
+        while let Some(chunk) = rx.recv().await {
+            joined.extend_from_slice(&chunk.expect("the joiner's body completes"));
+        }
+        (leader.await.unwrap(), joined, fetched_at_first)
+    });
+    eprintln!("joiner: first chunk when the leader had fetched {fetched_at_first} of {SHARED} bytes");
+    assert!(fetched_at_first < SHARED as u64, "first bytes before the leader finished ({fetched_at_first})");
+    assert_eq!(leader.0, 200);
+    assert!(leader.1.unwrap() == big2 && joiner == big2, "both get the new file");
+    assert_eq!(origin_gets(&lab, "/big"), 1, "{:?}", lab.requests());
+    let s = c.snapshot();
+    assert_eq!((s.boot_cache.fetched_bytes, s.boot_cache.served_bytes), (SHARED as u64, 2 * SHARED as u64));
+    assert!(s.download.is_none(), "{s:?}");
+    assert!(c.mark_good("ready").unwrap());
+    assert_eq!(objects(state.path()).len(), 1);
+    assert!(fds_under(state.path()).is_empty());
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_head_downloads_nothing_and_a_cut_leader_cuts_its_joiner() {
+    if !prepared("a_head_downloads_nothing_and_a_cut_leader_cuts_its_joiner") {
+        return;
+    }
+    let lab = OriginLab::new(true);
+    let script = b"#!ipxe\nimgfetch big\n".to_vec();
+    lab.write("boot.ipxe", &script);
+    let big1 = random_bytes(SHARED);
+    lab.write("big", &big1);
+    let state = tempfile::tempdir().unwrap();
+    enter(&lab.client.path());
+    let rt = runtime();
+    let c = cache(&lab, state.path(), true);
+    let head = |path: &str| {
+        rt.block_on(async {
+            let r = c.head(path).await;
+            (r.status, r.length, r.into_bytes().await.unwrap())
+        })
+    };
+
+    // Cold HEAD: the origin's 200 gives the length; its body is dropped after the headers.
+    let rx_before = lab.client_rx_bytes();
+    assert_eq!(head("/big"), (200, Some(SHARED as u64), vec![]));
+    // Whatever was already on its way arrives, then the link is quiet.
+    std::thread::sleep(Duration::from_secs(2));
+    let received = lab.client_rx_bytes() - rx_before;
+    eprintln!("HEAD: {received} bytes crossed the link (file: {SHARED})");
+    assert!(received < SHARED as u64 / 2, "{received} bytes crossed the link for a HEAD of {SHARED}");
+    let s = c.snapshot();
+    assert_eq!((s.boot_cache.fetched_bytes, s.boot_cache.served_bytes), (0, 0), "{s:?}");
+    assert!(objects(state.path()).is_empty(), "nothing written: {:?}", objects(state.path()));
+    assert_eq!(lab.requests(), [("GET".to_owned(), "/big".to_owned(), 200)]);
+
+    // Cached: the HEAD revalidates (304) and answers the cached length; unchanged counters otherwise.
+    assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    assert!(get(&rt, &c, "/big").1.unwrap() == big1);
+    assert!(c.mark_good("ready").unwrap());
+    let good = objects(state.path());
+    lab.clear_log();
+    c.begin_boot();
+    assert_eq!(head("/big"), (200, Some(SHARED as u64), vec![]));
+    assert_eq!(lab.requests(), [("GET".to_owned(), "/big".to_owned(), 304)]);
+    let s = c.snapshot();
+    assert_eq!((s.boot_cache.revalidated, s.boot_cache.hits, s.boot_cache.fetched_bytes), (1, 0, 0), "{s:?}");
+    // The origin fails: the fallback's length, as a GET would be answered; a missing file: 404.
+    lab.set_mode("503");
+    c.begin_boot();
+    assert_eq!(head("/big"), (200, Some(SHARED as u64), vec![]));
+    assert_eq!(c.snapshot().boot_source, BootSource::Cache);
+    lab.set_mode("ok");
+    c.begin_boot();
+    assert_eq!(head("/nope").0, 404);
+
+    // The origin cuts the (changed) file mid-body: the leader and the request that joined it are both cut,
+    // after one origin GET, and nothing is admitted.
+    let big2 = random_bytes(SHARED);
+    std::thread::sleep(Duration::from_millis(20));
+    lab.write("big", &big2);
+    lab.set_mode("cut");
+    lab.clear_log();
+    c.begin_boot();
+    let (a, b) = rt.block_on(async { tokio::join!(fetch(c.clone(), "/big"), fetch(c.clone(), "/big")) });
+    lab.set_mode("ok");
+    for (status, body) in [a, b] {
+        assert_eq!(status, 200);
+        let len = body.as_ref().map(Vec::len);
+        assert!(body.is_err(), "cut, not complete: {len:?} {:?}", c.snapshot());
+    }
+    assert_eq!(origin_gets(&lab, "/big"), 1, "{:?}", lab.requests());
+    assert!(c.snapshot().boot_cache.fetched_bytes < SHARED as u64);
+    c.mark_good("ready").unwrap();
+    assert_eq!(objects(state.path()), good, "nothing admitted, no temporary file left");
+    assert!(fds_under(state.path()).is_empty(), "{:?}", fds_under(state.path()));
+}

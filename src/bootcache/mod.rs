@@ -7,14 +7,17 @@
 //! - [`generation`]: revalidation candidates, the fallback's one-generation rule, the next good set (pure);
 //! - [`store`]: the files on disk;
 //! - [`origin`]: the HTTP client;
+//! - `inflight`: at most one origin download per file; a second request for it joins the running one;
 //! - [`BootCache`]: one request's way through them. All blocking I/O (the origin, the disk) runs on a thread
 //!   of its own per request, never on the async runtime; the body reaches the runtime through a bounded
-//!   channel, so a slow guest slows the origin download rather than filling memory.
+//!   channel, so a slow guest slows the origin download rather than filling memory. A `HEAD`
+//!   ([`BootCache::head`]) takes a `GET`'s decision without downloading a body.
 //!
 //! Counters ([`Counters`]) and the progress of the file being sent ([`Download`]) are per boot:
 //! [`BootCache::begin_boot`] resets them with the session.
 
 pub mod generation;
+mod inflight;
 pub mod origin;
 mod request;
 pub mod store;
@@ -123,6 +126,7 @@ struct Shared {
     boot: BootUrl,
     store: Store,
     client: Client,
+    flights: inflight::Flights,
     state: Mutex<State>,
 }
 
@@ -175,7 +179,9 @@ impl BootCache {
             in_flight: 0,
             warned_fallback: false,
         };
-        Ok(BootCache { shared: Arc::new(Shared { boot, store, client, state: Mutex::new(state) }) })
+        Ok(BootCache {
+            shared: Arc::new(Shared { boot, store, client, flights: Default::default(), state: Mutex::new(state) }),
+        })
     }
 
     /// The run is ending: no write to the cache after this returns (requests still running fail theirs).
@@ -251,9 +257,19 @@ impl BootCache {
         Ok(true)
     }
 
-    /// Answer a guest's request (`GET`/`HEAD` target). The work runs on a thread of its own; this returns once
-    /// the status is known, with the body to follow.
+    /// Answer a guest's `GET` of `target`. The work runs on a thread of its own; this returns once the status
+    /// is known, with the body to follow.
     pub async fn get(&self, target: &str) -> Reply {
+        self.answer(target, false).await
+    }
+
+    /// Answer a guest's `HEAD` of `target`: the status and length a `GET` would get, without downloading or
+    /// storing a body (the body of the reply is empty).
+    pub async fn head(&self, target: &str) -> Reply {
+        self.answer(target, true).await
+    }
+
+    async fn answer(&self, target: &str, head_only: bool) -> Reply {
         let rel = match target::confine(target) {
             Ok(r) => r,
             Err(e) => return Reply::text(403, e.0),
@@ -269,7 +285,15 @@ impl BootCache {
         let (body_tx, body_rx) = mpsc::channel(CHANNEL_CHUNKS);
         let shared = Arc::clone(&self.shared);
         let spawned = std::thread::Builder::new().name("boot-cache".into()).spawn(move || {
-            let mut req = Request { shared: &shared, rel, head: Some(head_tx), body: body_tx, script: None };
+            let mut req = Request {
+                shared: &shared,
+                rel,
+                head: Some(head_tx),
+                body: body_tx,
+                script: None,
+                head_only,
+                leader: None,
+            };
             req.run();
             shared.state().in_flight -= 1;
         });

@@ -1,5 +1,8 @@
 //! One guest request of the boot cache, on a thread of its own: decide (revalidate with the origin, or fall
-//! back to the last good set), then stream the file to the guest while it is written to the store.
+//! back to the last good set), then stream the file to the guest while it is written to the store. A request
+//! for a file whose download is running joins it ([`inflight`](super::inflight)). A HEAD takes the same
+//! decision as a GET but never downloads a body: a fresh answer's body is dropped after its headers and
+//! nothing is admitted or recorded.
 
 use std::io::{Read, Write};
 
@@ -7,6 +10,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use super::inflight::Entered;
 use super::*;
 
 /// One request on its thread.
@@ -17,6 +21,10 @@ pub(super) struct Request<'a> {
     pub(super) body: mpsc::Sender<std::io::Result<Bytes>>,
     /// The script's first bytes, when this is the script.
     pub(super) script: Option<Vec<u8>>,
+    /// A HEAD: the answer's status and length only.
+    pub(super) head_only: bool,
+    /// The download of this path this request leads, if it does.
+    pub(super) leader: Option<inflight::Leader<'a>>,
 }
 
 enum Outcome {
@@ -31,7 +39,7 @@ impl Request<'_> {
         self.rel.key()
     }
 
-    fn reply_head(&mut self, status: u16, length: Option<u64>) {
+    pub(super) fn reply_head(&mut self, status: u16, length: Option<u64>) {
         if let Some(tx) = self.head.take() {
             let _ = tx.send(Head { status, length });
         }
@@ -45,18 +53,74 @@ impl Request<'_> {
 
     pub(super) fn run(&mut self) {
         let key = self.key();
-        let boot = &self.shared.boot;
-        if key == boot.script {
+        let sh = self.shared;
+        if self.head_only {
+            return self.run_head(&key);
+        }
+        if key == sh.boot.script {
             self.script = Some(Vec::new());
         }
+        // Lead the download of this path, or join the one running (until a leader has one to share).
+        loop {
+            match sh.flights.enter(&key) {
+                Entered::Lead(l) => {
+                    self.leader = Some(l);
+                    break;
+                }
+                Entered::Join(flight) => {
+                    if let Some((file, length)) = flight.decision() {
+                        self.serve_joined(&key, &flight, &file, length);
+                        return self.scan_script();
+                    }
+                }
+            }
+        }
         match self.decide(&key) {
-            Outcome::Cached(e) => self.serve_cached(&key, &e),
+            Outcome::Cached(e) => {
+                self.resign();
+                self.serve_cached(&key, &e);
+            }
             Outcome::Fresh(f) => self.serve_fresh(&key, f),
             Outcome::Status(s, why) => {
+                self.resign();
                 tracing::warn!("boot cache: {key}: {s} ({why})");
                 self.reply_text(s, &why);
             }
         }
+        self.leader = None;
+        self.scan_script();
+    }
+
+    fn resign(&mut self) {
+        if let Some(l) = &mut self.leader {
+            l.resign();
+        }
+    }
+
+    /// A HEAD: the length of a download being shared, else the same decision as a GET, without a body.
+    fn run_head(&mut self, key: &str) {
+        if let Some(length) = self.shared.flights.shared_length(key) {
+            return self.reply_head(200, length);
+        }
+        match self.decide(key) {
+            Outcome::Cached(e) => {
+                if self.shared.store.has(&e) {
+                    self.reply_head(200, Some(e.length));
+                } else {
+                    self.reply_text(503, &format!("cached copy of {key} unusable; try again"));
+                }
+            }
+            // The body is dropped unread: the connection to the origin is closed.
+            Outcome::Fresh(f) => self.reply_head(200, f.length),
+            Outcome::Status(s, why) => {
+                tracing::warn!("boot cache: HEAD {key}: {s} ({why})");
+                self.reply_text(s, &why);
+            }
+        }
+    }
+
+    /// The absolute URLs of the script, when this was the script.
+    fn scan_script(&mut self) {
         if let Some(script) = self.script.take() {
             let urls = generation::absolute_urls(&String::from_utf8_lossy(&script));
             if !urls.is_empty() {
@@ -97,7 +161,9 @@ impl Request<'_> {
                 st.counters.revalidated += 1;
                 st.counters.origin_error = None;
                 drop(st);
-                self.admit_entry(key, &e);
+                if !self.head_only {
+                    self.admit_entry(key, &e);
+                }
                 Outcome::Cached(e)
             }
             Ok(Answer::Fresh(f)) => {
@@ -120,7 +186,9 @@ impl Request<'_> {
                     st.warned_fallback = true;
                     tracing::warn!("boot cache: booting from the last good set: the origin failed: {err}");
                 }
-                st.session.served.insert(key.to_owned(), e.clone());
+                if !self.head_only {
+                    st.session.served.insert(key.to_owned(), e.clone());
+                }
                 Outcome::Cached(e)
             }
             Err(why) => Outcome::Status(503, why),
@@ -148,17 +216,17 @@ impl Request<'_> {
         }
     }
 
-    fn progress(&self, key: &str, bytes: u64, total: Option<u64>) {
+    pub(super) fn progress(&self, key: &str, bytes: u64, total: Option<u64>) {
         let percent = total.filter(|t| *t > 0).map(|t| (bytes.saturating_mul(100) / t).min(100) as u8);
         self.shared.state().download = Some(Download { file: key.to_owned(), bytes, total, percent });
     }
 
-    fn done(&self) {
+    pub(super) fn done(&self) {
         self.shared.state().download = None;
     }
 
     /// Send a chunk to the guest; false when the guest went away (the download for the cache goes on).
-    fn send(&mut self, chunk: &[u8], guest: &mut bool) {
+    pub(super) fn send(&mut self, chunk: &[u8], guest: &mut bool) {
         if let Some(s) = &mut self.script
             && s.len() < SCRIPT_SCAN_BYTES
         {
@@ -238,6 +306,19 @@ impl Request<'_> {
                 None
             }
         };
+        // Requests for this path meanwhile read the temporary file through a descriptor of their own.
+        match tmp.as_ref().map(|t| t.file.try_clone()) {
+            Some(Ok(dup)) => {
+                if let Some(l) = &mut self.leader {
+                    l.streaming(dup, f.length);
+                }
+            }
+            Some(Err(err)) => {
+                tracing::warn!("boot cache: {key}: cannot share the download ({err})");
+                self.resign();
+            }
+            None => self.resign(),
+        }
         self.reply_head(200, f.length);
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; CHUNK];
@@ -253,16 +334,25 @@ impl Request<'_> {
                     // The partial file goes before the guest learns of the failure.
                     drop(tmp.take());
                     self.origin_failed_midway(&msg);
+                    self.fail(&msg);
                     self.done();
                     return self.cut(msg);
                 }
             };
             hasher.update(&buf[..n]);
-            if let Some(t) = &mut tmp
-                && let Err(err) = t.file.write_all(&buf[..n])
-            {
-                tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
-                tmp = None;
+            if let Some(t) = &mut tmp {
+                match t.file.write_all(&buf[..n]) {
+                    Ok(()) => {
+                        if let Some(l) = &self.leader {
+                            l.wrote(n as u64);
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
+                        tmp = None;
+                        self.fail(&format!("cannot write the cache: {err}"));
+                    }
+                }
             }
             got += n as u64;
             sh.state().counters.fetched_bytes += n as u64;
@@ -275,14 +365,18 @@ impl Request<'_> {
             None => f.chunked,
         };
         if !complete {
-            tracing::warn!(
-                "boot cache: {key}: {got} bytes, {} announced: not admitted",
+            let msg = format!(
+                "{key}: {got} bytes, {} announced: not admitted",
                 f.length.map(|l| l.to_string()).unwrap_or_else(|| "no length".into())
             );
-            return;
+            tracing::warn!("boot cache: {msg}");
+            return self.fail(&msg);
         }
         let Some(tmp) = tmp else { return };
         let sha = store::hex(&hasher.finalize());
+        if let Some(l) = &mut self.leader {
+            l.complete(&sha);
+        }
         // The object and its naming in the set being fetched, with no clean-up in between.
         let _disk = sh.store.lock();
         if let Err(err) = sh.store.admit(tmp, &sha) {
@@ -298,6 +392,13 @@ impl Request<'_> {
         };
         self.record(key, &e);
         tracing::info!("boot cache: {key}: {got} bytes from {} (admitted)", f.url);
+    }
+
+    /// The download this request leads failed: its joiners are cut.
+    fn fail(&mut self, why: &str) {
+        if let Some(l) = &mut self.leader {
+            l.fail(why);
+        }
     }
 
     /// The origin broke off a body: the error is recorded and, when a good set exists, this boot goes on

@@ -467,7 +467,7 @@ async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> R
     let root = match &shared.backend {
         Backend::Dir(root) => root.clone(),
         Backend::Cache(cache) => {
-            let reply = cache.get(target).await;
+            let reply = if method == Method::HEAD { cache.head(target).await } else { cache.get(target).await };
             let status = reply.status;
             if status < 400 {
                 let len = reply.length.map_or_else(|| "length unknown".to_owned(), |l| format!("{l} bytes"));

@@ -110,6 +110,8 @@ pub struct OriginLab {
     pub dir: tempfile::TempDir,
     pub tls: bool,
     pub port: u16,
+    /// The client namespace's end of the veth.
+    client_dev: String,
     server: Option<KillOnDrop>,
 }
 
@@ -136,7 +138,8 @@ impl OriginLab {
         if tls {
             make_certs(dir.path());
         }
-        let mut lab = OriginLab { client, origin, dir, tls, port: if tls { 443 } else { 80 }, server: None };
+        let mut lab =
+            OriginLab { client, origin, dir, tls, port: if tls { 443 } else { 80 }, client_dev: a, server: None };
         lab.start();
         lab
     }
@@ -171,6 +174,13 @@ impl OriginLab {
                 Some((it.next()?.to_owned(), it.next()?.to_owned(), it.next()?.parse().ok()?))
             })
             .collect()
+    }
+
+    /// Bytes the client namespace has received over the link from the origin.
+    pub fn client_rx_bytes(&self) -> u64 {
+        let out = self.client.ip(&["-j", "-s", "link", "show", "dev", &self.client_dev]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j -s link");
+        v[0]["stats64"]["rx"]["bytes"].as_u64().expect("rx bytes")
     }
 
     pub fn clear_log(&self) {
