@@ -384,7 +384,7 @@ fn a_head_downloads_nothing_and_a_cut_leader_cuts_its_joiner() {
     assert!(objects(state.path()).is_empty(), "nothing written: {:?}", objects(state.path()));
     assert_eq!(lab.requests(), [("GET".to_owned(), "/big".to_owned(), 200)]);
 
-    // Cached: the HEAD revalidates (304) and answers the cached length; unchanged counters otherwise.
+    // Cached: the HEAD revalidates (304) and answers the cached length; no counter moves.
     assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
     assert!(get(&rt, &c, "/big").1.unwrap() == big1);
     assert!(c.mark_good("ready").unwrap());
@@ -394,15 +394,27 @@ fn a_head_downloads_nothing_and_a_cut_leader_cuts_its_joiner() {
     assert_eq!(head("/big"), (200, Some(SHARED as u64), vec![]));
     assert_eq!(lab.requests(), [("GET".to_owned(), "/big".to_owned(), 304)]);
     let s = c.snapshot();
-    assert_eq!((s.boot_cache.revalidated, s.boot_cache.hits, s.boot_cache.fetched_bytes), (1, 0, 0), "{s:?}");
+    // A HEAD counts nothing: the GET that follows it is what the guest gets.
+    assert_eq!((s.boot_cache.revalidated, s.boot_cache.hits, s.boot_cache.fetched_bytes), (0, 0, 0), "{s:?}");
     // The origin fails: the fallback's length, as a GET would be answered; a missing file: 404.
     lab.set_mode("503");
     c.begin_boot();
     assert_eq!(head("/big"), (200, Some(SHARED as u64), vec![]));
-    assert_eq!(c.snapshot().boot_source, BootSource::Cache);
+    // ... without switching the boot to the fallback (only what the guest GETs does).
+    let s = c.snapshot();
+    assert_eq!(s.boot_source, BootSource::Origin, "{s:?}");
+    assert!(s.boot_cache.origin_error.as_deref().is_some_and(|e| e.contains("503")), "{s:?}");
     lab.set_mode("ok");
     c.begin_boot();
     assert_eq!(head("/nope").0, 404);
+
+    // A ready of a boot that is over (the guest rebooted at once) marks nothing: the new boot's first file
+    // never replaces the good set.
+    let ended = c.boot();
+    c.begin_boot();
+    assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    assert!(!c.mark_good_of("ready", ended).unwrap());
+    assert_eq!(objects(state.path()), good, "the good set and its objects stay");
 
     // The origin cuts the (changed) file mid-body: the leader and the request that joined it are both cut,
     // after one origin GET, and nothing is admitted.

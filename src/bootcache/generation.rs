@@ -18,6 +18,10 @@ pub struct Session {
     /// In fallback: the guest may be given any file of the good set (nothing newer reached it, or it started
     /// over with the good set's script).
     pub consistent: bool,
+    /// Fresh bodies from the origin being streamed to the guest: the guest may hold a newer file before it
+    /// is recorded (the last byte goes out before the fsync), so a fallback meanwhile counts as after newer
+    /// files.
+    pub fresh_in_flight: u32,
 }
 
 /// The good set, when it belongs to this boot URL.
@@ -65,7 +69,7 @@ pub fn fallback(
     };
     if session.fallback.is_none() {
         session.fallback = Some(origin_error.to_owned());
-        session.consistent = !session.new_from_origin;
+        session.consistent = session.untouched();
     }
     let Some(e) = good.files.get(key) else {
         return Err(format!("origin failed ({origin_error}) and the last good set has no \"{key}\""));
@@ -80,6 +84,25 @@ pub fn fallback(
         ));
     }
     Ok(e.clone())
+}
+
+impl Session {
+    /// Nothing newer than the good set reached the guest (or may be reaching it).
+    pub fn untouched(&self) -> bool {
+        !self.new_from_origin && self.fresh_in_flight == 0
+    }
+
+    /// A fresh body ended: `Some(sha256)` when the guest got all of it (admitted or not), which makes the
+    /// boot newer than the good set unless the good set has the same file.
+    pub fn fresh_in_flight_ended(&mut self, key: &str, sha256: Option<&str>, good: Option<&Manifest>, boot_url: &str) {
+        self.fresh_in_flight = self.fresh_in_flight.saturating_sub(1);
+        if let Some(sha) = sha256 {
+            let same = usable_good(good, boot_url).and_then(|g| g.files.get(key)).is_some_and(|g| g.sha256 == sha);
+            if !same {
+                self.new_from_origin = true;
+            }
+        }
+    }
 }
 
 /// Record what a request got; `from_origin` marks copies the origin just sent or confirmed.
@@ -193,6 +216,19 @@ mod tests {
         assert_eq!(fallback("boot.ipxe", "boot.ipxe", &mut s, Some(&good), URL, "cut").unwrap(), e('a'));
         assert_eq!(fallback("k", "boot.ipxe", &mut s, Some(&good), URL, "cut").unwrap(), e('b'));
         assert_eq!(s.fallback.as_deref(), Some("cut"), "the first error is kept");
+
+        // A fresh body is still on its way to the guest (its last byte may be there before it is recorded):
+        // a fallback meanwhile counts as after newer files; a body that ended as the good set's stays
+        // consistent, one that was cut too.
+        let mut s = Session { fresh_in_flight: 1, ..Session::default() };
+        assert!(fallback("k", "boot.ipxe", &mut s, Some(&good), URL, "refused").unwrap_err().contains("newer files"));
+        let mut s = Session { fresh_in_flight: 2, ..Session::default() };
+        s.fresh_in_flight_ended("k", Some(&"b".repeat(64)), Some(&good), URL);
+        s.fresh_in_flight_ended("boot.ipxe", None, Some(&good), URL);
+        assert!(s.untouched());
+        s.fresh_in_flight += 1;
+        s.fresh_in_flight_ended("k", Some(&"n".repeat(64)), Some(&good), URL);
+        assert!(!s.untouched() && s.new_from_origin && s.fresh_in_flight == 0);
 
         // No good set (or another URL's): the guest's retry loop goes on.
         let mut s = Session::default();

@@ -44,6 +44,9 @@ const CHANNEL_CHUNKS: usize = 64;
 pub const MAX_IN_FLIGHT: usize = 16;
 /// How long [`BootCache::mark_good`] waits for the requests in flight to finish admitting their files.
 const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Files a set (the one being fetched, one boot's) names at most; a guest asking for more (say, the same
+/// file under endless query strings) gets them passed through uncached.
+pub const MAX_SET_FILES: usize = 1024;
 /// Bytes of the script kept to look for absolute URLs in it.
 const SCRIPT_SCAN_BYTES: usize = 256 * 1024;
 
@@ -120,6 +123,9 @@ struct State {
     not_cached: Vec<String>,
     in_flight: usize,
     warned_fallback: bool,
+    /// Which boot this is ([`BootCache::begin_boot`] counts up): a request of an earlier boot, still
+    /// running, never changes this boot's session, and a ready of an earlier boot marks nothing.
+    boot: u64,
 }
 
 struct Shared {
@@ -178,6 +184,7 @@ impl BootCache {
             not_cached: Vec::new(),
             in_flight: 0,
             warned_fallback: false,
+            boot: 0,
         };
         Ok(BootCache {
             shared: Arc::new(Shared { boot, store, client, flights: Default::default(), state: Mutex::new(state) }),
@@ -205,6 +212,12 @@ impl BootCache {
         st.download = None;
         st.not_cached.clear();
         st.warned_fallback = false;
+        st.boot += 1;
+    }
+
+    /// The boot running now, for [`BootCache::mark_good_of`].
+    pub fn boot(&self) -> u64 {
+        self.shared.state().boot
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -231,6 +244,13 @@ impl BootCache {
     /// becomes the last good set and everything else is removed. Blocking (disk): call it on a blocking
     /// thread. Returns whether the good set changed.
     pub fn mark_good(&self, stage: &str) -> std::io::Result<bool> {
+        self.mark_good_of(stage, self.boot())
+    }
+
+    /// [`BootCache::mark_good`] for the boot `boot` ([`BootCache::boot`] when it reached `stage`): nothing
+    /// when another boot began since (the guest rebooted at once), so the new boot's first files never
+    /// replace the good set.
+    pub fn mark_good_of(&self, stage: &str, boot: u64) -> std::io::Result<bool> {
         // The guest may print its ready line as soon as it has a file's last byte, while that file's thread
         // still fsyncs and admits it: wait for the requests in flight, so the good set holds every file of
         // the boot (bounded; a request still running after that is not part of the boot).
@@ -244,6 +264,10 @@ impl BootCache {
         let _disk = self.shared.store.lock();
         let next = {
             let st = self.shared.state();
+            if st.boot != boot {
+                tracing::info!("boot cache: the guest rebooted before its ready boot was recorded; the good set stays");
+                return Ok(false);
+            }
             generation::next_good(&st.session, &self.shared.boot.url, stage, now)
         };
         let Some(next) = next else { return Ok(false) };
@@ -274,17 +298,20 @@ impl BootCache {
             Ok(r) => r,
             Err(e) => return Reply::text(403, e.0),
         };
-        {
+        let boot = {
             let mut st = self.shared.state();
             if st.in_flight >= MAX_IN_FLIGHT {
                 return Reply::text(503, format!("{MAX_IN_FLIGHT} requests in flight; try again"));
             }
             st.in_flight += 1;
-        }
+            st.boot
+        };
         let (head_tx, head_rx) = oneshot::channel();
         let (body_tx, body_rx) = mpsc::channel(CHANNEL_CHUNKS);
         let shared = Arc::clone(&self.shared);
         let spawned = std::thread::Builder::new().name("boot-cache".into()).spawn(move || {
+            // Counted out however the request ends (a panic included).
+            let _counted = InFlight(&shared);
             let mut req = Request {
                 shared: &shared,
                 rel,
@@ -293,9 +320,9 @@ impl BootCache {
                 script: None,
                 head_only,
                 leader: None,
+                boot,
             };
             req.run();
-            shared.state().in_flight -= 1;
         });
         if let Err(e) = spawned {
             self.shared.state().in_flight -= 1;
@@ -305,6 +332,16 @@ impl BootCache {
             Ok(head) => Reply { status: head.status, length: head.length, body: ReplyBody::Stream(body_rx) },
             Err(_) => Reply::text(500, "the request's thread ended without an answer".into()),
         }
+    }
+}
+
+/// A request counted in `in_flight` until dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state();
+        st.in_flight = st.in_flight.saturating_sub(1);
     }
 }
 

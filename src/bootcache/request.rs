@@ -25,6 +25,8 @@ pub(super) struct Request<'a> {
     pub(super) head_only: bool,
     /// The download of this path this request leads, if it does.
     pub(super) leader: Option<inflight::Leader<'a>>,
+    /// The boot this request belongs to (a request of an earlier boot leaves the session alone).
+    pub(super) boot: u64,
 }
 
 enum Outcome {
@@ -158,7 +160,9 @@ impl Request<'_> {
                     e.last_modified = last_modified;
                 }
                 let mut st = sh.state();
-                st.counters.revalidated += 1;
+                if !self.head_only {
+                    st.counters.revalidated += 1;
+                }
                 st.counters.origin_error = None;
                 drop(st);
                 if !self.head_only {
@@ -167,7 +171,12 @@ impl Request<'_> {
                 Outcome::Cached(e)
             }
             Ok(Answer::Fresh(f)) => {
-                sh.state().counters.origin_error = None;
+                let mut st = sh.state();
+                st.counters.origin_error = None;
+                if !self.head_only && st.boot == self.boot {
+                    // Ended by [`Self::fresh_ended`] in [`Self::serve_fresh`].
+                    st.session.fresh_in_flight += 1;
+                }
                 Outcome::Fresh(f)
             }
             Ok(Answer::Status(s)) => Outcome::Status(s, format!("the origin answered {s} for {url}")),
@@ -180,13 +189,23 @@ impl Request<'_> {
         let mut st = sh.state();
         st.counters.origin_error = Some(err.to_owned());
         let st = &mut *st;
-        match generation::fallback(key, &sh.boot.script, &mut st.session, st.good.as_ref(), &sh.boot.url, err) {
+        // A HEAD, or a request of an earlier boot, asks what the fallback would give without switching this
+        // boot to it.
+        let own = !self.head_only && st.boot == self.boot;
+        let mut scratch;
+        let session = if own {
+            &mut st.session
+        } else {
+            scratch = st.session.clone();
+            &mut scratch
+        };
+        match generation::fallback(key, &sh.boot.script, session, st.good.as_ref(), &sh.boot.url, err) {
             Ok(e) => {
-                if !st.warned_fallback {
-                    st.warned_fallback = true;
-                    tracing::warn!("boot cache: booting from the last good set: the origin failed: {err}");
-                }
-                if !self.head_only {
+                if own {
+                    if !st.warned_fallback {
+                        st.warned_fallback = true;
+                        tracing::warn!("boot cache: booting from the last good set: the origin failed: {err}");
+                    }
                     st.session.served.insert(key.to_owned(), e.clone());
                 }
                 Outcome::Cached(e)
@@ -207,7 +226,13 @@ impl Request<'_> {
         let fetching = {
             let mut st = sh.state();
             let st = &mut *st;
-            generation::record(&mut st.session, key, e, st.good.as_ref(), &sh.boot.url, true);
+            if !st.fetching.files.contains_key(key) && st.fetching.files.len() >= MAX_SET_FILES {
+                tracing::warn!("boot cache: {key}: the set being fetched has {MAX_SET_FILES} files; not recorded");
+                return;
+            }
+            if st.boot == self.boot {
+                generation::record(&mut st.session, key, e, st.good.as_ref(), &sh.boot.url, true);
+            }
             st.fetching.files.insert(key.to_owned(), e.clone());
             st.fetching.clone()
         };
@@ -253,7 +278,12 @@ impl Request<'_> {
             Ok(f) => f,
             Err(err) => {
                 tracing::warn!("boot cache: {key}: cached copy unusable: {err}");
-                sh.store.discard(&e.sha256);
+                // A shortage of descriptors or memory says nothing about the file: it stays.
+                let shortage =
+                    matches!(err.raw_os_error(), Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOMEM));
+                if !shortage {
+                    sh.store.discard(&e.sha256);
+                }
                 return self.reply_text(503, &format!("cached copy of {key} unusable; try again"));
             }
         };
@@ -299,7 +329,17 @@ impl Request<'_> {
     /// Stream a 200 from the origin to the guest and into a temporary file; admit it when complete.
     fn serve_fresh(&mut self, key: &str, mut f: Fresh) {
         let sh = self.shared;
+        let full = {
+            let st = sh.state();
+            !st.fetching.files.contains_key(key) && st.fetching.files.len() >= MAX_SET_FILES
+        };
         let mut tmp = match sh.store.temp() {
+            Ok(_) if full => {
+                tracing::warn!(
+                    "boot cache: {key}: the set being fetched has {MAX_SET_FILES} files; passed through uncached"
+                );
+                None
+            }
             Ok(t) => Some(t),
             Err(err) => {
                 tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
@@ -333,6 +373,7 @@ impl Request<'_> {
                     tracing::warn!("boot cache: {key}: {msg}; nothing admitted");
                     // The partial file goes before the guest learns of the failure.
                     drop(tmp.take());
+                    self.fresh_ended(key, None);
                     self.origin_failed_midway(&msg);
                     self.fail(&msg);
                     self.done();
@@ -360,22 +401,40 @@ impl Request<'_> {
             self.progress(key, got, f.length);
         }
         self.done();
+        let sha = store::hex(&hasher.finalize());
+        let framed = f.length.is_some() || f.chunked;
         let complete = match f.length {
             Some(l) => l == got,
             None => f.chunked,
         };
         if !complete {
             let msg = format!(
-                "{key}: {got} bytes, {} announced: not admitted",
+                "{}: {got} bytes, {} announced: not admitted",
+                f.url,
                 f.length.map(|l| l.to_string()).unwrap_or_else(|| "no length".into())
             );
-            tracing::warn!("boot cache: {msg}");
-            return self.fail(&msg);
+            tracing::warn!("boot cache: {key}: {msg}");
+            drop(tmp.take());
+            self.fail(&msg);
+            if framed {
+                // Not what the origin announced: a failure, as a cut is.
+                self.fresh_ended(key, None);
+                self.origin_failed_midway(&msg);
+                return self.cut(msg);
+            }
+            // No length and no framing (an HTTP/1.0 body ended by the connection's close): the guest got
+            // what the origin sent, as it would from iPXE, but it is never admitted.
+            return self.fresh_ended(key, Some(&sha));
         }
+        self.fresh_ended(key, Some(&sha));
         let Some(tmp) = tmp else { return };
-        let sha = store::hex(&hasher.finalize());
         if let Some(l) = &mut self.leader {
             l.complete(&sha);
+        }
+        // The long fsync before the disk lock: under it, only the rename and the naming.
+        if let Err(err) = tmp.file.sync_all() {
+            tracing::warn!("boot cache: {key}: cannot admit to the cache: {err}");
+            return;
         }
         // The object and its naming in the set being fetched, with no clean-up in between.
         let _disk = sh.store.lock();
@@ -407,9 +466,22 @@ impl Request<'_> {
         let sh = self.shared;
         let mut st = sh.state();
         st.counters.origin_error = Some(msg.to_owned());
-        if st.session.fallback.is_none() && generation::usable_good(st.good.as_ref(), &sh.boot.url).is_some() {
+        if st.boot == self.boot
+            && st.session.fallback.is_none()
+            && generation::usable_good(st.good.as_ref(), &sh.boot.url).is_some()
+        {
             st.session.fallback = Some(msg.to_owned());
-            st.session.consistent = !st.session.new_from_origin;
+            st.session.consistent = st.session.untouched();
+        }
+    }
+
+    /// A fresh body this request streamed ended (`Some(sha256)`: the guest got all of it).
+    fn fresh_ended(&self, key: &str, sha256: Option<&str>) {
+        let sh = self.shared;
+        let mut st = sh.state();
+        let st = &mut *st;
+        if st.boot == self.boot {
+            st.session.fresh_in_flight_ended(key, sha256, st.good.as_ref(), &sh.boot.url);
         }
     }
 }

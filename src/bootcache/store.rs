@@ -379,7 +379,7 @@ impl Store {
 
     /// Drop an object that failed its check (a later set may still name it: it is fetched again).
     pub fn discard(&self, sha256: &str) {
-        if is_object_name(sha256) {
+        if is_object_name(sha256) && self.open_for_writes().is_ok() {
             let _ = std::fs::remove_file(self.object_path(sha256));
         }
     }

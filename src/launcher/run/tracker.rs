@@ -258,9 +258,11 @@ impl Tracker {
         });
         if ready && let Some(c) = &self.cache {
             let c = c.clone();
-            // The files of this boot become the last good set: disk work, on a blocking thread.
+            // The files of this boot become the last good set: disk work, on a blocking thread, for this
+            // boot only (a reboot meanwhile makes it a no-op).
+            let boot = c.boot();
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = c.mark_good("ready") {
+                if let Err(e) = c.mark_good_of("ready", boot) {
                     tracing::warn!("boot cache: cannot record the last good set: {e}");
                 }
             });
