@@ -1,7 +1,7 @@
 //! The boot cache against a real HTTPS origin with a private CA, in a namespace of its own behind a 50 Mbit/s
 //! veth (tests/common/origin.rs): cold, warm (304), changed, 503, down, cut mid-file, stalled, endless,
 //! a first boot with no cache, the TLS trust rule and the redirect rule. The cache runs on the test's own
-//! thread, moved into the client namespace.
+//! thread, moved into the client namespace. One more test fetches from nghttpd, an HTTP/2-only origin.
 
 #![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
@@ -254,4 +254,88 @@ fn the_private_ca_is_needed_and_absolute_urls_are_reported() {
     };
     let e = BootCache::open(&cfg).err().unwrap().to_string();
     assert!(e.starts_with("--boot-ca \""), "{e}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_http2_origin_is_fetched_over_http2() {
+    let test = "an_http2_origin_is_fetched_over_http2";
+    if !prepared(test) || !require_programs(test, &["nghttpd"]) {
+        return;
+    }
+    let lab = OriginLab::new(true);
+    let h2 = lab.nghttpd(8443);
+    let script = b"#!ipxe\nimgfetch big\necho ready\n".to_vec();
+    let big = random_bytes(BIG);
+    lab.write("boot.ipxe", &script);
+    lab.write("big", &big);
+    let state = tempfile::tempdir().unwrap();
+    enter(&lab.client.path());
+    let rt = runtime();
+    let cfg = Config {
+        boot_url: h2.url("boot.ipxe"),
+        state_dir: state.path().to_owned(),
+        extra_ca: vec![lab.ca()],
+        limits: Limits {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3),
+            max_file_bytes: 32 << 20,
+        },
+    };
+    let c = BootCache::open(&cfg).expect("open the cache");
+
+    // Cold, from the HTTP/2-only origin: streamed, counted and admitted.
+    assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    assert_eq!(get(&rt, &c, "/big").1.unwrap(), big);
+    let s = c.snapshot();
+    assert_eq!(s.boot_source, BootSource::Origin, "{s:?}");
+    assert_eq!(s.boot_cache.fetched_bytes, (BIG + script.len()) as u64, "{s:?}");
+    assert!(s.download.is_none() && s.boot_cache.origin_error.is_none(), "{s:?}");
+    assert!(c.mark_good("ready").unwrap());
+    assert_eq!(c.good_set().unwrap().files, 2);
+    let good = objects(state.path());
+    assert_eq!(good.len(), 2, "{good:?}");
+
+    // The server saw HTTP/2 requests for both files (nghttpd's frame log), the client says HTTP/2.
+    let log = h2.log();
+    for path in ["/boot.ipxe", "/big"] {
+        assert!(log.contains(&format!(":path: {path}")), "nghttpd's log shows {path}:\n{log}");
+    }
+    assert!(log.contains("recv HEADERS frame") && log.contains("send DATA frame"), "{log}");
+    let detail = ec_ipxe_qemu::bootcache::check_origin(&h2.url("boot.ipxe"), &[lab.ca()], Duration::from_secs(20))
+        .expect("doctor's origin check");
+    assert!(detail.contains("HTTP/2") && detail.contains("plus --boot-ca"), "{detail}");
+    // The Python origin (no ALPN) on the same lab gets HTTP/1.1 from the same client.
+    let detail = ec_ipxe_qemu::bootcache::check_origin(&lab.url("boot.ipxe"), &[lab.ca()], Duration::from_secs(20))
+        .expect("doctor's origin check");
+    assert!(detail.contains("HTTP/1.1"), "{detail}");
+
+    // The origin dies mid-file over HTTP/2: the guest's copy is cut, nothing admitted, the retry is served
+    // from the last good set.
+    let big2 = random_bytes(2 * BIG);
+    lab.write("big", &big2);
+    c.begin_boot();
+    assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    let body = rt.block_on(async {
+        let r = c.get("/big").await;
+        assert_eq!(r.status, 200);
+        let ec_ipxe_qemu::bootcache::ReplyBody::Stream(mut rx) = r.body else { panic!("a stream") };
+        let first = rx.recv().await.expect("a first chunk").expect("a first chunk");
+        drop(h2);
+        let mut got = first.len();
+        loop {
+            match rx.recv().await {
+                Some(Ok(b)) => got += b.len(),
+                Some(Err(e)) => break Err(e),
+                None => break Ok(got),
+            }
+        }
+    });
+    assert!(body.is_err(), "the guest's copy is cut: {body:?} of {} bytes", 2 * BIG);
+    assert_eq!(objects(state.path()), good, "nothing admitted, nothing replaced");
+    let (status, body) = get(&rt, &c, "/big");
+    assert_eq!((status, body.unwrap()), (200, big));
+    let s = c.snapshot();
+    assert_eq!(s.boot_source, BootSource::Cache, "{s:?}");
+    assert!(s.boot_cache.origin_error.is_some(), "{s:?}");
 }

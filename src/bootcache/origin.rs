@@ -373,3 +373,71 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed P-256 CA (openssl, valid until 2126), standing in for a `--boot-ca` file.
+    const CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBrjCCAVWgAwIBAgIUU/tCE/F4f8fTRia9R0TQRmqIRx4wCgYIKoZIzj0EAwIw
+JDEiMCAGA1UEAwwZZWMtaXB4ZS1xZW11IHVuaXQgdGVzdCBDQTAgFw0yNjEyMDcw
+OTU3MjlaGA8yMTI2MTExMzA5NTcyOVowJDEiMCAGA1UEAwwZZWMtaXB4ZS1xZW11
+IHVuaXQgdGVzdCBDQTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABMceu/t4Ci1l
+JScaR43ooB+YUcPemYJjeJozyksJgIwbloUQGtCmHA5v/TNID+tBnd9iSOqwbf/e
+8T8dQKRDNTOjYzBhMB0GA1UdDgQWBBRVTbDVoiLr0Wxu9hgXHK8Rj/N1ODAfBgNV
+HSMEGDAWgBRVTbDVoiLr0Wxu9hgXHK8Rj/N1ODAPBgNVHRMBAf8EBTADAQH/MA4G
+A1UdDwEB/wQEAwIBBjAKBggqhkjOPQQDAgNHADBEAiBtJTPSTjzDj6TUkgZ0YTky
+WNHpNpi8UxnzUP+pmOis/wIgMcdvYks9ebw7wA1wLif0HKMrAaE2/fBSpWLGvTSl
+TT8=
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn built_in_roots_plus_boot_ca_when_no_system_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, format!("# a comment\n{CA}")).unwrap();
+        let loaded = Roots::load(std::slice::from_ref(&ca)).unwrap();
+        assert_eq!(loaded.extra.len(), 1);
+        // Whatever the machine has, the --boot-ca is added to it.
+        let system = if loaded.system_certs.is_empty() {
+            webpki_roots::TLS_SERVER_ROOTS.len()
+        } else {
+            let mut s = RootCertStore::empty();
+            s.add_parsable_certificates(loaded.system_certs.iter().cloned());
+            s.roots.len()
+        };
+        assert_eq!(loaded.store().roots.len(), system + 1);
+        // No system bundle: the built-in roots, plus the --boot-ca (not the --boot-ca alone).
+        let none = Roots { system_certs: Vec::new(), system: None, extra: loaded.extra.clone() };
+        assert_eq!(none.store().roots.len(), webpki_roots::TLS_SERVER_ROOTS.len() + 1);
+        assert!(none.describe().starts_with("the built-in Mozilla roots") && none.describe().ends_with("plus --boot-ca"));
+    }
+
+    #[test]
+    fn a_bad_boot_ca_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let e = Roots::load(std::slice::from_ref(&junk)).unwrap_err();
+        assert_eq!(e, format!("--boot-ca \"{}\": no PEM certificate in the file", junk.display()));
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n%%%\n-----END CERTIFICATE-----\n").unwrap();
+        let e = Roots::load(std::slice::from_ref(&broken)).unwrap_err();
+        assert!(e.starts_with(&format!("--boot-ca \"{}\": not valid PEM", broken.display())), "{e}");
+        let missing = dir.path().join("missing.pem");
+        let e = Roots::load(std::slice::from_ref(&missing)).unwrap_err();
+        assert!(e.starts_with(&format!("--boot-ca \"{}\": ", missing.display())), "{e}");
+    }
+
+    #[test]
+    fn a_refused_connection_is_said_plainly() {
+        let roots = Roots { system_certs: Vec::new(), system: None, extra: Vec::new() };
+        let client = http_client(&roots, Duration::from_secs(5), Duration::from_secs(5)).unwrap();
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let e = client.get(format!("http://127.0.0.1:{port}/x")).send().unwrap_err();
+        assert_eq!(describe(&e), "connection refused");
+    }
+}
