@@ -165,7 +165,13 @@ fn cold_warm_changed_and_every_fallback() {
         assert_eq!(body.unwrap(), big2, "{mode}: the retry gets the last good set");
         let s = c.snapshot();
         assert_eq!(s.boot_source, BootSource::Cache, "{mode}");
-        assert!(s.boot_cache.origin_error.is_some(), "{mode}");
+        let e = s.boot_cache.origin_error.as_deref().unwrap();
+        let why = match mode {
+            "cut" => "the origin closed the connection before the end",
+            "stall" => "no byte from the origin for 3 s",
+            _ => "over the per-file limit",
+        };
+        assert!(e.contains(why), "{mode}: {e}");
         // No temporary file is left behind.
         assert!(objects(state.path()).iter().all(|(n, _)| !n.starts_with(".tmp")), "{mode}");
     }
@@ -238,7 +244,7 @@ fn the_private_ca_is_needed_and_absolute_urls_are_reported() {
     let (status, _) = get(&rt, &c, "/boot.ipxe");
     assert_eq!(status, 503);
     let e = c.snapshot().boot_cache.origin_error.unwrap();
-    assert!(e.to_lowercase().contains("certificate") || e.contains("UnknownIssuer"), "{e}");
+    assert!(e.contains("TLS: invalid peer certificate: UnknownIssuer"), "{e}");
     drop(c);
     let c = cache(&lab, state.path(), true);
     assert_eq!(get(&rt, &c, "/boot.ipxe").0, 200);
@@ -266,7 +272,8 @@ fn an_http2_origin_is_fetched_over_http2() {
     let lab = OriginLab::new(true);
     let h2 = lab.nghttpd(8443);
     let script = b"#!ipxe\nimgfetch big\necho ready\n".to_vec();
-    let big = random_bytes(BIG);
+    // 24 MiB: at 50 Mbit/s at least 4 s, longer than the idle timeout (3 s), which must not cut it.
+    let big = random_bytes(3 * BIG);
     lab.write("boot.ipxe", &script);
     lab.write("big", &big);
     let state = tempfile::tempdir().unwrap();
@@ -284,12 +291,15 @@ fn an_http2_origin_is_fetched_over_http2() {
     };
     let c = BootCache::open(&cfg).expect("open the cache");
 
-    // Cold, from the HTTP/2-only origin: streamed, counted and admitted.
+    // Cold, from the HTTP/2-only origin: streamed, counted and admitted; a download longer than the idle
+    // timeout is not cut.
     assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    let started = std::time::Instant::now();
     assert_eq!(get(&rt, &c, "/big").1.unwrap(), big);
+    assert!(started.elapsed() > Duration::from_secs(3), "the link is shaped: {:?}", started.elapsed());
     let s = c.snapshot();
     assert_eq!(s.boot_source, BootSource::Origin, "{s:?}");
-    assert_eq!(s.boot_cache.fetched_bytes, (BIG + script.len()) as u64, "{s:?}");
+    assert_eq!(s.boot_cache.fetched_bytes, (big.len() + script.len()) as u64, "{s:?}");
     assert!(s.download.is_none() && s.boot_cache.origin_error.is_none(), "{s:?}");
     assert!(c.mark_good("ready").unwrap());
     assert_eq!(c.good_set().unwrap().files, 2);
@@ -310,14 +320,15 @@ fn an_http2_origin_is_fetched_over_http2() {
         .expect("doctor's origin check");
     assert!(detail.contains("HTTP/1.1"), "{detail}");
 
-    // The origin dies mid-file over HTTP/2: the guest's copy is cut, nothing admitted, the retry is served
-    // from the last good set.
-    let big2 = random_bytes(2 * BIG);
-    lab.write("big", &big2);
+    // The origin dies mid-file over HTTP/2 (a new file, larger than what the kernel and the windows buffer):
+    // the guest's copy is cut, nothing admitted; the good set is served while the origin is down.
+    // (A new name: nghttpd keeps files open and would serve a rewritten one at its old length.)
+    let huge = random_bytes(3 * BIG);
+    lab.write("huge", &huge);
     c.begin_boot();
     assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
     let body = rt.block_on(async {
-        let r = c.get("/big").await;
+        let r = c.get("/huge").await;
         assert_eq!(r.status, 200);
         let ec_ipxe_qemu::bootcache::ReplyBody::Stream(mut rx) = r.body else { panic!("a stream") };
         let first = rx.recv().await.expect("a first chunk").expect("a first chunk");
@@ -331,11 +342,12 @@ fn an_http2_origin_is_fetched_over_http2() {
             }
         }
     });
-    assert!(body.is_err(), "the guest's copy is cut: {body:?} of {} bytes", 2 * BIG);
+    assert!(body.is_err(), "the guest's copy is cut: {body:?} of {} bytes", huge.len());
     assert_eq!(objects(state.path()), good, "nothing admitted, nothing replaced");
+    let e = c.snapshot().boot_cache.origin_error.expect("the origin's error");
+    assert!(e.contains("/huge"), "{e}");
     let (status, body) = get(&rt, &c, "/big");
     assert_eq!((status, body.unwrap()), (200, big));
     let s = c.snapshot();
     assert_eq!(s.boot_source, BootSource::Cache, "{s:?}");
-    assert!(s.boot_cache.origin_error.is_some(), "{s:?}");
 }

@@ -321,7 +321,7 @@ impl Read for Body {
     }
 }
 
-/// A body's read error in words: a stall, a cut connection, a reset stream.
+/// A body's read error in words: a stall, a cut connection, a reset stream, the per-file limit.
 fn describe_io(e: &std::io::Error, idle: Duration) -> std::io::Error {
     let inner = e.get_ref().and_then(|r| r.downcast_ref::<reqwest::Error>());
     match inner {
@@ -329,34 +329,59 @@ fn describe_io(e: &std::io::Error, idle: Duration) -> std::io::Error {
             std::io::ErrorKind::TimedOut,
             format!("no byte from the origin for {} s", idle.as_secs_f64()),
         ),
-        Some(r) => std::io::Error::other(chain(r)),
-        None => std::io::Error::new(e.kind(), chain(e)),
+        Some(r) => std::io::Error::other(plainly(r).unwrap_or_else(|| causes(r))),
+        None => std::io::Error::new(e.kind(), plainly(e).unwrap_or_else(|| chain(e))),
     }
 }
 
-/// A reqwest error in words: timeouts, names that do not resolve, refused connections and TLS errors said
-/// plainly, anything else with its causes.
+/// A reqwest error in words: timeouts, names that do not resolve, refused connections, cut connections and
+/// TLS errors said plainly, anything else with its causes.
 pub fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         return if e.is_connect() { "no connection in time (timed out)" } else { "no answer in time (timed out)" }
             .into();
     }
+    plainly(e).unwrap_or_else(|| causes(e))
+}
+
+/// The cause of `e` that users know by name, if any (an `io::Error` is looked into: its `source` skips the
+/// error it wraps).
+fn plainly(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::ConnectionRefused
-        {
-            return "connection refused".into();
-        }
         if let Some(tls) = s.downcast_ref::<rustls::Error>() {
-            return format!("TLS: {tls}");
+            return Some(format!("TLS: {tls}"));
         }
         if s.to_string() == "error resolving DNS" {
-            return format!("the host name does not resolve ({})", chain(s));
+            return Some(format!("the host name does not resolve ({})", chain(s)));
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref()
+                && let Some(found) = plainly(inner)
+            {
+                return Some(found);
+            }
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => return Some("connection refused".into()),
+                std::io::ErrorKind::ConnectionReset => return Some("the connection was reset".into()),
+                std::io::ErrorKind::UnexpectedEof => {
+                    return Some("the origin closed the connection before the end".into());
+                }
+                _ => {}
+            }
         }
         src = s.source();
     }
-    chain(e)
+    None
+}
+
+/// The causes of a reqwest error without its first line, which repeats the URL the caller already names.
+fn causes(e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    match e.source() {
+        Some(s) => chain(s),
+        None => e.to_string(),
+    }
 }
 
 /// An error and its causes, `a: b: c`, each said once (a layer that repeats its cause is skipped).
@@ -412,7 +437,9 @@ TT8=
         // No system bundle: the built-in roots, plus the --boot-ca (not the --boot-ca alone).
         let none = Roots { system_certs: Vec::new(), system: None, extra: loaded.extra.clone() };
         assert_eq!(none.store().roots.len(), webpki_roots::TLS_SERVER_ROOTS.len() + 1);
-        assert!(none.describe().starts_with("the built-in Mozilla roots") && none.describe().ends_with("plus --boot-ca"));
+        assert!(
+            none.describe().starts_with("the built-in Mozilla roots") && none.describe().ends_with("plus --boot-ca")
+        );
     }
 
     #[test]
