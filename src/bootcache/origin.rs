@@ -14,6 +14,9 @@
 //! that is cut (the connection closes, the stream is reset) ends in a read error, never in a clean end, so
 //! a clean end of a framed body is its real end. Only an HTTP/1.1 body delimited by the connection's close
 //! cannot be told from a cut one: it is passed on but not admitted ([`Fresh::chunked`] is false).
+//!
+//! reqwest's blocking client runs its connections on a thread of its own per client (a current-thread
+//! tokio runtime): the boot cache has one client, so one more thread.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -456,6 +459,73 @@ TT8=
         let missing = dir.path().join("missing.pem");
         let e = Roots::load(std::slice::from_ref(&missing)).unwrap_err();
         assert!(e.starts_with(&format!("--boot-ca \"{}\": ", missing.display())), "{e}");
+    }
+
+    /// A one-connection HTTP/1.1 server on loopback answering `head` then `body`, then closing (or, with
+    /// `stall`, keeping the connection open and silent for that long).
+    fn serve_once(head: &'static str, body: &'static [u8], stall: Duration) -> String {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = [0u8; 4096];
+            let _ = s.read(&mut req);
+            s.write_all(head.as_bytes()).unwrap();
+            s.write_all(body).unwrap();
+            std::thread::sleep(stall);
+        });
+        format!("http://127.0.0.1:{port}/f")
+    }
+
+    fn client(idle: Duration) -> Client {
+        let roots = Roots { system_certs: Vec::new(), system: None, extra: Vec::new() };
+        Client::new(&roots, Limits { connect_timeout: idle, idle_timeout: idle, max_file_bytes: 1 << 20 }).unwrap()
+    }
+
+    fn fresh(a: Answer) -> Fresh {
+        match a {
+            Answer::Fresh(f) => f,
+            _ => panic!("not a 200"),
+        }
+    }
+
+    #[test]
+    fn framing_tells_a_complete_body_from_a_cut_one() {
+        let c = client(Duration::from_secs(10));
+        let ok = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+        // Chunked, with its last chunk: framed, read to a clean end.
+        let mut f = fresh(c.get(&serve_once(ok, b"5\r\nhello\r\n0\r\n\r\n", Duration::ZERO), None).unwrap());
+        assert!(f.chunked && f.length.is_none() && f.version == "HTTP/1.1");
+        let mut got = Vec::new();
+        f.body.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hello");
+        // Chunked, cut before the last chunk: a read error, never a clean end.
+        let mut f = fresh(c.get(&serve_once(ok, b"5\r\nhello\r\n", Duration::ZERO), None).unwrap());
+        assert!(f.chunked);
+        let e = f.body.read_to_end(&mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("closed the connection before the end"), "{e}");
+        // Delimited by the close: not framed (passed on, never admitted).
+        let close = "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+        let mut f = fresh(c.get(&serve_once(close, b"hello", Duration::ZERO), None).unwrap());
+        assert!(!f.chunked && f.length.is_none());
+        f.body.read_to_end(&mut Vec::new()).unwrap();
+        // A length over the per-file limit is refused before the body.
+        let big = "HTTP/1.1 200 OK\r\nContent-Length: 2097152\r\n\r\n";
+        let e = c.get(&serve_once(big, b"", Duration::ZERO), None).err().unwrap();
+        assert!(e.0.ends_with("2097152 bytes announced, over the per-file limit of 1048576 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_stalled_body_is_cut_at_the_idle_timeout() {
+        let c = client(Duration::from_secs(1));
+        let head = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
+        let mut f = fresh(c.get(&serve_once(head, b"hello", Duration::from_secs(30)), None).unwrap());
+        let mut buf = [0u8; 10];
+        assert_eq!(f.body.read(&mut buf).unwrap(), 5);
+        let e = f.body.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(e.to_string(), "no byte from the origin for 1 s");
     }
 
     #[test]
