@@ -26,6 +26,8 @@ have nft || need+=(nftables)
 have openssl || need+=(openssl)
 have python3 || need+=(python3)
 have tc || need+=(iproute2)
+# The boot cache's HTTP/2 origin (tests/bootcache.rs): nghttpd, an HTTP/2-only TLS file server.
+have nghttpd || need+=(nghttp2-server)
 
 if [ ${#need[@]} -gt 0 ]; then
 	echo "install-deps: installing ${need[*]}"

@@ -1,7 +1,7 @@
 //! The boot cache against a real HTTPS origin with a private CA, in a namespace of its own behind a 50 Mbit/s
 //! veth (tests/common/origin.rs): cold, warm (304), changed, 503, down, cut mid-file, stalled, endless,
 //! a first boot with no cache, the TLS trust rule and the redirect rule. The cache runs on the test's own
-//! thread, moved into the client namespace.
+//! thread, moved into the client namespace. One more test fetches from nghttpd, an HTTP/2-only origin.
 
 #![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
@@ -165,7 +165,13 @@ fn cold_warm_changed_and_every_fallback() {
         assert_eq!(body.unwrap(), big2, "{mode}: the retry gets the last good set");
         let s = c.snapshot();
         assert_eq!(s.boot_source, BootSource::Cache, "{mode}");
-        assert!(s.boot_cache.origin_error.is_some(), "{mode}");
+        let e = s.boot_cache.origin_error.as_deref().unwrap();
+        let why = match mode {
+            "cut" => "the origin closed the connection before the end",
+            "stall" => "no byte from the origin for 3 s",
+            _ => "over the per-file limit",
+        };
+        assert!(e.contains(why), "{mode}: {e}");
         // No temporary file is left behind.
         assert!(objects(state.path()).iter().all(|(n, _)| !n.starts_with(".tmp")), "{mode}");
     }
@@ -238,7 +244,7 @@ fn the_private_ca_is_needed_and_absolute_urls_are_reported() {
     let (status, _) = get(&rt, &c, "/boot.ipxe");
     assert_eq!(status, 503);
     let e = c.snapshot().boot_cache.origin_error.unwrap();
-    assert!(e.to_lowercase().contains("certificate") || e.contains("UnknownIssuer"), "{e}");
+    assert!(e.contains("TLS: invalid peer certificate: UnknownIssuer"), "{e}");
     drop(c);
     let c = cache(&lab, state.path(), true);
     assert_eq!(get(&rt, &c, "/boot.ipxe").0, 200);
@@ -436,4 +442,94 @@ fn a_head_downloads_nothing_and_a_cut_leader_cuts_its_joiner() {
     c.mark_good("ready").unwrap();
     assert_eq!(objects(state.path()), good, "nothing admitted, no temporary file left");
     assert!(fds_under(state.path()).is_empty(), "{:?}", fds_under(state.path()));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_http2_origin_is_fetched_over_http2() {
+    let test = "an_http2_origin_is_fetched_over_http2";
+    if !prepared(test) || !require_programs(test, &["nghttpd"]) {
+        return;
+    }
+    let lab = OriginLab::new(true);
+    let h2 = lab.nghttpd(8443);
+    let script = b"#!ipxe\nimgfetch big\necho ready\n".to_vec();
+    // 24 MiB: at 50 Mbit/s at least 4 s, longer than the idle timeout (3 s), which must not cut it.
+    let big = random_bytes(3 * BIG);
+    lab.write("boot.ipxe", &script);
+    lab.write("big", &big);
+    let state = tempfile::tempdir().unwrap();
+    enter(&lab.client.path());
+    let rt = runtime();
+    let cfg = Config {
+        boot_url: h2.url("boot.ipxe"),
+        state_dir: state.path().to_owned(),
+        extra_ca: vec![lab.ca()],
+        limits: Limits {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3),
+            max_file_bytes: 32 << 20,
+        },
+    };
+    let c = BootCache::open(&cfg).expect("open the cache");
+
+    // Cold, from the HTTP/2-only origin: streamed, counted and admitted; a download longer than the idle
+    // timeout is not cut.
+    assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    let started = std::time::Instant::now();
+    assert_eq!(get(&rt, &c, "/big").1.unwrap(), big);
+    assert!(started.elapsed() > Duration::from_secs(3), "the link is shaped: {:?}", started.elapsed());
+    let s = c.snapshot();
+    assert_eq!(s.boot_source, BootSource::Origin, "{s:?}");
+    assert_eq!(s.boot_cache.fetched_bytes, (big.len() + script.len()) as u64, "{s:?}");
+    assert!(s.download.is_none() && s.boot_cache.origin_error.is_none(), "{s:?}");
+    assert!(c.mark_good("ready").unwrap());
+    assert_eq!(c.good_set().unwrap().files, 2);
+    let good = objects(state.path());
+    assert_eq!(good.len(), 2, "{good:?}");
+
+    // The server saw HTTP/2 requests for both files (nghttpd's frame log), the client says HTTP/2.
+    let log = h2.log();
+    for path in ["/boot.ipxe", "/big"] {
+        assert!(log.contains(&format!(":path: {path}")), "nghttpd's log shows {path}:\n{log}");
+    }
+    assert!(log.contains("recv HEADERS frame") && log.contains("send DATA frame"), "{log}");
+    let detail = ec_ipxe_qemu::bootcache::check_origin(&h2.url("boot.ipxe"), &[lab.ca()], Duration::from_secs(20))
+        .expect("doctor's origin check");
+    assert!(detail.contains("HTTP/2") && detail.contains("plus --boot-ca"), "{detail}");
+    // The Python origin (no ALPN) on the same lab gets HTTP/1.1 from the same client.
+    let detail = ec_ipxe_qemu::bootcache::check_origin(&lab.url("boot.ipxe"), &[lab.ca()], Duration::from_secs(20))
+        .expect("doctor's origin check");
+    assert!(detail.contains("HTTP/1.1"), "{detail}");
+
+    // The origin dies mid-file over HTTP/2 (a new file, larger than what the kernel and the windows buffer):
+    // the guest's copy is cut, nothing admitted; the good set is served while the origin is down.
+    // (A new name: nghttpd keeps files open and would serve a rewritten one at its old length.)
+    let huge = random_bytes(3 * BIG);
+    lab.write("huge", &huge);
+    c.begin_boot();
+    assert_eq!(get(&rt, &c, "/boot.ipxe").1.unwrap(), script);
+    let body = rt.block_on(async {
+        let r = c.get("/huge").await;
+        assert_eq!(r.status, 200);
+        let ec_ipxe_qemu::bootcache::ReplyBody::Stream(mut rx) = r.body else { panic!("a stream") };
+        let first = rx.recv().await.expect("a first chunk").expect("a first chunk");
+        drop(h2);
+        let mut got = first.len();
+        loop {
+            match rx.recv().await {
+                Some(Ok(b)) => got += b.len(),
+                Some(Err(e)) => break Err(e),
+                None => break Ok(got),
+            }
+        }
+    });
+    assert!(body.is_err(), "the guest's copy is cut: {body:?} of {} bytes", huge.len());
+    assert_eq!(objects(state.path()), good, "nothing admitted, nothing replaced");
+    let e = c.snapshot().boot_cache.origin_error.expect("the origin's error");
+    assert!(e.contains("/huge"), "{e}");
+    let (status, body) = get(&rt, &c, "/big");
+    assert_eq!((status, body.unwrap()), (200, big));
+    let s = c.snapshot();
+    assert_eq!(s.boot_source, BootSource::Cache, "{s:?}");
 }

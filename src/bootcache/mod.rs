@@ -156,6 +156,9 @@ pub enum OpenError {
     Url(String),
     #[error("{0}")]
     Ca(String),
+    /// The HTTP client cannot start (its thread or runtime).
+    #[error("boot cache: {0}")]
+    Client(String),
     #[error("boot cache \"{dir}\": {source}")]
     Store {
         dir: PathBuf,
@@ -174,7 +177,7 @@ impl BootCache {
             .map_err(|source| OpenError::Store { dir: cfg.state_dir.join(store::DIR), source })?;
         let good = store.good();
         let fetching = store.fetching().filter(|f| f.boot_url == boot.url).unwrap_or_else(|| Manifest::new(&boot.url));
-        let client = Client::new(&roots, cfg.limits.clone());
+        let client = Client::new(&roots, cfg.limits.clone()).map_err(OpenError::Client)?;
         let state = State {
             session: Session::default(),
             fetching,
@@ -352,13 +355,14 @@ pub fn check_origin(url: &str, extra_ca: &[PathBuf], timeout: std::time::Duratio
     let boot = BootUrl::parse(url).map_err(|e| e.0)?;
     let roots = Roots::load(extra_ca)?;
     let limits = Limits { connect_timeout: timeout, idle_timeout: timeout, ..Limits::default() };
-    let client = Client::new(&roots, limits);
+    let client = Client::new(&roots, limits)?;
     let script = target::confine(&format!("/{}", boot.script)).map_err(|e| e.0)?;
     let origin_url = boot.origin_url(&script);
-    let tls = if boot.origin.is_https() { "TLS verified with the host's roots; " } else { "" };
+    let tls = if boot.origin.is_https() { format!("TLS verified with {}; ", roots.describe()) } else { String::new() };
     match client.get(&origin_url, None) {
         Ok(Answer::Fresh(f)) => Ok(format!(
-            "{origin_url}: 200 ({tls}{})",
+            "{origin_url}: 200 ({tls}{}; {})",
+            f.version,
             f.length.map_or_else(|| "length not announced".to_owned(), |l| format!("{l} bytes"))
         )),
         Ok(Answer::NotModified { .. }) => Ok(format!("{origin_url}: 304 ({tls}not modified)")),

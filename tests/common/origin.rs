@@ -214,6 +214,56 @@ impl OriginLab {
     }
 }
 
+/// `nghttpd` (nghttp2's HTTP/2-only static file server) serving the lab's `www` over TLS with the lab's
+/// certificate on `port` of the origin namespace, its `-v` frame log in `nghttpd.log`. It speaks nothing but
+/// HTTP/2 (ALPN `h2`): a client that fetches from it spoke HTTP/2.
+pub struct H2Origin {
+    pub port: u16,
+    log: PathBuf,
+    _server: KillOnDrop,
+}
+
+impl H2Origin {
+    pub fn url(&self, name: &str) -> String {
+        format!("https://{ORIGIN_IP}:{}/{name}", self.port)
+    }
+
+    /// nghttpd's `-v` output: every frame received and sent.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl OriginLab {
+    /// Start nghttpd next to the Python server (needs `new(true)`).
+    pub fn nghttpd(&self, port: u16) -> H2Origin {
+        assert!(self.tls, "nghttpd serves TLS with the lab's certificate");
+        let d = self.dir.path();
+        let p = |n: &str| d.join(n).to_string_lossy().into_owned();
+        let program = super::which("nghttpd").expect("nghttpd");
+        let log = d.join("nghttpd.log");
+        let out = std::fs::File::create(&log).expect("nghttpd.log");
+        let err = out.try_clone().expect("nghttpd.log");
+        let child = self
+            .origin
+            .cmd(&program.to_string_lossy())
+            .args(["-v", "-a", ORIGIN_IP, &format!("--htdocs={}", p("www")), &port.to_string()])
+            .args([p("server.key"), p("server.pem")])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start nghttpd");
+        let server = KillOnDrop(child);
+        let origin = self.origin.path();
+        let up = wait_for(Duration::from_secs(10), || {
+            in_netns(&origin, move || std::net::TcpStream::connect((ORIGIN_IP, port)).ok()).map(|_| ())
+        });
+        assert!(up.is_some(), "nghttpd listens: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        H2Origin { port, log, _server: server }
+    }
+}
+
 /// A private CA and a server certificate for ORIGIN_IP, with the openssl CLI.
 fn make_certs(d: &Path) {
     let p = |n: &str| d.join(n).to_string_lossy().into_owned();

@@ -139,20 +139,21 @@ pub(crate) fn check_boot_url(url: &str, timeout: Duration) -> Check {
         );
     }
     let target = host_side_url(url);
-    let agent = ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .http_status_as_error(false)
-        .proxy(None)
-        .build()
-        .new_agent();
     let shown = if target == url { url.to_owned() } else { format!("{url} (as {target} from the host)") };
+    // The host's roots (the system's, else the built-in ones): what the host itself trusts.
+    let client =
+        bootcache::origin::Roots::load(&[]).and_then(|roots| bootcache::origin::http_client(&roots, timeout, timeout));
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => return Check::fail(NAME, format!("{shown}: not checked: {e}"), "check the host's TLS setup"),
+    };
     let mut method = "HEAD";
-    let mut result = agent.head(&target).call();
+    let mut result = client.head(&target).send();
     if let Ok(r) = &result
         && r.status().as_u16() == 405
     {
         method = "GET";
-        result = agent.get(&target).call();
+        result = client.get(&target).send();
     }
     match result {
         Ok(r) if r.status().is_success() => Check::ok(NAME, format!("{shown}: {method} {}", r.status())),
@@ -165,17 +166,19 @@ pub(crate) fn check_boot_url(url: &str, timeout: Duration) -> Check {
             };
             Check::fail(NAME, format!("{shown}: {method} {}", r.status()), hint)
         }
+        Err(e) if e.is_timeout() => Check::fail(
+            NAME,
+            format!("{shown}: no answer in {} s", timeout.as_secs()),
+            "the server is down or a firewall drops the connection",
+        ),
         Err(e) => {
-            let (what, hint) = match &e {
-                ureq::Error::Timeout(_) => (
-                    format!("no answer in {} s", timeout.as_secs()),
-                    "the server is down or a firewall drops the connection",
-                ),
-                ureq::Error::HostNotFound => ("the host name does not resolve".into(), "check the name and DNS"),
-                ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    ("connection refused".into(), "nothing listens there: start the boot server or fix the port")
-                }
-                _ => (e.to_string(), "check that the host reaches the server"),
+            let what = bootcache::origin::describe(&e);
+            let hint = if what == "connection refused" {
+                "nothing listens there: start the boot server or fix the port"
+            } else if what.starts_with("the host name does not resolve") {
+                "check the name and DNS"
+            } else {
+                "check that the host reaches the server"
             };
             Check::fail(NAME, format!("{shown}: {what}"), hint)
         }

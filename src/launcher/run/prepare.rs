@@ -224,6 +224,7 @@ fn open_cache(cfg: &LaunchConfig, c: &CacheSpec) -> Result<BootCache> {
     BootCache::open(&bc).map_err(|e| match e {
         OpenError::Url(m) => Error::invalid("--boot-cache on", m),
         OpenError::Ca(m) => Error::invalid("--boot-ca", m),
+        OpenError::Client(m) => Error::io("start the boot cache", std::io::Error::other(m)),
         OpenError::Store { dir, source } => Error::io(format!("open the boot cache {}", dir.display()), source),
     })
 }
