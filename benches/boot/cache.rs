@@ -119,6 +119,7 @@ pub(crate) fn boot_cache_bench(runs: usize) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let direct_url = lab.url("boot.ipxe");
     let cached_url = format!("http://10.0.2.2:{}/boot.ipxe", server.port);
+    let client_netns = lab.client.path();
     let open = |state: &Path| {
         let cfg = Config {
             boot_url: direct_url.clone(),
@@ -126,7 +127,8 @@ pub(crate) fn boot_cache_bench(runs: usize) {
             extra_ca: vec![],
             limits: Limits::default(),
         };
-        BootCache::open(&cfg).expect("open the cache")
+        // In the client namespace, as the launcher would be: the HTTP client's own thread starts here.
+        common::origin::in_netns(&client_netns, move || BootCache::open(&cfg).expect("open the cache"))
     };
     println!();
     println!(
