@@ -16,10 +16,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use sha2::{Digest, Sha256};
-
-use super::request::Request;
-use super::{CHUNK, store};
+use super::CHUNK;
+use super::request::{HeldBack, Request};
 
 /// The downloads running, by path key.
 #[derive(Default)]
@@ -216,9 +214,8 @@ impl Request<'_> {
     /// cached copies are checked: the last chunk is held back until the hash matches the leader's.
     pub(super) fn serve_joined(&mut self, key: &str, flight: &Flight, file: &File, length: Option<u64>) {
         self.reply_head(200, length);
-        let mut hasher = Sha256::new();
+        let mut check = HeldBack::new();
         let mut buf = vec![0u8; CHUNK];
-        let mut held: Vec<u8> = Vec::new();
         let mut pos = 0u64;
         let mut guest = true;
         loop {
@@ -231,13 +228,11 @@ impl Request<'_> {
                             Ok(n) => n,
                             Err(err) => return self.cut_joined(format!("{key}: read the shared download: {err}")),
                         };
-                        hasher.update(&buf[..n]);
-                        if !held.is_empty() {
-                            let h = std::mem::take(&mut held);
-                            self.send(&h, &mut guest);
+                        let free = check.push(&buf[..n]);
+                        if !free.is_empty() {
+                            self.send(&free, &mut guest);
                             self.progress_behind(key, pos, length);
                         }
-                        held.extend_from_slice(&buf[..n]);
                         pos += n as u64;
                     }
                     if !guest {
@@ -245,10 +240,10 @@ impl Request<'_> {
                     }
                 }
                 Next::Complete(sha) => {
-                    if store::hex(&hasher.finalize()) != sha {
+                    let Some(last) = check.finish(&sha) else {
                         return self.cut_joined(format!("{key}: the shared download does not match its SHA-256"));
-                    }
-                    self.send(&held, &mut guest);
+                    };
+                    self.send(&last, &mut guest);
                     self.done();
                     tracing::info!("boot cache: {key}: {pos} bytes from a download another request led");
                     return;

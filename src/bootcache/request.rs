@@ -29,6 +29,30 @@ pub(super) struct Request<'a> {
     pub(super) boot: u64,
 }
 
+/// A file on its way to the guest with its last chunk held back until the whole file's SHA-256 is known, so
+/// the guest never gets a complete file that differs from what was admitted.
+pub(super) struct HeldBack {
+    hasher: Sha256,
+    held: Vec<u8>,
+}
+
+impl HeldBack {
+    pub(super) fn new() -> Self {
+        HeldBack { hasher: Sha256::new(), held: Vec::new() }
+    }
+
+    /// Take `chunk` in; what came before it is free to go (empty at first).
+    pub(super) fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.hasher.update(chunk);
+        std::mem::replace(&mut self.held, chunk.to_vec())
+    }
+
+    /// The last chunk, when the whole file's SHA-256 is `sha256`.
+    pub(super) fn finish(self, sha256: &str) -> Option<Vec<u8>> {
+        (store::hex(&self.hasher.finalize()) == sha256).then_some(self.held)
+    }
+}
+
 enum Outcome {
     /// Serve this cached copy.
     Cached(Entry),
@@ -289,9 +313,8 @@ impl Request<'_> {
         };
         sh.state().counters.hits += 1;
         self.reply_head(200, Some(e.length));
-        let mut hasher = Sha256::new();
+        let mut check = HeldBack::new();
         let mut buf = vec![0u8; CHUNK];
-        let mut held: Vec<u8> = Vec::new();
         let mut sent = 0u64;
         let mut guest = true;
         loop {
@@ -305,23 +328,24 @@ impl Request<'_> {
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
-            if !held.is_empty() {
-                let h = std::mem::take(&mut held);
-                self.send(&h, &mut guest);
-                sent += h.len() as u64;
+            let free = check.push(&buf[..n]);
+            if !free.is_empty() {
+                self.send(&free, &mut guest);
+                sent += free.len() as u64;
                 self.progress(key, sent, Some(e.length));
             }
-            held.extend_from_slice(&buf[..n]);
+            if !guest {
+                // The guest went away: nothing to read the rest for.
+                return self.done();
+            }
         }
-        let sha = store::hex(&hasher.finalize());
-        if sha != e.sha256 {
+        let Some(last) = check.finish(&e.sha256) else {
             tracing::warn!("boot cache: {key}: the cached copy does not match its SHA-256; removed");
             sh.store.discard(&e.sha256);
             self.done();
             return self.cut(format!("cached copy of {key} is corrupt"));
-        }
-        self.send(&held, &mut guest);
+        };
+        self.send(&last, &mut guest);
         self.done();
         tracing::info!("boot cache: {key}: {} bytes from the cache", e.length);
     }
