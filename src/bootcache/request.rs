@@ -1,6 +1,6 @@
 //! One guest request of the boot cache, on a thread of its own: decide (revalidate with the origin, or fall
 //! back to the last good set), then stream the file to the guest while it is written to the store. A request
-//! for a file whose download is running joins it ([`inflight`](super::inflight)). A HEAD takes the same
+//! for a file whose download is running joins it ([`inflight`]). A HEAD takes the same
 //! decision as a GET but never downloads a body: a fresh answer's body is dropped after its headers and
 //! nothing is admitted or recorded.
 
