@@ -15,20 +15,20 @@
 let
   # A one-character string from a Unicode code point (Nix has no \v, \f or \u escapes).
   fromCodePoint = cp: builtins.fromJSON ''"\u${lib.fixedWidthString 4 "0" (lib.toHexString cp)}"'';
+  # The module enabled with `attrs` besides.
+  enabledWith = attrs: with' ({ enable = true; } // attrs);
+  # The LAN on, on eth0, with `extra` merged in deeply (`lan.*` in `extra` keeps lan.enable).
   lanOn =
     extra:
-    with' (
-      {
-        enable = true;
+    enabledWith (
+      lib.recursiveUpdate {
         lan.enable = true;
         lan.macvtap.interface = "eth0";
-      }
-      // extra
+      } extra
     );
   assertionCases = {
     "lan.enable without interface" = {
-      def = with' {
-        enable = true;
+      def = enabledWith {
         lan.enable = true;
       };
       says = "lan.macvtap.interface is not set";
@@ -102,57 +102,49 @@ let
       says = "must not be all zero";
     };
     "boot.http without directory" = {
-      def = with' {
-        enable = true;
+      def = enabledWith {
         boot.http.enable = true;
       };
       says = "boot.http.directory is null";
     };
     "readyPattern empty" = {
-      def = with' {
-        enable = true;
+      def = enabledWith {
         boot.readyPattern = "";
       };
       says = "is empty";
     };
     "readyPattern with an open parenthesis" = {
-      def = with' {
-        enable = true;
+      def = enabledWith {
         boot.readyPattern = "(ready";
       };
       says = "has a '(' without its ')'";
     };
     "readyPattern with a stray parenthesis" = {
-      def = with' {
-        enable = true;
+      def = enabledWith {
         boot.readyPattern = "ready)";
       };
       says = "has a ')' without its '('";
     };
     "readyPattern with an open bracket" = {
-      def = with' {
-        enable = true;
+      def = enabledWith {
         boot.readyPattern = "[a-z";
       };
       says = "has a '[' without its ']'";
     };
     "readyPattern ending in a backslash" = {
-      def = with' {
-        enable = true;
+      def = enabledWith {
         boot.readyPattern = "ready\\";
       };
       says = "ends with a lone backslash";
     };
     "stateDir too long for the console socket" = {
-      def = with' {
-        enable = true;
+      def = enabledWith {
         stateDir = "/var/lib/${lib.fixedWidthString 90 "x" ""}";
       };
       says = "the console socket";
     };
     "lan.vhost on with a LAN NIC that is not virtio" = {
-      def = with' {
-        enable = true;
+      def = enabledWith {
         lan = {
           enable = true;
           macvtap.interface = "eth0";
@@ -163,8 +155,7 @@ let
       says = ''lan.vhost = "on" needs a virtio-net LAN NIC'';
     };
     "boot.url and boot.http together" = {
-      def = with' {
-        enable = true;
+      def = enabledWith {
         boot.url = "http://10.0.2.2/x.ipxe";
         boot.http = {
           enable = true;
@@ -226,16 +217,14 @@ let
       # 'f' and 'v' are letters, not the escapes "\f" and "\v" (which Nix does not have)
       (expectEq "readyPatterns with escaped and bracketed parentheses pass" [ ] (
         failedAssertions (evalConfig [
-          (with' {
-            enable = true;
+          (enabledWith {
             boot.readyPattern = "^(ec-publisher: ready|[)(]\\)\\(x)$";
           })
         ])
       ))
       (expectEq "a []] class passes" [ ] (
         failedAssertions (evalConfig [
-          (with' {
-            enable = true;
+          (enabledWith {
             boot.readyPattern = "[]a]+ ready";
           })
         ])
