@@ -9,7 +9,7 @@
   netbootDir,
   evalConfig,
   with',
-  networksOf,
+  hostNetworkingChecks,
   unitOf,
   failedAssertions,
   expectEq,
@@ -74,13 +74,6 @@ let
       !((unitOf forge).serviceConfig ? ExecStartPre)
     ) "user-mode only must not touch host links")
     (expectEq "forge assertions" [ ] (failedAssertions forge))
-    (expectEq "forge leaves dhcpcd alone" [ ] (
-      lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] forge
-    ))
-    (expectEq "forge leaves networkd alone" { } forge.systemd.network.networks)
-    (expectEq "forge leaves NetworkManager alone" [ ] (
-      lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] forge
-    ))
 
     # LAN example: derived MAC
     (expectEq "lan (derived MAC) ExecStartPre" (
@@ -133,18 +126,6 @@ let
       "macvtap"
     ] lanDerived.boot.kernelModules)
     (expectEq "lan (derived MAC) assertions" [ ] (failedAssertions lanDerived))
-    (expectEq "lan (derived MAC) dhcpcd leaves the macvtap alone" [
-      "ec-lan0"
-    ] (lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] lanDerived))
-    (expectEq "lan (derived MAC) networkd leaves the macvtap alone" {
-      "05-every-channel-macvtap" = {
-        matchConfig.Name = "ec-lan0";
-        linkConfig.Unmanaged = true;
-      };
-    } (networksOf lanDerived))
-    (expectEq "lan (derived MAC) NetworkManager leaves the macvtap alone" [
-      "interface-name:ec-lan0"
-    ] (lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] lanDerived))
     (expect "lan (derived MAC) private tap node directory is ec-macvtap's default" (
       !((unitOf lanDerived).environment ? EC_MACVTAP_RUNTIME_DIR)
     ) "EC_MACVTAP_RUNTIME_DIR is set")
@@ -206,18 +187,6 @@ let
       "/srv/ec"
     ] (unitOf lanExplicit).serviceConfig.ReadWritePaths)
     (expectEq "lan (explicit MAC) assertions" [ ] (failedAssertions lanExplicit))
-    (expectEq "lan (explicit MAC) dhcpcd leaves the macvtap alone" [
-      "ec-tuners"
-    ] (lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] lanExplicit))
-    (expectEq "lan (explicit MAC) networkd leaves the macvtap alone" {
-      "05-every-channel-macvtap" = {
-        matchConfig.Name = "ec-tuners";
-        linkConfig.Unmanaged = true;
-      };
-    } (networksOf lanExplicit))
-    (expectEq "lan (explicit MAC) NetworkManager leaves the macvtap alone" [
-      "interface-name:ec-tuners"
-    ] (lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] lanExplicit))
 
     # boot.http, no disk, no iPXE image, custom state dir, extra args needing escapes
     (expectEq "http+extraArgs ExecStart" (line (
@@ -275,7 +244,10 @@ let
       !((unitOf httpExtra).serviceConfig ? StateDirectory)
     ) "state dir outside /var/lib")
     (expectEq "http+extraArgs assertions" [ ] (failedAssertions httpExtra))
-  ];
+  ]
+  ++ hostNetworkingChecks "forge" forge null
+  ++ hostNetworkingChecks "lan (derived MAC)" lanDerived "ec-lan0"
+  ++ hostNetworkingChecks "lan (explicit MAC)" lanExplicit "ec-tuners";
 
   # The boot cache: on by default with boot.url (the launcher's own default, so nothing is passed), off
   # as `--boot-cache off`, caFiles as repeated `--boot-ca`; boot.ipxePackage still goes to --ipxe.

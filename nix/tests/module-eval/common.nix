@@ -48,6 +48,35 @@ let
     name: cond: msg:
     if cond then name else fail name msg;
 
+  # The host's DHCP clients and network managers keep their hands off the macvtap `name`, and
+  # nothing else of theirs is touched (`name` null: no LAN, nothing at all).
+  hostNetworkingChecks =
+    label: config: name:
+    let
+      at = path: lib.attrByPath path [ ] config;
+    in
+    [
+      (expectEq "${label}: dhcpcd denyInterfaces" (lib.optional (name != null) name) (at [
+        "networking"
+        "dhcpcd"
+        "denyInterfaces"
+      ]))
+      (expectEq "${label}: networkd networks" (lib.optionalAttrs (name != null) {
+        "05-every-channel-macvtap" = {
+          matchConfig.Name = name;
+          linkConfig.Unmanaged = true;
+        };
+      }) (networksOf config))
+      (expectEq "${label}: NetworkManager unmanaged"
+        (lib.optional (name != null) "interface-name:${name}")
+        (at [
+          "networking"
+          "networkmanager"
+          "unmanaged"
+        ])
+      )
+    ];
+
   disabledConfig = evalConfig [ ];
   defaultUnit = unitOf (evalConfig [ enabled ]);
   # the default unit's serviceConfig
@@ -155,6 +184,7 @@ in
     enabled
     with'
     networksOf
+    hostNetworkingChecks
     unitOf
     failedAssertions
     expectEq

@@ -9,6 +9,7 @@
   enabled,
   with',
   unitOf,
+  hostNetworkingChecks,
   failedAssertions,
   expectEq,
   expect,
@@ -71,14 +72,8 @@ let
       !(lib.attrByPath [ "users" "users" ] { } disabledConfig ? every-channel-ipxe-qemu)
     ) "the user exists although enable = false")
     (expectEq "disabled: no assertions of ours" [ ] (failedAssertions disabledConfig))
-    (expectEq "disabled: no dhcpcd deny" [ ] (
-      lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] disabledConfig
-    ))
-    (expectEq "disabled: no networkd network" { } disabledConfig.systemd.network.networks)
-    (expectEq "disabled: no NetworkManager unmanaged" [ ] (
-      lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] disabledConfig
-    ))
-  ];
+  ]
+  ++ hostNetworkingChecks "disabled" disabledConfig null;
 
   readyUnit = unitOf (evalConfig [
     (with' {
@@ -152,14 +147,8 @@ let
       "vhost_net"
     ] (evalConfig [ enabled ]).boot.kernelModules)
     (expectEq "no tmpfiles below /var/lib" [ ] (evalConfig [ enabled ]).systemd.tmpfiles.rules)
-    (expectEq "no dhcpcd deny without LAN" [ ] (
-      lib.attrByPath [ "networking" "dhcpcd" "denyInterfaces" ] [ ] (evalConfig [ enabled ])
-    ))
-    (expectEq "no networkd network without LAN" { } (evalConfig [ enabled ]).systemd.network.networks)
-    (expectEq "no NetworkManager unmanaged without LAN" [ ] (
-      lib.attrByPath [ "networking" "networkmanager" "unmanaged" ] [ ] (evalConfig [ enabled ])
-    ))
-  ];
+  ]
+  ++ hostNetworkingChecks "without LAN" (evalConfig [ enabled ]) null;
 in
 {
   inherit defaultChecks disabledChecks unitChecks;

@@ -48,6 +48,15 @@ let
         builtins.deepSeq (guestEval [ (guestOn def) ]).every-channel.publisherGuest true
       )).success
     ) "the definition was accepted";
+  # The ready unit of a guest that expects two credentials.
+  readyWithCredentials = guestService (guestEval [
+    (guestOn {
+      credentials = [
+        "mesh-key"
+        "ec.tuners"
+      ];
+    })
+  ]) "every-channel-publisher-ready";
   guestChecks = [
     (expectEq "guest assertions" [ ] (failedAssertions guest))
     (sectionHas "10-ec-boot0.link" "Match" "Path=pci-0000:00:03.0" (netUnit guest "10-ec-boot0.link"))
@@ -185,26 +194,18 @@ let
         (lib.hasInfix "EC_CREDENTIALS='mesh-key\nec.tuners\n${lib.concatStrings (lib.replicate 28 "a")}'\n" text)
         text
     )
-    (sectionHas "ready line with credentials" "Service" "ImportCredential=mesh-key" (
-      guestService (guestEval [
-        (guestOn {
-          credentials = [
-            "mesh-key"
-            "ec.tuners"
-          ];
-        })
-      ]) "every-channel-publisher-ready"
-    ))
-    (sectionHas "ready line with credentials" "Service" "ImportCredential=ec.tuners" (
-      guestService (guestEval [
-        (guestOn {
-          credentials = [
-            "mesh-key"
-            "ec.tuners"
-          ];
-        })
-      ]) "every-channel-publisher-ready"
-    ))
+  ]
+  ++
+    map
+      (
+        name:
+        sectionHas "ready line with credentials" "Service" "ImportCredential=${name}" readyWithCredentials
+      )
+      [
+        "mesh-key"
+        "ec.tuners"
+      ]
+  ++ [
     (expect "guest ready unit without credentials imports none" (
       !(lib.hasInfix "ImportCredential" (guestService guest "every-channel-publisher-ready"))
       && lib.hasInfix "EC_CREDENTIALS=''\n" guest.systemd.services.every-channel-publisher-ready.serviceConfig.ExecStart.text
