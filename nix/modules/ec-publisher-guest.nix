@@ -49,35 +49,32 @@ let
   # The discovery and ready scripts live in ../guest as plain shell, so the project's Debian test guest
   # (scripts/build-test-guest.sh) runs the very text NixOS runs; here they get their PATH (and settings) in
   # front.
-  discoveryScript = pkgs.writeShellScript "every-channel-tuner-discovery" (
-    ''
-      PATH=${
-        lib.makeBinPath [
-          pkgs.coreutils
-          pkgs.gnugrep
-          pkgs.iproute2
-          pkgs.libhdhomerun
-        ]
-      }
-      EC_TUNER_ATTEMPTS=${toString cfg.tunerDiscovery.attempts}
-    ''
-    + builtins.readFile ../guest/ec-publisher-discover.sh
-  );
+  guestScript =
+    name: file: packages: setting:
+    pkgs.writeShellScript name (
+      ''
+        PATH=${
+          lib.makeBinPath (
+            [
+              pkgs.coreutils
+              pkgs.gnugrep
+              pkgs.iproute2
+            ]
+            ++ packages
+          )
+        }
+        ${setting}
+      ''
+      + builtins.readFile file
+    );
+  discoveryScript = guestScript "every-channel-tuner-discovery" ../guest/ec-publisher-discover.sh [
+    pkgs.libhdhomerun
+  ] "EC_TUNER_ATTEMPTS=${toString cfg.tunerDiscovery.attempts}";
 
   # What the launcher on the host waits for (its default --ready-pattern), on ttyS0.
-  readyScript = pkgs.writeShellScript "every-channel-publisher-ready" (
-    ''
-      PATH=${
-        lib.makeBinPath [
-          pkgs.coreutils
-          pkgs.gnugrep
-          pkgs.iproute2
-        ]
-      }
-      EC_CREDENTIALS=${lib.escapeShellArg (lib.concatStringsSep "\n" cfg.credentials)}
-    ''
-    + builtins.readFile ../guest/ec-publisher-ready.sh
-  );
+  readyScript =
+    guestScript "every-channel-publisher-ready" ../guest/ec-publisher-ready.sh [ ]
+      "EC_CREDENTIALS=${lib.escapeShellArg (lib.concatStringsSep "\n" cfg.credentials)}";
 
   formatScript = pkgs.writeShellScript formatService ''
     set -eu
