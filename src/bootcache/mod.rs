@@ -139,6 +139,13 @@ struct State {
     boot: u64,
 }
 
+impl State {
+    /// The set being fetched names [`MAX_SET_FILES`] files, none of them `key`: `key` cannot be added.
+    fn set_full(&self, key: &str) -> bool {
+        !self.fetching.files.contains_key(key) && self.fetching.files.len() >= MAX_SET_FILES
+    }
+}
+
 struct Shared {
     boot: BootUrl,
     store: Store,

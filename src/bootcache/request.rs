@@ -250,7 +250,7 @@ impl Request<'_> {
         let fetching = {
             let mut st = sh.state();
             let st = &mut *st;
-            if !st.fetching.files.contains_key(key) && st.fetching.files.len() >= MAX_SET_FILES {
+            if st.set_full(key) {
                 tracing::warn!("boot cache: {key}: the set being fetched has {MAX_SET_FILES} files; not recorded");
                 return;
             }
@@ -356,21 +356,19 @@ impl Request<'_> {
     /// Stream a 200 from the origin to the guest and into a temporary file; admit it when complete.
     fn serve_fresh(&mut self, key: &str, mut f: Fresh) {
         let sh = self.shared;
-        let full = {
-            let st = sh.state();
-            !st.fetching.files.contains_key(key) && st.fetching.files.len() >= MAX_SET_FILES
-        };
-        let mut tmp = match sh.store.temp() {
-            Ok(_) if full => {
-                tracing::warn!(
-                    "boot cache: {key}: the set being fetched has {MAX_SET_FILES} files; passed through uncached"
-                );
-                None
-            }
-            Ok(t) => Some(t),
-            Err(err) => {
-                tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
-                None
+        let full = sh.state().set_full(key);
+        let mut tmp = if full {
+            tracing::warn!(
+                "boot cache: {key}: the set being fetched has {MAX_SET_FILES} files; passed through uncached"
+            );
+            None
+        } else {
+            match sh.store.temp() {
+                Ok(t) => Some(t),
+                Err(err) => {
+                    tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
+                    None
+                }
             }
         };
         // Requests for this path meanwhile read the temporary file through a descriptor of their own.
