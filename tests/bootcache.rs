@@ -25,25 +25,36 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
-fn cache(lab: &OriginLab, state: &Path, ca: bool) -> BootCache {
-    let cfg = Config {
-        boot_url: lab.url("boot.ipxe"),
-        state_dir: state.to_owned(),
-        extra_ca: if ca { vec![lab.ca()] } else { vec![] },
-        limits: Limits {
-            connect_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(3),
-            max_file_bytes: 32 << 20,
-        },
+/// The test's side of the lab: its thread moved into the client namespace, a runtime, an empty state
+/// directory.
+fn client_side(lab: &OriginLab) -> (tokio::runtime::Runtime, tempfile::TempDir) {
+    enter(&lab.client.path());
+    (runtime(), tempfile::tempdir().unwrap())
+}
+
+/// The cache of `boot_url` with the tests' short limits.
+fn open(boot_url: String, state: &Path, extra_ca: Vec<std::path::PathBuf>) -> BootCache {
+    let limits = Limits {
+        connect_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(3),
+        max_file_bytes: 32 << 20,
     };
+    let cfg = Config { boot_url, state_dir: state.to_owned(), extra_ca, limits };
     BootCache::open(&cfg).expect("open the cache")
 }
 
+/// The cache of the lab's `boot.ipxe`, trusting the lab's CA when `ca`.
+fn cache(lab: &OriginLab, state: &Path, ca: bool) -> BootCache {
+    open(lab.url("boot.ipxe"), state, if ca { vec![lab.ca()] } else { vec![] })
+}
+
+async fn fetch(c: BootCache, path: &str) -> (u16, std::io::Result<Vec<u8>>) {
+    let r = c.get(path).await;
+    (r.status, r.into_bytes().await)
+}
+
 fn get(rt: &tokio::runtime::Runtime, c: &BootCache, path: &str) -> (u16, std::io::Result<Vec<u8>>) {
-    rt.block_on(async {
-        let r = c.get(path).await;
-        (r.status, r.into_bytes().await)
-    })
+    rt.block_on(fetch(c.clone(), path))
 }
 
 fn objects(state: &Path) -> Vec<(String, u32)> {
@@ -75,9 +86,7 @@ fn cold_warm_changed_and_every_fallback() {
     let big1 = random_bytes(BIG);
     lab.write("boot.ipxe", &script);
     lab.write("big", &big1);
-    let state = tempfile::tempdir().unwrap();
-    enter(&lab.client.path());
-    let rt = runtime();
+    let (rt, state) = client_side(&lab);
     let c = cache(&lab, state.path(), true);
     assert!(c.good_set().is_none());
 
@@ -210,9 +219,7 @@ fn first_boot_with_the_origin_down_and_no_cache() {
     let mut lab = OriginLab::new(true);
     lab.write("boot.ipxe", b"#!ipxe\n");
     lab.stop();
-    let state = tempfile::tempdir().unwrap();
-    enter(&lab.client.path());
-    let rt = runtime();
+    let (rt, state) = client_side(&lab);
     let c = cache(&lab, state.path(), true);
     for _ in 0..3 {
         let (status, body) = get(&rt, &c, "/boot.ipxe");
@@ -236,9 +243,7 @@ fn the_private_ca_is_needed_and_absolute_urls_are_reported() {
     }
     let lab = OriginLab::new(true);
     lab.write("boot.ipxe", b"#!ipxe\nkernel http://cdn.example/k\ninitrd initrd\n");
-    let state = tempfile::tempdir().unwrap();
-    enter(&lab.client.path());
-    let rt = runtime();
+    let (rt, state) = client_side(&lab);
     // Without --boot-ca the system roots do not know the private CA: refused, nothing cached.
     let c = cache(&lab, state.path(), false);
     let (status, _) = get(&rt, &c, "/boot.ipxe");
@@ -265,11 +270,6 @@ fn the_private_ca_is_needed_and_absolute_urls_are_reported() {
 /// Large enough that a download takes seconds over the 50 Mbit/s link (about 4 s).
 const SHARED: usize = 24 << 20;
 
-async fn fetch(c: BootCache, path: &'static str) -> (u16, std::io::Result<Vec<u8>>) {
-    let r = c.get(path).await;
-    (r.status, r.into_bytes().await)
-}
-
 /// How many GETs of `path` the origin logged.
 fn origin_gets(lab: &OriginLab, path: &str) -> usize {
     lab.requests().iter().filter(|r| r.0 == "GET" && r.1 == path).count()
@@ -294,9 +294,7 @@ fn concurrent_requests_share_one_origin_download() {
     lab.write("boot.ipxe", b"#!ipxe\nimgfetch big\n");
     let big1 = random_bytes(SHARED);
     lab.write("big", &big1);
-    let state = tempfile::tempdir().unwrap();
-    enter(&lab.client.path());
-    let rt = runtime();
+    let (rt, state) = client_side(&lab);
     let c = cache(&lab, state.path(), true);
 
     // Three requests at once: one GET at the origin, the same bytes for all three, one object.
@@ -366,9 +364,7 @@ fn a_head_downloads_nothing_and_a_cut_leader_cuts_its_joiner() {
     lab.write("boot.ipxe", &script);
     let big1 = random_bytes(SHARED);
     lab.write("big", &big1);
-    let state = tempfile::tempdir().unwrap();
-    enter(&lab.client.path());
-    let rt = runtime();
+    let (rt, state) = client_side(&lab);
     let c = cache(&lab, state.path(), true);
     let head = |path: &str| {
         rt.block_on(async {
@@ -458,20 +454,8 @@ fn an_http2_origin_is_fetched_over_http2() {
     let big = random_bytes(3 * BIG);
     lab.write("boot.ipxe", &script);
     lab.write("big", &big);
-    let state = tempfile::tempdir().unwrap();
-    enter(&lab.client.path());
-    let rt = runtime();
-    let cfg = Config {
-        boot_url: h2.url("boot.ipxe"),
-        state_dir: state.path().to_owned(),
-        extra_ca: vec![lab.ca()],
-        limits: Limits {
-            connect_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(3),
-            max_file_bytes: 32 << 20,
-        },
-    };
-    let c = BootCache::open(&cfg).expect("open the cache");
+    let (rt, state) = client_side(&lab);
+    let c = open(h2.url("boot.ipxe"), state.path(), vec![lab.ca()]);
 
     // Cold, from the HTTP/2-only origin: streamed, counted and admitted; a download longer than the idle
     // timeout is not cut.

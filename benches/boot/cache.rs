@@ -26,14 +26,14 @@ impl CacheServer {
     fn start(netns: String) -> CacheServer {
         let cache: Arc<std::sync::Mutex<Option<ec_ipxe_qemu::bootcache::BootCache>>> = Arc::default();
         let shared = Arc::clone(&cache);
-        let (tx, rx) = std::sync::mpsc::channel();
+        // The listening socket is made in the namespace (and stays there); the server thread needs not be.
+        let listener = common::origin::in_netns(&netns, || TcpListener::bind("127.0.0.1:0").expect("bind"));
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("non-blocking listener");
         std::thread::spawn(move || {
-            let file = std::fs::File::open(&netns).expect("open netns");
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                tx.send(listener.local_addr().expect("addr").port()).expect("port");
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
                 loop {
                     let Ok((stream, _)) = listener.accept().await else { continue };
                     let shared = Arc::clone(&shared);
@@ -53,7 +53,7 @@ impl CacheServer {
                 }
             });
         });
-        CacheServer { port: rx.recv().expect("cache server port"), cache }
+        CacheServer { port, cache }
     }
 }
 

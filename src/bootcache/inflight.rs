@@ -255,8 +255,7 @@ impl Request<'_> {
 
     fn cut_joined(&mut self, why: String) {
         tracing::warn!("boot cache: {why}");
-        self.done();
-        let _ = self.body.blocking_send(Err(std::io::Error::other(why)));
+        self.cut(why);
     }
 
     /// The progress of a joiner, shown unless the leader's download of the same file is further on.

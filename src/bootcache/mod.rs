@@ -114,6 +114,17 @@ pub struct GoodSet {
     pub marked: Option<(String, u64)>,
 }
 
+impl GoodSet {
+    /// What `good` holds, when it is a usable good set of `boot_url`.
+    fn of(good: Option<&Manifest>, boot_url: &str) -> Option<GoodSet> {
+        generation::usable_good(good, boot_url).map(|g| GoodSet {
+            files: g.files.len(),
+            bytes: g.bytes(),
+            marked: g.marked.clone(),
+        })
+    }
+}
+
 struct State {
     session: Session,
     fetching: Manifest,
@@ -126,6 +137,13 @@ struct State {
     /// Which boot this is ([`BootCache::begin_boot`] counts up): a request of an earlier boot, still
     /// running, never changes this boot's session, and a ready of an earlier boot marks nothing.
     boot: u64,
+}
+
+impl State {
+    /// The set being fetched names [`MAX_SET_FILES`] files, none of them `key`: `key` cannot be added.
+    fn set_full(&self, key: &str) -> bool {
+        !self.fetching.files.contains_key(key) && self.fetching.files.len() >= MAX_SET_FILES
+    }
 }
 
 struct Shared {
@@ -235,12 +253,7 @@ impl BootCache {
 
     /// The last good set for this boot URL, if there is one.
     pub fn good_set(&self) -> Option<GoodSet> {
-        let st = self.shared.state();
-        generation::usable_good(st.good.as_ref(), &self.shared.boot.url).map(|g| GoodSet {
-            files: g.files.len(),
-            bytes: g.bytes(),
-            marked: g.marked.clone(),
-        })
+        GoodSet::of(self.shared.state().good.as_ref(), &self.shared.boot.url)
     }
 
     /// The boot reached `stage` (`ready`: a ready pattern is always set): what it was given
@@ -373,12 +386,7 @@ pub fn check_origin(url: &str, extra_ca: &[PathBuf], timeout: std::time::Duratio
 
 /// `doctor`: the last good set of `boot_url` in `state_dir`, read without creating or changing anything.
 pub fn read_good_set(state_dir: &Path, boot_url: &str) -> Option<GoodSet> {
-    let m = store::peek_good(state_dir)?;
-    generation::usable_good(Some(&m), boot_url).map(|g| GoodSet {
-        files: g.files.len(),
-        bytes: g.bytes(),
-        marked: g.marked.clone(),
-    })
+    GoodSet::of(Some(&store::peek_good(state_dir)?), boot_url)
 }
 
 /// The status line of a reply.

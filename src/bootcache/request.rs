@@ -133,7 +133,7 @@ impl Request<'_> {
                 if self.shared.store.has(&e) {
                     self.reply_head(200, Some(e.length));
                 } else {
-                    self.reply_text(503, &format!("cached copy of {key} unusable; try again"));
+                    self.reply_unusable(key);
                 }
             }
             // The body is dropped unread: the connection to the origin is closed.
@@ -250,7 +250,7 @@ impl Request<'_> {
         let fetching = {
             let mut st = sh.state();
             let st = &mut *st;
-            if !st.fetching.files.contains_key(key) && st.fetching.files.len() >= MAX_SET_FILES {
+            if st.set_full(key) {
                 tracing::warn!("boot cache: {key}: the set being fetched has {MAX_SET_FILES} files; not recorded");
                 return;
             }
@@ -290,8 +290,15 @@ impl Request<'_> {
         }
     }
 
-    fn cut(&mut self, why: String) {
+    /// Cut the guest's body (it sees a short download) and clear the progress shown.
+    pub(super) fn cut(&mut self, why: String) {
+        self.done();
         let _ = self.body.blocking_send(Err(std::io::Error::other(why)));
+    }
+
+    /// A cached copy that cannot be read: 503, the guest tries again.
+    fn reply_unusable(&mut self, key: &str) {
+        self.reply_text(503, &format!("cached copy of {key} unusable; try again"));
     }
 
     /// Serve a cached copy, checking its SHA-256 as it goes: the last chunk is held back until the hash
@@ -308,7 +315,7 @@ impl Request<'_> {
                 if !shortage {
                     sh.store.discard(&e.sha256);
                 }
-                return self.reply_text(503, &format!("cached copy of {key} unusable; try again"));
+                return self.reply_unusable(key);
             }
         };
         sh.state().counters.hits += 1;
@@ -320,10 +327,7 @@ impl Request<'_> {
         loop {
             let n = match file.read(&mut buf) {
                 Ok(n) => n,
-                Err(err) => {
-                    self.done();
-                    return self.cut(format!("read the cached copy of {key}: {err}"));
-                }
+                Err(err) => return self.cut(format!("read the cached copy of {key}: {err}")),
             };
             if n == 0 {
                 break;
@@ -342,7 +346,6 @@ impl Request<'_> {
         let Some(last) = check.finish(&e.sha256) else {
             tracing::warn!("boot cache: {key}: the cached copy does not match its SHA-256; removed");
             sh.store.discard(&e.sha256);
-            self.done();
             return self.cut(format!("cached copy of {key} is corrupt"));
         };
         self.send(&last, &mut guest);
@@ -353,21 +356,19 @@ impl Request<'_> {
     /// Stream a 200 from the origin to the guest and into a temporary file; admit it when complete.
     fn serve_fresh(&mut self, key: &str, mut f: Fresh) {
         let sh = self.shared;
-        let full = {
-            let st = sh.state();
-            !st.fetching.files.contains_key(key) && st.fetching.files.len() >= MAX_SET_FILES
-        };
-        let mut tmp = match sh.store.temp() {
-            Ok(_) if full => {
-                tracing::warn!(
-                    "boot cache: {key}: the set being fetched has {MAX_SET_FILES} files; passed through uncached"
-                );
-                None
-            }
-            Ok(t) => Some(t),
-            Err(err) => {
-                tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
-                None
+        let full = sh.state().set_full(key);
+        let mut tmp = if full {
+            tracing::warn!(
+                "boot cache: {key}: the set being fetched has {MAX_SET_FILES} files; passed through uncached"
+            );
+            None
+        } else {
+            match sh.store.temp() {
+                Ok(t) => Some(t),
+                Err(err) => {
+                    tracing::warn!("boot cache: {key}: cannot write the cache ({err}); passed through uncached");
+                    None
+                }
             }
         };
         // Requests for this path meanwhile read the temporary file through a descriptor of their own.
@@ -400,7 +401,6 @@ impl Request<'_> {
                     self.fresh_ended(key, None);
                     self.origin_failed_midway(&msg);
                     self.fail(&msg);
-                    self.done();
                     return self.cut(msg);
                 }
             };

@@ -167,8 +167,8 @@ impl OriginLab {
 
     /// The origin's request log: (method, path, status).
     pub fn requests(&self) -> Vec<(String, String, u16)> {
-        let log = std::fs::read_to_string(self.dir.path().join("requests.log")).unwrap_or_default();
-        log.lines()
+        self.file("requests.log")
+            .lines()
             .filter_map(|l| {
                 let mut it = l.split(' ');
                 Some((it.next()?.to_owned(), it.next()?.to_owned(), it.next()?.parse().ok()?))
@@ -200,12 +200,21 @@ impl OriginLab {
         let child =
             cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn().expect("start the origin server");
         self.server = Some(KillOnDrop(child));
-        let port = self.port;
+        assert!(self.listens(self.port), "the origin server listens: {}", self.file("server.err"));
+    }
+
+    /// Whether something accepts connections on `port` of the origin within 10 s.
+    fn listens(&self, port: u16) -> bool {
         let origin = self.origin.path();
-        let up = wait_for(Duration::from_secs(10), || {
-            in_netns(&origin, move || std::net::TcpStream::connect((ORIGIN_IP, port)).ok()).map(|_| ())
-        });
-        assert!(up.is_some(), "the origin server listens");
+        wait_for(Duration::from_secs(10), || {
+            in_netns(&origin, move || std::net::TcpStream::connect((ORIGIN_IP, port)).ok()).map(drop)
+        })
+        .is_some()
+    }
+
+    /// A file of the lab's directory (a server's log), empty when unreadable.
+    fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 
     /// Stop the server: the origin is down (connection refused).
@@ -255,11 +264,7 @@ impl OriginLab {
             .spawn()
             .expect("start nghttpd");
         let server = KillOnDrop(child);
-        let origin = self.origin.path();
-        let up = wait_for(Duration::from_secs(10), || {
-            in_netns(&origin, move || std::net::TcpStream::connect((ORIGIN_IP, port)).ok()).map(|_| ())
-        });
-        assert!(up.is_some(), "nghttpd listens: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(self.listens(port), "nghttpd listens: {}", self.file("nghttpd.log"));
         H2Origin { port, log, _server: server }
     }
 }
