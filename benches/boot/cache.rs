@@ -126,6 +126,7 @@ pub(crate) fn boot_cache_bench(runs: usize) {
             state_dir: state.to_owned(),
             extra_ca: vec![],
             limits: Limits::default(),
+            max_set_files: ec_ipxe_qemu::bootcache::MAX_SET_FILES,
         };
         // In the client namespace, as the launcher would be: the HTTP client's own thread starts here.
         common::origin::in_netns(&client_netns, move || BootCache::open(&cfg).expect("open the cache"))

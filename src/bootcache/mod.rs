@@ -44,8 +44,8 @@ const CHANNEL_CHUNKS: usize = 64;
 pub const MAX_IN_FLIGHT: usize = 16;
 /// How long [`BootCache::mark_good`] waits for the requests in flight to finish admitting their files.
 const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
-/// Files a set (the one being fetched, one boot's) names at most; a guest asking for more (say, the same
-/// file under endless query strings) gets them passed through uncached.
+/// Files a set (the one being fetched, one boot's) names at most, by default ([`Config::max_set_files`]); a
+/// guest asking for more (say, the same file under endless query strings) gets them passed through uncached.
 pub const MAX_SET_FILES: usize = 1024;
 /// Bytes of the script kept to look for absolute URLs in it.
 const SCRIPT_SCAN_BYTES: usize = 256 * 1024;
@@ -104,6 +104,8 @@ pub struct Config {
     /// `--boot-ca` files.
     pub extra_ca: Vec<PathBuf>,
     pub limits: Limits,
+    /// Files the set being fetched names at most ([`MAX_SET_FILES`]).
+    pub max_set_files: usize,
 }
 
 /// What the good set holds, for `doctor` and the logs.
@@ -137,12 +139,15 @@ struct State {
     /// Which boot this is ([`BootCache::begin_boot`] counts up): a request of an earlier boot, still
     /// running, never changes this boot's session, and a ready of an earlier boot marks nothing.
     boot: u64,
+    max_set_files: usize,
 }
 
 impl State {
-    /// The set being fetched names [`MAX_SET_FILES`] files, none of them `key`: `key` cannot be added.
-    fn set_full(&self, key: &str) -> bool {
-        !self.fetching.files.contains_key(key) && self.fetching.files.len() >= MAX_SET_FILES
+    /// The set being fetched is full and does not name `key`: `key` cannot be added (the warning says so).
+    fn set_full(&self, key: &str) -> Option<String> {
+        (!self.fetching.files.contains_key(key) && self.fetching.files.len() >= self.max_set_files).then(|| {
+            format!("boot cache: {key}: the set being fetched has {} files, the most it holds", self.max_set_files)
+        })
     }
 }
 
@@ -206,6 +211,7 @@ impl BootCache {
             in_flight: 0,
             warned_fallback: false,
             boot: 0,
+            max_set_files: cfg.max_set_files,
         };
         Ok(BootCache {
             shared: Arc::new(Shared { boot, store, client, flights: Default::default(), state: Mutex::new(state) }),

@@ -250,8 +250,8 @@ impl Request<'_> {
         let fetching = {
             let mut st = sh.state();
             let st = &mut *st;
-            if st.set_full(key) {
-                tracing::warn!("boot cache: {key}: the set being fetched has {MAX_SET_FILES} files; not recorded");
+            if let Some(full) = st.set_full(key) {
+                tracing::warn!("{full}; not recorded");
                 return;
             }
             if st.boot == self.boot {
@@ -357,10 +357,8 @@ impl Request<'_> {
     fn serve_fresh(&mut self, key: &str, mut f: Fresh) {
         let sh = self.shared;
         let full = sh.state().set_full(key);
-        let mut tmp = if full {
-            tracing::warn!(
-                "boot cache: {key}: the set being fetched has {MAX_SET_FILES} files; passed through uncached"
-            );
+        let mut tmp = if let Some(full) = full {
+            tracing::warn!("{full}; passed through uncached");
             None
         } else {
             match sh.store.temp() {

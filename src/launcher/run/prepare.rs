@@ -216,6 +216,7 @@ fn open_cache(cfg: &LaunchConfig, c: &CacheSpec) -> Result<BootCache> {
         state_dir: cfg.state_dir.clone(),
         extra_ca: c.extra_ca.clone(),
         limits: bootcache::origin::Limits::default(),
+        max_set_files: bootcache::MAX_SET_FILES,
     };
     // Checked when the configuration was read; again under the state directory's lock.
     for d in bootcache::store::dirs(&cfg.state_dir) {
