@@ -173,6 +173,29 @@ pub(crate) fn create_new(path: &Path, mode: u32) -> std::io::Result<File> {
     Ok(f)
 }
 
+/// Read a regular file inside the state directory: never through a symlink, never waiting on a FIFO; a
+/// symlink or anything but a regular file is an error saying what is there.
+pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(std::io::Error::other("is a symlink, which is never followed in the state directory"));
+        }
+        Err(e) => return Err(e),
+    };
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(std::io::Error::other(format!("is {}, not a regular file", describe(&m))));
+    }
+    let mut out = Vec::new();
+    f.read_to_end(&mut out)?;
+    Ok(out)
+}
+
 /// Replace `path` with `content` (mode `mode`): a new temporary file with an unpredictable name, written
 /// and renamed over `path` (which replaces a symlink there, never writes through it). Nothing is left
 /// behind on failure.
@@ -371,6 +394,12 @@ mod tests {
         std::os::unix::fs::symlink(&target, tmp.path().join("planted")).unwrap();
         assert!(create_new(&tmp.path().join("planted"), 0o600).is_err());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        // Read back: never through the symlink planted above, nor from anything but a regular file.
+        assert_eq!(read_regular(&p).unwrap(), b"new");
+        let e = read_regular(&tmp.path().join("planted")).unwrap_err().to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        assert!(read_regular(tmp.path()).unwrap_err().to_string().contains("is a directory"));
+        assert_eq!(read_regular(&tmp.path().join("none")).unwrap_err().kind(), std::io::ErrorKind::NotFound);
         // A directory where the file goes: the rename fails and nothing is left.
         let d = tmp.path().join("dir.json");
         std::fs::create_dir(&d).unwrap();
