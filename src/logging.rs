@@ -109,9 +109,13 @@ fn count_dropped(text: &[u8]) {
 
 /// Write `text` to stderr as it is; a failure drops it and counts its lines.
 pub fn write_stderr(text: &str) {
-    let mut err = std::io::stderr().lock();
-    if err.write_all(text.as_bytes()).and_then(|()| err.flush()).is_err() {
-        count_dropped(text.as_bytes());
+    write_or_count(text.as_bytes());
+}
+
+/// Write `bytes` to stderr (unbuffered: nothing to flush); a failure drops them and counts their lines.
+fn write_or_count(bytes: &[u8]) {
+    if std::io::stderr().lock().write_all(bytes).is_err() {
+        count_dropped(bytes);
     }
 }
 
@@ -121,15 +125,11 @@ pub struct LossyStderr;
 
 impl Write for LossyStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut err = std::io::stderr().lock();
-        if err.write_all(buf).is_err() {
-            count_dropped(buf);
-        }
+        write_or_count(buf);
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        let _ = std::io::stderr().flush();
         Ok(())
     }
 }

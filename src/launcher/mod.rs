@@ -9,6 +9,8 @@
 //! run/                    the supervisor: prepare, qemu (start), watch (event loop), stop (ladder), tracker
 //! console/                the guest console: broker, lines, serial.log, sink, bootwatch, banner, client
 //! status, statedir        status.json (and `status`), the locked state directory
+//! private                 the private state directory's rules: owner and mode, what may stand where, temporary
+//!                         files, leftovers, file holders, QEMU's argv limits
 //! credentials             systemd credentials for the guest: names, files, the fw_cfg arguments
 //! doctor/                 every check `run` depends on
 //! accel, vhost, lanlock, linkwatch, httpd, qmp, notify, ipxe_image   one resource each

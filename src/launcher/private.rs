@@ -49,7 +49,7 @@ fn check_private_meta(what: &str, dir: &Path, uid: u32, mode: u32, me: u32) -> R
 /// What `path` is, without following a symlink: `None` when it does not exist.
 pub(crate) fn kind_of(path: &Path) -> Result<Option<&'static str>> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) => Ok(Some(kind_name(&m))),
+        Ok(m) => Ok(Some(describe(&m))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(format!("stat \"{}\"", path.display()), e)),
     }
@@ -57,10 +57,6 @@ pub(crate) fn kind_of(path: &Path) -> Result<Option<&'static str>> {
 
 /// "a FIFO", "a directory", ...: what a file is, for messages.
 pub(crate) fn describe(m: &std::fs::Metadata) -> &'static str {
-    kind_name(m)
-}
-
-fn kind_name(m: &std::fs::Metadata) -> &'static str {
     let t = m.file_type();
     if t.is_file() {
         "a regular file"
@@ -115,7 +111,7 @@ pub(crate) fn expect_private_dir(path: &Path) -> Result<()> {
         Err(e) => return Err(Error::io(format!("stat \"{}\"", path.display()), e)),
     };
     if !m.is_dir() {
-        return Err(misplaced(path, kind_name(&m), "a directory"));
+        return Err(misplaced(path, describe(&m), "a directory"));
     }
     let me = nix::unistd::geteuid().as_raw();
     if m.uid() != me {
@@ -177,6 +173,29 @@ pub(crate) fn create_new(path: &Path, mode: u32) -> std::io::Result<File> {
     Ok(f)
 }
 
+/// Read a regular file inside the state directory: never through a symlink, never waiting on a FIFO; a
+/// symlink or anything but a regular file is an error saying what is there.
+pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(std::io::Error::other("is a symlink, which is never followed in the state directory"));
+        }
+        Err(e) => return Err(e),
+    };
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(std::io::Error::other(format!("is {}, not a regular file", describe(&m))));
+    }
+    let mut out = Vec::new();
+    f.read_to_end(&mut out)?;
+    Ok(out)
+}
+
 /// Replace `path` with `content` (mode `mode`): a new temporary file with an unpredictable name, written
 /// and renamed over `path` (which replaces a symlink there, never writes through it). Nothing is left
 /// behind on failure.
@@ -193,23 +212,7 @@ pub(crate) fn replace(path: &Path, content: &[u8], mode: u32) -> std::io::Result
 /// half-created disk). Symlinks are removed, not followed; directories are left alone. Returns what was
 /// removed.
 pub(crate) fn remove_leftovers(dir: &Path) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return removed };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        if !name.to_string_lossy().contains(TMP_INFIX) || e.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let p = e.path();
-        match std::fs::remove_file(&p) {
-            Ok(()) => {
-                tracing::info!("removed leftover {} (from a run that was killed)", p.display());
-                removed.push(p);
-            }
-            Err(err) => tracing::warn!("remove leftover {}: {err}", p.display()),
-        }
-    }
-    removed
+    remove_tmp_files(dir, |name| name.contains(TMP_INFIX), "from a run that was killed")
 }
 
 /// Leftovers of `file` in its directory: `FILE.tmp-*` only (for a disk outside the state directory, whose
@@ -219,18 +222,28 @@ pub(crate) fn remove_leftovers_of(file: &Path) {
     let mut prefix = name.to_owned();
     prefix.push(TMP_INFIX);
     let prefix = prefix.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    remove_tmp_files(dir, |name| name.starts_with(&prefix), "a disk half-created by a run that was killed");
+}
+
+/// Remove every entry of `dir` but directories whose name `matches` (symlinks removed, not followed),
+/// saying `why` for each; returns what was removed.
+fn remove_tmp_files(dir: &Path, matches: impl Fn(&str) -> bool, why: &str) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return removed };
     for e in entries.flatten() {
-        if e.file_name().to_string_lossy().starts_with(&prefix) && e.file_type().is_ok_and(|t| !t.is_dir()) {
-            let p = e.path();
-            match std::fs::remove_file(&p) {
-                Ok(()) => {
-                    tracing::info!("removed leftover {} (a disk half-created by a run that was killed)", p.display())
-                }
-                Err(err) => tracing::warn!("remove leftover {}: {err}", p.display()),
+        if !matches(&e.file_name().to_string_lossy()) || e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let p = e.path();
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                tracing::info!("removed leftover {} ({why})", p.display());
+                removed.push(p);
             }
+            Err(err) => tracing::warn!("remove leftover {}: {err}", p.display()),
         }
     }
+    removed
 }
 
 /// Processes that have `path` open or hold a lock on it (from `/proc/locks` and `/proc/*/fd`), this
@@ -381,6 +394,12 @@ mod tests {
         std::os::unix::fs::symlink(&target, tmp.path().join("planted")).unwrap();
         assert!(create_new(&tmp.path().join("planted"), 0o600).is_err());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        // Read back: never through the symlink planted above, nor from anything but a regular file.
+        assert_eq!(read_regular(&p).unwrap(), b"new");
+        let e = read_regular(&tmp.path().join("planted")).unwrap_err().to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        assert!(read_regular(tmp.path()).unwrap_err().to_string().contains("is a directory"));
+        assert_eq!(read_regular(&tmp.path().join("none")).unwrap_err().kind(), std::io::ErrorKind::NotFound);
         // A directory where the file goes: the rename fails and nothing is left.
         let d = tmp.path().join("dir.json");
         std::fs::create_dir(&d).unwrap();
@@ -406,6 +425,13 @@ mod tests {
         left.sort();
         assert_eq!(left, ["d.tmp-3", "serial.log", "status.json"]);
         assert!(Path::new("/etc/passwd").exists());
+        // Next to a disk outside the state directory: that disk's leftovers only.
+        for n in ["vm.qcow2.tmp-1", "other.qcow2.tmp-2", "vm.qcow2"] {
+            std::fs::write(tmp.path().join(n), "x").unwrap();
+        }
+        remove_leftovers_of(&tmp.path().join("vm.qcow2"));
+        assert!(!tmp.path().join("vm.qcow2.tmp-1").exists());
+        assert!(tmp.path().join("other.qcow2.tmp-2").exists() && tmp.path().join("vm.qcow2").exists());
     }
 
     #[test]

@@ -282,7 +282,7 @@ pub(crate) struct Report {
 /// Read the status of `state_dir`. No status file: not found (exit 3).
 pub(crate) fn read(state_dir: &Path) -> Result<Report> {
     let p = path(state_dir);
-    let text = match std::fs::read(&p) {
+    let text = match crate::launcher::private::read_regular(&p) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(Error::not_found(format!(
@@ -494,6 +494,21 @@ mod tests {
         assert!(!read(dir).unwrap().running);
         let text = render(dir, &read(dir).unwrap());
         assert!(text.contains("not running") && text.contains("192.168.77.53"), "{text}");
+    }
+
+    #[test]
+    fn a_symlink_or_fifo_at_status_json_is_refused_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let elsewhere = dir.join("elsewhere.json");
+        std::fs::write(&elsewhere, serde_json::to_vec(&RunStatus::default()).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, path(dir)).unwrap();
+        let e = read(dir).unwrap_err().to_string();
+        assert!(e.contains(&format!("read {}: is a symlink", path(dir).display())), "{e}");
+        std::fs::remove_file(path(dir)).unwrap();
+        nix::unistd::mkfifo(&path(dir), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = read(dir).unwrap_err().to_string();
+        assert!(e.contains("is a FIFO, not a regular file"), "{e}");
     }
 
     #[test]

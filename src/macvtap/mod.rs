@@ -200,13 +200,7 @@ async fn create_here(nl: &Netlink, ns: Option<&NetnsSpec>, req: &CreateRequest) 
         if diff.is_empty() {
             // Ours and as asked (perhaps left down by a killed run): make sure it is up and usable.
             tracing::debug!("\"{}\" is ours and as asked: bringing it up and checking its node only", spec.name);
-            bring_up(h, &parent, old.ifindex, spec, &what).await?;
-            let dev = tap::sysfs_devnum(&spec.name, old.ifindex)?;
-            let node = ensure_node(&spec.name, old.ifindex, dev, req.owner)?;
-            let now = refetch(h, old.ifindex, &spec.name).await?;
-            let mut info = info_of(&now, Some(parent.name.clone()), Some(dev), Some(node));
-            info.changed = Some(false);
-            return Ok(info);
+            return up_and_usable(h, &parent, old.ifindex, req, &what, false).await;
         }
         if !req.replace {
             return Err(Error::conflict(
@@ -259,13 +253,7 @@ async fn create_here(nl: &Netlink, ns: Option<&NetnsSpec>, req: &CreateRequest) 
             .execute()
             .await
             .map_err(|e| Error::netlink(format!("{what}: name, mark and addrgenmode"), e))?;
-        bring_up(h, &parent, new.ifindex, spec, &what).await?;
-        let dev = tap::sysfs_devnum(&spec.name, new.ifindex)?;
-        let node = ensure_node(&spec.name, new.ifindex, dev, req.owner)?;
-        let now = refetch(h, new.ifindex, &spec.name).await?;
-        let mut info = info_of(&now, Some(parent.name.clone()), Some(dev), Some(node));
-        info.changed = Some(true);
-        Ok(info)
+        up_and_usable(h, &parent, new.ifindex, req, &what, true).await
     }
     .await;
     if result.is_err() {
@@ -300,6 +288,26 @@ async fn remove_leftover(h: &rtnetlink::Handle, tmp: &IfName) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The last steps of every `create`: the link `ifindex` (named and marked as asked) up, its node in place;
+/// what `create` prints, with `changed`.
+async fn up_and_usable(
+    h: &rtnetlink::Handle,
+    parent: &LinkView,
+    ifindex: u32,
+    req: &CreateRequest,
+    what: &str,
+    changed: bool,
+) -> Result<TapInfo> {
+    let spec = &req.spec;
+    bring_up(h, parent, ifindex, spec, what).await?;
+    let dev = tap::sysfs_devnum(&spec.name, ifindex)?;
+    let node = ensure_node(&spec.name, ifindex, dev, req.owner)?;
+    let now = refetch(h, ifindex, &spec.name).await?;
+    let mut info = info_of(&now, Some(parent.name.clone()), Some(dev), Some(node));
+    info.changed = Some(changed);
+    Ok(info)
 }
 
 /// Up with allmulticast. The kernel checks the MAC against the parent and its other (up) macvlans only

@@ -71,17 +71,7 @@ impl SerialLog {
                 .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
                 .open(path)
                 .map_err(|e| Error::io(format!("open serial log {}", path.display()), e))?;
-            return Ok(SerialLog {
-                path: path.to_owned(),
-                file,
-                cap: None,
-                len: 0,
-                head_end: None,
-                cut: 0,
-                marker_len: 0,
-                lost: 0,
-                failing: None,
-            });
+            return Ok(SerialLog::new(path, file, None));
         }
         // An empty log (a start that failed before the guest printed anything) does not push the last boot's
         // log out of PATH.1.
@@ -101,17 +91,22 @@ impl SerialLog {
             .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io(format!("create serial log {}", path.display()), e))?;
-        Ok(SerialLog {
+        Ok(SerialLog::new(path, file, Some(cap)))
+    }
+
+    /// A log on `file`, nothing written yet; `cap`: None for a FIFO or device (never cut back).
+    fn new(path: &Path, file: File, cap: Option<u64>) -> SerialLog {
+        SerialLog {
             path: path.to_owned(),
             file,
-            cap: Some(cap),
+            cap,
             len: 0,
             head_end: None,
             cut: 0,
             marker_len: 0,
             lost: 0,
             failing: None,
-        })
+        }
     }
 
     /// Append console bytes. The guest must never wait for the disk: a failing write (ENOSPC, EIO) loses
@@ -130,17 +125,13 @@ impl SerialLog {
             self.lost = 0;
         }
         if let Err(e) = self.append(bytes) {
-            self.fail(bytes.len() as u64, &e.to_string());
+            self.lose(bytes.len() as u64, &e.to_string());
             self.resync();
         }
     }
 
     /// `n` bytes never reached this log (`why`): counted into the current episode, or starting one.
     pub(crate) fn lose(&mut self, n: u64, why: &str) {
-        self.fail(n, why);
-    }
-
-    fn fail(&mut self, n: u64, why: &str) {
         self.lost += n;
         if self.failing.is_none() {
             tracing::warn!(

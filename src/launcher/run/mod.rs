@@ -41,7 +41,7 @@ mod stop;
 mod tracker;
 mod watch;
 
-use prepare::remove_if_exists;
+use prepare::remove_socket;
 use qemu::RunFailure;
 use stop::StopSignals;
 use tracker::Tracker;
@@ -99,8 +99,8 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
     };
     if let Some(sig) = signals.pending(&rt) {
         tracing::info!("{sig} while preparing: not starting QEMU");
-        remove_if_exists(&cfg.qmp_socket());
-        remove_if_exists(&cfg.console_socket());
+        remove_socket(&cfg.qmp_socket());
+        remove_socket(&cfg.console_socket());
         return Ok(());
     }
     let status = RunStatus {
@@ -133,8 +133,8 @@ pub(crate) fn run(cfg: &LaunchConfig) -> Result<()> {
     });
     tracker.ended();
     // Remove the sockets while the lock is still held, so a successor's sockets are never removed.
-    remove_if_exists(&cfg.qmp_socket());
-    remove_if_exists(&cfg.console_socket());
+    remove_socket(&cfg.qmp_socket());
+    remove_socket(&cfg.console_socket());
     // The boot cache's request threads may still be downloading: no write of theirs after this.
     if let Some(c) = &prepared.cache {
         c.close();

@@ -265,9 +265,8 @@ fn tftp_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Remove a socket or file of a previous run (a missing one is fine).
-/// Remove the socket at `p`, if a socket is there (nothing else is ever removed).
-pub(super) fn remove_if_exists(p: &Path) {
+/// Remove the socket at `p`, if a socket is there (nothing else is ever removed; a missing one is fine).
+pub(super) fn remove_socket(p: &Path) {
     if !std::fs::symlink_metadata(p).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
         return;
     }

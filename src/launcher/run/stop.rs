@@ -13,10 +13,10 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::process::Child;
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::error::{Error, Result};
 use crate::launcher::qmp::QmpClient;
-use tokio::signal::unix::{SignalKind, signal};
 
 /// Driver passes [`StopSignals::pending`] allows for a signal that already arrived.
 const PENDING_POLLS: usize = 3;

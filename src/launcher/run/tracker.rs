@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::bootcache::{BootCache, BootSource, Counters};
 use crate::launcher::console::bootwatch::{BootFailure, Event, Stage};
 use crate::launcher::httpd::Progress;
+use crate::launcher::layout::usernet;
 use crate::launcher::notify::Notifier;
 use crate::launcher::status::{Download, RunStatus, StatusFile, now_rfc3339};
 
@@ -133,7 +134,7 @@ impl Tracker {
             // Through the cache iPXE chains to the loopback server: the status names the origin.
             Event::Chain(url) => {
                 let url = match &self.cache {
-                    Some(c) if url.starts_with("http://10.0.2.2:") => c.boot_url().url.clone(),
+                    Some(c) if url.starts_with(&format!("http://{}:", usernet::HOST)) => c.boot_url().url.clone(),
                     _ => url,
                 };
                 self.file.update(|s| s.boot_url = Some(url));
