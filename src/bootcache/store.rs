@@ -100,24 +100,16 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An unpredictable name for a temporary file (128 bits from the kernel's random source).
-fn random_name() -> std::io::Result<String> {
-    let mut b = [0u8; 16];
-    File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(format!("{TMP_PREFIX}{}", hex(&b)))
+/// An unpredictable name for a temporary file (the state directory's random suffix).
+fn random_name() -> String {
+    format!("{TMP_PREFIX}{}", crate::launcher::private::random_suffix())
 }
 
-/// Open a regular file for reading: never through a symlink, never blocking on a FIFO (`O_NONBLOCK` does
-/// nothing to a regular file's reads), anything but a regular file refused.
+/// The cache lives in the state directory, by its rules: never through a symlink, never waiting on a FIFO,
+/// anything but a regular file refused, the path named in the error.
 fn open_nofollow(path: &Path) -> std::io::Result<File> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
-    }
-    Ok(f)
+    crate::launcher::private::open_regular(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("\"{}\": {e}", path.display())))
 }
 
 /// Most bytes a set's JSON may have (a set of thousands of files is far below).
@@ -175,7 +167,7 @@ pub struct TempFile {
 
 impl TempFile {
     fn create(dir: &Path) -> std::io::Result<TempFile> {
-        let path = dir.join(random_name()?);
+        let path = dir.join(random_name());
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -176,7 +176,15 @@ pub(crate) fn create_new(path: &Path, mode: u32) -> std::io::Result<File> {
 /// Read a regular file inside the state directory: never through a symlink, never waiting on a FIFO; a
 /// symlink or anything but a regular file is an error saying what is there.
 pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut f = match OpenOptions::new()
+    let mut out = Vec::new();
+    open_regular(path)?.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Open a regular file inside the state directory for reading, by [`read_regular`]'s rules (`O_NONBLOCK`
+/// does nothing to a regular file's reads).
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<File> {
+    let f = match OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(path)
@@ -191,9 +199,7 @@ pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
     if !m.is_file() {
         return Err(std::io::Error::other(format!("is {}, not a regular file", describe(&m))));
     }
-    let mut out = Vec::new();
-    f.read_to_end(&mut out)?;
-    Ok(out)
+    Ok(f)
 }
 
 /// Replace `path` with `content` (mode `mode`): a new temporary file with an unpredictable name, written
