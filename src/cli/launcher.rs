@@ -283,7 +283,7 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "SECS", default_value_t = 0, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(0..=MAX_READY_TIMEOUT_SECS),
           help_heading = "Lifecycle")]
     pub ready_timeout: u64,
-    /// Seconds between asking a ready guest to power off (SIGTERM/SIGINT) and quitting QEMU (0 to 3600). A
+    /// Seconds between asking a ready guest to power off (SIGTERM/SIGINT/SIGHUP) and quitting QEMU (0 to 3600). A
     /// guest that is not ready yet (firmware, iPXE) is quit at once.
     #[arg(long, value_name = "SECS", default_value_t = 30, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_TIMEOUT_SECS),
           help_heading = "Lifecycle")]

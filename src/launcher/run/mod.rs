@@ -9,7 +9,7 @@
 //!
 //! The launcher keeps its own QMP connection to QEMU (one end of a socket pair; operators get `qmp.sock`) from
 //! start to end and listens to its events: a STOP it did not ask for, an internal error (KVM) or a guest panic
-//! ends the run with exit 1 at once. A stop request (SIGTERM/SIGINT) goes: powerdown, `quit` after
+//! ends the run with exit 1 at once. A stop request (SIGTERM/SIGINT/SIGHUP) goes: powerdown, `quit` after
 //! `--shutdown-timeout`, SIGTERM to QEMU, SIGKILL last; QEMU's exit and a further signal (which skips to the
 //! next step) are noticed at every step. A stop requested while preparing never starts QEMU. If the LAN
 //! macvtap disappears (or can no longer be watched), QEMU is stopped at once and the run fails, so systemd
