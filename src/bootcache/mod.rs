@@ -77,13 +77,12 @@ pub struct Counters {
     pub origin_error: Option<String>,
 }
 
-/// `status.json`'s `download`: the file being sent to the guest.
+/// The file being sent to the guest (`status.json`'s `download`, its percentage worked out there).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Download {
     pub file: String,
     pub bytes: u64,
     pub total: Option<u64>,
-    pub percent: Option<u8>,
 }
 
 /// What `status` shows of the cache.

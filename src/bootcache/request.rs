@@ -266,8 +266,7 @@ impl Request<'_> {
     }
 
     pub(super) fn progress(&self, key: &str, bytes: u64, total: Option<u64>) {
-        let percent = total.filter(|t| *t > 0).map(|t| (bytes.saturating_mul(100) / t).min(100) as u8);
-        self.shared.state().download = Some(Download { file: key.to_owned(), bytes, total, percent });
+        self.shared.state().download = Some(Download { file: key.to_owned(), bytes, total });
     }
 
     pub(super) fn done(&self) {

@@ -78,6 +78,15 @@ pub(crate) struct Download {
     pub percent: Option<u8>,
 }
 
+impl Download {
+    /// A download a server counts (the `--boot-dir` server, the boot cache): the percentage follows from the
+    /// bytes and the total (an empty file is 100 %; no total, no percentage).
+    pub(crate) fn counted(file: String, bytes: u64, total: Option<u64>) -> Download {
+        let percent = total.map(|t| bytes.saturating_mul(100).checked_div(t).map_or(100, |p| p.min(100) as u8));
+        Download { file, bytes: Some(bytes), total, percent }
+    }
+}
+
 /// The status file of a state directory.
 pub(crate) fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(STATUS_FILE)
@@ -412,6 +421,16 @@ fn download_text(d: &Download) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counted_downloads_work_out_their_percentage() {
+        let pc = |bytes, total| Download::counted("f".into(), bytes, total).percent;
+        assert_eq!(
+            (pc(28 << 20, Some(64 << 20)), pc(5, Some(4)), pc(0, Some(0)), pc(9, None)),
+            (Some(43), Some(100), Some(100), None)
+        );
+        assert_eq!(Download::counted("f".into(), 1, Some(2)).bytes, Some(1));
+    }
 
     #[test]
     fn download_lines() {

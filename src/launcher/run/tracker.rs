@@ -53,7 +53,7 @@ impl Tracker {
         // The cache's byte counts win over iPXE's percentage; when no file is being sent, only a download
         // the cache reported is cleared (iPXE's own progress lines keep theirs).
         let download = match snap.download {
-            Some(d) => Some(Download { file: d.file, bytes: Some(d.bytes), total: d.total, percent: d.percent }),
+            Some(d) => Some(Download::counted(d.file, d.bytes, d.total)),
             None if self.file.status.download.as_ref().is_some_and(|d| d.bytes.is_some()) => None,
             None => self.file.status.download.clone(),
         };
@@ -155,12 +155,7 @@ impl Tracker {
     pub(crate) fn poll_http(&mut self) {
         let Some(http) = &self.http else { return };
         let t = http.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let d = t.map(|t| Download {
-            percent: Some(t.bytes.saturating_mul(100).checked_div(t.total).map_or(100, |p| p.min(100) as u8)),
-            file: t.file,
-            bytes: Some(t.bytes),
-            total: Some(t.total),
-        });
+        let d = t.map(|t| Download::counted(t.file, t.bytes, Some(t.total)));
         let current = &self.file.status.download;
         // Done on the server side: clear only what the server put there.
         if d.is_none() && current.as_ref().is_none_or(|c| c.bytes.is_none()) {
