@@ -16,12 +16,11 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::launcher::{BIN, Run, Slot, assert_exit, no_qemu_left, qemu_pids, require_qemu};
+use common::launcher::{BIN, OK_LINE, Run, Slot, assert_exit, no_qemu_left, qemu_pids, require_qemu};
 use common::{require_root, wait_for};
 use habitat::Tree;
 use nix::sys::signal::Signal;
 
-const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
 /// How long an iPXE boot may take under TCG with another QEMU beside it.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -81,10 +80,7 @@ fn a_closed_stderr_pipe_drops_lines_and_the_guest_runs_on() {
     let state = tmp.path().join("state");
     let before = Tree::of(tmp.path(), &[&state]);
     let _slot = Slot::take();
-    let child = Command::new(BIN)
-        .args(["run", "--state-dir"])
-        .arg(&state)
-        .args(["--accel", "tcg", "--memory", "256", "--no-disk", "--shutdown-timeout", "1"])
+    let child = Run::command(None, &state, "256", &["--no-disk", "--shutdown-timeout", "1"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

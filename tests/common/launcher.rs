@@ -103,19 +103,31 @@ impl Run {
 
     /// The same with `--memory MEMORY` (a guest that loads a large initrd needs more than 256 MiB).
     pub fn start_full(ns: Option<&Netns>, state: &Path, memory: &str, args: &[&str], env: &[(&str, &Path)]) -> Run {
-        let log = state.with_extension("stderr");
+        let mut cmd = Run::command(ns, state, memory, args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Run::spawn(cmd, state, &state.with_extension("stderr"))
+    }
+
+    /// The command line the starts above run, `run --state-dir STATE --accel tcg --memory MEMORY ARGS...`
+    /// (inside `ns` when given): for a test that changes it (a umask, another stderr) before [`Run::spawn`],
+    /// or runs a refused start to completion.
+    pub fn command(ns: Option<&Netns>, state: &Path, memory: &str, args: &[&str]) -> Command {
         let mut cmd = match ns {
             Some(ns) => ns.cmd(BIN),
             None => Command::new(BIN),
         };
         cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", memory]).args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        cmd
+    }
+
+    /// Start `cmd` (from [`Run::command`]) for `state`, stdin and stdout null, its stderr in `log`.
+    pub fn spawn(mut cmd: Command, state: &Path, log: &Path) -> Run {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
         let started = Instant::now();
         let child = cmd.spawn().expect("start ec-ipxe-qemu");
-        Run { child: Some(child), state: state.to_owned(), log, status: None, started }
+        Run { child: Some(child), state: state.to_owned(), log: log.to_owned(), status: None, started }
     }
 
     pub fn stderr(&self) -> String {
