@@ -132,7 +132,7 @@ fn credentials_reach_the_real_guest_and_nowhere_else() {
     // print-args: the exact argv, paths and no values; the names and sizes on stderr.
     let other_state = g.tmp.path().join("print-args-state");
     let www = g.www.to_string_lossy().into_owned();
-    let out = run_cmd(
+    let out = common::run(
         g.lab
             .host
             .cmd(BIN)
@@ -164,10 +164,6 @@ fn credentials_reach_the_real_guest_and_nowhere_else() {
     assert!(!serial_bytes.windows(value.len()).any(|w| w == value.as_slice()));
     let raw_status = std::fs::read(run.state.join("status.json")).unwrap();
     assert!(!String::from_utf8_lossy(&raw_status).contains(&marker));
-}
-
-fn run_cmd(cmd: &mut Command) -> std::process::Output {
-    run(cmd)
 }
 
 fn run_out(cmd: &mut Command) -> String {
