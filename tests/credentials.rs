@@ -74,15 +74,15 @@ fn credentials_reach_the_real_guest_and_nowhere_else() {
         ],
         &["add", "rule", "inet", "ec_nobcast", "in", "meta", "pkttype", "broadcast", "udp", "dport", "65001", "drop"],
     ] {
-        let out = run(g.lab.lan.cmd("nft").args(rule));
+        let out = run(g.lan.lab.lan.cmd("nft").args(rule));
         assert!(out.status.success(), "nft {rule:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     let (marker, value) = secret();
-    let dir = g.tmp.path().join("keys");
+    let dir = g.lan.tmp.path().join("keys");
     std::fs::create_dir(&dir).unwrap();
     let key = write(&dir.join("mesh-key.bin"), &value);
-    let creds = g.tmp.path().join("creds");
+    let creds = g.lan.tmp.path().join("creds");
     std::fs::create_dir(&creds).unwrap();
     let tuners_text = format!("# the lab's tuner\n{TUNER_ADDR}\n");
     write(&creds.join("ec.tuners"), tuners_text.as_bytes());
@@ -130,15 +130,26 @@ fn credentials_reach_the_real_guest_and_nowhere_else() {
     assert!(human.contains("  credentials:   ec.tuners mesh-key\n"), "{human}");
 
     // print-args: the exact argv, paths and no values; the names and sizes on stderr.
-    let other_state = g.tmp.path().join("print-args-state");
+    let other_state = g.lan.tmp.path().join("print-args-state");
     let www = g.www.to_string_lossy().into_owned();
     let out = common::run(
-        g.lab
+        g.lan
+            .lab
             .host
             .cmd(BIN)
             .args(["print-args", "--state-dir"])
             .arg(&other_state)
-            .args(["--accel", "tcg", "--memory", "256", "--no-disk", "--lan-interface", &g.name, "--boot-dir", &www])
+            .args([
+                "--accel",
+                "tcg",
+                "--memory",
+                "256",
+                "--no-disk",
+                "--lan-interface",
+                &g.lan.name,
+                "--boot-dir",
+                &www,
+            ])
             .args(cred_args),
     );
     assert!(out.status.success(), "print-args: {}", String::from_utf8_lossy(&out.stderr));
