@@ -156,22 +156,28 @@ fn a_console_flood_is_rate_limited_with_one_summary_and_nothing_lost() {
     let viewer = UnixStream::connect(state.join("console.sock")).unwrap();
     viewer.shutdown(std::net::Shutdown::Write).unwrap();
     viewer.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let (replayed, replay_seen) = std::sync::mpsc::channel();
     let watching = std::thread::spawn(move || {
         let mut seen = Vec::new();
         let mut buf = [0u8; 65536];
         let mut viewer = viewer;
+        let mut replayed = Some(replayed);
         while let Ok(n) = viewer.read(&mut buf) {
             if n == 0 {
                 break;
             }
             seen.extend_from_slice(&buf[..n]);
+            if let Some(tx) = replayed.take_if(|_| seen.windows(13).any(|w| w == b"FLOOD-WAITING")) {
+                let _ = tx.send(());
+            }
             if seen.windows(10).any(|w| w == b"FLOOD-DONE") {
                 break;
             }
         }
         String::from_utf8_lossy(&seen).replace('\r', "")
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The launcher took the viewer on once its replay (the recent output, FLOOD-WAITING) arrived.
+    replay_seen.recv_timeout(Duration::from_secs(30)).expect("the viewer got no replay with FLOOD-WAITING");
     let mut keyboard = habitat::Keyboard::connect(&state);
     keyboard.key();
     let flood_start = Instant::now();
