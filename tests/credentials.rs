@@ -132,25 +132,10 @@ fn credentials_reach_the_real_guest_and_nowhere_else() {
     // print-args: the exact argv, paths and no values; the names and sizes on stderr.
     let other_state = g.lan.tmp.path().join("print-args-state");
     let www = g.www.to_string_lossy().into_owned();
+    let print_args =
+        ["--accel", "tcg", "--memory", "256", "--no-disk", "--lan-interface", &g.lan.name, "--boot-dir", &www];
     let out = common::run(
-        g.lan
-            .lab
-            .host
-            .cmd(BIN)
-            .args(["print-args", "--state-dir"])
-            .arg(&other_state)
-            .args([
-                "--accel",
-                "tcg",
-                "--memory",
-                "256",
-                "--no-disk",
-                "--lan-interface",
-                &g.lan.name,
-                "--boot-dir",
-                &www,
-            ])
-            .args(cred_args),
+        g.lan.lab.host.cmd(BIN).args(["print-args", "--state-dir"]).arg(&other_state).args(print_args).args(cred_args),
     );
     assert!(out.status.success(), "print-args: {}", String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8_lossy(&out.stdout);
