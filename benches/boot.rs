@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::http::{read_request_line, respond};
+use common::origin::in_netns;
 use common::{Lab, macvtap, unique};
 
 const LAUNCHER: &str = env!("CARGO_BIN_EXE_ec-ipxe-qemu");
@@ -64,14 +65,14 @@ const NEEDLES: [&str; 4] = ["SeaBIOS", "initialising devices...ok", "10.0.2.15",
 /// at every path, one request per connection.
 struct ChainServer {
     port: u16,
-    netns: PathBuf,
+    netns: String,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ChainServer {
     fn start(netns: &str, body: String) -> ChainServer {
-        let netns = PathBuf::from(format!("/run/netns/{netns}"));
+        let netns = format!("/run/netns/{netns}");
         let listener = in_netns(&netns, || TcpListener::bind("127.0.0.1:0").expect("bind chain server"));
         let port = listener.local_addr().expect("local addr").port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -89,18 +90,6 @@ impl ChainServer {
         });
         ChainServer { port, netns, stop, thread: Some(thread) }
     }
-}
-
-/// Run `f` on a short-lived thread inside the network namespace at `netns`: a socket made there stays there.
-fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = netns.to_owned();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&ns).expect("open netns");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
 }
 
 impl Drop for ChainServer {

@@ -11,19 +11,20 @@
 //! before/after comparison). It prints figures and asserts nothing about time.
 #![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/habitat/mod.rs"]
+mod habitat;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use common::launcher::{Run, qemu_pids, serial};
+use habitat::cpu_ticks as ticks;
 
 fn bin() -> String {
     std::env::var("EC_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ec-ipxe-qemu").to_owned())
-}
-
-fn ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 fn status_kib(pid: i32, field: &str) -> Option<u64> {
@@ -32,90 +33,35 @@ fn status_kib(pid: i32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The QEMU child of `launcher`.
-fn qemu_child(launcher: i32) -> Option<i32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { continue };
-        let ppid: i32 = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-        if ppid == launcher && stat.contains("qemu") {
-            return Some(pid);
-        }
-    }
-    None
-}
-
-fn serial(state: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(state.join("serial.log")).unwrap_or_default()).replace('\r', "")
-}
-
+/// True once the serial log of `state` shows `needle`, false after `timeout`.
 fn wait_serial(state: &Path, needle: &str, timeout: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if serial(state).contains(needle) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+    common::wait_for(timeout, || serial(&state.join("serial.log")).contains(needle).then_some(())).is_some()
 }
 
-struct Launcher(Child);
-
-impl Drop for Launcher {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if self.0.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(state: &Path, stderr: &Path, args: &[&str]) -> Launcher {
-    let child = Command::new(bin())
-        .args(["run", "--state-dir"])
-        .arg(state)
-        .args(["--accel", "tcg", "--memory", "256", "--no-disk", "--shutdown-timeout", "0"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(stderr).expect("stderr file"))
-        .spawn()
-        .expect("start ec-ipxe-qemu");
-    Launcher(child)
+/// `run` of [`bin`] on `state` (TCG, no disk, no shutdown wait), stopped on drop with its QEMU.
+fn start(state: &Path, stderr: &Path, args: &[&str]) -> Run {
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--state-dir"]).arg(state);
+    cmd.args(["--accel", "tcg", "--memory", "256", "--no-disk", "--shutdown-timeout", "0"]).args(args);
+    Run::spawn(cmd, state, stderr)
 }
 
 fn flood(dir: &Path, secs: u32) {
-    let www = dir.join("www");
-    std::fs::create_dir_all(&www).expect("www");
     // Bursts of 10 lines, paced with `prompt --timeout` (milliseconds): about 100 lines/s under TCG here.
-    let bursts = secs * 10;
-    let mut s = String::from("#!ipxe\necho FLOOD-BEGIN\nset i:int32 0\n:flood\n");
-    for k in 0..10 {
-        s.push_str(&format!("echo FLOOD ${{i}} {k} abcdefghijklmnopqrstuvwxyz0123456789\n"));
-    }
-    s.push_str(&format!(
-        "prompt --timeout 60 ||\ninc i\niseq ${{i}} {bursts} || goto flood\necho FLOOD-DONE\nsleep 3600\n"
-    ));
-    std::fs::write(www.join("netboot.ipxe"), s).expect("script");
+    let mut script = vec!["echo FLOOD-BEGIN".to_owned()];
+    script.extend(habitat::flood("FLOOD", secs * 100, 60));
+    script.extend(["echo FLOOD-DONE".to_owned(), "sleep 3600".to_owned()]);
+    let www = habitat::www(dir, &script);
     let state = dir.join("flood-state");
     let stderr = dir.join("flood.stderr");
     let run =
         start(&state, &stderr, &["--boot-dir", www.to_str().unwrap_or_default(), "--ready-pattern", "FLOOD-DONE"]);
-    let pid = run.0.id() as i32;
+    let pid = run.pid();
     if !wait_serial(&state, "FLOOD-BEGIN", Duration::from_secs(300)) {
         println!("flood: the guest never started its script");
         return;
     }
-    let Some(qemu) = qemu_child(pid) else {
+    let Some(&qemu) = qemu_pids(&state).first() else {
         println!("flood: no QEMU child found");
         return;
     };
@@ -126,7 +72,7 @@ fn flood(dir: &Path, secs: u32) {
     }
     let (l1, q1, dt) = (ticks(pid).unwrap_or(0), ticks(qemu).unwrap_or(0), t0.elapsed().as_secs_f64());
     std::thread::sleep(Duration::from_secs(3));
-    let printed = serial(&state).lines().filter(|l| l.starts_with("FLOOD ")).count();
+    let printed = serial(&state.join("serial.log")).lines().filter(|l| l.starts_with("FLOOD ")).count();
     let log = std::fs::read_to_string(&stderr).unwrap_or_default();
     let logged = log.lines().filter(|l| l.contains("guest: FLOOD ")).count();
     let notes = log.lines().filter(|l| l.contains("suppressed")).count();
@@ -154,7 +100,7 @@ fn idle(dir: &Path) {
     let state = dir.join("idle-state");
     let stderr = dir.join("idle.stderr");
     let run = start(&state, &stderr, &[]);
-    let pid = run.0.id() as i32;
+    let pid = run.pid();
     if !wait_serial(&state, "ec-ipxe-qemu: boot path OK", Duration::from_secs(300)) {
         println!("idle: the guest did not boot");
         return;

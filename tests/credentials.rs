@@ -74,15 +74,15 @@ fn credentials_reach_the_real_guest_and_nowhere_else() {
         ],
         &["add", "rule", "inet", "ec_nobcast", "in", "meta", "pkttype", "broadcast", "udp", "dport", "65001", "drop"],
     ] {
-        let out = run(g.lab.lan.cmd("nft").args(rule));
+        let out = run(g.lan.lab.lan.cmd("nft").args(rule));
         assert!(out.status.success(), "nft {rule:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     let (marker, value) = secret();
-    let dir = g.tmp.path().join("keys");
+    let dir = g.lan.tmp.path().join("keys");
     std::fs::create_dir(&dir).unwrap();
     let key = write(&dir.join("mesh-key.bin"), &value);
-    let creds = g.tmp.path().join("creds");
+    let creds = g.lan.tmp.path().join("creds");
     std::fs::create_dir(&creds).unwrap();
     let tuners_text = format!("# the lab's tuner\n{TUNER_ADDR}\n");
     write(&creds.join("ec.tuners"), tuners_text.as_bytes());
@@ -130,16 +130,12 @@ fn credentials_reach_the_real_guest_and_nowhere_else() {
     assert!(human.contains("  credentials:   ec.tuners mesh-key\n"), "{human}");
 
     // print-args: the exact argv, paths and no values; the names and sizes on stderr.
-    let other_state = g.tmp.path().join("print-args-state");
+    let other_state = g.lan.tmp.path().join("print-args-state");
     let www = g.www.to_string_lossy().into_owned();
-    let out = run_cmd(
-        g.lab
-            .host
-            .cmd(BIN)
-            .args(["print-args", "--state-dir"])
-            .arg(&other_state)
-            .args(["--accel", "tcg", "--memory", "256", "--no-disk", "--lan-interface", &g.name, "--boot-dir", &www])
-            .args(cred_args),
+    let print_args =
+        ["--accel", "tcg", "--memory", "256", "--no-disk", "--lan-interface", &g.lan.name, "--boot-dir", &www];
+    let out = common::run(
+        g.lan.lab.host.cmd(BIN).args(["print-args", "--state-dir"]).arg(&other_state).args(print_args).args(cred_args),
     );
     assert!(out.status.success(), "print-args: {}", String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8_lossy(&out.stdout);
@@ -164,10 +160,6 @@ fn credentials_reach_the_real_guest_and_nowhere_else() {
     assert!(!serial_bytes.windows(value.len()).any(|w| w == value.as_slice()));
     let raw_status = std::fs::read(run.state.join("status.json")).unwrap();
     assert!(!String::from_utf8_lossy(&raw_status).contains(&marker));
-}
-
-fn run_cmd(cmd: &mut Command) -> std::process::Output {
-    run(cmd)
 }
 
 fn run_out(cmd: &mut Command) -> String {

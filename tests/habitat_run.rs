@@ -16,12 +16,11 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::launcher::{BIN, Run, Slot, assert_exit, no_qemu_left, qemu_pids, require_qemu};
+use common::launcher::{BIN, OK_LINE, Run, Slot, assert_exit, no_qemu_left, qemu_pids, require_qemu};
 use common::{require_root, wait_for};
 use habitat::Tree;
 use nix::sys::signal::Signal;
 
-const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
 /// How long an iPXE boot may take under TCG with another QEMU beside it.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -81,10 +80,7 @@ fn a_closed_stderr_pipe_drops_lines_and_the_guest_runs_on() {
     let state = tmp.path().join("state");
     let before = Tree::of(tmp.path(), &[&state]);
     let _slot = Slot::take();
-    let child = Command::new(BIN)
-        .args(["run", "--state-dir"])
-        .arg(&state)
-        .args(["--accel", "tcg", "--memory", "256", "--no-disk", "--shutdown-timeout", "1"])
+    let child = Run::command(None, &state, "256", &["--no-disk", "--shutdown-timeout", "1"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -160,22 +156,28 @@ fn a_console_flood_is_rate_limited_with_one_summary_and_nothing_lost() {
     let viewer = UnixStream::connect(state.join("console.sock")).unwrap();
     viewer.shutdown(std::net::Shutdown::Write).unwrap();
     viewer.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let (replayed, replay_seen) = std::sync::mpsc::channel();
     let watching = std::thread::spawn(move || {
         let mut seen = Vec::new();
         let mut buf = [0u8; 65536];
         let mut viewer = viewer;
+        let mut replayed = Some(replayed);
         while let Ok(n) = viewer.read(&mut buf) {
             if n == 0 {
                 break;
             }
             seen.extend_from_slice(&buf[..n]);
+            if let Some(tx) = replayed.take_if(|_| seen.windows(13).any(|w| w == b"FLOOD-WAITING")) {
+                let _ = tx.send(());
+            }
             if seen.windows(10).any(|w| w == b"FLOOD-DONE") {
                 break;
             }
         }
         String::from_utf8_lossy(&seen).replace('\r', "")
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The launcher took the viewer on once its replay (the recent output, FLOOD-WAITING) arrived.
+    replay_seen.recv_timeout(Duration::from_secs(30)).expect("the viewer got no replay with FLOOD-WAITING");
     let mut keyboard = habitat::Keyboard::connect(&state);
     keyboard.key();
     let flood_start = Instant::now();

@@ -15,29 +15,17 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::launcher::{BIN, Run, Slot, assert_exit, no_qemu_left, qemu_pids, require_qemu};
+use common::launcher::{OK_LINE, Run, Slot, assert_exit, no_qemu_left, qemu_pids, require_qemu};
 use common::{require_root, wait_for};
 use habitat::Tree;
 use nix::sys::signal::Signal;
 
-const OK_LINE: &str = "ec-ipxe-qemu: boot path OK";
+/// How long an iPXE boot may take under TCG with another QEMU beside it.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// `run --state-dir STATE --accel tcg --no-disk ARGS`, to completion (for runs refused at start).
-fn run_refused(state: &Path, args: &[&str], umask: Option<u32>) -> std::process::Output {
-    use std::os::unix::process::CommandExt;
-    let mut c = Command::new(BIN);
-    c.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", "256"]).args(args);
-    if let Some(m) = umask {
-        // SAFETY: umask(2) is async-signal-safe.
-        unsafe {
-            c.pre_exec(move || {
-                nix::libc::umask(m);
-                Ok(())
-            });
-        }
-    }
-    c.stdin(Stdio::null()).output().unwrap()
+/// `run --state-dir STATE --accel tcg ARGS`, to completion (for runs refused at start).
+fn run_refused(state: &Path, args: &[&str]) -> std::process::Output {
+    Run::command(None, state, "256", args).stdin(Stdio::null()).output().unwrap()
 }
 
 fn one_line(out: &std::process::Output) -> String {
@@ -79,7 +67,7 @@ fn a_state_dir_others_can_write_or_own_is_refused() {
         if let Some(uid) = owner {
             nix::unistd::chown(&state, Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
         }
-        let out = run_refused(&state, &["--no-disk"], None);
+        let out = run_refused(&state, &["--no-disk"]);
         assert_eq!(out.status.code(), Some(2), "mode {mode:o}: {}", String::from_utf8_lossy(&out.stderr));
         let err = one_line(&out);
         assert!(err.contains(&format!("--state-dir \"{}\"", state.display())), "{err}");
@@ -170,7 +158,7 @@ fn a_file_or_directory_where_one_belongs_is_one_clear_line() {
             }
         }
         let before = Tree::of(tmp.path(), &[]);
-        let out = run_refused(&state, args, None);
+        let out = run_refused(&state, args);
         let what = format!("{name} as {kind}");
         assert_eq!(out.status.code(), Some(2), "{what}: {}", String::from_utf8_lossy(&out.stderr));
         let err = one_line(&out);
@@ -222,7 +210,7 @@ fn a_boot_cache_dir_that_is_not_ours_is_one_clear_line() {
             }
         }
         let before = Tree::of(tmp.path(), &[]);
-        let out = run_refused(&state, &["--no-disk", "--boot-url", "https://boot.invalid/x/boot.ipxe"], None);
+        let out = run_refused(&state, &["--no-disk", "--boot-url", "https://boot.invalid/x/boot.ipxe"]);
         assert_eq!(out.status.code(), Some(2), "{case}: {}", String::from_utf8_lossy(&out.stderr));
         let err = one_line(&out);
         assert!(err.contains(&format!("\"{}\"", bad.display())), "{case}: {err}");

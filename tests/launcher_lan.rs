@@ -5,68 +5,12 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::launcher::{BIN, BOOT_TIMEOUT, OK_LINE, Run, Slot, assert_exit, no_qemu_left, qemu_pids, require_qemu};
-use common::{Lab, macvtap, require_programs, require_root, unique, wait_for};
-
-// ---------------------------------------------------------------------------------------------------------
-// Fixtures
-
-/// A LAN test's world: the lab (host and LAN namespaces, dnsmasq), a macvtap made by ec-macvtap on the
-/// lab's uplink (deleted again on drop, before the lab goes), and a state dir. None (after the skip-or-fail
-/// rule) when the test cannot run here.
-struct LanGuest {
-    lab: Lab,
-    name: String,
-    mac: String,
-    node: String,
-    state: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl LanGuest {
-    fn new(test: &str) -> Option<LanGuest> {
-        LanGuest::with_create_args(test, &[])
-    }
-
-    /// The same, with more `ec-macvtap create` arguments (e.g. `--owner nobody`).
-    fn with_create_args(test: &str, extra: &[&str]) -> Option<LanGuest> {
-        require_root(test);
-        if !require_qemu(test) || !require_programs(test, &["dnsmasq", "ip"]) {
-            return None;
-        }
-        let lab = Lab::new();
-        let name = unique("lv");
-        let mut args = vec!["--json", "create", "--link", &lab.uplink, "--name", &name];
-        args.extend_from_slice(extra);
-        let out = macvtap(Some(&lab.host), &args);
-        assert!(out.status.success(), "ec-macvtap create: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        Some(LanGuest {
-            mac: v["mac"].as_str().unwrap().to_owned(),
-            node: v["tap_device"].as_str().unwrap().to_owned(),
-            state: tmp.path().join("state"),
-            name,
-            lab,
-            _tmp: tmp,
-        })
-    }
-
-    /// `ec-ipxe-qemu run` in the host namespace with the LAN NIC on the macvtap.
-    fn run(&self) -> Run {
-        Run::start(Some(&self.lab.host), &self.state, &["--no-disk", "--lan-interface", &self.name])
-    }
-}
-
-impl Drop for LanGuest {
-    fn drop(&mut self) {
-        let _ = macvtap(Some(&self.lab.host), &["-q", "delete", &self.name]);
-    }
-}
+use common::launcher::{BIN, BOOT_TIMEOUT, LanGuest, OK_LINE, Run, Slot, assert_exit, no_qemu_left, qemu_pids};
+use common::{macvtap, require_programs, wait_for};
 
 // ---------------------------------------------------------------------------------------------------------
 // LAN
@@ -330,7 +274,7 @@ fn one_launcher_per_macvtap() {
     let _slot = Slot::take();
     let mut first = g.run();
     first.wait_started();
-    let other = g._tmp.path().join("other-state");
+    let other = g.tmp.path().join("other-state");
     let second = |state: &Path| {
         g.lab
             .host
@@ -390,7 +334,7 @@ fn lan_link_deleted_during_a_link_event_flood() {
     run.wait_started();
     // 400 veth pairs created and deleted in one batch: thousands of RTM_NEWLINK/DELLINK messages, with the
     // macvtap's deletion in the middle.
-    let batch = g._tmp.path().join("flood.batch");
+    let batch = g.tmp.path().join("flood.batch");
     let mut text = String::new();
     for i in 0..200 {
         text.push_str(&format!("link add fa{i} type veth peer name fb{i}\n"));

@@ -6,20 +6,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::origin::in_netns;
 use common::{Netns, require_root, unique};
 use ec_ipxe_qemu::{LinkEnd, LinkWatch};
-
-/// Run `f` on a thread that has entered network namespace `ns`.
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
-}
 
 fn ifindex(ns: &Netns, name: &str) -> u32 {
     ns.link_json(name).unwrap()["ifindex"].as_u64().unwrap() as u32
@@ -33,7 +22,7 @@ fn deletion_lost_in_an_overrun_is_still_noticed() {
     let (a, _) = ns.veth(&unique("wa"), &unique("wb"));
     let index = ifindex(&ns, &a);
     let name = ns.name.clone();
-    let end = in_netns(&ns, move || {
+    let end = in_netns(&ns.path(), move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         // A tiny receive buffer, and a runtime that does not run while the kernel sends: the buffer overflows
         // and every later notification, our link's RTM_DELLINK included, is dropped.
@@ -62,7 +51,7 @@ fn other_links_do_not_end_the_watch() {
     let (a, _) = ns.veth(&unique("wa"), &unique("wb"));
     let index = ifindex(&ns, &a);
     let name = ns.name.clone();
-    let ends = in_netns(&ns, move || {
+    let ends = in_netns(&ns.path(), move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let mut watch = LinkWatch::subscribe(index).await.unwrap();

@@ -75,8 +75,9 @@ fn boot_to_ready(t: &str, g: &GuestLab, cmdline: &str, extra: &[&str]) -> Run {
 
     // The contract: NICs by PCI slot, the LAN address dnsmasq leased, the tuner found through the macvtap.
     assert!(serial.contains("ec-guest: boot0 is 0000:00:03.0 52:54:00:12:34:56"), "{t}: boot0\n{serial}");
-    assert!(serial.contains(&format!("ec-guest: lan0 is 0000:00:04.0 {}", g.mac)), "{t}: lan0\n{serial}");
-    let lease = g.lease().unwrap_or_else(|| panic!("{t}: dnsmasq has no lease for {}: {:?}", g.mac, g.lab.leases()));
+    assert!(serial.contains(&format!("ec-guest: lan0 is 0000:00:04.0 {}", g.lan.mac)), "{t}: lan0\n{serial}");
+    let lease =
+        g.lease().unwrap_or_else(|| panic!("{t}: dnsmasq has no lease for {}: {:?}", g.lan.mac, g.lan.lab.leases()));
     assert_eq!(status["lan_address"], lease.as_str(), "{t}: status {status:#}");
     assert!(serial.contains(&format!("ec-publisher: lan {lease}\n")), "{t}\n{serial}");
     let found = format!("ec-publisher: tuner discovery: FOUND hdhomerun device {TUNER_ID} found at {TUNER_ADDR}");

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::launcher::{Run, require_qemu};
-use super::{KillOnDrop, Lab, macvtap, require_programs, require_root, skip_or_fail, unique, wait_for};
+use super::launcher::{LanGuest, Run};
+use super::{KillOnDrop, Lab, require_programs, require_root, skip_or_fail, wait_for};
 
 /// The tuner the emulator plays in the lab: device id, address on the LAN port.
 pub const TUNER_ID: &str = "1040CAFC";
@@ -91,46 +91,27 @@ pub fn start_tuner(lab: &Lab, dir: &Path) -> KillOnDrop {
     emulator
 }
 
-/// The lab for the real guest: host and LAN namespaces, dnsmasq, the tuner emulator on the LAN, a macvtap
-/// made by ec-macvtap on the uplink (deleted on drop, before the lab goes), the guest, and a state dir.
+/// The lab for the real guest: a [`LanGuest`] (host and LAN namespaces, dnsmasq, a macvtap made by ec-macvtap
+/// on the uplink, a state dir), the tuner emulator on the LAN, and the guest.
 pub struct GuestLab {
-    pub lab: Lab,
-    pub name: String,
-    pub mac: String,
-    pub state: PathBuf,
+    /// First, so the emulator is killed before the lab goes.
+    _emulator: KillOnDrop,
+    pub lan: LanGuest,
     pub www: PathBuf,
     pub guest: PathBuf,
-    _emulator: KillOnDrop,
-    pub tmp: tempfile::TempDir,
 }
 
 impl GuestLab {
     /// None (after the skip-or-fail rule) when the test cannot run here.
     pub fn new(test: &str) -> Option<GuestLab> {
         require_root(test);
-        if !require_qemu(test) || !require_programs(test, &["dnsmasq", "ip", "python3"]) {
+        if !require_programs(test, &["python3"]) {
             return None;
         }
         let guest = require_test_guest(test)?;
-        let lab = Lab::new();
-        let tmp = tempfile::tempdir().unwrap();
-
-        let emulator = start_tuner(&lab, tmp.path());
-
-        let name = unique("gv");
-        let out = macvtap(Some(&lab.host), &["--json", "create", "--link", &lab.uplink, "--name", &name]);
-        assert!(out.status.success(), "ec-macvtap create: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        Some(GuestLab {
-            mac: v["mac"].as_str().unwrap().to_owned(),
-            state: tmp.path().join("state"),
-            www: tmp.path().join("www"),
-            name,
-            lab,
-            guest,
-            _emulator: emulator,
-            tmp,
-        })
+        let lan = LanGuest::new(test)?;
+        let emulator = start_tuner(&lan.lab, lan.tmp.path());
+        Some(GuestLab { _emulator: emulator, www: lan.tmp.path().join("www"), lan, guest })
     }
 
     /// `ec-ipxe-qemu run` in the host namespace: the guest booted from `--boot-dir` with `cmdline`, the LAN
@@ -138,20 +119,14 @@ impl GuestLab {
     pub fn run(&self, cmdline: &str, initrd_size: Option<u64>, extra: &[&str]) -> Run {
         write_boot_dir(&self.www, &self.guest, cmdline, initrd_size);
         let www = self.www.to_string_lossy().into_owned();
-        let mut args = vec!["--no-disk", "--lan-interface", &self.name, "--boot-dir", &www];
+        let mut args = vec!["--no-disk", "--lan-interface", &self.lan.name, "--boot-dir", &www];
         args.extend_from_slice(extra);
-        Run::start(Some(&self.lab.host), &self.state, &args)
+        Run::start(Some(&self.lan.lab.host), &self.lan.state, &args)
     }
 
     /// dnsmasq's lease for the macvtap's MAC.
     pub fn lease(&self) -> Option<String> {
-        self.lab.leases().into_iter().find(|(m, _)| *m == self.mac).map(|(_, ip)| ip)
-    }
-}
-
-impl Drop for GuestLab {
-    fn drop(&mut self) {
-        let _ = macvtap(Some(&self.lab.host), &["-q", "delete", &self.name]);
+        self.lan.lab.leases().into_iter().find(|(m, _)| *m == self.lan.mac).map(|(_, ip)| ip)
     }
 }
 

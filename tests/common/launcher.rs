@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Netns, require_programs, skip_or_fail, wait_for};
+use super::{Lab, Netns, macvtap, require_programs, require_root, skip_or_fail, unique, wait_for};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ec-ipxe-qemu");
 /// What the built-in diagnostics print when the user-mode boot path works.
@@ -103,19 +103,31 @@ impl Run {
 
     /// The same with `--memory MEMORY` (a guest that loads a large initrd needs more than 256 MiB).
     pub fn start_full(ns: Option<&Netns>, state: &Path, memory: &str, args: &[&str], env: &[(&str, &Path)]) -> Run {
-        let log = state.with_extension("stderr");
+        let mut cmd = Run::command(ns, state, memory, args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Run::spawn(cmd, state, &state.with_extension("stderr"))
+    }
+
+    /// The command line the starts above run, `run --state-dir STATE --accel tcg --memory MEMORY ARGS...`
+    /// (inside `ns` when given): for a test that changes it (a umask, another stderr) before [`Run::spawn`],
+    /// or runs a refused start to completion.
+    pub fn command(ns: Option<&Netns>, state: &Path, memory: &str, args: &[&str]) -> Command {
         let mut cmd = match ns {
             Some(ns) => ns.cmd(BIN),
             None => Command::new(BIN),
         };
         cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", memory]).args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        cmd
+    }
+
+    /// Start `cmd` (from [`Run::command`]) for `state`, stdin and stdout null, its stderr in `log`.
+    pub fn spawn(mut cmd: Command, state: &Path, log: &Path) -> Run {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
         let started = Instant::now();
         let child = cmd.spawn().expect("start ec-ipxe-qemu");
-        Run { child: Some(child), state: state.to_owned(), log, status: None, started }
+        Run { child: Some(child), state: state.to_owned(), log: log.to_owned(), status: None, started }
     }
 
     pub fn stderr(&self) -> String {
@@ -242,6 +254,59 @@ impl Drop for Run {
         for pid in qemu_pids(&self.state) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
+    }
+}
+
+/// A LAN test's world: the lab (host and LAN namespaces, dnsmasq), a macvtap made by ec-macvtap on the
+/// lab's uplink (deleted again on drop, before the lab goes), and a state dir. None (after the skip-or-fail
+/// rule) when the test cannot run here.
+pub struct LanGuest {
+    pub lab: Lab,
+    pub name: String,
+    pub mac: String,
+    pub node: String,
+    pub state: PathBuf,
+    pub tmp: tempfile::TempDir,
+}
+
+impl LanGuest {
+    pub fn new(test: &str) -> Option<LanGuest> {
+        LanGuest::with_create_args(test, &[])
+    }
+
+    /// The same, with more `ec-macvtap create` arguments (e.g. `--owner nobody`).
+    pub fn with_create_args(test: &str, extra: &[&str]) -> Option<LanGuest> {
+        require_root(test);
+        if !require_qemu(test) || !require_programs(test, &["dnsmasq", "ip"]) {
+            return None;
+        }
+        let lab = Lab::new();
+        let name = unique("lv");
+        let mut args = vec!["--json", "create", "--link", &lab.uplink, "--name", &name];
+        args.extend_from_slice(extra);
+        let out = macvtap(Some(&lab.host), &args);
+        assert!(out.status.success(), "ec-macvtap create: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        Some(LanGuest {
+            mac: v["mac"].as_str().unwrap().to_owned(),
+            node: v["tap_device"].as_str().unwrap().to_owned(),
+            state: tmp.path().join("state"),
+            name,
+            lab,
+            tmp,
+        })
+    }
+
+    /// `ec-ipxe-qemu run` in the host namespace with the LAN NIC on the macvtap.
+    pub fn run(&self) -> Run {
+        Run::start(Some(&self.lab.host), &self.state, &["--no-disk", "--lan-interface", &self.name])
+    }
+}
+
+impl Drop for LanGuest {
+    fn drop(&mut self) {
+        let _ = macvtap(Some(&self.lab.host), &["-q", "delete", &self.name]);
     }
 }
 

@@ -11,6 +11,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::common::launcher::Run;
+
 /// What a tree holds, entry by entry (symlinks not followed): kind, mode, owner, size, mtime and a hash of
 /// the content of regular files.
 #[derive(Debug, PartialEq, Eq)]
@@ -204,16 +206,14 @@ pub fn cpu_ticks(pid: i32) -> Option<u64> {
 }
 
 /// `Run::start` with the launcher's umask set to `umask` first (as a shell's `umask 000` would).
-pub fn start_umask(state: &Path, args: &[&str], umask: u32) -> crate::common::launcher::Run {
+pub fn start_umask(state: &Path, args: &[&str], umask: u32) -> Run {
     start_with(state, args, umask, &state.with_extension("stderr"))
 }
 
 /// `Run::start` with a umask and the launcher's stderr in `log`.
-pub fn start_with(state: &Path, args: &[&str], umask: u32, log: &Path) -> crate::common::launcher::Run {
+pub fn start_with(state: &Path, args: &[&str], umask: u32, log: &Path) -> Run {
     use std::os::unix::process::CommandExt;
-    let log = log.to_owned();
-    let mut cmd = Command::new(crate::common::launcher::BIN);
-    cmd.args(["run", "--state-dir"]).arg(state).args(["--accel", "tcg", "--memory", "256"]).args(args);
+    let mut cmd = Run::command(None, state, "256", args);
     // SAFETY: umask(2) is async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
@@ -221,10 +221,5 @@ pub fn start_with(state: &Path, args: &[&str], umask: u32, log: &Path) -> crate:
             Ok(())
         });
     }
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let started = std::time::Instant::now();
-    let child = cmd.spawn().expect("start ec-ipxe-qemu");
-    crate::common::launcher::Run { child: Some(child), state: state.to_owned(), log, status: None, started }
+    Run::spawn(cmd, state, log)
 }
