@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::http::{read_request_line, respond};
-use common::origin::in_netns;
+use common::in_netns;
 use common::{Lab, macvtap, unique};
 
 const LAUNCHER: &str = env!("CARGO_BIN_EXE_ec-ipxe-qemu");

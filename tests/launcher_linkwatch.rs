@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::origin::in_netns;
+use common::in_netns;
 use common::{Netns, require_root, unique};
 use ec_ipxe_qemu::{LinkEnd, LinkWatch};
 

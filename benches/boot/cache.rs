@@ -27,7 +27,7 @@ impl CacheServer {
         let cache: Arc<std::sync::Mutex<Option<ec_ipxe_qemu::bootcache::BootCache>>> = Arc::default();
         let shared = Arc::clone(&cache);
         // The listening socket is made in the namespace (and stays there); the server thread needs not be.
-        let listener = common::origin::in_netns(&netns, || TcpListener::bind("127.0.0.1:0").expect("bind"));
+        let listener = common::in_netns(&netns, || TcpListener::bind("127.0.0.1:0").expect("bind"));
         let port = listener.local_addr().expect("addr").port();
         listener.set_nonblocking(true).expect("non-blocking listener");
         std::thread::spawn(move || {
@@ -129,7 +129,7 @@ pub(crate) fn boot_cache_bench(runs: usize) {
             max_set_files: ec_ipxe_qemu::bootcache::MAX_SET_FILES,
         };
         // In the client namespace, as the launcher would be: the HTTP client's own thread starts here.
-        common::origin::in_netns(&client_netns, move || BootCache::open(&cfg).expect("open the cache"))
+        common::in_netns(&client_netns, move || BootCache::open(&cfg).expect("open the cache"))
     };
     println!();
     println!(

@@ -354,3 +354,15 @@ pub fn tap_holder(ns: &Netns, name: &str) -> KillOnDrop {
     assert!(held.is_some(), "the holder did not start");
     holder
 }
+
+/// Run `f` on a thread inside the namespace at `path` (sockets it makes stay there).
+pub fn in_netns<T: Send + 'static>(path: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}

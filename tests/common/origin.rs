@@ -207,7 +207,7 @@ impl OriginLab {
     fn listens(&self, port: u16) -> bool {
         let origin = self.origin.path();
         wait_for(Duration::from_secs(10), || {
-            in_netns(&origin, move || std::net::TcpStream::connect((ORIGIN_IP, port)).ok()).map(drop)
+            super::in_netns(&origin, move || std::net::TcpStream::connect((ORIGIN_IP, port)).ok()).map(drop)
         })
         .is_some()
     }
@@ -333,18 +333,6 @@ fn make_certs(d: &Path) {
         "-extfile",
         &p("ext.cnf"),
     ]);
-}
-
-/// Run `f` on a thread inside the namespace at `path` (sockets it makes stay there).
-pub fn in_netns<T: Send + 'static>(path: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = path.to_owned();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
 }
 
 /// `n` bytes from the kernel's random source.
